@@ -1,0 +1,31 @@
+r"""captum_sam: data attribution for models trained with Sharpness-Aware Minimization.
+
+Drop-in Captum estimators whose gradients and Hessians are taken where SAM
+training really evaluates them, at the perturbed weights :math:`w + \epsilon(w)`.
+"""
+
+from captum_sam.optim import SAM
+from captum_sam.trajectory import (
+    IndexedDataset,
+    Trajectory,
+    TrajectoryRecorder,
+    checkpoints_load_func,
+    load_checkpoint,
+    load_trajectory,
+    replay_trajectory,
+    train_sam,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SAM",
+    "IndexedDataset",
+    "Trajectory",
+    "TrajectoryRecorder",
+    "checkpoints_load_func",
+    "load_checkpoint",
+    "load_trajectory",
+    "replay_trajectory",
+    "train_sam",
+]
