@@ -1,0 +1,73 @@
+"""Shared set-up for the benchmark scripts: a SAM-trained digits model with checkpoints."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+from captum_sam import load_trajectory, train_sam
+from captum_sam.data import load_digits_data
+from captum_sam.models import build_model
+
+
+def machine() -> str:
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+
+
+def trained_digits(
+    model_name: str = "mlp",
+    n_train: int = 1000,
+    epochs: int = 5,
+    dtype: torch.dtype = torch.float32,
+    rho: float = 0.05,
+    seed: int = 0,
+    record_dir: str | None = None,
+):
+    data = load_digits_data(n_train=n_train, dtype=dtype, seed=seed)
+    model = build_model(model_name, data.image_shape, data.num_classes, seed=seed, dtype=dtype)
+    record_dir = record_dir or tempfile.mkdtemp(prefix="captum_sam_bench_")
+    train_sam(
+        model,
+        data.train,
+        torch.nn.CrossEntropyLoss(reduction="none"),
+        epochs=epochs,
+        lr=0.5,
+        rho=rho,
+        batch_size=64,
+        weight_decay=1e-3,
+        record_dir=record_dir,
+        seed=seed,
+        overwrite=True,
+    )
+    return data, model, load_trajectory(record_dir)
+
+
+def timed(fn: Callable[[], object], repeats: int = 3) -> tuple[float, object]:
+    """Median wall time over ``repeats`` runs, and the last result."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join(
+        [
+            line(header),
+            "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+            *[line(r) for r in rows],
+        ]
+    )

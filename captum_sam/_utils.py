@@ -1,0 +1,223 @@
+"""Plumbing shared by the estimators: data loaders, checkpoints, validation."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
+
+from captum_sam.functional import (
+    FunctionalLoss,
+    Params,
+    check_per_example_loss,
+    detached_params,
+    to_device,
+)
+
+Inputs = tuple[Any, ...] | DataLoader
+
+
+def as_loader(inputs: Any, batch_size: int | None, name: str) -> Iterable[tuple[Any, ...]]:
+    """Turn a batch tuple, a Dataset or a DataLoader into an iterable of batches.
+
+    Raises:
+        TypeError: ``inputs`` is none of these.
+    """
+    if isinstance(inputs, DataLoader):
+        return inputs
+    if isinstance(inputs, (tuple, list)):
+        if len(inputs) < 2:
+            raise ValueError(
+                f"`{name}` must be a tuple (features..., labels) with the labels last; "
+                f"got a {type(inputs).__name__} of length {len(inputs)}"
+            )
+        return [tuple(inputs)]
+    if isinstance(inputs, Dataset):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+        return DataLoader(inputs, batch_size=batch_size, shuffle=False)
+    raise TypeError(
+        f"`{name}` must be a batch tuple (features..., labels), a Dataset or a DataLoader; "
+        f"got {type(inputs).__name__}"
+    )
+
+
+def ordered_dataset(train: Dataset | DataLoader, name: str = "train_dataset") -> Dataset:
+    """The map-style dataset behind ``train``, which must be iterated in order.
+
+    Raises:
+        ValueError: A DataLoader that shuffles (its columns would not match indices).
+    """
+    if isinstance(train, DataLoader):
+        if not isinstance(train.sampler, SequentialSampler):
+            raise ValueError(
+                f"`{name}` is a DataLoader that does not iterate in order (shuffle=True or "
+                "a custom sampler): influence columns must match dataset indices"
+            )
+        return train.dataset
+    return train
+
+
+def dataset_size(loader: Iterable[Any]) -> int:
+    """Number of examples of a DataLoader's dataset (or of the batches listed)."""
+    if isinstance(loader, DataLoader):
+        return len(loader.dataset)  # type: ignore[arg-type]
+    return sum(batch[-1].shape[0] for batch in loader)
+
+
+def progress(iterable: Iterable[Any], show: bool, desc: str, total: int | None = None) -> Any:
+    """A tqdm bar when ``show``, else the iterable unchanged."""
+    if not show:
+        return iterable
+    from tqdm.auto import tqdm
+
+    if total is None:
+        try:
+            total = len(iterable)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    return tqdm(iterable, desc=desc, total=total)
+
+
+def on_device(
+    batches: Iterable[tuple[Any, ...]], device: torch.device
+) -> Iterator[tuple[Any, ...]]:
+    """Move every batch to ``device`` as it is iterated."""
+    for batch in batches:
+        yield to_device(batch, device)
+
+
+def validate_batch(
+    floss: FunctionalLoss, params: Params, batch: tuple[Any, ...], name: str, run_loss: bool = True
+) -> None:
+    """Check one batch: labels last, matching sizes and (``run_loss``) a per-example loss.
+
+    Raises:
+        ValueError: With the argument name and the shapes involved.
+    """
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise ValueError(f"`{name}` batches must be tuples (features..., labels)")
+    labels = batch[-1]
+    sizes = {x.shape[0] for x in batch if isinstance(x, Tensor) and x.dim() > 0}
+    if len(sizes) > 1:
+        shapes = [tuple(x.shape) for x in batch if isinstance(x, Tensor)]
+        raise ValueError(
+            f"`{name}`: features and labels disagree on the batch size, shapes {shapes}"
+        )
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"`{name}`: the last element of a batch (labels) must be a tensor")
+    if not run_loss:
+        return
+    try:
+        with torch.no_grad():
+            floss.batch_losses(params, batch)
+    except ValueError:
+        raise
+    except (RuntimeError, IndexError, TypeError) as err:
+        shapes = [tuple(x.shape) for x in batch if isinstance(x, Tensor)]
+        raise ValueError(
+            f"`{name}`: the model or loss failed on a batch with shapes {shapes} "
+            f"(labels last): {err}"
+        ) from err
+
+
+@dataclass
+class CheckpointState:
+    """Weights of one checkpoint as detached parameter dicts."""
+
+    path: str
+    params: Params
+    frozen: Params
+    learning_rate: float
+
+
+class CheckpointLoader:
+    """Load checkpoints into a private copy of the model, never into the user's.
+
+    Args:
+        model: The user's model (copied once; the original is never touched).
+        names: Attributed parameter names.
+        load_func: Captum-style ``load_func(model, path) -> learning_rate``.
+    """
+
+    def __init__(
+        self, model: nn.Module, names: list[str], load_func: Callable[[nn.Module, str], Any]
+    ) -> None:
+        if not callable(load_func):
+            raise TypeError("`checkpoints_load_func` must be callable (model, path) -> lr")
+        self.scratch = copy.deepcopy(model)
+        self.names = names
+        self.load_func = load_func
+        self._cache: dict[str, CheckpointState] = {}
+
+    def __call__(self, path: str) -> CheckpointState:
+        """The (cached) state of the checkpoint at ``path``."""
+        if path not in self._cache:
+            try:
+                lr = self.load_func(self.scratch, path)
+            except (FileNotFoundError, ValueError):
+                raise
+            except Exception as err:
+                raise ValueError(f"checkpoint {path!r} could not be loaded: {err}") from err
+            if lr is None:
+                raise ValueError(
+                    f"`checkpoints_load_func` returned no learning rate for {path!r}: it "
+                    "must return the learning rate stored with the checkpoint"
+                )
+            lr = float(lr)
+            if not lr >= 0 or lr == float("inf"):
+                raise ValueError(f"checkpoint {path!r} has learning rate {lr}; expected >= 0")
+            params, frozen = detached_params(self.scratch, self.names)
+            self._cache[path] = CheckpointState(
+                path=path,
+                params={k: v.clone() for k, v in params.items()},
+                frozen={k: v.clone() for k, v in frozen.items()},
+                learning_rate=lr,
+            )
+        return self._cache[path]
+
+
+def make_loss(model: nn.Module, loss_fn: Any, frozen: Params, name: str) -> FunctionalLoss:
+    """Validate a per-example loss and bind it to the model."""
+    check_per_example_loss(loss_fn, name)
+    return FunctionalLoss(model, loss_fn, frozen)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration as err:
+        raise ValueError("`model` has no parameters") from err
+
+
+def stream_topk(blocks: Iterable[Tensor], k: int, proponents: bool = True) -> tuple[Tensor, Tensor]:
+    """Top-``k`` columns per row over score blocks ``(n_test, batch)`` given in order.
+
+    Only ``k`` candidates per row are kept between blocks, so the full
+    ``(n_test, n_train)`` matrix is never held.
+
+    Returns:
+        ``(indices, scores)``, each ``(n_test, min(k, n_train))``, best first.
+    """
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"`k` must be a positive int, got {k!r}")
+    sign = 1.0 if proponents else -1.0
+    best_v = best_i = None
+    offset = 0
+    for block in blocks:
+        cols = torch.arange(offset, offset + block.shape[1], device=block.device)
+        offset += block.shape[1]
+        v, i = sign * block, cols.expand(block.shape[0], -1)
+        if best_v is not None:
+            v, i = torch.cat([best_v, v], dim=1), torch.cat([best_i, i], dim=1)
+        top, pos = torch.topk(v, min(k, v.shape[1]), dim=1)
+        best_v, best_i = top, torch.gather(i, 1, pos)
+    if best_v is None:
+        raise ValueError("the training set is empty")
+    return best_i, sign * best_v

@@ -1,0 +1,326 @@
+import copy
+
+import pytest
+import torch
+from captum.influence import TracInCP
+from torch.utils.data import DataLoader, TensorDataset
+
+from captum_sam import checkpoints_load_func, load_trajectory, replay_trajectory, train_sam
+from captum_sam.tracincp import SAMTracInCP
+from tests.helpers import DTYPE, assert_unchanged, ce_loss, make_data, mlp_model, snapshot
+
+N_TRAIN, N_TEST = 12, 4
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    data = make_data(n=N_TRAIN + N_TEST, seed=1)
+    x, y = data.tensors
+    train = TensorDataset(x[:N_TRAIN], y[:N_TRAIN])
+    test = (x[N_TRAIN:], y[N_TRAIN:])
+    model = mlp_model()
+    out = tmp_path_factory.mktemp("gif") / "run"
+    train_sam(
+        model,
+        train,
+        ce_loss(),
+        epochs=3,
+        lr=0.3,
+        rho=0.1,
+        batch_size=5,
+        record_dir=out,
+        seed=0,
+        lr_schedule=lambda e: 1.0 / (e + 1),
+    )
+    traj = load_trajectory(out)
+    return dict(
+        model=model, train=train, test=test, traj=traj, ckpts=[c.path for c in traj.checkpoints]
+    )
+
+
+def make(run, **kw):
+    args = dict(checkpoints=run["ckpts"], loss_fn=ce_loss(), batch_size=5)
+    args.update(kw)
+    return SAMTracInCP(run["model"], run["train"], **args)
+
+
+# ----------------------------------------------------------------- brute force
+
+
+def grad_at(model, params, x, y, names):
+    """Gradient of one example's loss at weights ``params`` (autograd, no vmap)."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            p.copy_(params[n])
+    chosen = [p for n, p in m.named_parameters() if n in names]
+    loss = ce_loss()(m(x.unsqueeze(0)), y.unsqueeze(0)).sum()
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, chosen)])
+
+
+def sam_eps(params, g_flat, names, rho, adaptive):
+    """The SAM / ASAM formula written out on flat vectors."""
+    w = torch.cat([params[n].reshape(-1) for n in names])
+    if adaptive:
+        e = rho * w**2 * g_flat / (torch.linalg.norm(w.abs() * g_flat) + 1e-12)
+    else:
+        e = rho * g_flat / (torch.linalg.norm(g_flat) + 1e-12)
+    out, i = dict(params), 0
+    for n in names:
+        k = params[n].numel()
+        out[n] = params[n] + e[i : i + k].reshape(params[n].shape)
+        i += k
+    return out
+
+
+def brute_force(run, rho, adaptive, perturbation, layers=None, test_at_perturbed=False):
+    model, (xt, yt) = run["model"], run["test"]
+    xs, ys = run["train"].tensors
+    scratch = copy.deepcopy(model)
+    names = [
+        n
+        for n, _ in model.named_parameters()
+        if layers is None or any(n.startswith(layer + ".") for layer in layers)
+    ]
+    scores = torch.zeros(len(yt), len(ys), dtype=DTYPE)
+    for path in run["ckpts"]:
+        lr = checkpoints_load_func(scratch, path)
+        w = {n: p.detach().clone() for n, p in scratch.named_parameters()}
+        mean_g = sum(grad_at(model, w, xs[k], ys[k], names) for k in range(len(ys))) / len(ys)
+        for i in range(len(yt)):
+            if test_at_perturbed:
+                g_own = grad_at(model, w, xt[i], yt[i], names)
+                src = g_own if perturbation == "example" else mean_g
+                gt = grad_at(model, sam_eps(w, src, names, rho, adaptive), xt[i], yt[i], names)
+            else:
+                gt = grad_at(model, w, xt[i], yt[i], names)
+            for k in range(len(ys)):
+                src = (
+                    grad_at(model, w, xs[k], ys[k], names) if perturbation == "example" else mean_g
+                )
+                gk = grad_at(model, sam_eps(w, src, names, rho, adaptive), xs[k], ys[k], names)
+                scores[i, k] += lr * gt @ gk
+    return scores
+
+
+@pytest.mark.parametrize("layers", [None, ["fc2"]])
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("perturbation", ["dataset", "example"])
+def test_matches_brute_force_double_loop(run, perturbation, adaptive, layers):
+    est = make(run, rho=0.2, adaptive=adaptive, perturbation=perturbation, layers=layers)
+    got = est.influence(run["test"])
+    ref = brute_force(run, 0.2, adaptive, perturbation, layers)
+    assert got.shape == (N_TEST, N_TRAIN)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    # the perturbation matters: rho = 0 gives different scores
+    assert (got - make(run, rho=0.0, layers=layers).influence(run["test"])).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("perturbation", ["dataset", "example"])
+def test_test_at_perturbed_matches_brute_force(run, perturbation):
+    est = make(run, rho=0.2, perturbation=perturbation, test_at_perturbed=True)
+    ref = brute_force(run, 0.2, False, perturbation, test_at_perturbed=True)
+    torch.testing.assert_close(est.influence(run["test"]), ref, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------- vs Captum
+
+
+def test_rho_zero_equals_captum_tracincp(run):
+    model = run["model"]
+    before = snapshot(model)
+    ours = make(run, rho=0.0)
+    got = ours.influence(run["test"])
+    got_top = ours.influence(run["test"], k=3, proponents=False)
+    got_self = ours.self_influence()
+    assert_unchanged(model, before)
+    captum = TracInCP(
+        copy.deepcopy(model),
+        run["train"],
+        run["ckpts"],
+        checkpoints_load_func=checkpoints_load_func,
+        loss_fn=ce_loss(),
+        batch_size=5,
+    )
+    ref = captum.influence(run["test"])
+    torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-13)
+    ref_top = captum.influence(run["test"], k=3, proponents=False)
+    assert torch.equal(got_top.indices, ref_top.indices)
+    torch.testing.assert_close(
+        got_top.influence_scores, ref_top.influence_scores, rtol=1e-11, atol=1e-13
+    )
+    torch.testing.assert_close(got_self, captum.self_influence(), rtol=1e-11, atol=1e-13)
+
+
+# ----------------------------------------------------------------- consistency
+
+
+def test_topk_self_influence_loader_and_batch_size_consistency(run):
+    est = make(run, rho=0.1)
+    full = est.influence(run["test"])
+    top = est.influence(run["test"], k=4)
+    assert torch.equal(top.indices, full.argsort(dim=1, descending=True)[:, :4])
+    torch.testing.assert_close(
+        top.influence_scores, full.sort(dim=1, descending=True).values[:, :4]
+    )
+    opp = est.influence(run["test"], k=2, proponents=False)
+    assert torch.equal(opp.indices, full.argsort(dim=1)[:, :2])
+    train_vs_train = est.influence(run["train"].tensors)
+    torch.testing.assert_close(
+        est.self_influence(), train_vs_train.diagonal(), rtol=1e-11, atol=1e-13
+    )
+    torch.testing.assert_close(est.self_influence(run["train"].tensors), est.self_influence())
+    loader = DataLoader(TensorDataset(*run["test"]), batch_size=3)
+    torch.testing.assert_close(est.influence(loader), full, rtol=1e-12, atol=1e-14)
+    other = make(run, rho=0.1, batch_size=2)
+    torch.testing.assert_close(other.influence(run["test"]), full, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        est.influence(run["test"], aggregate=True), full.sum(0, keepdim=True)
+    )
+
+
+@pytest.mark.parametrize("form", ["checkpoint", "trajectory"])
+def test_learning_rate_convention_is_the_same_on_all_paths(run, form):
+    est = (
+        make(run, rho=0.1)
+        if form == "checkpoint"
+        else SAMTracInCP.from_trajectory(run["model"], run["train"], run["traj"], loss_fn=ce_loss())
+    )
+    full = est.influence(run["test"])
+    test_q = est.compute_intermediate_quantities(run["test"], side="test")
+    train_q = est.compute_intermediate_quantities(side="train")
+    torch.testing.assert_close(test_q @ train_q.T, full, rtol=1e-11, atol=1e-13)
+    agg = est.compute_intermediate_quantities(run["test"], side="test", aggregate=True)
+    torch.testing.assert_close(agg @ train_q.T, full.sum(0, keepdim=True), rtol=1e-11, atol=1e-13)
+    # self influence agrees with the diagonal of the same convention
+    diag = (est.compute_intermediate_quantities(run["train"].tensors, side="test") * train_q).sum(1)
+    torch.testing.assert_close(est.self_influence(), diag, rtol=1e-11, atol=1e-13)
+    if form == "checkpoint":  # the coefficient is eta_c, once
+        lrs = [checkpoints_load_func(copy.deepcopy(run["model"]), c) for c in run["ckpts"]]
+        assert len(set(lrs)) == 3
+        raw = make(
+            run, rho=0.1, checkpoints_load_func=lambda m, p: checkpoints_load_func(m, p) * 0 + 1
+        )
+        p = test_q.shape[1] // 3
+        rq = raw.compute_intermediate_quantities(side="train")
+        for c, lr in enumerate(lrs):
+            torch.testing.assert_close(
+                train_q[:, c * p : (c + 1) * p], lr * rq[:, c * p : (c + 1) * p]
+            )
+
+
+# ----------------------------------------------------------------- trajectory
+
+
+def test_trajectory_form_equals_manual_sum_over_steps(run):
+    traj, model = run["traj"], run["model"]
+    est = SAMTracInCP.from_trajectory(model, run["train"], traj, loss_fn=ce_loss())
+    got = est.influence(run["test"])
+    xs, ys = run["train"].tensors
+    xt, yt = run["test"]
+    names = [n for n, _ in model.named_parameters()]
+    scratch = copy.deepcopy(model)
+    saved = [traj.initial, *traj.checkpoints]
+    ref = torch.zeros(N_TEST, N_TRAIN, dtype=DTYPE)
+    self_ref = torch.zeros(N_TRAIN, dtype=DTYPE)
+    for t, step in enumerate(traj.steps):
+        ckpt = max((c for c in saved if c.step <= t), key=lambda c: c.step)
+        checkpoints_load_func(scratch, ckpt.path)
+        w = {n: p.detach().clone() for n, p in scratch.named_parameters()}
+        batch_g = sum(grad_at(model, w, xs[k], ys[k], names) for k in step.indices) / len(
+            step.indices
+        )
+        moved = sam_eps(w, batch_g, names, step.rho, step.adaptive)
+        for k in step.indices:
+            gk = grad_at(model, moved, xs[k], ys[k], names)
+            coef = step.lr / len(step.indices)
+            for i in range(N_TEST):
+                ref[i, k] += coef * grad_at(model, w, xt[i], yt[i], names) @ gk
+            self_ref[k] += coef * grad_at(model, w, xs[k], ys[k], names) @ gk
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(est.self_influence(), self_ref, rtol=1e-10, atol=1e-12)
+    top = est.influence(run["test"], k=2)
+    assert torch.equal(top.indices, got.argsort(dim=1, descending=True)[:, :2])
+    with pytest.raises(ValueError, match="training set only"):
+        est.self_influence(run["test"])
+
+
+def test_editing_tracks_schedule_retraining(tmp_path):
+    data = make_data(n=40, seed=2)
+    model = mlp_model(hidden=6)
+    train_sam(
+        model,
+        data,
+        ce_loss(),
+        epochs=4,
+        lr=0.1,
+        rho=0.05,
+        batch_size=8,
+        record_dir=tmp_path / "r",
+        seed=1,
+        save_every=1,
+        weight_decay=1e-3,
+    )
+    before = snapshot(model)
+    est = SAMTracInCP.from_trajectory(model, data, tmp_path / "r", loss_fn=ce_loss())
+    removed = [3, 11, 25, 31]
+    delta = est.parameter_change(removed, flat=True)
+    retrained = replay_trajectory(model, data, ce_loss(), tmp_path / "r", remove=removed)
+    actual = torch.cat(
+        [(q - p).detach().reshape(-1) for p, q in zip(model.parameters(), retrained.parameters())]
+    )
+    pearson = torch.corrcoef(torch.stack([delta, actual]))[0, 1]
+    assert pearson >= 0.9, pearson
+    edited = est.edited_model(removed)
+    assert edited is not model
+    assert_unchanged(model, before)
+    edited_flat = torch.cat([p.detach().reshape(-1) for p in edited.parameters()])
+    final_flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(edited_flat - final_flat, delta)
+    as_dict = est.parameter_change(removed)
+    assert set(as_dict) == {n for n, _ in model.named_parameters()}
+
+
+# ----------------------------------------------------------------- errors
+
+
+def test_model_is_unchanged_and_bad_input_is_refused(run, tmp_path):
+    model = run["model"]
+    model.train()
+    before = snapshot(model)
+    est = make(run, rho=0.1, layers=["fc1"])
+    est.influence(run["test"], k=2)
+    est.self_influence()
+    est.compute_intermediate_quantities()
+    assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="empty"):
+        make(run, checkpoints=[])
+    no_lr = tmp_path / "no_lr.pt"
+    torch.save({"model_state": model.state_dict()}, no_lr)
+    with pytest.raises(ValueError, match="learning_rate"):
+        make(run, checkpoints=[str(no_lr)])
+    with pytest.raises(ValueError, match="reduction='none'"):
+        make(run, loss_fn=torch.nn.CrossEntropyLoss())
+    with pytest.raises(ValueError, match="perturbation"):
+        make(run, perturbation="batch")
+    with pytest.raises(ValueError, match="rho"):
+        make(run, rho=-1.0)
+    xt, yt = run["test"]
+    with pytest.raises(ValueError, match="batch size"):
+        make(run).influence((xt, yt[:2]))
+    bad = TensorDataset(run["train"].tensors[0], run["train"].tensors[1].unsqueeze(1))
+    with pytest.raises(ValueError, match="shapes"):
+        SAMTracInCP(model, bad, run["ckpts"], loss_fn=ce_loss(), batch_size=5)
+    nan_x = xt.clone()
+    nan_x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        make(run).influence((nan_x, yt))
+    with pytest.raises(ValueError, match="in order"):
+        SAMTracInCP(
+            model,
+            DataLoader(run["train"], batch_size=4, shuffle=True),
+            run["ckpts"],
+            loss_fn=ce_loss(),
+        )
+    with pytest.raises(ValueError, match="indices"):
+        make(run).parameter_change([])
