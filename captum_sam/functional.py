@@ -29,6 +29,8 @@ __all__ = [
     "detached_params",
     "eval_mode",
     "per_example_grads",
+    "stacked_per_example_grads",
+    "stacked_mean_grad",
     "summed_grad",
     "mean_grad",
     "sam_perturbation",
@@ -255,6 +257,61 @@ def per_example_grads(
     return vmap(one, in_dims=(0 if params_per_example else None, dims[:-1], dims[-1]))(
         params, features, labels
     )
+
+
+def stacked_per_example_grads(
+    floss: FunctionalLoss,
+    params: Params,
+    frozen: Params,
+    batch: Batch,
+    *,
+    params_per_example: bool = False,
+) -> Params:
+    """Per-example gradients for ``K`` weight sets in one ``vmap`` call.
+
+    Batching the weight sets (checkpoints, perturbed and unperturbed weights) into
+    one call amortises the per-call cost of ``vmap``/``functional_call``.
+
+    Args:
+        floss: Model and loss (its ``frozen`` is replaced by ``frozen``).
+        params: Weights with a leading ``K`` dimension (then a batch dimension too
+            when ``params_per_example``).
+        frozen: Non-attributed parameters and buffers with a leading ``K`` dimension.
+        batch: ``(features..., labels)``.
+        params_per_example: As in :func:`per_example_grads`.
+
+    Returns:
+        Dict of tensors ``(K, batch, *param.shape)``.
+    """
+
+    def one(p: Params, fr: Params) -> Params:
+        bound = FunctionalLoss(floss.model, floss.loss_fn, fr)
+        return per_example_grads(bound, p, batch, params_per_example=params_per_example)
+
+    return vmap(one)(params, frozen)
+
+
+def stacked_mean_grad(
+    floss: FunctionalLoss, params: Params, frozen: Params, batches: Iterable[Batch]
+) -> tuple[Params, int]:
+    """Mean gradient for ``K`` stacked weight sets in one pass over the data.
+
+    Returns:
+        ``(grad, n)``: gradients with a leading ``K`` dimension, and the number of
+        examples.
+    """
+
+    def one(p: Params, fr: Params, batch: Batch) -> Params:
+        return grad(FunctionalLoss(floss.model, floss.loss_fn, fr).summed_loss)(p, batch)
+
+    total, count = None, 0
+    for batch in batches:
+        g = vmap(one, in_dims=(0, 0, None))(params, frozen, batch)
+        total = g if total is None else tree_add(total, g)
+        count += _batch_size(batch)
+    if total is None or count == 0:
+        raise ValueError("the dataset is empty: no batch to take a gradient over")
+    return tree_scale(total, 1.0 / count), count
 
 
 def summed_grad(floss: FunctionalLoss, params: Params, batches: Iterable[Batch]) -> Params:

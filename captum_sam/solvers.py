@@ -144,18 +144,13 @@ class SolverOptions:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         if not _is_real(self.tol) or not (0 < self.tol < math.inf):
             raise ValueError(f"tol must be a finite float > 0, got {self.tol!r}")
-        if self.scale is not None and (
-            not _is_real(self.scale) or not (0 < self.scale < math.inf)
-        ):
-            raise ValueError(
-                f"scale must be None or a finite float > 0, got {self.scale!r}"
-            )
+        if self.scale is not None and (not _is_real(self.scale) or not (0 < self.scale < math.inf)):
+            raise ValueError(f"scale must be None or a finite float > 0, got {self.scale!r}")
         if self.krylov_dim is not None and (
             not _is_int(self.krylov_dim) or self.krylov_dim < self.rank
         ):
             raise ValueError(
-                f"krylov_dim must be None or an int >= rank ({self.rank}), "
-                f"got {self.krylov_dim!r}"
+                f"krylov_dim must be None or an int >= rank ({self.rank}), got {self.krylov_dim!r}"
             )
 
 
@@ -200,8 +195,7 @@ def _apply(matvec: Callable[..., Tensor], x: Tensor, *args: int) -> Tensor:
     if not isinstance(out, Tensor) or out.shape != x.shape:
         shape = getattr(out, "shape", type(out).__name__)
         raise ValueError(
-            f"matvec must map a ({x.shape[0]}, {x.shape[1]}) tensor to the same "
-            f"shape, got {shape}"
+            f"matvec must map a ({x.shape[0]}, {x.shape[1]}) tensor to the same shape, got {shape}"
         )
     return out.detach().to(x.dtype)
 
@@ -233,10 +227,7 @@ def _hint(name: str, worst: float = math.nan) -> str:
                 "and A is positive definite (indefinite matrices need gmres/bicgstab)"
             )
         terms = "neumann_terms" if name == "neumann" else "lissa_depth"
-        return (
-            f"; the series converges slowly for ill-conditioned A: raise {terms} "
-            "or use cg/gmres"
-        )
+        return f"; the series converges slowly for ill-conditioned A: raise {terms} or use cg/gmres"
     if name == "dense":
         return "; the matrix is singular or very ill-conditioned"
     if name == "cg":
@@ -362,9 +353,7 @@ def _bicgstab_cycle(
         if used < budget and not bool(half_done.all()):
             t = _apply(matvec, s)
             used += 1
-            omega_a = torch.where(
-                half_done, 0.0, _safe_div(_coldot(t, s), _coldot(t, t))
-            )
+            omega_a = torch.where(half_done, 0.0, _safe_div(_coldot(t, s), _coldot(t, t)))
         else:  # finish with the half step only
             t = torch.zeros_like(s)
             omega_a = torch.zeros_like(alpha_a)
@@ -425,9 +414,7 @@ def _gmres_cycle(
         w = w.squeeze(2)  # (m, dim)
         h_next = torch.linalg.vector_norm(w, dim=1)
         lucky = h_next <= 10 * eps * w_norm
-        basis[:, j + 1] = torch.where(
-            lucky.unsqueeze(1), 0.0, _safe_div(w, h_next.unsqueeze(1))
-        )
+        basis[:, j + 1] = torch.where(lucky.unsqueeze(1), 0.0, _safe_div(w, h_next.unsqueeze(1)))
         h_next = torch.where(lucky, 0.0, h_next)
         col = torch.cat([h, h_next.unsqueeze(1)], dim=1)  # (m, j + 2)
         for i in range(j):
@@ -598,9 +585,7 @@ def gmres(
     Warns:
         ConvergenceWarning: If a column misses ``tol`` after ``max_iter`` steps.
     """
-    return _krylov(
-        "gmres", _gmres_cycle, matvec, b, options, x0, restart=options.restart
-    )
+    return _krylov("gmres", _gmres_cycle, matvec, b, options, x0, restart=options.restart)
 
 
 # --------------------------------------------------------------------------- series
@@ -687,9 +672,7 @@ def _scale(
     if options.scale is not None:
         return float(options.scale)
     if matvec is None:
-        raise ValueError(
-            f"{name} needs options.scale or an exact matvec to estimate it"
-        )
+        raise ValueError(f"{name} needs options.scale or an exact matvec to estimate it")
     radius = spectral_radius(
         matvec,
         dim,
@@ -700,15 +683,12 @@ def _scale(
     )
     if not (radius > 0 and math.isfinite(radius)):
         raise ValueError(
-            f"{name}: power iteration gave spectral radius {radius}; "
-            "pass options.scale explicitly"
+            f"{name}: power iteration gave spectral radius {radius}; pass options.scale explicitly"
         )
     return 1.1 * radius
 
 
-def neumann(
-    matvec: Matvec, b: Tensor, options: SolverOptions = SolverOptions()
-) -> SolveResult:
+def neumann(matvec: Matvec, b: Tensor, options: SolverOptions = SolverOptions()) -> SolveResult:
     """Truncated Neumann series ``A^{-1} b ~= (1/s) sum_{j=0}^{J} (I - A/s)^j b``.
 
     Computed by ``x_0 = b``, ``x_{j+1} = b + (I - A/s) x_j`` and returned as
@@ -820,8 +800,7 @@ def lissa(
         residual = torch.full_like(bnorm, math.nan)
         if not bool(torch.isfinite(x).all()):
             warnings.warn(
-                "lissa diverged to non-finite values: worst relative residual inf"
-                + _hint("lissa"),
+                "lissa diverged to non-finite values: worst relative residual inf" + _hint("lissa"),
                 ConvergenceWarning,
                 stacklevel=2,
             )
@@ -980,9 +959,7 @@ class InverseOperator:
         device: torch.device | str = "cpu",
     ) -> None:
         if method not in METHODS:
-            raise ValueError(
-                f"unknown method {method!r}; valid methods are {', '.join(METHODS)}"
-            )
+            raise ValueError(f"unknown method {method!r}; valid methods are {', '.join(METHODS)}")
         if not _is_int(dim) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         if not isinstance(options, SolverOptions):
@@ -1008,8 +985,7 @@ class InverseOperator:
                 raise ValueError("method 'lissa' requires sampled_matvec")
             if not symmetric and sampled_rmatvec is None:
                 raise ValueError(
-                    "method 'lissa' with a non-symmetric matrix requires "
-                    "sampled_rmatvec"
+                    "method 'lissa' with a non-symmetric matrix requires sampled_rmatvec"
                 )
         self.matvec = matvec
         self.rmatvec = matvec if symmetric else rmatvec
@@ -1113,9 +1089,7 @@ class InverseOperator:
     def _solve(self, b: Tensor, *, transpose: bool) -> Tensor:
         bb, vector = _as_2d(b)
         if bb.shape[0] != self.dim:
-            raise ValueError(
-                f"b must have {self.dim} rows (dim), got shape {tuple(b.shape)}"
-            )
+            raise ValueError(f"b must have {self.dim} rows (dim), got shape {tuple(b.shape)}")
         mv = self.rmatvec if transpose else self.matvec
         assert mv is not None
         method = self.method

@@ -34,13 +34,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import vmap
 from torch.utils.data import DataLoader, Dataset
 
 from captum_sam import functional as F
 from captum_sam._captum import KMostInfluentialResults, TracInCPBase
 from captum_sam._utils import (
     CheckpointLoader,
-    CheckpointState,
     as_loader,
     make_loss,
     model_device,
@@ -264,105 +264,121 @@ class SAMTracInCP(TracInCPBase):
         )
         self.test_at_perturbed = test_at_perturbed
         self.device = model_device(model)
-        self._dataset_eps: dict[tuple[str, float, bool], F.Params] = {}
+        self._dataset_eps: dict[tuple[Any, ...], F.Params] = {}
+        self._stacks: dict[tuple[str, ...], tuple[F.Params, F.Params]] = {}
 
     def _validate_first_batch(self) -> None:
         state = self._loader(self._terms[0].checkpoint)
         batch = next(iter(on_device(self.train_dataloader, self.device)))
         with F.eval_mode(self.model):
-            validate_batch(self._floss(state, self._loss), state.params, batch, "train_dataset")
+            floss = F.FunctionalLoss(self.model, self._loss.loss_fn, state.frozen)
+            validate_batch(floss, state.params, batch, "train_dataset")
 
     # ------------------------------------------------------------------ gradients
+    #
+    # Terms are evaluated in *groups* that share their data: the checkpoint form is
+    # one group (every checkpoint, every training batch), the trajectory form one
+    # group per recorded step (its own batch). The weight sets of a group are
+    # stacked, so one vmap call gives the per-example gradients of every checkpoint:
+    # dicts name -> (K, batch, numel) for K terms.
 
-    def _floss(self, state: CheckpointState, loss: F.FunctionalLoss) -> F.FunctionalLoss:
-        return F.FunctionalLoss(self.model, loss.loss_fn, state.frozen)
+    def _stack(self, terms: Sequence[_Term]) -> tuple[F.Params, F.Params]:
+        key = tuple(t.checkpoint for t in terms)
+        if key not in self._stacks:
+            states = [self._loader(c) for c in key]
+            params = {n: torch.stack([s.params[n] for s in states]) for n in self.names}
+            frozen = {n: torch.stack([s.frozen[n] for s in states]) for n in states[0].frozen}
+            self._stacks[key] = (params, frozen)
+        return self._stacks[key]
 
-    def _eps(self, term: _Term, state: CheckpointState) -> F.Params | None:
-        """The term's shared perturbation; ``None`` for per-example perturbations."""
+    def _sam(self, terms: Sequence[_Term]) -> Callable[[F.Params, F.Params], F.Params]:
+        rho, adaptive = terms[0].rho, terms[0].adaptive
+        if any((t.rho, t.adaptive) != (rho, adaptive) for t in terms):
+            raise ValueError("terms evaluated together must share rho and adaptive")
+        return lambda p, g: F.sam_perturbation(p, g, rho, adaptive)
+
+    def _eps(self, terms: Sequence[_Term]) -> F.Params | None:
+        """Shared perturbations ``(K, ...)`` of the terms; ``None`` when per example."""
         if self.perturbation == "example":
             return None
-        if self.perturbation == "dataset":
-            key = (state.path, term.rho, term.adaptive)
-            if key not in self._dataset_eps:
-                g, _ = F.mean_grad(
-                    self._floss(state, self._loss),
-                    state.params,
-                    on_device(self.perturbation_dataloader, self.device),
-                )
-                F.check_finite(g, f"perturbation gradients at checkpoint {state.path!r}")
-                self._dataset_eps[key] = F.sam_perturbation(
-                    state.params, g, term.rho, term.adaptive
-                )
+        params, frozen = self._stack(terms)
+        key = (tuple(t.checkpoint for t in terms), terms[0].rho, terms[0].adaptive)
+        if self.perturbation == "dataset" and key in self._dataset_eps:
             return self._dataset_eps[key]
-        batch = self._fetch(term.indices)  # "batch": the recorded batch's mean gradient
-        g, _ = F.mean_grad(self._floss(state, self._loss), state.params, [batch])
-        F.check_finite(g, f"gradients of a recorded batch at checkpoint {state.path!r}")
-        return F.sam_perturbation(state.params, g, term.rho, term.adaptive)
+        if self.perturbation == "dataset":
+            data: Iterable[Any] = on_device(self.perturbation_dataloader, self.device)
+            what = "perturbation gradients"
+        else:  # "batch": the mean gradient of the recorded batch
+            data, what = [self._fetch(terms[0].indices)], "gradients of a recorded batch"
+        g, _ = F.stacked_mean_grad(self._loss, params, frozen, data)
+        eps = vmap(self._sam(terms))(params, _finite(g, what, terms))
+        if self.perturbation == "dataset":
+            self._dataset_eps[key] = eps
+        return eps
 
     def _grads(
         self,
-        state: CheckpointState,
+        terms: Sequence[_Term],
         batch: tuple[Any, ...],
         loss: F.FunctionalLoss,
-        term: _Term | None = None,
-        eps: F.Params | None = None,
-        what: str = "training gradients",
-    ) -> F.Params:
-        """Per-example gradients at ``w`` or, given a term, at ``w + eps``.
-
-        Returns:
-            Dict name -> ``(batch, numel)`` (views, no copy of the gradients).
-        """
-        floss = self._floss(state, loss)
-        if term is None:
-            grads = F.per_example_grads(floss, state.params, batch)
+        at_w: bool,
+        at_perturbed: bool,
+    ) -> tuple[F.Params | None, F.Params | None]:
+        """Per-example gradients at ``w`` and/or at ``w + eps`` for every term."""
+        params, frozen = self._stack(terms)
+        if at_w and at_perturbed and all(t.rho == 0 for t in terms):
+            same = self._grads(terms, batch, loss, True, False)[0]  # eps = 0: one set
+            return same, same
+        own = pert = None
+        eps = self._eps(terms) if at_perturbed else None
+        if eps is not None and at_w:  # both in one call: 2K weight sets
+            both = F.stacked_per_example_grads(
+                loss,
+                {n: torch.cat([params[n], params[n] + eps[n]]) for n in params},
+                {n: torch.cat([v, v]) for n, v in frozen.items()},
+                batch,
+            )
+            k = len(terms)
+            own, pert = {n: v[:k] for n, v in both.items()}, {n: v[k:] for n, v in both.items()}
         elif eps is not None:
-            grads = F.per_example_grads(floss, F.tree_add(state.params, eps), batch)
+            moved = {n: params[n] + eps[n] for n in params}
+            pert = F.stacked_per_example_grads(loss, moved, frozen, batch)
         else:
-            own = F.per_example_grads(floss, state.params, batch)
-            eps_i = F.per_example_perturbations(state.params, own, term.rho, term.adaptive)
-            moved = {k: state.params[k] + eps_i[k] for k in state.params}
-            grads = F.per_example_grads(floss, moved, batch, params_per_example=True)
-        return {n: grads[n].reshape(grads[n].shape[0], -1) for n in self.names}
-
-    def _train_side(
-        self, term: _Term, state: CheckpointState, batch: tuple[Any, ...], eps: F.Params | None
-    ) -> F.Params:
-        return self._grads(state, batch, self._loss, term, eps)
+            own = F.stacked_per_example_grads(loss, params, frozen, batch)
+            if at_perturbed:  # each example's own perturbation
+                eps_i = vmap(vmap(self._sam(terms), in_dims=(None, 0)))(params, own)
+                moved = {n: params[n].unsqueeze(1) + eps_i[n] for n in params}
+                pert = F.stacked_per_example_grads(
+                    loss, moved, frozen, batch, params_per_example=True
+                )
+        return _rows(own if at_w else None), _rows(pert)
 
     def _test_side(
-        self,
-        term: _Term,
-        state: CheckpointState,
-        batch: tuple[Any, ...],
-        loss: F.FunctionalLoss,
-        eps: F.Params | None,
+        self, terms: Sequence[_Term], batch: tuple[Any, ...], loss: F.FunctionalLoss
     ) -> F.Params:
         if self.test_at_perturbed:
-            return self._grads(state, batch, loss, term, eps, what="test gradients")
-        return self._grads(state, batch, loss, what="test gradients")
+            return self._grads(terms, batch, loss, False, True)[1]  # type: ignore[return-value]
+        return self._grads(terms, batch, loss, True, False)[0]  # type: ignore[return-value]
 
     def _fetch(self, indices: Sequence[int] | None) -> tuple[Any, ...]:
         return F.to_device(fetch_batch(self.train_data, list(indices or [])), self.device)
 
     def _test_matrix(
-        self,
-        term: _Term,
-        state: CheckpointState,
-        eps: F.Params | None,
-        inputs: Iterable[tuple[Any, ...]],
-        aggregate: bool,
+        self, terms: Sequence[_Term], inputs: Iterable[tuple[Any, ...]], aggregate: bool
     ) -> F.Params:
+        """Test-side gradients ``(K, n_test, numel)`` (``(K, 1, numel)`` aggregated)."""
+        state = self._loader(terms[0].checkpoint)
+        floss = F.FunctionalLoss(self.model, self._test_loss.loss_fn, state.frozen)
         rows = []
         for i, b in enumerate(on_device(inputs, self.device)):
-            floss = self._floss(state, self._test_loss)
             validate_batch(floss, state.params, b, "inputs", run_loss=i == 0)
-            rows.append(self._test_side(term, state, b, self._test_loss, eps))
+            rows.append(self._test_side(terms, b, self._test_loss))
         if not rows:
             raise ValueError("`inputs` is empty")
-        out = {n: torch.cat([r[n] for r in rows]) for n in self.names}
-        _finite(out, "test gradients", state)
-        return {n: v.sum(dim=0, keepdim=True) for n, v in out.items()} if aggregate else out
+        out = _finite(
+            {n: torch.cat([r[n] for r in rows], dim=1) for n in self.names}, "test gradients", terms
+        )
+        return {n: v.sum(dim=1, keepdim=True) for n, v in out.items()} if aggregate else out
 
     def _test_key(self, term: _Term, index: int) -> tuple[Any, ...]:
         # test gradients depend on the term only through its checkpoint, unless they
@@ -370,6 +386,11 @@ class SAMTracInCP(TracInCPBase):
         if self.test_at_perturbed and self.perturbation == "batch":
             return ("term", index)
         return ("ckpt", term.checkpoint, term.rho, term.adaptive)
+
+    def _coefficients(self, terms: Sequence[_Term]) -> Tensor:
+        state = self._loader(terms[0].checkpoint)
+        ref = state.params[self.names[0]]
+        return torch.tensor([t.coefficient for t in terms], dtype=ref.dtype, device=ref.device)
 
     # ------------------------------------------------------------------ Captum API
 
@@ -419,43 +440,40 @@ class SAMTracInCP(TracInCPBase):
         self, test: Iterable[tuple[Any, ...]], aggregate: bool, show_progress: bool
     ) -> Iterable[Tensor]:
         """Checkpoint form: yield ``(n_test, batch)`` score blocks, batch by batch."""
-        states = [self._loader(t.checkpoint) for t in self._terms]
-        eps = [self._eps(t, s) for t, s in zip(self._terms, states)]
-        tests = [
-            self._test_matrix(t, s, e, test, aggregate) for t, s, e in zip(self._terms, states, eps)
-        ]
+        terms = self._terms
+        coef = self._coefficients(terms).view(-1, 1, 1)
+        tests = {n: coef * v for n, v in self._test_matrix(terms, test, aggregate).items()}
         batches = progress(
             self.train_dataloader, show_progress, f"{self.get_name()}: training batches"
         )
         for batch in on_device(batches, self.device):
-            block = None
-            for term, state, e, t in zip(self._terms, states, eps, tests):
-                part = term.coefficient * _gram(t, self._train_side(term, state, batch, e))
-                block = part if block is None else block + part
-            yield _finite(block, "training gradients", states[0])
+            train = self._grads(terms, batch, self._loss, False, True)[1]
+            block = sum(
+                torch.bmm(tests[n], train[n].transpose(1, 2)).sum(0)  # type: ignore[index]
+                for n in self.names
+            )
+            yield _finite(block, "training gradients", terms)
 
     def _trajectory_influence(
         self, test: Iterable[tuple[Any, ...]], aggregate: bool, show_progress: bool
     ) -> Tensor:
-        cache: dict[tuple[Any, ...], Tensor] = {}
+        cache: dict[tuple[Any, ...], F.Params] = {}
         scores = None
         steps = progress(
             list(enumerate(self._terms)), show_progress, f"{self.get_name()}: recorded steps"
         )
         for i, term in steps:
-            state = self._loader(term.checkpoint)
-            eps = self._eps(term, state)
             key = self._test_key(term, i)
             if key not in cache:
                 if key[0] == "ckpt":
                     cache.clear()  # terms are grouped by checkpoint: free the last one
-                cache[key] = self._test_matrix(term, state, eps, test, aggregate)
+                cache[key] = self._test_matrix([term], test, aggregate)
             t = cache[key]
             if scores is None:
                 first = t[self.names[0]]
-                scores = first.new_zeros(first.shape[0], self.n_train)
-            g = self._train_side(term, state, self._fetch(term.indices), eps)
-            gram = _finite(_gram(t, g), "training gradients", state)
+                scores = first.new_zeros(first.shape[1], self.n_train)
+            g = self._grads([term], self._fetch(term.indices), self._loss, False, True)[1]
+            gram = _finite(_gram(t, g), "training gradients", [term])  # type: ignore[arg-type]
             scores[:, list(term.indices)] += term.coefficient * gram  # type: ignore[arg-type]
         return scores  # type: ignore[return-value]
 
@@ -467,16 +485,14 @@ class SAMTracInCP(TracInCPBase):
         show_progress: bool = False,
         aggregate: bool = False,
     ) -> KMostInfluentialResults:
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"`k` must be a positive int, got {k!r}")
-        sign = 1.0 if proponents else -1.0
         test = as_loader(inputs, self.batch_size, "inputs")
         with F.eval_mode(self.model):
             if self.trajectory is not None:
-                scores = self._trajectory_influence(test, aggregate, show_progress)
-                values, indices = torch.topk(sign * scores, min(k, self.n_train), dim=1)
-                return KMostInfluentialResults(indices, sign * values)
-            blocks = self._stream_columns(test, aggregate, show_progress)
+                blocks: Iterable[Tensor] = [
+                    self._trajectory_influence(test, aggregate, show_progress)
+                ]
+            else:
+                blocks = self._stream_columns(test, aggregate, show_progress)
             return KMostInfluentialResults(*stream_topk(blocks, k, proponents))
 
     def self_influence(  # type: ignore[override]
@@ -503,43 +519,35 @@ class SAMTracInCP(TracInCPBase):
                         "only (it needs batch membership): call self_influence() with "
                         "inputs=None"
                     )
-                return self._trajectory_self_influence(show_progress)
+                scores = None
+                bar = progress(self._terms, show_progress, f"{self.get_name()}: self influence")
+                for term in bar:
+                    dots = self._pair_dots([term], self._fetch(term.indices))
+                    if scores is None:
+                        scores = dots.new_zeros(self.n_train)
+                    scores[list(term.indices)] += dots  # type: ignore[arg-type]
+                return scores  # type: ignore[return-value]
             data = (
                 self.train_dataloader
                 if inputs is None
                 else as_loader(inputs, self.batch_size, "inputs")
             )
-            states = [self._loader(t.checkpoint) for t in self._terms]
-            eps = [self._eps(t, s) for t, s in zip(self._terms, states)]
-            out = []
-            for batch in on_device(
-                progress(data, show_progress, f"{self.get_name()}: self influence"), self.device
-            ):
-                total = None
-                for term, state, e in zip(self._terms, states, eps):
-                    part = term.coefficient * self._pair_dots(term, state, batch, e)
-                    total = part if total is None else total + part
-                out.append(total)
+            bar = progress(data, show_progress, f"{self.get_name()}: self influence")
+            out = [self._pair_dots(self._terms, b) for b in on_device(bar, self.device)]
             if not out:
                 raise ValueError("`inputs` is empty")
             return torch.cat(out)
 
-    def _pair_dots(
-        self, term: _Term, state: CheckpointState, batch: tuple[Any, ...], eps: F.Params | None
-    ) -> Tensor:
-        train = self._train_side(term, state, batch, eps)
-        test = self._test_side(term, state, batch, self._loss, eps)
-        return _finite(sum((test[n] * train[n]).sum(dim=1) for n in self.names), "gradients", state)
-
-    def _trajectory_self_influence(self, show_progress: bool) -> Tensor:
-        scores = None
-        for term in progress(self._terms, show_progress, f"{self.get_name()}: self influence"):
-            state = self._loader(term.checkpoint)
-            dots = self._pair_dots(term, state, self._fetch(term.indices), self._eps(term, state))
-            if scores is None:
-                scores = dots.new_zeros(self.n_train)
-            scores[list(term.indices)] += term.coefficient * dots  # type: ignore[arg-type]
-        return scores  # type: ignore[return-value]
+    def _pair_dots(self, terms: Sequence[_Term], batch: tuple[Any, ...]) -> Tensor:
+        """``sum_k c_k  test_side_k(x) . train_side_k(x)`` for every example ``x``."""
+        if self.test_at_perturbed:
+            train = self._grads(terms, batch, self._loss, False, True)[1]
+            test = train
+        else:
+            test, train = self._grads(terms, batch, self._loss, True, True)
+        coef = self._coefficients(terms)
+        dots = coef @ sum(_rowdot(test[n], train[n]) for n in self.names)  # type: ignore[index]
+        return _finite(dots, "gradients", terms)
 
     def compute_intermediate_quantities(
         self,
@@ -567,6 +575,7 @@ class SAMTracInCP(TracInCPBase):
         if side not in ("train", "test"):
             raise ValueError(f"`side` must be 'train' or 'test', got {side!r}")
         ckpts = list(dict.fromkeys(t.checkpoint for t in self._terms))
+        first = {c: next(t for t in self._terms if t.checkpoint == c) for c in ckpts}
         with F.eval_mode(self.model):
             if side == "test":
                 if self.test_at_perturbed and self.perturbation == "batch":
@@ -577,55 +586,50 @@ class SAMTracInCP(TracInCPBase):
                 data = as_loader(
                     self.train_dataloader if inputs is None else inputs, self.batch_size, "inputs"
                 )
-                first = {t.checkpoint: t for t in reversed(self._terms)}
-                blocks = []
-                for c in ckpts:
-                    term, state = first[c], self._loader(c)
-                    blocks.append(
-                        _cat(
-                            self._test_matrix(term, state, self._eps(term, state), data, aggregate),
-                            self.names,
-                        )
-                    )
-                return torch.cat(blocks, dim=1)
-            if self.trajectory is not None:
-                if inputs is not None:
-                    raise ValueError(
-                        "the trajectory form defines training-side quantities for the "
-                        "training set only: pass inputs=None"
-                    )
-                return self._trajectory_train_quantities(ckpts, aggregate)
-            data = as_loader(
-                self.train_dataloader if inputs is None else inputs, self.batch_size, "inputs"
-            )
-            rows = []
-            for batch in on_device(data, self.device):
-                blocks = {c: None for c in ckpts}
-                for term in self._terms:
-                    state = self._loader(term.checkpoint)
-                    g = term.coefficient * _cat(
-                        self._train_side(term, state, batch, self._eps(term, state)), self.names
-                    )
-                    prev = blocks[term.checkpoint]
-                    blocks[term.checkpoint] = g if prev is None else prev + g
-                rows.append(torch.cat([blocks[c] for c in ckpts], dim=1))
-            out = _finite(torch.cat(rows), "training gradients", self._loader(ckpts[0]))
-            return out.sum(dim=0, keepdim=True) if aggregate else out
+                t = self._test_matrix([first[c] for c in ckpts], data, aggregate)
+                return torch.cat([t[n] for n in self.names], dim=2).transpose(0, 1).flatten(1)
+            if self.trajectory is not None and inputs is not None:
+                raise ValueError(
+                    "the trajectory form defines training-side quantities for the "
+                    "training set only: pass inputs=None"
+                )
+            size = sum(self._loader(ckpts[0]).params[n].numel() for n in self.names)
+            blocks = []
+            for terms, batch, rows in self._train_batches(inputs):
+                g = self._grads(terms, batch, self._loss, False, True)[1]
+                weighted = self._coefficients(terms).view(-1, 1, 1) * _cat(g, self.names, 2)
+                out = weighted.new_zeros(len(rows), len(ckpts) * size)
+                for k, term in enumerate(terms):
+                    j = ckpts.index(term.checkpoint) * size
+                    out[:, j : j + size] += weighted[k]
+                blocks.append((rows, out))
+            if self.trajectory is None:
+                result = torch.cat([b for _, b in blocks])
+            else:
+                result = blocks[0][1].new_zeros(self.n_train, len(ckpts) * size)
+                for rows, b in blocks:
+                    result[rows] += b
+            result = _finite(result, "training gradients", self._terms)
+            return result.sum(dim=0, keepdim=True) if aggregate else result
 
-    def _trajectory_train_quantities(self, ckpts: list[str], aggregate: bool) -> Tensor:
-        size = sum(self._loader(ckpts[0]).params[n].numel() for n in self.names)
-        out = None
-        for term in self._terms:
-            state = self._loader(term.checkpoint)
-            g = _cat(
-                self._train_side(term, state, self._fetch(term.indices), self._eps(term, state)),
-                self.names,
-            )
-            if out is None:
-                out = g.new_zeros(self.n_train, len(ckpts) * size)
-            j = ckpts.index(term.checkpoint) * size
-            out[list(term.indices), j : j + size] += term.coefficient * g  # type: ignore[arg-type]
-        return out.sum(dim=0, keepdim=True) if aggregate else out  # type: ignore[union-attr]
+    def _train_batches(
+        self, inputs: Any = None
+    ) -> Iterable[tuple[Sequence[_Term], tuple[Any, ...], list[int]]]:
+        """``(terms, batch, rows)``: every group with the data it applies to."""
+        if self.trajectory is not None:
+            for term in self._terms:
+                yield [term], self._fetch(term.indices), list(term.indices)  # type: ignore[arg-type]
+            return
+        data = (
+            self.train_dataloader
+            if inputs is None
+            else as_loader(inputs, self.batch_size, "inputs")
+        )
+        offset = 0
+        for batch in on_device(data, self.device):
+            size = batch[-1].shape[0]
+            yield self._terms, batch, list(range(offset, offset + size))
+            offset += size
 
     # ------------------------------------------------------------------ editing
 
@@ -650,32 +654,26 @@ class SAMTracInCP(TracInCPBase):
             a flat ``(P,)`` tensor in ``named_parameters`` order.
         """
         removed = _check_removal(indices, self.n_train)
-        total: Tensor | None = None
-        with F.eval_mode(self.model):
-            for term in progress(self._terms, show_progress, "GIF parameter change"):
-                members = sorted(removed if term.indices is None else removed & set(term.indices))
-                if not members:
-                    continue
-                state = self._loader(term.checkpoint)
-                eps = self._eps(term, state)
-                for start in range(0, len(members), self.batch_size or 64):
-                    chunk = members[start : start + (self.batch_size or 64)]
-                    g = _cat(
-                        self._train_side(term, state, self._fetch(chunk), eps), self.names
-                    ).sum(dim=0)
-                    total = term.coefficient * g if total is None else total + term.coefficient * g
-        if total is not None:
-            _finite(total, "training gradients", self._loader(self._terms[0].checkpoint))
-        if total is None:
-            state = self._loader(self._terms[0].checkpoint)
-            total = F.flatten(state.params, self.names).new_zeros(
-                sum(state.params[n].numel() for n in self.names)
-            )
-        if flat:
-            return total
-        return F.unflatten(
-            total, {n: self._loader(self._terms[0].checkpoint).params[n] for n in self.names}
+        if self.trajectory is None:
+            groups = [(self._terms, sorted(removed))]
+        else:
+            groups = [([t], sorted(removed & set(t.indices))) for t in self._terms]  # type: ignore[arg-type]
+        chunk = self.batch_size or 64
+        ref = self._loader(self._terms[0].checkpoint).params
+        total = torch.zeros(
+            sum(ref[n].numel() for n in self.names),
+            dtype=ref[self.names[0]].dtype,
+            device=self.device,
         )
+        with F.eval_mode(self.model):
+            for terms, members in progress(groups, show_progress, "GIF parameter change"):
+                coef = self._coefficients(terms)
+                for start in range(0, len(members), chunk):
+                    batch = self._fetch(members[start : start + chunk])
+                    g = _cat(self._grads(terms, batch, self._loss, False, True)[1], self.names, 2)
+                    total += coef @ g.sum(dim=1)
+        _finite(total, "training gradients", self._terms)
+        return total if flat else F.unflatten(total, {n: ref[n] for n in self.names})
 
     def edited_model(
         self, indices: Sequence[int] | Tensor, show_progress: bool = False
@@ -695,21 +693,36 @@ class SAMTracInCP(TracInCPBase):
         return edited
 
 
+def _rows(grads: F.Params | None) -> F.Params | None:
+    """``(K, B, *shape)`` -> ``(K, B, numel)`` views."""
+    if grads is None:
+        return None
+    return {n: g.reshape(g.shape[0], g.shape[1], -1) for n, g in grads.items()}
+
+
 def _gram(a: F.Params, b: F.Params) -> Tensor:
-    """``sum_name a[name] @ b[name].T``: all pairwise inner products, ``(len(a), len(b))``."""
-    return sum(a[n] @ b[n].T for n in a)  # type: ignore[return-value]
+    """Inner products of one term's vectors ``(1, m, numel)`` x ``(1, b, numel)`` -> ``(m, b)``."""
+    return sum(a[n][0] @ b[n][0].T for n in a)  # type: ignore[return-value]
 
 
-def _cat(a: F.Params, names: Sequence[str]) -> Tensor:
-    return torch.cat([a[n] for n in names], dim=1)
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Inner products along the last dimension, ``(K, B, n) -> (K, B)``, with no temporary."""
+    if a is b:
+        return torch.linalg.vector_norm(a, dim=-1).square()
+    return torch.einsum("kbi,kbi->kb", a, b)
 
 
-def _finite(x: Any, what: str, state: CheckpointState) -> Any:
+def _cat(a: F.Params, names: Sequence[str], dim: int) -> Tensor:
+    return torch.cat([a[n] for n in names], dim=dim)
+
+
+def _finite(x: Any, what: str, terms: Sequence[_Term]) -> Any:
     """Return ``x``, or raise if it holds NaN/inf (NaN gradients propagate into it)."""
     values = x.values() if isinstance(x, dict) else [x]
     if not all(bool(torch.isfinite(v).all()) for v in values):
+        where = sorted({os.path.basename(t.checkpoint) for t in terms})
         raise ValueError(
-            f"{what} at checkpoint {state.path!r} contain NaN or inf: check the inputs, the "
+            f"{what} at checkpoint(s) {where} contain NaN or inf: check the inputs, the "
             "loss function and the checkpoint weights"
         )
     return x
