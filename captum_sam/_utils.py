@@ -221,3 +221,19 @@ def stream_topk(blocks: Iterable[Tensor], k: int, proponents: bool = True) -> tu
     if best_v is None:
         raise ValueError("the training set is empty")
     return best_i, sign * best_v
+
+
+def check_indices(indices: Any, n: int) -> list[int]:
+    """Validate training indices of a removed set; return them sorted and unique.
+
+    Raises:
+        ValueError: Not a non-empty 1-D integer sequence within ``[0, n)``.
+    """
+    idx = torch.as_tensor(indices)
+    if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        raise ValueError("`indices` must be a 1-D sequence of integer training indices")
+    if idx.numel() == 0:
+        raise ValueError("`indices` is empty: name at least one training example to remove")
+    if int(idx.min()) < 0 or int(idx.max()) >= n:
+        raise ValueError(f"`indices` must lie in [0, {n})")
+    return sorted({int(i) for i in idx})

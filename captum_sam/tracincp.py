@@ -42,6 +42,7 @@ from captum_sam._captum import KMostInfluentialResults, TracInCPBase
 from captum_sam._utils import (
     CheckpointLoader,
     as_loader,
+    check_indices,
     make_loss,
     model_device,
     on_device,
@@ -653,7 +654,7 @@ class SAMTracInCP(TracInCPBase):
             A dict (attributed parameter name -> tensor of the parameter's shape), or
             a flat ``(P,)`` tensor in ``named_parameters`` order.
         """
-        removed = _check_removal(indices, self.n_train)
+        removed = set(check_indices(indices, self.n_train))
         if self.trajectory is None:
             groups = [(self._terms, sorted(removed))]
         else:
@@ -733,17 +734,6 @@ def _check_rho(rho: Any, adaptive: Any) -> None:
         raise ValueError(f"`rho` must be a number >= 0, got {rho!r}")
     if not isinstance(adaptive, bool):
         raise TypeError(f"`adaptive` must be a bool, got {adaptive!r}")
-
-
-def _check_removal(indices: Sequence[int] | Tensor, n: int) -> set[int]:
-    idx = torch.as_tensor(indices)
-    if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
-        raise ValueError("`indices` must be a 1-D sequence of integer training indices")
-    if idx.numel() == 0:
-        raise ValueError("`indices` is empty: name at least one training example to remove")
-    if int(idx.min()) < 0 or int(idx.max()) >= n:
-        raise ValueError(f"`indices` must lie in [0, {n})")
-    return {int(i) for i in idx}
 
 
 def _resolve_checkpoints(checkpoints: Any) -> list[str]:

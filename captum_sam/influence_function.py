@@ -1,0 +1,552 @@
+r"""SAM-HIF: Hessian influence functions at the SAM fixed point.
+
+:class:`SAMInfluenceFunction` subclasses Captum's ``InfluenceFunctionBase`` and is
+built like ``NaiveInfluenceFunction``. Every matrix uses the *summed* training loss
+:math:`S(w) = \sum_i l_i(w)` (Captum's scale), so the weight decay :math:`\lambda` of
+the mean objective enters as :math:`n\lambda` and damping :math:`d` as :math:`n d`.
+With :math:`g_0 = \nabla L(w^*)`, :math:`\epsilon^* = \epsilon(w^*; g_0)`,
+:math:`H_e` the curvature of :math:`S` at :math:`w^* + \epsilon^*`, :math:`H_0` at
+:math:`w^*`, :math:`J = d\epsilon/dw` and :math:`b_k = \nabla l_k(w^* + \epsilon^*)`:
+
+=========  ==================================  ===============================================
+variant    matrix :math:`A`                    right-hand side :math:`r_k`
+=========  ==================================  ===============================================
+fast       :math:`H_e + n\lambda I`            :math:`b_k` (Theorem 4.3)
+full       :math:`H_e (I + J) + n\lambda I`    :math:`b_k` (Theorem 4.5, not symmetric)
+exact      :math:`H_e (I + J) + n\lambda I`    :math:`b_k + H_e\, \partial\epsilon/\partial\delta_k`
+plain      :math:`H_0 + n\lambda I`            :math:`\nabla l_k(w^*)` (Koh & Liang)
+=========  ==================================  ===============================================
+
+``exact`` is the true first-order derivative of the SAM fixed point
+:math:`\nabla L(w + \epsilon(w)) + \lambda w = 0` with respect to the weight of
+:math:`z_k`; the paper drops its second right-hand-side term. Removing :math:`z_k`
+moves the weights by :math:`A^{-1} r_k`, and the influence on a test example
+:math:`z` is :math:`\nabla l(z; w^*)^\top A^{-1} r_k`, the first-order increase of
+:math:`z`'s loss (positive = helpful). Because :math:`A` is not symmetric, the test
+side is solved with :math:`A^{-\top}`.
+
+Choosing a variant: ``exact`` is the first-order truth for a model at its SAM fixed
+point (a convex model trained to convergence); ``fast`` is cheaper (one curvature
+product per matvec instead of two, symmetric so ``cg`` applies) and, on our
+measurements, tracks retraining better than the paper's ``full``; ``plain`` is the
+classic baseline on the same code path. On non-convex networks the Hessian is
+indefinite: use ``curvature="ggn"`` (positive semi-definite) and some damping.
+
+Choosing a solver: ``dense`` (exact, forms :math:`A`, for up to a few thousand
+parameters; ``"auto"`` picks it there), ``cg`` for the symmetric variants, ``gmres``
+or ``bicgstab`` for ``full``/``exact``, ``neumann``/``lissa`` (the paper's series;
+need a positive-definite matrix), ``arnoldi`` (low-rank, symmetric variants).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+from torch.utils.data import DataLoader, Dataset
+
+from captum_sam import functional as F
+from captum_sam._captum import InfluenceFunctionBase, KMostInfluentialResults
+from captum_sam._utils import (
+    CheckpointLoader,
+    as_loader,
+    check_indices,
+    dataset_size,
+    make_loss,
+    model_device,
+    on_device,
+    ordered_dataset,
+    progress,
+    stream_topk,
+    validate_batch,
+)
+from captum_sam.solvers import METHODS, InverseOperator, SolverOptions, dense_matrix
+from captum_sam.trajectory import MANIFEST, checkpoints_load_func, fetch_batch, load_trajectory
+
+__all__ = ["SAMInfluenceFunction", "VARIANTS", "CURVATURES"]
+
+VARIANTS = ("fast", "full", "exact", "plain")
+CURVATURES = ("hessian", "ggn")
+
+
+class SAMInfluenceFunction(InfluenceFunctionBase):
+    r"""SAM-HIF (fast, full, exact) and plain IF as a Captum ``InfluenceFunctionBase``.
+
+    Args:
+        model: The model (never modified: the checkpoint loads into a private copy).
+        train_dataset: Training Dataset, or a DataLoader iterating it in order.
+        checkpoint: The trained weights :math:`w^*`: a checkpoint file, or a record
+            directory of :func:`captum_sam.train_sam` (its final checkpoint).
+        checkpoints_load_func: ``load(model, path) -> learning_rate``.
+        layers: Module names whose parameters are attributed (others held fixed).
+        loss_fn: Per-example training loss, ``reduction="none"``.
+        batch_size: Batch size for Datasets (and the LiSSA minibatch size).
+        hessian_dataset: Data for the curvature (default: the training set); a set
+            of ``m`` examples is rescaled by ``n/m``.
+        test_loss_fn: Per-example test loss (default ``loss_fn``).
+        rho: SAM radius of training.
+        adaptive: ASAM (the Jacobian :math:`J` of its perturbation is exact too).
+        weight_decay: :math:`\lambda` of the training objective (enters as
+            :math:`n\lambda`).
+        damping: Extra :math:`d`, added as :math:`n d I`.
+        variant: ``"fast"``, ``"full"``, ``"exact"`` or ``"plain"``.
+        curvature: ``"hessian"`` or ``"ggn"`` (generalised Gauss-Newton).
+        solver: One of :data:`captum_sam.solvers.METHODS`.
+        solver_options: :class:`~captum_sam.solvers.SolverOptions` or a dict of its
+            fields.
+        show_progress: Progress bars while forming or solving.
+
+    Shapes: ``influence`` returns ``(n_test, n_train)``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_dataset: Dataset | DataLoader,
+        checkpoint: str | os.PathLike[str],
+        checkpoints_load_func: Callable[[nn.Module, str], float] = checkpoints_load_func,
+        layers: Sequence[str] | None = None,
+        loss_fn: Callable[[Any, Any], Tensor] | None = None,
+        batch_size: int | None = 64,
+        hessian_dataset: Dataset | DataLoader | None = None,
+        test_loss_fn: Callable[[Any, Any], Tensor] | None = None,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        weight_decay: float = 0.0,
+        damping: float = 0.0,
+        variant: str = "full",
+        curvature: str = "hessian",
+        solver: str = "auto",
+        solver_options: SolverOptions | dict[str, Any] | None = None,
+        show_progress: bool = False,
+    ) -> None:
+        # InfluenceFunctionBase.__init__ loads the checkpoint into the user's model
+        # and may flip requires_grad; we set the same attributes without doing so.
+        if variant not in VARIANTS:
+            raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}")
+        if curvature not in CURVATURES:
+            raise ValueError(f"`curvature` must be one of {CURVATURES}, got {curvature!r}")
+        if solver not in METHODS:
+            raise ValueError(f"`solver` must be one of {METHODS}, got {solver!r}")
+        for name, value in (("rho", rho), ("weight_decay", weight_decay), ("damping", damping)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"`{name}` must be a number >= 0, got {value!r}")
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"`adaptive` must be a bool, got {adaptive!r}")
+        symmetric = variant in ("fast", "plain")
+        if solver in ("cg", "arnoldi") and not symmetric:
+            raise ValueError(
+                f"solver {solver!r} needs a symmetric matrix, but variant {variant!r} is not "
+                "symmetric: use 'gmres', 'bicgstab' or 'dense' (or variant 'fast'/'plain')"
+            )
+        self.model = model
+        self.checkpoint = _resolve_checkpoint(checkpoint)
+        self.checkpoints_load_func = checkpoints_load_func
+        self.loss_fn = loss_fn
+        self.test_loss_fn = loss_fn if test_loss_fn is None else test_loss_fn
+        self.sample_wise_grads_per_batch = False
+        self.batch_size = batch_size
+        self.reduction_type = self.test_reduction_type = "none"
+        self.layer_modules = None
+        self.train_dataloader = as_loader(_not_tuple(train_dataset), batch_size, "train_dataset")
+        self.hessian_dataloader = (
+            self.train_dataloader
+            if hessian_dataset is None
+            else as_loader(_not_tuple(hessian_dataset), batch_size, "hessian_dataset")
+        )
+        self.train_data = ordered_dataset(train_dataset)
+        self.n_train = len(self.train_data)  # type: ignore[arg-type]
+        if self.n_train == 0:
+            raise ValueError("`train_dataset` is empty")
+        n_hessian = dataset_size(self.hessian_dataloader)
+        if n_hessian == 0:
+            raise ValueError("`hessian_dataset` is empty")
+        self.hessian_scale = self.n_train / n_hessian
+        self.rho, self.adaptive = float(rho), adaptive
+        self.weight_decay, self.damping = float(weight_decay), float(damping)
+        self.variant, self.curvature, self.solver = variant, curvature, solver
+        if isinstance(solver_options, dict):
+            valid = {f.name for f in fields(SolverOptions)}
+            unknown = set(solver_options) - valid
+            if unknown:
+                raise ValueError(
+                    f"unknown `solver_options` {sorted(unknown)}; valid: {sorted(valid)}"
+                )
+            solver_options = SolverOptions(**solver_options)
+        self.solver_options = solver_options or SolverOptions()
+        self.show_progress = show_progress
+        self.layers = None if layers is None else list(layers)
+        self.names = F.attributed_names(model, self.layers)
+        self.device = model_device(model)
+
+        state = CheckpointLoader(model, self.names, checkpoints_load_func)(self.checkpoint)
+        self.params, self.frozen = state.params, state.frozen
+        self._loss = make_loss(model, loss_fn, state.frozen, "loss_fn")
+        self._test_loss = make_loss(model, self.test_loss_fn, state.frozen, "test_loss_fn")
+        self.dim = sum(self.params[n].numel() for n in self.names)
+        with F.eval_mode(model):
+            first = next(iter(on_device(self.train_dataloader, self.device)))
+            validate_batch(self._loss, self.params, first, "train_dataset")
+            self.mean_grad, _ = F.mean_grad(self._loss, self.params, self._train_batches())
+        F.check_finite(self.mean_grad, "training gradients at the checkpoint")
+        self.eps = F.sam_perturbation(self.params, self.mean_grad, self.rho, self.adaptive)
+        self.perturbed = F.tree_add(self.params, self.eps)
+        self._columns = None
+        self.inverse = InverseOperator(
+            self._matvec,
+            self.dim,
+            method=solver,
+            symmetric=symmetric,
+            rmatvec=None if symmetric else self._rmatvec,
+            sampled_matvec=self._sampled(transpose=False),
+            sampled_rmatvec=None if symmetric else self._sampled(transpose=True),
+            options=self.solver_options,
+            dtype=self.params[self.names[0]].dtype,
+            device=self.device,
+        )
+
+    # ------------------------------------------------------------------ data
+
+    def _train_batches(self) -> Iterable[tuple[Any, ...]]:
+        return on_device(self.train_dataloader, self.device)
+
+    def _hessian_batches(self) -> Iterable[tuple[Any, ...]]:
+        return on_device(self.hessian_dataloader, self.device)
+
+    # ------------------------------------------------------------------ operators
+    # Vectors are flat ``(P, m)`` columns in ``self.names`` order.
+
+    def _tree(self, columns: Tensor) -> F.Params:
+        return F.unflatten(columns.T, {n: self.params[n] for n in self.names}, batch_dims=1)
+
+    def _flat(self, tree: F.Params) -> Tensor:
+        return F.flatten(tree, self.names, batch_dims=1).T
+
+    def _curvature(
+        self, point: F.Params, columns: Tensor, batches: Iterable[Any], scale: float
+    ) -> Tensor:
+        """Curvature of the summed loss at ``point`` times ``columns`` (``(P, m)``)."""
+        if self._columns is not None:
+            self._columns.update(columns.shape[1])
+        vectors = self._tree(columns)
+        if self.curvature == "hessian":
+            out = F.hvp(self._loss, point, batches, vectors, batched=True)
+        else:
+            out = F.ggn_vp(self._loss, point, batches, vectors, batched=True)
+        return scale * self._flat(out)
+
+    def _jvp_eps(self, columns: Tensor, batches: Iterable[Any], scale: float) -> Tensor:
+        r""":math:`J v = d\epsilon/dw\, v` for every column."""
+        hess_l = self._curvature(self.params, columns, batches, scale) / self.n_train
+
+        def one(v: F.Params, hv: F.Params) -> F.Params:
+            return F.perturbation_jvp(self.params, self.mean_grad, v, hv, self.rho, self.adaptive)
+
+        return self._flat(vmap(one)(self._tree(columns), self._tree(hess_l)))
+
+    def _vjp_eps(self, columns: Tensor, batches: list[Any], scale: float) -> Tensor:
+        """:math:`J^T u` for every column."""
+
+        def one(u: F.Params) -> tuple[F.Params, F.Params]:
+            return F.perturbation_vjp(self.params, self.mean_grad, u, self.rho, self.adaptive)
+
+        dw, dg = vmap(one)(self._tree(columns))
+        hess_dg = self._curvature(self.params, self._flat(dg), batches, scale) / self.n_train
+        return self._flat(dw) + hess_dg
+
+    def _regulariser(self) -> float:
+        return self.n_train * (self.weight_decay + self.damping)
+
+    def _apply(
+        self, columns: Tensor, batches: Callable[[], Iterable[Any]], scale: float, transpose: bool
+    ) -> Tensor:
+        reg = self._regulariser() * columns
+        if self.variant == "plain":
+            return self._curvature(self.params, columns, batches(), scale) + reg
+        if self.variant == "fast":
+            return self._curvature(self.perturbed, columns, batches(), scale) + reg
+        if not transpose:  # H_e (I + J) v
+            moved = columns + self._jvp_eps(columns, batches(), scale)
+            return self._curvature(self.perturbed, moved, batches(), scale) + reg
+        he_u = self._curvature(self.perturbed, columns, batches(), scale)  # (I + J^T) H_e u
+        return he_u + self._vjp_eps(he_u, batches(), scale) + reg
+
+    def _matvec(self, columns: Tensor) -> Tensor:
+        with F.eval_mode(self.model):
+            return self._apply(columns, self._hessian_batches, self.hessian_scale, False)
+
+    def _rmatvec(self, columns: Tensor) -> Tensor:
+        with F.eval_mode(self.model):
+            return self._apply(columns, self._hessian_batches, self.hessian_scale, True)
+
+    def _sampled(self, transpose: bool) -> Callable[[Tensor, int], Tensor]:
+        """Minibatch estimate of ``A`` (or ``A^T``) products for LiSSA, seeded by step."""
+        data = self.hessian_dataloader
+        dataset = data.dataset if isinstance(data, DataLoader) else None
+        size = self.batch_size or 64
+
+        def sampled(columns: Tensor, step: int) -> Tensor:
+            if dataset is None:
+                raise ValueError("LiSSA needs `hessian_dataset` to be a Dataset to sample from")
+            m = len(dataset)  # type: ignore[arg-type]
+            g = torch.Generator().manual_seed(self.solver_options.seed * 1_000_003 + step)
+            idx = torch.randperm(m, generator=g)[: min(size, m)]
+            batch = F.to_device(fetch_batch(dataset, idx), self.device)
+            with F.eval_mode(self.model):
+                return self._apply(columns, lambda: [batch], self.n_train / len(idx), transpose)
+
+        return sampled
+
+    def _solve(self, rhs: Tensor, transpose: bool, what: str) -> Tensor:
+        if self.show_progress:
+            from tqdm.auto import tqdm
+
+            self._columns = tqdm(desc=f"SAM-HIF {self.variant}: {what} (matvec columns)")
+        try:
+            out = self.inverse.solve_transpose(rhs) if transpose else self.inverse.solve(rhs)
+        finally:
+            if self._columns is not None:
+                self._columns.close()
+            self._columns = None
+        F.check_finite(out, f"inverse-HVP solutions ({what})")
+        return out
+
+    @property
+    def last_residual(self) -> Tensor | None:
+        """Relative residuals ``||A x - b|| / ||b||`` of the last solve, per column."""
+        return self.inverse.last_residual
+
+    def matrix(self) -> Tensor:
+        """The dense :math:`A` ``(P, P)`` (forms it with ``P`` matvecs if not done yet)."""
+        if self.inverse.method == "dense":
+            return self.inverse.matrix()
+        return dense_matrix(
+            self._matvec,
+            self.dim,
+            dtype=self.params[self.names[0]].dtype,
+            device=self.device,
+            chunk_size=self.solver_options.chunk_size,
+        )
+
+    # ------------------------------------------------------------------ per-example sides
+
+    def _grads(self, batch: tuple[Any, ...], loss: F.FunctionalLoss, point: F.Params) -> Tensor:
+        g = F.per_example_grads(loss, point, batch)
+        return F.flatten(g, self.names, batch_dims=1)
+
+    def _train_side(self, batch: tuple[Any, ...]) -> Tensor:
+        """:math:`r_k` rows ``(B, P)``; for ``exact`` ``[b_k, d eps/d delta_k]`` ``(B, 2P)``."""
+        point = self.params if self.variant == "plain" else self.perturbed
+        b = self._grads(batch, self._loss, point)
+        if self.variant != "exact":
+            return b
+        own = F.per_example_grads(self._loss, self.params, batch)
+        zero = {n: torch.zeros_like(self.params[n]) for n in self.params}
+
+        def d_eps(g: F.Params) -> F.Params:
+            scaled = F.tree_scale(g, 1.0 / self.n_train)
+            return F.perturbation_jvp(
+                self.params, self.mean_grad, zero, scaled, self.rho, self.adaptive
+            )
+
+        d = F.flatten(vmap(d_eps)(own), self.names, batch_dims=1)
+        return torch.cat([b, d], dim=1)
+
+    def _test_side(self, batch: tuple[Any, ...], loss: F.FunctionalLoss, what: str) -> Tensor:
+        r"""Rows :math:`A^{-T} \nabla l(z)` (``exact``: with :math:`H_e A^{-T}\nabla l`)."""
+        g = self._grads(batch, loss, self.params)
+        F.check_finite(g, "gradients of the examples at the checkpoint")
+        v = self._solve(g.T, transpose=True, what=what)
+        if self.variant != "exact":
+            return v.T
+        with F.eval_mode(self.model):
+            hv = self._curvature(self.perturbed, v, self._hessian_batches(), self.hessian_scale)
+        return torch.cat([v.T, hv.T], dim=1)
+
+    # ------------------------------------------------------------------ Captum API
+
+    def compute_intermediate_quantities(
+        self,
+        inputs_dataset: tuple[Any, ...] | DataLoader,
+        aggregate: bool = False,
+        show_progress: bool = False,
+        test: bool = False,
+    ) -> Tensor:
+        r"""Vectors whose inner products are the influence scores.
+
+        ``compute_intermediate_quantities(test_data, test=True) @
+        compute_intermediate_quantities(train_data).T == influence(test_data)``.
+
+        Args:
+            inputs_dataset: A batch tuple or a DataLoader.
+            aggregate: Sum over the examples (``(1, D)``).
+            show_progress: Progress bar over batches.
+            test: Test side (:math:`A^{-T}\nabla l(z)`, solved) instead of the
+                training side (right-hand sides :math:`r_k`).
+
+        Returns:
+            ``(n_examples, D)`` with ``D = P`` (``2P`` for ``exact``).
+        """
+        data = as_loader(inputs_dataset, self.batch_size, "inputs_dataset")
+        rows = []
+        with F.eval_mode(self.model):
+            for i, batch in enumerate(
+                on_device(progress(data, show_progress, "batches"), self.device)
+            ):
+                loss = self._test_loss if test else self._loss
+                validate_batch(loss, self.params, batch, "inputs_dataset", run_loss=i == 0)
+                rows.append(
+                    self._test_side(batch, loss, "test vectors")
+                    if test
+                    else self._train_side(batch)
+                )
+        if not rows:
+            raise ValueError("`inputs_dataset` is empty")
+        out = torch.cat(rows)
+        F.check_finite(out, "gradients")
+        return out.sum(dim=0, keepdim=True) if aggregate else out
+
+    def influence(  # type: ignore[override]
+        self,
+        inputs: tuple[Any, ...] | DataLoader,
+        k: int | None = None,
+        proponents: bool = True,
+        show_progress: bool = False,
+    ) -> Tensor | KMostInfluentialResults:
+        """Influence of every training example on every test example.
+
+        Args:
+            inputs: Test batch ``(features..., labels)`` or a DataLoader of them.
+            k: Return the ``k`` proponents (or opponents) per test example.
+            proponents: Highest (``True``) or lowest (``False``) with ``k``.
+            show_progress: Progress bars.
+
+        Returns:
+            ``(n_test, n_train)``, or ``KMostInfluentialResults`` with ``k``.
+        """
+        if inputs is None:
+            raise ValueError("`inputs` is required; use self_influence() for self influence")
+        if k is None:
+            return self._influence(inputs, show_progress)
+        return self._get_k_most_influential(inputs, k, proponents, show_progress)
+
+    def _columns_blocks(self, inputs: Any, show_progress: bool) -> Iterable[Tensor]:
+        q = self.compute_intermediate_quantities(inputs, test=True)
+        bar = progress(self.train_dataloader, show_progress, f"SAM-HIF {self.variant}: training")
+        with F.eval_mode(self.model):
+            for batch in on_device(bar, self.device):
+                yield q @ self._train_side(batch).T
+
+    def _influence(  # type: ignore[override]
+        self, inputs: tuple[Any, ...] | DataLoader, show_progress: bool = False
+    ) -> Tensor:
+        out = torch.cat(list(self._columns_blocks(inputs, show_progress)), dim=1)
+        F.check_finite(out, "influence scores")
+        return out
+
+    def _get_k_most_influential(  # type: ignore[override]
+        self,
+        inputs: tuple[Any, ...] | DataLoader,
+        k: int = 5,
+        proponents: bool = True,
+        show_progress: bool = False,
+    ) -> KMostInfluentialResults:
+        return KMostInfluentialResults(
+            *stream_topk(self._columns_blocks(inputs, show_progress), k, proponents)
+        )
+
+    def self_influence(  # type: ignore[override]
+        self,
+        inputs_dataset: tuple[Any, ...] | DataLoader | None = None,
+        show_progress: bool = False,
+    ) -> Tensor:
+        r"""Self influence :math:`\nabla l_k(w^*)^\top A^{-1} r_k` of every example.
+
+        Args:
+            inputs_dataset: Examples (default: the training set).
+            show_progress: Progress bar over batches.
+
+        Returns:
+            ``(n_examples,)``.
+        """
+        data = (
+            self.train_dataloader
+            if inputs_dataset is None
+            else as_loader(inputs_dataset, self.batch_size, "inputs_dataset")
+        )
+        out = []
+        with F.eval_mode(self.model):
+            bar = progress(data, show_progress, f"SAM-HIF {self.variant}: self influence")
+            for batch in on_device(bar, self.device):
+                q = self._test_side(batch, self._loss, "self influence")
+                out.append((q * self._train_side(batch)).sum(dim=1))
+        if not out:
+            raise ValueError("`inputs_dataset` is empty")
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ editing
+
+    def parameter_change(
+        self, indices: Sequence[int] | Tensor, flat: bool = False
+    ) -> F.Params | Tensor:
+        r""":math:`w_{-S} - w^* \approx A^{-1} \sum_{k \in S} r_k` (one solve).
+
+        Args:
+            indices: Training indices of the removed set :math:`S`.
+            flat: Return a flat ``(P,)`` vector instead of a dict.
+
+        Returns:
+            Dict name -> tensor of the parameter's shape, or ``(P,)``.
+        """
+        idx = check_indices(indices, self.n_train)
+        rhs = None
+        with F.eval_mode(self.model):
+            for start in range(0, len(idx), self.batch_size or 64):
+                chunk = idx[start : start + (self.batch_size or 64)]
+                batch = F.to_device(fetch_batch(self.train_data, chunk), self.device)
+                part = self._train_side(batch).sum(dim=0)
+                rhs = part if rhs is None else rhs + part
+            assert rhs is not None
+            if self.variant == "exact":  # b + H_e (sum of d eps / d delta_k)
+                b, d = rhs[: self.dim], rhs[self.dim :]
+                he_d = self._curvature(
+                    self.perturbed, d.unsqueeze(1), self._hessian_batches(), self.hessian_scale
+                )
+                rhs = b + he_d.squeeze(1)
+            delta = self._solve(rhs.unsqueeze(1), transpose=False, what="parameter change")
+        delta = delta.squeeze(1)
+        return delta if flat else F.unflatten(delta, {n: self.params[n] for n in self.names})
+
+    def edited_model(self, indices: Sequence[int] | Tensor) -> nn.Module:
+        r"""A new model at :math:`w^* + A^{-1}\sum_{k\in S} r_k`; the user's model is untouched."""
+        delta = self.parameter_change(indices)
+        edited = copy.deepcopy(self.model)
+        self.checkpoints_load_func(edited, self.checkpoint)
+        with torch.no_grad():
+            named = dict(edited.named_parameters())
+            for name, d in delta.items():  # type: ignore[union-attr]
+                named[name].add_(d.to(named[name]))
+        return edited
+
+
+def _not_tuple(data: Any) -> Any:
+    if isinstance(data, (tuple, list)):
+        raise TypeError("`train_dataset` / `hessian_dataset` must be a Dataset or a DataLoader")
+    return data
+
+
+def _resolve_checkpoint(checkpoint: Any) -> str:
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"`checkpoint` must be a path, got {type(checkpoint).__name__}")
+    path = os.fspath(checkpoint)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST)):
+        return load_trajectory(path).final.path
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"`checkpoint` {path!r} does not exist")
+    return path
