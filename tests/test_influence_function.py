@@ -82,11 +82,11 @@ class Dense:
         damping=0.0,
         layers=None,
         hessian_idx=None,
-        loss=ce_loss(),
+        loss=None,
     ):
         model = copy.deepcopy(run["model"])
         checkpoints_load_func(model, run["ckpt"])
-        self.model, self.loss = model, loss
+        self.model, self.loss = model, loss or ce_loss()
         self.names = [
             n
             for n, _ in model.named_parameters()
@@ -160,7 +160,7 @@ class Dense:
         out = self.outputs(w, x)
         G = torch.zeros(w.numel(), w.numel(), dtype=DTYPE)
         for i in range(len(y)):
-            Hout = hessian(lambda o: self.loss(o.unsqueeze(0), y[i : i + 1]).sum())(out[i])
+            Hout = hessian(lambda o, t=y[i : i + 1]: self.loss(o.unsqueeze(0), t).sum())(out[i])
             G += Jo[i].T @ Hout @ Jo[i]
         return G
 
