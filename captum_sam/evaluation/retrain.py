@@ -155,7 +155,7 @@ def retrain_loo(
     tol: float = 1e-10,
     show_progress: bool = False,
 ) -> list[nn.Module]:
-    """Retrain once per removal: leave-one-out (an index) or leave-set-out (a list).
+    r"""Retrain once per removal: leave-one-out (an index) or leave-set-out (a list).
 
     Args:
         model: The trained model (``"fixed_point"``: the start point) or the
@@ -165,7 +165,7 @@ def retrain_loo(
         removals: Indices (one retraining each) or index lists (one per set).
         mode: ``"fixed_point"`` or ``"schedule"``.
         rho: SAM radius (``"fixed_point"``).
-        weight_decay: :math:`\\lambda` (``"fixed_point"``).
+        weight_decay: :math:`\lambda` (``"fixed_point"``).
         adaptive: ASAM (``"fixed_point"``).
         trajectory: Record directory of the run to replay (``"schedule"``).
         tol: Fixed-point residual target.
