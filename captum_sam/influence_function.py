@@ -360,9 +360,12 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
 
     def _test_side(self, batch: tuple[Any, ...], loss: F.FunctionalLoss, what: str) -> Tensor:
         r"""Rows :math:`A^{-T} \nabla l(z)` (``exact``: with :math:`H_e A^{-T}\nabla l`)."""
-        g = self._grads(batch, loss, self.params)
-        F.check_finite(g, "gradients of the examples at the checkpoint")
-        v = self._solve(g.T, transpose=True, what=what)
+        return self._solve_test(self._grads(batch, loss, self.params), what)
+
+    def _solve_test(self, grads: Tensor, what: str) -> Tensor:
+        """Test-side rows for gradient rows ``(m, P)``: one solve with ``m`` columns."""
+        F.check_finite(grads, "gradients of the examples at the checkpoint")
+        v = self._solve(grads.T, transpose=True, what=what)
         if self.variant != "exact":
             return v.T
         with F.eval_mode(self.model):
@@ -401,14 +404,17 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
             ):
                 loss = self._test_loss if test else self._loss
                 validate_batch(loss, self.params, batch, "inputs_dataset", run_loss=i == 0)
-                rows.append(
-                    self._test_side(batch, loss, "test vectors")
-                    if test
-                    else self._train_side(batch)
-                )
-        if not rows:
-            raise ValueError("`inputs_dataset` is empty")
-        out = torch.cat(rows)
+                if test and aggregate:  # sum the gradients, then one solve
+                    rows.append(self._grads(batch, loss, self.params).sum(dim=0, keepdim=True))
+                elif test:
+                    rows.append(self._test_side(batch, loss, "test vectors"))
+                else:
+                    rows.append(self._train_side(batch))
+            if not rows:
+                raise ValueError("`inputs_dataset` is empty")
+            out = torch.cat(rows)
+            if test and aggregate:
+                return self._solve_test(out.sum(dim=0, keepdim=True), "aggregated test vector")
         F.check_finite(out, "gradients")
         return out.sum(dim=0, keepdim=True) if aggregate else out
 
@@ -418,6 +424,7 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
         k: int | None = None,
         proponents: bool = True,
         show_progress: bool = False,
+        aggregate: bool = False,
     ) -> Tensor | KMostInfluentialResults:
         """Influence of every training example on every test example.
 
@@ -426,27 +433,35 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
             k: Return the ``k`` proponents (or opponents) per test example.
             proponents: Highest (``True``) or lowest (``False``) with ``k``.
             show_progress: Progress bars.
+            aggregate: Sum over the test examples (the influence on a validation
+                set, Theorem 4.8), computed with a single solve.
 
         Returns:
-            ``(n_test, n_train)``, or ``KMostInfluentialResults`` with ``k``.
+            ``(n_test, n_train)`` (``(1, n_train)`` aggregated), or
+            ``KMostInfluentialResults`` with ``k``.
         """
         if inputs is None:
             raise ValueError("`inputs` is required; use self_influence() for self influence")
         if k is None:
-            return self._influence(inputs, show_progress)
-        return self._get_k_most_influential(inputs, k, proponents, show_progress)
+            return self._influence(inputs, show_progress, aggregate)
+        return self._get_k_most_influential(inputs, k, proponents, show_progress, aggregate)
 
-    def _columns_blocks(self, inputs: Any, show_progress: bool) -> Iterable[Tensor]:
-        q = self.compute_intermediate_quantities(inputs, test=True)
+    def _columns_blocks(
+        self, inputs: Any, show_progress: bool, aggregate: bool = False
+    ) -> Iterable[Tensor]:
+        q = self.compute_intermediate_quantities(inputs, test=True, aggregate=aggregate)
         bar = progress(self.train_dataloader, show_progress, f"SAM-HIF {self.variant}: training")
         with F.eval_mode(self.model):
             for batch in on_device(bar, self.device):
                 yield q @ self._train_side(batch).T
 
     def _influence(  # type: ignore[override]
-        self, inputs: tuple[Any, ...] | DataLoader, show_progress: bool = False
+        self,
+        inputs: tuple[Any, ...] | DataLoader,
+        show_progress: bool = False,
+        aggregate: bool = False,
     ) -> Tensor:
-        out = torch.cat(list(self._columns_blocks(inputs, show_progress)), dim=1)
+        out = torch.cat(list(self._columns_blocks(inputs, show_progress, aggregate)), dim=1)
         F.check_finite(out, "influence scores")
         return out
 
@@ -456,10 +471,10 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
         k: int = 5,
         proponents: bool = True,
         show_progress: bool = False,
+        aggregate: bool = False,
     ) -> KMostInfluentialResults:
-        return KMostInfluentialResults(
-            *stream_topk(self._columns_blocks(inputs, show_progress), k, proponents)
-        )
+        blocks = self._columns_blocks(inputs, show_progress, aggregate)
+        return KMostInfluentialResults(*stream_topk(blocks, k, proponents))
 
     def self_influence(  # type: ignore[override]
         self,

@@ -305,6 +305,8 @@ def test_quantities_topk_self_influence_are_consistent(run):
     torch.testing.assert_close(q_test @ q_train.T, full)
     top = est.influence(run["test"], k=3, proponents=False)
     assert torch.equal(top.indices, full.argsort(dim=1)[:, :3])
+    agg = est.influence(run["test"], aggregate=True)
+    torch.testing.assert_close(agg, full.sum(0, keepdim=True), rtol=1e-10, atol=1e-12)
     diag = est.influence(run["train"].tensors).diagonal()
     torch.testing.assert_close(est.self_influence(), diag, rtol=1e-10, atol=1e-12)
 
