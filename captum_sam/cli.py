@@ -70,6 +70,81 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+QUICK = dict(
+    n_train=200,
+    n_val=100,
+    n_test=150,
+    epochs=10,
+    n_loo=12,
+    lds_subsets=6,
+    removal_fractions=(0.0, 0.1, 0.2),
+    trace_examples=3,
+    trace_k=3,
+)
+
+
+def _detect_dataset(data_dir: str) -> str:
+    import os
+
+    for name, marker in (("mnist", "MNIST"), ("cifar10", "cifar-10-batches-py")):
+        if os.path.isdir(os.path.join(data_dir, marker)):
+            return name
+    raise FileNotFoundError(
+        f"--data-dir {data_dir!r} holds neither torchvision's MNIST ({data_dir}/MNIST/raw/...) "
+        f"nor CIFAR-10 ({data_dir}/cifar-10-batches-py/...); nothing is downloaded"
+    )
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Run the side-by-side comparison and write the report."""
+    from captum_sam.evaluation.compare import CompareConfig, format_table, run_compare
+
+    settings = dict(QUICK) if args.quick else {}
+    for key in ("n_train", "n_val", "n_test", "epochs", "n_loo", "lds_subsets"):
+        value = getattr(args, key)
+        if value is not None:
+            settings[key] = value
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
+    dataset = args.dataset
+    if args.data_dir is not None and dataset == "digits":
+        dataset = _detect_dataset(args.data_dir)
+    config = CompareConfig(
+        model=args.model,
+        dataset=dataset,
+        data_dir=args.data_dir,
+        noise=args.noise,
+        rho=args.rho,
+        adaptive=args.adaptive,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        weight_decay=args.weight_decay,
+        damping=args.damping,
+        curvature=args.curvature,
+        ground_truth=args.ground_truth,
+        lds_fraction=args.lds_fraction,
+        mislabel_by=args.mislabel_by,
+        seed=args.seed,
+        **({"methods": methods} if methods else {}),
+        **settings,
+    )
+    results = run_compare(
+        config, args.out, show_progress=not args.no_progress, cache_dir=args.cache_dir
+    )
+    gt = results["ground_truth"]
+    print()
+    print(
+        f"{args.model} on {results['data']['name']}, ground truth: {gt['mode']} retraining "
+        f"({gt['retrain_seconds_mean']:.2f} s each); test accuracy "
+        f"{results['accuracy']['trained']:.3f}"
+    )
+    print(format_table(results["methods"]))
+    print(
+        f"\nreport: {args.out}/report.md, results.json and plots "
+        f"({results['seconds_total']:.0f} s in all)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``captum-sam``."""
     parser = argparse.ArgumentParser(
@@ -81,6 +156,53 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(train)
     train.add_argument("--out", default="runs/train", help="record directory")
     train.set_defaults(func=cmd_train)
+
+    from captum_sam.evaluation.compare import METHODS
+
+    cmp = sub.add_parser(
+        "compare",
+        help="SAM-aware vs Captum estimators against real retraining, side by side",
+        description="Train with SAM (recorded), attribute with every estimator, retrain "
+        "for the ground truth, print one table and write report.md, results.json and plots.",
+    )
+    cmp.add_argument("--model", choices=("logreg", "mlp", "cnn"), default="logreg")
+    cmp.add_argument("--curvature", choices=("hessian", "ggn", "both"), default="hessian")
+    cmp.add_argument("--damping", type=float, default=0.0)
+    cmp.add_argument("--rho", type=float, default=0.05)
+    cmp.add_argument("--adaptive", action="store_true", help="ASAM")
+    cmp.add_argument("--noise", type=float, default=0.1)
+    cmp.add_argument("--n-train", type=int, default=None, help="default 1000 (quick: 200)")
+    cmp.add_argument("--n-val", type=int, default=None)
+    cmp.add_argument("--n-test", type=int, default=None)
+    cmp.add_argument("--epochs", type=int, default=None, help="default 30 (quick: 10)")
+    cmp.add_argument("--lr", type=float, default=0.5)
+    cmp.add_argument("--batch-size", type=int, default=64)
+    cmp.add_argument("--weight-decay", type=float, default=1e-3)
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument(
+        "--methods", default=None, help="comma-separated subset of: " + ", ".join(METHODS)
+    )
+    cmp.add_argument(
+        "--ground-truth",
+        choices=("auto", "fixed_point", "schedule"),
+        default="auto",
+        help="auto: fixed_point for logreg, schedule otherwise",
+    )
+    cmp.add_argument("--n-loo", type=int, default=None, help="removed examples (default 40)")
+    cmp.add_argument("--lds-subsets", type=int, default=None, help="default 20")
+    cmp.add_argument("--lds-fraction", type=float, default=0.5)
+    cmp.add_argument("--mislabel-by", choices=("influence", "self"), default="influence")
+    cmp.add_argument("--quick", action="store_true", help="small settings, under a minute")
+    cmp.add_argument("--dataset", choices=("digits", "mnist", "cifar10"), default="digits")
+    cmp.add_argument(
+        "--data-dir",
+        default=None,
+        help="torchvision MNIST or CIFAR-10 files already on disk (no download)",
+    )
+    cmp.add_argument("--out", default="runs/compare")
+    cmp.add_argument("--cache-dir", default=None, help="ground-truth cache (default OUT/cache)")
+    cmp.add_argument("--no-progress", action="store_true")
+    cmp.set_defaults(func=cmd_compare)
     return parser
 
 

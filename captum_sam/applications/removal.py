@@ -1,0 +1,79 @@
+"""Harmful-data removal: retrain without the most harmful examples vs at random."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["RemovalCurve", "harmful_removal_curve"]
+
+
+@dataclass
+class RemovalCurve:
+    """Test accuracy after removing the top fraction by suspicion vs at random.
+
+    Attributes:
+        fractions: Fractions of the training set removed.
+        accuracy_top: Accuracy after removing the most suspicious examples.
+        accuracy_random: Mean accuracy after removing random examples.
+        noisy_found: Fraction of the planted noisy labels among the removed (top)
+            examples' share of all noisy labels (recall), if a mask was given.
+    """
+
+    fractions: list[float]
+    accuracy_top: list[float]
+    accuracy_random: list[float]
+    noisy_found: list[float] = field(default_factory=list)
+
+
+def harmful_removal_curve(
+    suspicion: Tensor,
+    retrain_accuracy: Callable[[list[int]], float],
+    fractions: Sequence[float] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25),
+    noisy: Tensor | None = None,
+    random_repeats: int = 1,
+    seed: int = 0,
+) -> RemovalCurve:
+    """The paper's Figure 2: remove the top x% by suspicion vs x% at random.
+
+    Args:
+        suspicion: ``(n_train,)``, higher = more harmful (e.g. minus the validation
+            influence score from :func:`~captum_sam.applications.detect_mislabeled`).
+        retrain_accuracy: Retrains without the given indices and returns the test
+            accuracy (for instance with
+            :func:`captum_sam.evaluation.retrain_loo`).
+        fractions: Fractions to remove, each in ``[0, 1)``.
+        noisy: Boolean mask of planted noisy labels, to report how many are found.
+        random_repeats: Random removals averaged per fraction.
+        seed: Seed of the random removals.
+
+    Returns:
+        A :class:`RemovalCurve`.
+    """
+    n = suspicion.shape[0]
+    order = torch.argsort(suspicion, descending=True, stable=True)
+    g = torch.Generator().manual_seed(seed)
+    curve = RemovalCurve([], [], [], [])
+    cache: dict[tuple[int, ...], float] = {}
+
+    def acc(idx: list[int]) -> float:
+        key = tuple(sorted(idx))
+        if key not in cache:
+            cache[key] = float(retrain_accuracy(list(key)))
+        return cache[key]
+
+    for f in fractions:
+        if not 0 <= f < 1:
+            raise ValueError(f"fractions must be in [0, 1), got {f}")
+        m = int(round(f * n))
+        top = order[:m].tolist()
+        curve.fractions.append(float(f))
+        curve.accuracy_top.append(acc(top))
+        rand = [acc(torch.randperm(n, generator=g)[:m].tolist()) for _ in range(random_repeats)]
+        curve.accuracy_random.append(sum(rand) / len(rand))
+        if noisy is not None and int(noisy.sum()) > 0:
+            curve.noisy_found.append(float(noisy[order[:m]].sum()) / float(noisy.sum()))
+    return curve
