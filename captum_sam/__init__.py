@@ -4,7 +4,10 @@ Drop-in Captum estimators whose gradients and Hessians are taken where SAM
 training really evaluates them, at the perturbed weights :math:`w + \epsilon(w)`.
 """
 
+from captum_sam.influence_function import SAMInfluenceFunction
 from captum_sam.optim import SAM
+from captum_sam.solvers import ConvergenceWarning, SolverOptions
+from captum_sam.tracincp import SAMTracInCP
 from captum_sam.trajectory import (
     IndexedDataset,
     Trajectory,
@@ -20,6 +23,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SAM",
+    "SAMTracInCP",
+    "SAMInfluenceFunction",
+    "SolverOptions",
+    "ConvergenceWarning",
     "IndexedDataset",
     "Trajectory",
     "TrajectoryRecorder",
