@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, TensorDataset, default_collate
 
 from captum_sam.functional import (
     FunctionalLoss,
@@ -87,9 +87,47 @@ def progress(iterable: Iterable[Any], show: bool, desc: str, total: int | None =
 def on_device(
     batches: Iterable[tuple[Any, ...]], device: torch.device
 ) -> Iterator[tuple[Any, ...]]:
-    """Move every batch to ``device`` as it is iterated."""
-    for batch in batches:
+    """Move every batch to ``device`` as it is iterated.
+
+    A plain in-order DataLoader over a ``TensorDataset`` (default collate, no
+    workers) is read by slicing its tensors, which gives the same batches without
+    indexing and collating example by example.
+    """
+    source = _tensor_slices(batches) if isinstance(batches, DataLoader) else None
+    for batch in source if source is not None else batches:
         yield to_device(batch, device)
+
+
+def local_batches(
+    loader: Iterable[tuple[Any, ...]], device: torch.device
+) -> Iterator[tuple[int, tuple[Any, ...]]]:
+    """``(global index, batch on device)`` for this rank's share of the batches.
+
+    Without a process group this is every batch (see :mod:`captum_sam.distributed`).
+    """
+    from captum_sam.distributed import is_distributed, shard
+
+    if not is_distributed():
+        yield from enumerate(on_device(loader, device))
+        return
+    for i, batch in shard(loader):
+        yield i, to_device(batch, device)
+
+
+def _tensor_slices(loader: DataLoader) -> Iterator[tuple[Tensor, ...]] | None:
+    dataset = loader.dataset
+    plain = (
+        isinstance(dataset, TensorDataset)
+        and isinstance(loader.sampler, SequentialSampler)
+        and loader.batch_size is not None
+        and loader.collate_fn is default_collate
+        and loader.num_workers == 0
+    )
+    if not plain:
+        return None
+    n, size = len(dataset), loader.batch_size
+    stop = n - n % size if loader.drop_last else n
+    return (tuple(t[i : i + size] for t in dataset.tensors) for i in range(0, stop, size))
 
 
 def validate_batch(

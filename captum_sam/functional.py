@@ -31,6 +31,8 @@ __all__ = [
     "per_example_grads",
     "stacked_per_example_grads",
     "stacked_mean_grad",
+    "stacked_grad_sum",
+    "grad_sum",
     "summed_grad",
     "mean_grad",
     "sam_perturbation",
@@ -291,14 +293,14 @@ def stacked_per_example_grads(
     return vmap(one)(params, frozen)
 
 
-def stacked_mean_grad(
+def stacked_grad_sum(
     floss: FunctionalLoss, params: Params, frozen: Params, batches: Iterable[Batch]
 ) -> tuple[Params, int]:
-    """Mean gradient for ``K`` stacked weight sets in one pass over the data.
+    """Summed gradient for ``K`` stacked weight sets in one pass over the data.
 
     Returns:
-        ``(grad, n)``: gradients with a leading ``K`` dimension, and the number of
-        examples.
+        ``(grad, n)``: the gradient of the summed loss with a leading ``K``
+        dimension (zeros when there is no batch), and the number of examples.
     """
 
     def one(p: Params, fr: Params, batch: Batch) -> Params:
@@ -309,9 +311,36 @@ def stacked_mean_grad(
         g = vmap(one, in_dims=(0, 0, None))(params, frozen, batch)
         total = g if total is None else tree_add(total, g)
         count += _batch_size(batch)
-    if total is None or count == 0:
+    if total is None:
+        total = {k: torch.zeros_like(v) for k, v in params.items()}
+    return total, count
+
+
+def stacked_mean_grad(
+    floss: FunctionalLoss, params: Params, frozen: Params, batches: Iterable[Batch]
+) -> tuple[Params, int]:
+    """Mean gradient for ``K`` stacked weight sets in one pass over the data.
+
+    Returns:
+        ``(grad, n)``: gradients with a leading ``K`` dimension, and the number of
+        examples.
+    """
+    total, count = stacked_grad_sum(floss, params, frozen, batches)
+    if count == 0:
         raise ValueError("the dataset is empty: no batch to take a gradient over")
     return tree_scale(total, 1.0 / count), count
+
+
+def grad_sum(floss: FunctionalLoss, params: Params, batches: Iterable[Batch]) -> tuple[Params, int]:
+    """Gradient of the summed loss over the batches (zeros if none) and the count."""
+    total, count = None, 0
+    for batch in batches:
+        g = grad(floss.summed_loss)(params, batch)
+        total = g if total is None else tree_add(total, g)
+        count += _batch_size(batch)
+    if total is None:
+        total = {k: torch.zeros_like(v) for k, v in params.items()}
+    return total, count
 
 
 def summed_grad(floss: FunctionalLoss, params: Params, batches: Iterable[Batch]) -> Params:
@@ -451,6 +480,7 @@ def hvp(
     *,
     batched: bool = False,
     mode: str = "forward-over-reverse",
+    allow_empty: bool = False,
 ) -> Params:
     """Hessian-vector products of the summed loss over all batches.
 
@@ -463,6 +493,7 @@ def hvp(
         batched: Compute ``m`` products at once with ``vmap``.
         mode: ``"forward-over-reverse"`` (``jvp`` of ``grad``) or
             ``"reverse-over-reverse"`` (``vjp`` of ``grad``).
+        allow_empty: Return zeros instead of raising when there is no batch.
 
     Returns:
         :math:`H v` with the shape of ``vectors``.
@@ -479,7 +510,7 @@ def hvp(
         _, pullback = vjp(gradient, params)
         return lambda v: pullback(v)[0]
 
-    return _sum_over_batches(one_batch, batches, vectors, batched)
+    return _sum_over_batches(one_batch, batches, vectors, batched, allow_empty)
 
 
 def ggn_vp(
@@ -489,6 +520,7 @@ def ggn_vp(
     vectors: Params,
     *,
     batched: bool = False,
+    allow_empty: bool = False,
 ) -> Params:
     r"""Generalised Gauss-Newton products :math:`G v = \sum_i J_i^T H_{out,i} J_i v`.
 
@@ -503,6 +535,7 @@ def ggn_vp(
         batches: The data (summed over every example).
         vectors: Tangent(s), as in :func:`hvp`.
         batched: ``m`` products at once.
+        allow_empty: Return zeros instead of raising when there is no batch.
 
     Returns:
         :math:`G v` with the shape of ``vectors``.
@@ -526,7 +559,7 @@ def ggn_vp(
 
         return product
 
-    return _sum_over_batches(one_batch, batches, vectors, batched)
+    return _sum_over_batches(one_batch, batches, vectors, batched, allow_empty)
 
 
 def _sum_over_batches(
@@ -534,6 +567,7 @@ def _sum_over_batches(
     batches: Iterable[Batch],
     vectors: Params,
     batched: bool,
+    allow_empty: bool,
 ) -> Params:
     total = None
     for batch in batches:
@@ -541,6 +575,8 @@ def _sum_over_batches(
         out = vmap(product)(vectors) if batched else product(vectors)
         total = out if total is None else tree_add(total, out)
     if total is None:
+        if allow_empty:  # e.g. a rank whose shard of the data is empty
+            return {k: torch.zeros_like(v) for k, v in vectors.items()}
         raise ValueError("the dataset is empty: no batch for the Hessian")
     return total
 

@@ -40,9 +40,10 @@ need a positive-definite matrix), ``arnoldi`` (low-rank, symmetric variants).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -58,6 +59,7 @@ from captum_sam._utils import (
     as_loader,
     check_indices,
     dataset_size,
+    local_batches,
     make_loss,
     model_device,
     on_device,
@@ -66,6 +68,14 @@ from captum_sam._utils import (
     stream_topk,
     validate_batch,
 )
+from captum_sam.distributed import (
+    all_reduce_sum,
+    all_reduce_tree,
+    contiguous,
+    gather_ordered,
+    is_distributed,
+)
+from captum_sam.projection import RandomProjection
 from captum_sam.solvers import METHODS, InverseOperator, SolverOptions, dense_matrix
 from captum_sam.trajectory import MANIFEST, checkpoints_load_func, fetch_batch, load_trajectory
 
@@ -101,6 +111,21 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
         solver_options: :class:`~captum_sam.solvers.SolverOptions` or a dict of its
             fields.
         show_progress: Progress bars while forming or solving.
+        projection_dim: If given, the test-side vectors :math:`A^{-T}\nabla l(z)` and
+            the right-hand sides :math:`r_k` are projected to this many dimensions by a
+            seeded random projection that preserves inner products in expectation
+            (:class:`~captum_sam.projection.RandomProjection`) before their inner
+            product: scores are unbiased estimates with relative error about
+            ``1/sqrt(projection_dim)`` and intermediate quantities are
+            ``projection_dim`` wide (``2 * projection_dim`` for ``exact``). Solves and
+            ``parameter_change`` are exact.
+        projection: ``"gaussian"`` or ``"rademacher"``.
+        projection_seed: Seed of the projection.
+
+    Distributed: with an initialised ``torch.distributed`` process group, the mean
+    gradient and every curvature product are summed over shards of the data on all
+    ranks, training batches are split across ranks, and every rank receives the
+    full result (see :mod:`captum_sam.distributed`).
 
     Shapes: ``influence`` returns ``(n_test, n_train)``.
     """
@@ -125,6 +150,9 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
         solver: str = "auto",
         solver_options: SolverOptions | dict[str, Any] | None = None,
         show_progress: bool = False,
+        projection_dim: int | None = None,
+        projection: str = "gaussian",
+        projection_seed: int = 0,
     ) -> None:
         # InfluenceFunctionBase.__init__ loads the checkpoint into the user's model
         # and may flip requires_grad; we set the same attributes without doing so.
@@ -190,10 +218,21 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
         self._loss = make_loss(model, loss_fn, state.frozen, "loss_fn")
         self._test_loss = make_loss(model, self.test_loss_fn, state.frozen, "test_loss_fn")
         self.dim = sum(self.params[n].numel() for n in self.names)
+        self._local = False  # True: curvature products on all data, on this rank alone
+        sizes = {n: self.params[n].numel() for n in self.names}
+        self.projector = (
+            None
+            if projection_dim is None
+            else RandomProjection(sizes, projection_dim, projection, projection_seed)
+        )
         with F.eval_mode(model):
             first = next(iter(on_device(self.train_dataloader, self.device)))
             validate_batch(self._loss, self.params, first, "train_dataset")
-            self.mean_grad, _ = F.mean_grad(self._loss, self.params, self._train_batches())
+            local = (b for _, b in local_batches(self.train_dataloader, self.device))
+            total, count = F.grad_sum(self._loss, self.params, local)
+            all_reduce_tree(total)
+            count = int(all_reduce_sum(torch.tensor([count], dtype=torch.float64))[0])
+            self.mean_grad = F.tree_scale(total, 1.0 / count)
         F.check_finite(self.mean_grad, "training gradients at the checkpoint")
         self.eps = F.sam_perturbation(self.params, self.mean_grad, self.rho, self.adaptive)
         self.perturbed = F.tree_add(self.params, self.eps)
@@ -213,11 +252,38 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
 
     # ------------------------------------------------------------------ data
 
-    def _train_batches(self) -> Iterable[tuple[Any, ...]]:
-        return on_device(self.train_dataloader, self.device)
+    def _reduce(self) -> bool:
+        """Whether curvature products are split over ranks and summed."""
+        return is_distributed() and not self._local
 
     def _hessian_batches(self) -> Iterable[tuple[Any, ...]]:
+        if self._reduce():
+            return (b for _, b in local_batches(self.hessian_dataloader, self.device))
         return on_device(self.hessian_dataloader, self.device)
+
+    @contextlib.contextmanager
+    def _local_mode(self) -> Iterator[None]:
+        """Solve on this rank alone (ranks solving different right-hand sides)."""
+        self._local = True
+        try:
+            yield
+        finally:
+            self._local = False
+
+    def _prepare_inverse(self) -> None:
+        """Form the dense matrix / eigenbasis with every rank, before ranks split up."""
+        if self.inverse.method == "dense":
+            self.inverse.matrix()
+        elif self.inverse.method == "arnoldi" and is_distributed():
+            with F.eval_mode(self.model):
+                self.inverse.solve(self.params[self.names[0]].new_ones(self.dim, 1))
+
+    def _project(self, rows: Tensor) -> Tensor:
+        """Project ``(m, P)`` rows (``(m, 2P)`` for ``exact``: each half) if asked."""
+        if self.projector is None:
+            return rows
+        halves = rows.split(self.dim, dim=1)
+        return torch.cat([self.projector(h) for h in halves], dim=1)
 
     # ------------------------------------------------------------------ operators
     # Vectors are flat ``(P, m)`` columns in ``self.names`` order.
@@ -235,11 +301,11 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
         if self._columns is not None:
             self._columns.update(columns.shape[1])
         vectors = self._tree(columns)
-        if self.curvature == "hessian":
-            out = F.hvp(self._loss, point, batches, vectors, batched=True)
-        else:
-            out = F.ggn_vp(self._loss, point, batches, vectors, batched=True)
-        return scale * self._flat(out)
+        product = F.hvp if self.curvature == "hessian" else F.ggn_vp
+        out = scale * self._flat(
+            product(self._loss, point, batches, vectors, batched=True, allow_empty=self._reduce())
+        )
+        return all_reduce_sum(out) if self._reduce() else out
 
     def _jvp_eps(self, columns: Tensor, batches: Iterable[Any], scale: float) -> Tensor:
         r""":math:`J v = d\epsilon/dw\, v` for every column."""
@@ -298,7 +364,7 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
             g = torch.Generator().manual_seed(self.solver_options.seed * 1_000_003 + step)
             idx = torch.randperm(m, generator=g)[: min(size, m)]
             batch = F.to_device(fetch_batch(dataset, idx), self.device)
-            with F.eval_mode(self.model):
+            with F.eval_mode(self.model), self._local_mode():  # same minibatch everywhere
                 return self._apply(columns, lambda: [batch], self.n_train / len(idx), transpose)
 
         return sampled
@@ -397,24 +463,32 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
             ``(n_examples, D)`` with ``D = P`` (``2P`` for ``exact``).
         """
         data = as_loader(inputs_dataset, self.batch_size, "inputs_dataset")
-        rows = []
+        loss = self._test_loss if test else self._loss
         with F.eval_mode(self.model):
-            for i, batch in enumerate(
-                on_device(progress(data, show_progress, "batches"), self.device)
-            ):
-                loss = self._test_loss if test else self._loss
+            if test:  # every rank computes every test vector (the solves are collective)
+                rows = []
+                for i, batch in enumerate(
+                    on_device(progress(data, show_progress, "batches"), self.device)
+                ):
+                    validate_batch(loss, self.params, batch, "inputs_dataset", run_loss=i == 0)
+                    if aggregate:  # sum the gradients, then one solve
+                        rows.append(self._grads(batch, loss, self.params).sum(0, keepdim=True))
+                    else:
+                        rows.append(self._test_side(batch, loss, "test vectors"))
+                if not rows:
+                    raise ValueError("`inputs_dataset` is empty")
+                out = torch.cat(rows)
+                if aggregate:
+                    out = self._solve_test(out.sum(dim=0, keepdim=True), "aggregated test vector")
+                return self._project(out)
+            parts = []
+            for i, batch in progress(local_batches(data, self.device), show_progress, "batches"):
                 validate_batch(loss, self.params, batch, "inputs_dataset", run_loss=i == 0)
-                if test and aggregate:  # sum the gradients, then one solve
-                    rows.append(self._grads(batch, loss, self.params).sum(dim=0, keepdim=True))
-                elif test:
-                    rows.append(self._test_side(batch, loss, "test vectors"))
-                else:
-                    rows.append(self._train_side(batch))
-            if not rows:
-                raise ValueError("`inputs_dataset` is empty")
-            out = torch.cat(rows)
-            if test and aggregate:
-                return self._solve_test(out.sum(dim=0, keepdim=True), "aggregated test vector")
+                parts.append((i, self._project(self._train_side(batch))))
+            gathered = gather_ordered(parts)
+        if not gathered:
+            raise ValueError("`inputs_dataset` is empty")
+        out = torch.cat(gathered)
         F.check_finite(out, "gradients")
         return out.sum(dim=0, keepdim=True) if aggregate else out
 
@@ -450,10 +524,15 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
         self, inputs: Any, show_progress: bool, aggregate: bool = False
     ) -> Iterable[Tensor]:
         q = self.compute_intermediate_quantities(inputs, test=True, aggregate=aggregate)
-        bar = progress(self.train_dataloader, show_progress, f"SAM-HIF {self.variant}: training")
+        bar = progress(
+            local_batches(self.train_dataloader, self.device),
+            show_progress,
+            f"SAM-HIF {self.variant}: training",
+            total=len(self.train_dataloader),  # type: ignore[arg-type]
+        )
         with F.eval_mode(self.model):
-            for batch in on_device(bar, self.device):
-                yield q @ self._train_side(batch).T
+            blocks = [(i, q @ self._project(self._train_side(batch)).T) for i, batch in bar]
+        yield from gather_ordered(blocks)
 
     def _influence(  # type: ignore[override]
         self,
@@ -495,12 +574,19 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
             if inputs_dataset is None
             else as_loader(inputs_dataset, self.batch_size, "inputs_dataset")
         )
-        out = []
+        parts = []
         with F.eval_mode(self.model):
-            bar = progress(data, show_progress, f"SAM-HIF {self.variant}: self influence")
-            for batch in on_device(bar, self.device):
-                q = self._test_side(batch, self._loss, "self influence")
-                out.append((q * self._train_side(batch)).sum(dim=1))
+            self._prepare_inverse()
+            bar = progress(
+                local_batches(data, self.device),
+                show_progress,
+                f"SAM-HIF {self.variant}: self influence",
+            )
+            with self._local_mode():  # each rank solves for its own batches
+                for i, batch in bar:
+                    q = self._project(self._test_side(batch, self._loss, "self influence"))
+                    parts.append((i, (q * self._project(self._train_side(batch))).sum(dim=1)))
+        out = gather_ordered(parts)
         if not out:
             raise ValueError("`inputs_dataset` is empty")
         return torch.cat(out)
@@ -520,14 +606,15 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
             Dict name -> tensor of the parameter's shape, or ``(P,)``.
         """
         idx = check_indices(indices, self.n_train)
-        rhs = None
+        size = self.batch_size or 64
+        chunks = [idx[start : start + size] for start in range(0, len(idx), size)]
+        width = 2 * self.dim if self.variant == "exact" else self.dim
+        rhs = self.params[self.names[0]].new_zeros(width)
         with F.eval_mode(self.model):
-            for start in range(0, len(idx), self.batch_size or 64):
-                chunk = idx[start : start + (self.batch_size or 64)]
+            for _, chunk in contiguous(chunks):
                 batch = F.to_device(fetch_batch(self.train_data, chunk), self.device)
-                part = self._train_side(batch).sum(dim=0)
-                rhs = part if rhs is None else rhs + part
-            assert rhs is not None
+                rhs += self._train_side(batch).sum(dim=0)
+            all_reduce_sum(rhs)
             if self.variant == "exact":  # b + H_e (sum of d eps / d delta_k)
                 b, d = rhs[: self.dim], rhs[self.dim :]
                 he_d = self._curvature(

@@ -43,6 +43,7 @@ from captum_sam._utils import (
     CheckpointLoader,
     as_loader,
     check_indices,
+    local_batches,
     make_loss,
     model_device,
     on_device,
@@ -51,6 +52,14 @@ from captum_sam._utils import (
     stream_topk,
     validate_batch,
 )
+from captum_sam.distributed import (
+    all_reduce_sum,
+    all_reduce_tree,
+    contiguous,
+    gather_ordered,
+    is_distributed,
+)
+from captum_sam.projection import RandomProjection
 from captum_sam.trajectory import (
     MANIFEST,
     Trajectory,
@@ -101,6 +110,19 @@ class SAMTracInCP(TracInCPBase):
         perturbation_dataset: Data for the ``"dataset"`` perturbation (default: the
             training set).
         test_at_perturbed: Take the test gradient at the perturbed weights too.
+        projection_dim: If given, every gradient is projected to this many
+            dimensions by a seeded random projection that preserves inner products in
+            expectation (:class:`~captum_sam.projection.RandomProjection`): scores
+            become unbiased estimates with relative error about
+            ``1/sqrt(projection_dim)``, and intermediate quantities take
+            ``projection_dim`` columns per checkpoint instead of ``P``.
+            ``parameter_change`` is never projected.
+        projection: ``"gaussian"`` or ``"rademacher"``.
+        projection_seed: Seed of the projection.
+
+    Distributed: with an initialised ``torch.distributed`` process group the
+    training batches (or recorded steps) are split across ranks and every rank
+    receives the full result (see :mod:`captum_sam.distributed`).
 
     Shapes: ``influence`` returns ``(n_test, n_train)``; positive means the training
     example reduced the test loss (a proponent).
@@ -121,6 +143,9 @@ class SAMTracInCP(TracInCPBase):
         perturbation: str = "dataset",
         perturbation_dataset: Dataset | DataLoader | None = None,
         test_at_perturbed: bool = False,
+        projection_dim: int | None = None,
+        projection: str = "gaussian",
+        projection_seed: int = 0,
     ) -> None:
         self._setup(
             model,
@@ -135,6 +160,7 @@ class SAMTracInCP(TracInCPBase):
             PERTURBATIONS,
             perturbation_dataset,
             test_at_perturbed,
+            (projection_dim, projection, projection_seed),
         )
         _check_rho(rho, adaptive)
         self.rho, self.adaptive = float(rho), bool(adaptive)
@@ -160,6 +186,9 @@ class SAMTracInCP(TracInCPBase):
         perturbation_dataset: Dataset | DataLoader | None = None,
         test_at_perturbed: bool = False,
         checkpoints_load_func: Callable[[nn.Module, str], float] = checkpoints_load_func,
+        projection_dim: int | None = None,
+        projection: str = "gaussian",
+        projection_seed: int = 0,
     ) -> SAMTracInCP:
         r"""SAM-GIF in trajectory form, from a recorded run.
 
@@ -181,6 +210,9 @@ class SAMTracInCP(TracInCPBase):
             perturbation_dataset: Data for ``"dataset"`` (default: training set).
             test_at_perturbed: Test gradient at the perturbed weights.
             checkpoints_load_func: Checkpoint loader.
+            projection_dim: See the class.
+            projection: See the class.
+            projection_seed: See the class.
 
         Returns:
             An estimator whose scores follow the recorded batch membership.
@@ -203,6 +235,7 @@ class SAMTracInCP(TracInCPBase):
             TRAJECTORY_PERTURBATIONS,
             perturbation_dataset,
             test_at_perturbed,
+            (projection_dim, projection, projection_seed),
         )
         if self.n_train != traj.n_train:
             raise ValueError(
@@ -238,6 +271,7 @@ class SAMTracInCP(TracInCPBase):
         allowed: tuple[str, ...],
         perturbation_dataset: Dataset | DataLoader | None,
         test_at_perturbed: bool,
+        projection: tuple[int | None, str, int],
     ) -> None:
         if perturbation not in allowed:
             raise ValueError(f"`perturbation` must be one of {allowed}, got {perturbation!r}")
@@ -267,6 +301,9 @@ class SAMTracInCP(TracInCPBase):
         self.device = model_device(model)
         self._dataset_eps: dict[tuple[Any, ...], F.Params] = {}
         self._stacks: dict[tuple[str, ...], tuple[F.Params, F.Params]] = {}
+        dim, kind, seed = projection
+        sizes = {n: p.numel() for n, p in model.named_parameters() if n in set(self.names)}
+        self.projector = None if dim is None else RandomProjection(sizes, dim, kind, seed)
 
     def _validate_first_batch(self) -> None:
         state = self._loader(self._terms[0].checkpoint)
@@ -306,12 +343,17 @@ class SAMTracInCP(TracInCPBase):
         key = (tuple(t.checkpoint for t in terms), terms[0].rho, terms[0].adaptive)
         if self.perturbation == "dataset" and key in self._dataset_eps:
             return self._dataset_eps[key]
-        if self.perturbation == "dataset":
-            data: Iterable[Any] = on_device(self.perturbation_dataloader, self.device)
-            what = "perturbation gradients"
+        if self.perturbation == "dataset":  # every rank sums its shard, then all-reduce
+            local = (b for _, b in local_batches(self.perturbation_dataloader, self.device))
+            g, count = F.stacked_grad_sum(self._loss, params, frozen, local)
+            all_reduce_tree(g)
+            count = int(all_reduce_sum(torch.tensor([count], dtype=torch.float64))[0])
+            if count == 0:
+                raise ValueError("`perturbation_dataset` is empty")
+            g, what = F.tree_scale(g, 1.0 / count), "perturbation gradients"
         else:  # "batch": the mean gradient of the recorded batch
             data, what = [self._fetch(terms[0].indices)], "gradients of a recorded batch"
-        g, _ = F.stacked_mean_grad(self._loss, params, frozen, data)
+            g, _ = F.stacked_mean_grad(self._loss, params, frozen, data)
         eps = vmap(self._sam(terms))(params, _finite(g, what, terms))
         if self.perturbation == "dataset":
             self._dataset_eps[key] = eps
@@ -324,11 +366,15 @@ class SAMTracInCP(TracInCPBase):
         loss: F.FunctionalLoss,
         at_w: bool,
         at_perturbed: bool,
+        project: bool = True,
     ) -> tuple[F.Params | None, F.Params | None]:
-        """Per-example gradients at ``w`` and/or at ``w + eps`` for every term."""
+        """Per-example gradients at ``w`` and/or at ``w + eps`` for every term.
+
+        With a projection (and ``project``) each result is ``{"projected": (K, B, d)}``.
+        """
         params, frozen = self._stack(terms)
         if at_w and at_perturbed and all(t.rho == 0 for t in terms):
-            same = self._grads(terms, batch, loss, True, False)[0]  # eps = 0: one set
+            same = self._grads(terms, batch, loss, True, False, project)[0]  # eps = 0
             return same, same
         own = pert = None
         eps = self._eps(terms) if at_perturbed else None
@@ -352,7 +398,10 @@ class SAMTracInCP(TracInCPBase):
                 pert = F.stacked_per_example_grads(
                     loss, moved, frozen, batch, params_per_example=True
                 )
-        return _rows(own if at_w else None), _rows(pert)
+        out = _rows(own if at_w else None), _rows(pert)
+        if self.projector is None or not project:
+            return out
+        return tuple(None if g is None else {"projected": self.projector(g)} for g in out)  # type: ignore[return-value]
 
     def _test_side(
         self, terms: Sequence[_Term], batch: tuple[Any, ...], loss: F.FunctionalLoss
@@ -377,7 +426,7 @@ class SAMTracInCP(TracInCPBase):
         if not rows:
             raise ValueError("`inputs` is empty")
         out = _finite(
-            {n: torch.cat([r[n] for r in rows], dim=1) for n in self.names}, "test gradients", terms
+            {n: torch.cat([r[n] for r in rows], dim=1) for n in rows[0]}, "test gradients", terms
         )
         return {n: v.sum(dim=1, keepdim=True) for n, v in out.items()} if aggregate else out
 
@@ -433,27 +482,42 @@ class SAMTracInCP(TracInCPBase):
     ) -> Tensor:
         test = as_loader(inputs, self.batch_size, "inputs")
         with F.eval_mode(self.model):
+            self._prepare()
             if self.trajectory is None:
-                return torch.cat(list(self._stream_columns(test, aggregate, show_progress)), dim=1)
+                blocks = gather_ordered(list(self._stream_columns(test, aggregate, show_progress)))
+                return torch.cat(blocks, dim=1)
             return self._trajectory_influence(test, aggregate, show_progress)
+
+    def _prepare(self) -> None:
+        """Compute the dataset perturbations on every rank before work is split."""
+        if self.perturbation != "dataset":
+            return
+        if self.trajectory is None:
+            self._eps(self._terms)
+            return
+        for term in {t.checkpoint: t for t in self._terms}.values():
+            self._eps([term])
 
     def _stream_columns(
         self, test: Iterable[tuple[Any, ...]], aggregate: bool, show_progress: bool
-    ) -> Iterable[Tensor]:
-        """Checkpoint form: yield ``(n_test, batch)`` score blocks, batch by batch."""
+    ) -> Iterable[tuple[int, Tensor]]:
+        """Checkpoint form: ``(batch index, (n_test, batch) scores)`` of this rank's batches."""
         terms = self._terms
         coef = self._coefficients(terms).view(-1, 1, 1)
         tests = {n: coef * v for n, v in self._test_matrix(terms, test, aggregate).items()}
         batches = progress(
-            self.train_dataloader, show_progress, f"{self.get_name()}: training batches"
+            local_batches(self.train_dataloader, self.device),
+            show_progress,
+            f"{self.get_name()}: training batches",
+            total=_length(self.train_dataloader),
         )
-        for batch in on_device(batches, self.device):
+        for i, batch in batches:
             train = self._grads(terms, batch, self._loss, False, True)[1]
             block = sum(
                 torch.bmm(tests[n], train[n].transpose(1, 2)).sum(0)  # type: ignore[index]
-                for n in self.names
+                for n in tests
             )
-            yield _finite(block, "training gradients", terms)
+            yield i, _finite(block, "training gradients", terms)
 
     def _trajectory_influence(
         self, test: Iterable[tuple[Any, ...]], aggregate: bool, show_progress: bool
@@ -461,7 +525,7 @@ class SAMTracInCP(TracInCPBase):
         cache: dict[tuple[Any, ...], F.Params] = {}
         scores = None
         steps = progress(
-            list(enumerate(self._terms)), show_progress, f"{self.get_name()}: recorded steps"
+            contiguous(self._terms), show_progress, f"{self.get_name()}: recorded steps"
         )
         for i, term in steps:
             key = self._test_key(term, i)
@@ -471,12 +535,15 @@ class SAMTracInCP(TracInCPBase):
                 cache[key] = self._test_matrix([term], test, aggregate)
             t = cache[key]
             if scores is None:
-                first = t[self.names[0]]
+                first = next(iter(t.values()))
                 scores = first.new_zeros(first.shape[1], self.n_train)
             g = self._grads([term], self._fetch(term.indices), self._loss, False, True)[1]
             gram = _finite(_gram(t, g), "training gradients", [term])  # type: ignore[arg-type]
             scores[:, list(term.indices)] += term.coefficient * gram  # type: ignore[arg-type]
-        return scores  # type: ignore[return-value]
+        if scores is None:  # a rank without steps still joins the reduction
+            n_test = _count(test) if not aggregate else 1
+            scores = torch.zeros(n_test, self.n_train, dtype=self._dtype(), device=self.device)
+        return all_reduce_sum(scores)
 
     def _get_k_most_influential(  # type: ignore[override]
         self,
@@ -488,12 +555,15 @@ class SAMTracInCP(TracInCPBase):
     ) -> KMostInfluentialResults:
         test = as_loader(inputs, self.batch_size, "inputs")
         with F.eval_mode(self.model):
+            self._prepare()
             if self.trajectory is not None:
                 blocks: Iterable[Tensor] = [
                     self._trajectory_influence(test, aggregate, show_progress)
                 ]
-            else:
-                blocks = self._stream_columns(test, aggregate, show_progress)
+            elif is_distributed():
+                blocks = gather_ordered(list(self._stream_columns(test, aggregate, show_progress)))
+            else:  # stream: only k candidates per test example are ever kept
+                blocks = (b for _, b in self._stream_columns(test, aggregate, show_progress))
             return KMostInfluentialResults(*stream_topk(blocks, k, proponents))
 
     def self_influence(  # type: ignore[override]
@@ -513,6 +583,7 @@ class SAMTracInCP(TracInCPBase):
             ``(n_examples,)`` scores, the diagonal of train-vs-train influence.
         """
         with F.eval_mode(self.model):
+            self._prepare()
             if self.trajectory is not None:
                 if inputs is not None:
                     raise ValueError(
@@ -520,21 +591,25 @@ class SAMTracInCP(TracInCPBase):
                         "only (it needs batch membership): call self_influence() with "
                         "inputs=None"
                     )
-                scores = None
-                bar = progress(self._terms, show_progress, f"{self.get_name()}: self influence")
-                for term in bar:
-                    dots = self._pair_dots([term], self._fetch(term.indices))
-                    if scores is None:
-                        scores = dots.new_zeros(self.n_train)
-                    scores[list(term.indices)] += dots  # type: ignore[arg-type]
-                return scores  # type: ignore[return-value]
+                scores = torch.zeros(self.n_train, dtype=self._dtype(), device=self.device)
+                bar = progress(
+                    contiguous(self._terms), show_progress, f"{self.get_name()}: self influence"
+                )
+                for _, term in bar:
+                    scores[list(term.indices)] += self._pair_dots([term], self._fetch(term.indices))  # type: ignore[arg-type]
+                return all_reduce_sum(scores)
             data = (
                 self.train_dataloader
                 if inputs is None
                 else as_loader(inputs, self.batch_size, "inputs")
             )
-            bar = progress(data, show_progress, f"{self.get_name()}: self influence")
-            out = [self._pair_dots(self._terms, b) for b in on_device(bar, self.device)]
+            bar = progress(
+                local_batches(data, self.device),
+                show_progress,
+                f"{self.get_name()}: self influence",
+                total=_length(data),
+            )
+            out = gather_ordered([(i, self._pair_dots(self._terms, b)) for i, b in bar])
             if not out:
                 raise ValueError("`inputs` is empty")
             return torch.cat(out)
@@ -547,7 +622,7 @@ class SAMTracInCP(TracInCPBase):
         else:
             test, train = self._grads(terms, batch, self._loss, True, True)
         coef = self._coefficients(terms)
-        dots = coef @ sum(_rowdot(test[n], train[n]) for n in self.names)  # type: ignore[index]
+        dots = coef @ sum(_rowdot(test[n], train[n]) for n in train)  # type: ignore[index]
         return _finite(dots, "gradients", terms)
 
     def compute_intermediate_quantities(
@@ -570,14 +645,15 @@ class SAMTracInCP(TracInCPBase):
                 weights; ``"test"``: raw test-side gradients (``test_loss_fn``).
 
         Returns:
-            ``(n_examples, n_checkpoints * P)``: one block of ``P`` per distinct
-            checkpoint, in order of first use.
+            ``(n_examples, n_checkpoints * D)``: one block of ``D`` per distinct
+            checkpoint, in order of first use; ``D = P``, or ``projection_dim``.
         """
         if side not in ("train", "test"):
             raise ValueError(f"`side` must be 'train' or 'test', got {side!r}")
         ckpts = list(dict.fromkeys(t.checkpoint for t in self._terms))
         first = {c: next(t for t in self._terms if t.checkpoint == c) for c in ckpts}
         with F.eval_mode(self.model):
+            self._prepare()
             if side == "test":
                 if self.test_at_perturbed and self.perturbation == "batch":
                     raise ValueError(
@@ -588,49 +664,62 @@ class SAMTracInCP(TracInCPBase):
                     self.train_dataloader if inputs is None else inputs, self.batch_size, "inputs"
                 )
                 t = self._test_matrix([first[c] for c in ckpts], data, aggregate)
-                return torch.cat([t[n] for n in self.names], dim=2).transpose(0, 1).flatten(1)
+                return torch.cat(list(t.values()), dim=2).transpose(0, 1).flatten(1)
             if self.trajectory is not None and inputs is not None:
                 raise ValueError(
                     "the trajectory form defines training-side quantities for the "
                     "training set only: pass inputs=None"
                 )
-            size = sum(self._loader(ckpts[0]).params[n].numel() for n in self.names)
-            blocks = []
-            for terms, batch, rows in self._train_batches(inputs):
-                g = self._grads(terms, batch, self._loss, False, True)[1]
-                weighted = self._coefficients(terms).view(-1, 1, 1) * _cat(g, self.names, 2)
-                out = weighted.new_zeros(len(rows), len(ckpts) * size)
-                for k, term in enumerate(terms):
-                    j = ckpts.index(term.checkpoint) * size
-                    out[:, j : j + size] += weighted[k]
-                blocks.append((rows, out))
-            if self.trajectory is None:
-                result = torch.cat([b for _, b in blocks])
-            else:
-                result = blocks[0][1].new_zeros(self.n_train, len(ckpts) * size)
-                for rows, b in blocks:
-                    result[rows] += b
+            result = (
+                self._trajectory_train_quantities(ckpts)
+                if self.trajectory is not None
+                else self._checkpoint_train_quantities(ckpts, inputs)
+            )
             result = _finite(result, "training gradients", self._terms)
             return result.sum(dim=0, keepdim=True) if aggregate else result
 
-    def _train_batches(
-        self, inputs: Any = None
-    ) -> Iterable[tuple[Sequence[_Term], tuple[Any, ...], list[int]]]:
-        """``(terms, batch, rows)``: every group with the data it applies to."""
-        if self.trajectory is not None:
-            for term in self._terms:
-                yield [term], self._fetch(term.indices), list(term.indices)  # type: ignore[arg-type]
-            return
+    def _width(self) -> int:
+        if self.projector is not None:
+            return self.projector.dim
+        return sum(self._loader(self._terms[0].checkpoint).params[n].numel() for n in self.names)
+
+    def _dtype(self) -> torch.dtype:
+        return self._loader(self._terms[0].checkpoint).params[self.names[0]].dtype
+
+    def _weighted(self, terms: Sequence[_Term], batch: tuple[Any, ...], ckpts: list[str]) -> Tensor:
+        """Coefficient-weighted train-side rows, one block per checkpoint ``(B, C * D)``."""
+        g = self._grads(terms, batch, self._loss, False, True)[1]
+        weighted = self._coefficients(terms).view(-1, 1, 1) * _cat(g, list(g), 2)  # type: ignore[arg-type]
+        size = self._width()
+        out = weighted.new_zeros(weighted.shape[1], len(ckpts) * size)
+        for k, term in enumerate(terms):
+            j = ckpts.index(term.checkpoint) * size
+            out[:, j : j + size] += weighted[k]
+        return out
+
+    def _checkpoint_train_quantities(self, ckpts: list[str], inputs: Any) -> Tensor:
         data = (
             self.train_dataloader
             if inputs is None
             else as_loader(inputs, self.batch_size, "inputs")
         )
-        offset = 0
-        for batch in on_device(data, self.device):
-            size = batch[-1].shape[0]
-            yield self._terms, batch, list(range(offset, offset + size))
-            offset += size
+        rows = gather_ordered(
+            [
+                (i, self._weighted(self._terms, b, ckpts))
+                for i, b in local_batches(data, self.device)
+            ]
+        )
+        if not rows:
+            raise ValueError("`inputs` is empty")
+        return torch.cat(rows)
+
+    def _trajectory_train_quantities(self, ckpts: list[str]) -> Tensor:
+        out = torch.zeros(
+            self.n_train, len(ckpts) * self._width(), dtype=self._dtype(), device=self.device
+        )
+        for _, term in contiguous(self._terms):
+            out[list(term.indices)] += self._weighted([term], self._fetch(term.indices), ckpts)  # type: ignore[arg-type]
+        return all_reduce_sum(out)
 
     # ------------------------------------------------------------------ editing
 
@@ -655,11 +744,13 @@ class SAMTracInCP(TracInCPBase):
             a flat ``(P,)`` tensor in ``named_parameters`` order.
         """
         removed = set(check_indices(indices, self.n_train))
-        if self.trajectory is None:
-            groups = [(self._terms, sorted(removed))]
-        else:
-            groups = [([t], sorted(removed & set(t.indices))) for t in self._terms]  # type: ignore[arg-type]
         chunk = self.batch_size or 64
+        if self.trajectory is None:
+            members = sorted(removed)
+            work = [(self._terms, members[i : i + chunk]) for i in range(0, len(members), chunk)]
+        else:
+            work = [([t], sorted(removed & set(t.indices))) for t in self._terms]  # type: ignore[arg-type]
+            work = [w for w in work if w[1]]
         ref = self._loader(self._terms[0].checkpoint).params
         total = torch.zeros(
             sum(ref[n].numel() for n in self.names),
@@ -667,12 +758,15 @@ class SAMTracInCP(TracInCPBase):
             device=self.device,
         )
         with F.eval_mode(self.model):
-            for terms, members in progress(groups, show_progress, "GIF parameter change"):
-                coef = self._coefficients(terms)
-                for start in range(0, len(members), chunk):
-                    batch = self._fetch(members[start : start + chunk])
-                    g = _cat(self._grads(terms, batch, self._loss, False, True)[1], self.names, 2)
-                    total += coef @ g.sum(dim=1)
+            self._prepare()
+            for _, (terms, members) in progress(
+                contiguous(work), show_progress, "GIF parameter change"
+            ):
+                g = self._grads(
+                    terms, self._fetch(members), self._loss, False, True, project=False
+                )[1]
+                total += self._coefficients(terms) @ _cat(g, self.names, 2).sum(dim=1)  # type: ignore[arg-type]
+        all_reduce_sum(total)
         _finite(total, "training gradients", self._terms)
         return total if flat else F.unflatten(total, {n: ref[n] for n in self.names})
 
@@ -699,6 +793,17 @@ def _rows(grads: F.Params | None) -> F.Params | None:
     if grads is None:
         return None
     return {n: g.reshape(g.shape[0], g.shape[1], -1) for n, g in grads.items()}
+
+
+def _length(data: Any) -> int | None:
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def _count(batches: Iterable[tuple[Any, ...]]) -> int:
+    return sum(b[-1].shape[0] for b in batches)
 
 
 def _gram(a: F.Params, b: F.Params) -> Tensor:

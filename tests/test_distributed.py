@@ -1,0 +1,102 @@
+"""Multi-process attribution on torch.distributed (gloo, CPU) equals one process."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import TensorDataset
+
+from captum_sam import load_trajectory, train_sam
+from captum_sam.applications import influence_scores
+from captum_sam.influence_function import SAMInfluenceFunction
+from captum_sam.tracincp import SAMTracInCP
+from tests.helpers import ce_loss, make_data, mlp_model
+
+
+def compute(run_dir):
+    """Everything the test compares, computed the same way in every process."""
+    data = torch.load(os.path.join(run_dir, "data.pt"))
+    train, test = TensorDataset(*data["train"]), data["test"]
+    model = mlp_model()
+    ckpts = [c.path for c in load_trajectory(run_dir).checkpoints]
+    out = {}
+    gif = SAMTracInCP(model, train, ckpts, loss_fn=ce_loss(), batch_size=4, rho=0.1)
+    out["gif"] = gif.influence(test)
+    out["gif_top"] = gif.influence(test, k=3, proponents=False).indices
+    out["gif_self"] = gif.self_influence()
+    out["gif_scores"] = influence_scores(gif, test)
+    out["gif_train_q"] = gif.compute_intermediate_quantities()
+    out["gif_change"] = gif.parameter_change([1, 5, 9, 13, 17], flat=True)
+    traj = SAMTracInCP.from_trajectory(
+        model, train, run_dir, loss_fn=ce_loss(), perturbation="dataset"
+    )
+    out["traj"] = traj.influence(test)
+    out["traj_self"] = traj.self_influence()
+    out["traj_change"] = traj.parameter_change([2, 3, 11], flat=True)
+    for solver in ["dense", "gmres"]:
+        hif = SAMInfluenceFunction(
+            model,
+            train,
+            run_dir,
+            loss_fn=ce_loss(),
+            batch_size=4,
+            rho=0.1,
+            weight_decay=1e-2,
+            damping=1e-2,
+            variant="exact",
+            curvature="ggn",
+            solver=solver,
+            solver_options={"tol": 1e-10},
+        )
+        out[f"hif_{solver}"] = hif.influence(test)
+        out[f"hif_{solver}_scores"] = influence_scores(hif, test)
+        out[f"hif_{solver}_change"] = hif.parameter_change([0, 4, 7], flat=True)
+        if solver == "dense":  # iterative self influence: one solve per example, slow
+            out[f"hif_{solver}_self"] = hif.self_influence()
+            out[f"hif_{solver}_top"] = hif.influence(test, k=2).indices
+    return out
+
+
+def worker(rank, world, store, run_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.save(compute(run_dir), os.path.join(run_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_results_equal_single_process(tmp_path, world):
+    data = make_data(n=30, seed=9)
+    x, y = data.tensors
+    train = TensorDataset(x[:22], y[:22])  # 6 batches of 4: uneven shards
+    model = mlp_model()
+    train_sam(
+        model,
+        train,
+        ce_loss(),
+        epochs=2,
+        lr=0.3,
+        rho=0.1,
+        batch_size=5,
+        record_dir=tmp_path,
+        seed=0,
+        overwrite=True,
+    )
+    torch.save({"train": (x[:22], y[:22]), "test": (x[22:], y[22:])}, tmp_path / "data.pt")
+    single = compute(str(tmp_path))
+    mp.spawn(worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert set(got) == set(single)
+        for key, value in single.items():
+            if value.dtype == torch.long:
+                assert torch.equal(got[key], value), (rank, key)
+            else:
+                torch.testing.assert_close(
+                    got[key], value, rtol=1e-9, atol=1e-11, msg=f"rank {rank}: {key}"
+                )
