@@ -68,6 +68,13 @@ from captum_sam._utils import (
     stream_topk,
     validate_batch,
 )
+from captum_sam.cache import (
+    CachedQuantities,
+    data_digest,
+    file_digest,
+    open_quantities,
+    save_quantities,
+)
 from captum_sam.distributed import (
     all_reduce_sum,
     all_reduce_tree,
@@ -219,6 +226,7 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
         self._test_loss = make_loss(model, self.test_loss_fn, state.frozen, "test_loss_fn")
         self.dim = sum(self.params[n].numel() for n in self.names)
         self._local = False  # True: curvature products on all data, on this rank alone
+        self._cache: CachedQuantities | None = None
         sizes = {n: self.params[n].numel() for n in self.names}
         self.projector = (
             None
@@ -524,6 +532,9 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
         self, inputs: Any, show_progress: bool, aggregate: bool = False
     ) -> Iterable[Tensor]:
         q = self.compute_intermediate_quantities(inputs, test=True, aggregate=aggregate)
+        if self._cache is not None:
+            yield from self._cache.scores(q)
+            return
         bar = progress(
             local_batches(self.train_dataloader, self.device),
             show_progress,
@@ -590,6 +601,57 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
         if not out:
             raise ValueError("`inputs_dataset` is empty")
         return torch.cat(out)
+
+    # ------------------------------------------------------------------ caching
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return {
+            "estimator": type(self).__name__,
+            "checkpoint": file_digest(self.checkpoint),
+            "right_hand_side": "plain"
+            if self.variant == "plain"
+            else ("exact" if self.variant == "exact" else "perturbed"),
+            "rho": self.rho,
+            "adaptive": self.adaptive,
+            "parameters": self.names,
+            "projection": None
+            if self.projector is None
+            else [self.projector.dim, self.projector.kind, self.projector.seed],
+            "loss": repr(self._loss.loss_fn),
+            "data": data_digest(self.train_data),
+            "dtype": str(self.params[self.names[0]].dtype),
+        }
+
+    def save_intermediate_quantities(self, directory: str | os.PathLike[str]) -> str:
+        """Compute the training-side quantities :math:`r_k` and store them in ``directory``.
+
+        One torch file per training batch plus a manifest fingerprinting the
+        checkpoint (SHA-256), the settings the right-hand sides depend on (variant,
+        rho, parameters, projection), the loss and the training data. Curvature,
+        damping, weight decay and the solver do not change them, so the cache stays
+        valid across those.
+
+        Returns:
+            The directory.
+        """
+        with F.eval_mode(self.model):
+            parts = (
+                (i, self._project(self._train_side(b)))
+                for i, b in local_batches(self.train_dataloader, self.device)
+            )
+            return save_quantities(directory, self._fingerprint(), parts)
+
+    def load_intermediate_quantities(self, directory: str | os.PathLike[str]) -> Tensor:
+        """The cached training side ``(n_train, D)``; refused if stale (``ValueError``)."""
+        return open_quantities(directory, self._fingerprint()).load(self.device)
+
+    def use_intermediate_quantities(self, directory: str | os.PathLike[str] | None) -> None:
+        """Make ``influence`` read the training side from a cache (``None``: stop).
+
+        The cache is validated now (a stale one raises ``ValueError``) and then
+        streamed part by part.
+        """
+        self._cache = None if directory is None else open_quantities(directory, self._fingerprint())
 
     # ------------------------------------------------------------------ editing
 

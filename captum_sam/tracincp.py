@@ -27,6 +27,8 @@ intermediate quantities by the learning rate, which squares it.)
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -52,12 +54,20 @@ from captum_sam._utils import (
     stream_topk,
     validate_batch,
 )
+from captum_sam.cache import (
+    CachedQuantities,
+    data_digest,
+    file_digest,
+    open_quantities,
+    save_quantities,
+)
 from captum_sam.distributed import (
     all_reduce_sum,
     all_reduce_tree,
     contiguous,
     gather_ordered,
     is_distributed,
+    rank_and_world,
 )
 from captum_sam.projection import RandomProjection
 from captum_sam.trajectory import (
@@ -301,6 +311,7 @@ class SAMTracInCP(TracInCPBase):
         self.device = model_device(model)
         self._dataset_eps: dict[tuple[Any, ...], F.Params] = {}
         self._stacks: dict[tuple[str, ...], tuple[F.Params, F.Params]] = {}
+        self._cache: CachedQuantities | None = None
         dim, kind, seed = projection
         sizes = {n: p.numel() for n, p in model.named_parameters() if n in set(self.names)}
         self.projector = None if dim is None else RandomProjection(sizes, dim, kind, seed)
@@ -483,10 +494,16 @@ class SAMTracInCP(TracInCPBase):
         test = as_loader(inputs, self.batch_size, "inputs")
         with F.eval_mode(self.model):
             self._prepare()
+            if self._cache is not None:
+                return torch.cat(self._cached_blocks(inputs, aggregate), dim=1)
             if self.trajectory is None:
                 blocks = gather_ordered(list(self._stream_columns(test, aggregate, show_progress)))
                 return torch.cat(blocks, dim=1)
             return self._trajectory_influence(test, aggregate, show_progress)
+
+    def _cached_blocks(self, inputs: Any, aggregate: bool) -> list[Tensor]:
+        q = self.compute_intermediate_quantities(inputs, aggregate=aggregate, side="test")
+        return self._cache.scores(q)  # type: ignore[union-attr]
 
     def _prepare(self) -> None:
         """Compute the dataset perturbations on every rank before work is split."""
@@ -556,10 +573,10 @@ class SAMTracInCP(TracInCPBase):
         test = as_loader(inputs, self.batch_size, "inputs")
         with F.eval_mode(self.model):
             self._prepare()
-            if self.trajectory is not None:
-                blocks: Iterable[Tensor] = [
-                    self._trajectory_influence(test, aggregate, show_progress)
-                ]
+            if self._cache is not None:
+                blocks: Iterable[Tensor] = self._cached_blocks(inputs, aggregate)
+            elif self.trajectory is not None:
+                blocks = [self._trajectory_influence(test, aggregate, show_progress)]
             elif is_distributed():
                 blocks = gather_ordered(list(self._stream_columns(test, aggregate, show_progress)))
             else:  # stream: only k candidates per test example are ever kept
@@ -720,6 +737,73 @@ class SAMTracInCP(TracInCPBase):
         for _, term in contiguous(self._terms):
             out[list(term.indices)] += self._weighted([term], self._fetch(term.indices), ckpts)  # type: ignore[arg-type]
         return all_reduce_sum(out)
+
+    # ------------------------------------------------------------------ caching
+
+    def _fingerprint(self) -> dict[str, Any]:
+        ckpts = list(dict.fromkeys(t.checkpoint for t in self._terms))
+        terms = hashlib.sha256(
+            json.dumps(
+                [
+                    [ckpts.index(t.checkpoint), t.coefficient, t.indices, t.rho, t.adaptive]
+                    for t in self._terms
+                ]
+            ).encode()
+        ).hexdigest()
+        custom = self.perturbation_dataloader is not self.train_dataloader
+        return {
+            "estimator": type(self).__name__,
+            "form": "trajectory" if self.trajectory is not None else "checkpoint",
+            "checkpoints": [file_digest(c) for c in ckpts],
+            "terms": terms,
+            "perturbation": self.perturbation,
+            "perturbation_data": data_digest(self.perturbation_dataloader.dataset)  # type: ignore[attr-defined]
+            if custom and isinstance(self.perturbation_dataloader, DataLoader)
+            else "train",
+            "parameters": self.names,
+            "projection": None
+            if self.projector is None
+            else [self.projector.dim, self.projector.kind, self.projector.seed],
+            "loss": repr(self._loss.loss_fn),
+            "data": data_digest(self.train_data),
+            "dtype": str(self._dtype()),
+        }
+
+    def save_intermediate_quantities(self, directory: str | os.PathLike[str]) -> str:
+        """Compute the training side (``side="train"``) and store it in ``directory``.
+
+        One torch file per training batch plus a manifest with a fingerprint of the
+        checkpoints (SHA-256), the settings, the loss and the training data.
+
+        Returns:
+            The directory.
+        """
+        ckpts = list(dict.fromkeys(t.checkpoint for t in self._terms))
+        with F.eval_mode(self.model):
+            self._prepare()
+            if self.trajectory is not None:  # accumulated over steps: held whole
+                full = self._trajectory_train_quantities(ckpts)
+                size = self.batch_size or 64
+                chunks = full.split(size) if rank_and_world()[0] == 0 else []
+                parts: Iterable[tuple[int, Tensor]] = list(enumerate(chunks))
+            else:
+                parts = (
+                    (i, self._weighted(self._terms, b, ckpts))
+                    for i, b in local_batches(self.train_dataloader, self.device)
+                )
+            return save_quantities(directory, self._fingerprint(), parts)
+
+    def load_intermediate_quantities(self, directory: str | os.PathLike[str]) -> Tensor:
+        """The cached training side ``(n_train, D)``; refused if stale (``ValueError``)."""
+        return open_quantities(directory, self._fingerprint()).load(self.device)
+
+    def use_intermediate_quantities(self, directory: str | os.PathLike[str] | None) -> None:
+        """Make ``influence`` read the training side from a cache (``None``: stop).
+
+        The cache is validated now (a stale one raises ``ValueError``) and then
+        streamed part by part at every ``influence`` call.
+        """
+        self._cache = None if directory is None else open_quantities(directory, self._fingerprint())
 
     # ------------------------------------------------------------------ editing
 
