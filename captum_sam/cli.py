@@ -11,16 +11,6 @@ import torch
 __all__ = ["main"]
 
 
-def _accuracy(model: torch.nn.Module, dataset: torch.utils.data.TensorDataset) -> float:
-    x, y = dataset.tensors
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x).argmax(dim=1) == y).double().mean().item()
-    model.train(was)
-    return acc
-
-
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=("logreg", "mlp", "cnn"), default="logreg")
     p.add_argument("--noise", type=float, default=0.0, help="fraction of training labels flipped")
@@ -36,6 +26,7 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a reference model with SAM on digits and record the trajectory."""
     from captum_sam.data import load_digits_data
+    from captum_sam.evaluation.metrics import accuracy
     from captum_sam.models import build_model
     from captum_sam.trajectory import train_sam
 
@@ -55,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         show_progress=True,
         overwrite=True,
     )
-    train_acc = _accuracy(model, data.train)
+    train_acc = accuracy(model, data.train.tensors)
     print(
         f"data: digits, {len(data.train)} train ({int(data.noisy.sum())} noisy labels), "
         f"{len(data.test)} test"
@@ -65,7 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"final loss {result.epoch_losses[-1]:.4f}"
     )
     print(f"train accuracy (given labels): {train_acc:.4f}")
-    print(f"test accuracy: {_accuracy(model, data.test):.4f}")
+    print(f"test accuracy: {accuracy(model, data.test.tensors):.4f}")
     print(f"trajectory recorded in {result.record_dir}")
     return 0
 

@@ -26,6 +26,7 @@ from captum_sam.applications import detect_mislabeled, harmful_removal_curve, pl
 from captum_sam.data import SplitData, load_digits_data, load_torchvision
 from captum_sam.evaluation.ground_truth import GroundTruth, random_subsets
 from captum_sam.evaluation.metrics import (
+    accuracy,
     detection_auc,
     editing_metrics,
     lds,
@@ -171,16 +172,6 @@ def _load_data(cfg: CompareConfig) -> SplitData:
         cfg.noise,
         cfg.seed,
     )
-
-
-def _accuracy(model: nn.Module, data: tuple[Tensor, Tensor]) -> float:
-    model.eval()
-    with torch.no_grad():
-        return float((model(data[0]).argmax(dim=1) == data[1]).double().mean())
-
-
-def _flat(model: nn.Module) -> Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def _build(ctx: _Context, method: str, curvature: str | None) -> Any:
@@ -400,9 +391,9 @@ def run_compare(
                 [ref.params[0]],
                 list(origin.parameters()),
                 (
-                    _accuracy(edited, ctx.test),
+                    accuracy(edited, ctx.test),
                     float(ref.accuracies[0]),
-                    _accuracy(origin, ctx.test),
+                    accuracy(origin, ctx.test),
                 ),
             )
             row.update(
@@ -463,8 +454,8 @@ def run_compare(
             "noisy": int(data.noisy.sum()),
         },
         "accuracy": {
-            "trained": _accuracy(model, ctx.test),
-            "attribution_point": _accuracy(base, ctx.test),
+            "trained": accuracy(model, ctx.test),
+            "attribution_point": accuracy(base, ctx.test),
         },
         "methods": rows,
         "removal_curve": asdict(removal) if removal is not None else None,

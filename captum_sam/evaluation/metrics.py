@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "accuracy",
     "rankdata",
     "pearson",
     "spearman",
@@ -32,6 +33,23 @@ def _array(x: Any, name: str) -> np.ndarray:
     if a.ndim != 1:
         raise ValueError(f"`{name}` must be 1-D, got shape {a.shape}")
     return a
+
+
+def accuracy(model: Any, batch: Sequence[Any]) -> float:
+    """Classification accuracy of ``model`` on ``(features..., labels)`` held in memory.
+
+    The model is evaluated in eval mode and its train/eval flag restored.
+    """
+    import torch
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(*batch[:-1])
+    finally:
+        model.train(was)
+    return float((out.argmax(dim=1) == batch[-1]).double().mean())
 
 
 def rankdata(values: Any) -> np.ndarray:

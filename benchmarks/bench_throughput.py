@@ -1,0 +1,176 @@
+"""Per-example gradient throughput, and every estimator against retraining.
+
+    python benchmarks/bench_throughput.py [--n-train 1000] [--repeats 3]
+
+Digits MLP (2410 parameters). Part 1: per-example gradients of the whole training
+set at one checkpoint (via ``self_influence`` with one checkpoint, which needs
+exactly those gradients): our ``torch.func`` path vs Captum's ``TracInCP`` default
+loop and its hook path (``sample_wise_grads_per_batch=True``), against the floor of
+one batched forward+backward pass over the same data (the cost of a training epoch
+without the SAM step). Part 2: each estimator's time to score every training
+example against the test set, against one SAM leave-one-out retraining (replaying
+the recorded schedule), as the speed-up over retraining once per training example.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+from _common import machine, table, timed, trained_digits
+from captum.influence import TracInCP
+
+from captum_sam import (
+    SAMInfluenceFunction,
+    SAMTracInCP,
+    checkpoints_load_func,
+    replay_trajectory,
+)
+from captum_sam._captum import ArnoldiInfluenceFunction
+
+NONE = torch.nn.CrossEntropyLoss(reduction="none")
+SUM = torch.nn.CrossEntropyLoss(reduction="sum")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--n-train", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    data, model, traj = trained_digits(n_train=args.n_train, epochs=20, dtype=torch.float32)
+    n, bs = len(data.train), args.batch_size
+    last = [traj.checkpoints[-1].path]
+    x, y = data.train.tensors
+
+    def floor() -> None:
+        for i in range(0, n, bs):
+            model.zero_grad()
+            NONE(model(x[i : i + bs]), y[i : i + bs]).mean().backward()
+
+    def ours(rho: float) -> torch.Tensor:
+        return SAMTracInCP(
+            model, data.train, last, loss_fn=NONE, batch_size=bs, rho=rho
+        ).self_influence()
+
+    def captum(hooks: bool) -> torch.Tensor:
+        return TracInCP(
+            copy.deepcopy(model),
+            data.train,
+            last,
+            checkpoints_load_func,
+            loss_fn=SUM if hooks else NONE,
+            batch_size=bs,
+            sample_wise_grads_per_batch=hooks,
+        ).self_influence()
+
+    t_floor, _ = timed(floor, args.repeats)
+    rows = []
+    for label, fn, reps in [
+        ("floor: batched forward+backward", floor, args.repeats),
+        ("captum_sam torch.func, rho=0 (one gradient set)", lambda: ours(0.0), args.repeats),
+        ("captum_sam SAM-GIF, rho=0.05 (w and w+eps sets)", lambda: ours(0.05), args.repeats),
+        ("Captum TracInCP hooks", lambda: captum(True), args.repeats),
+        ("Captum TracInCP default loop", lambda: captum(False), 1),
+    ]:
+        t, _ = timed(fn, reps)
+        rows.append((label, f"{t:.3f}", f"{n / t:,.0f}", f"{t / t_floor:.1f}x"))
+    print(f"machine: {machine()}")
+    print(f"digits MLP, float32, {n} training examples, batch {bs}, one checkpoint")
+    print(
+        table(
+            rows, ("per-example gradients of the training set", "seconds", "examples/s", "vs floor")
+        )
+    )
+
+    # ----------------------------------------------------------- vs retraining
+    t_retrain, _ = timed(lambda: replay_trajectory(model, data.train, NONE, traj, remove=[0]), 1)
+    test = data.test.tensors
+    ckpts = [c.path for c in traj.checkpoints]
+    estimators = {
+        "SAM-GIF (trajectory)": lambda: SAMTracInCP.from_trajectory(
+            model, data.train, traj, loss_fn=NONE, batch_size=bs
+        ),
+        "SAM-GIF (checkpoints)": lambda: SAMTracInCP(
+            model, data.train, ckpts, loss_fn=NONE, batch_size=bs
+        ),
+        "SAM-HIF(Fast) GGN dense": lambda: SAMInfluenceFunction(
+            model,
+            data.train,
+            traj.final.path,
+            loss_fn=NONE,
+            batch_size=bs,
+            weight_decay=1e-3,
+            damping=1e-3,
+            variant="fast",
+            curvature="ggn",
+        ),
+        "SAM-HIF(exact) GGN dense": lambda: SAMInfluenceFunction(
+            model,
+            data.train,
+            traj.final.path,
+            loss_fn=NONE,
+            batch_size=bs,
+            weight_decay=1e-3,
+            damping=1e-3,
+            variant="exact",
+            curvature="ggn",
+        ),
+        "SAM-HIF(Fast) GGN cg": lambda: SAMInfluenceFunction(
+            model,
+            data.train,
+            traj.final.path,
+            loss_fn=NONE,
+            batch_size=bs,
+            weight_decay=1e-3,
+            damping=1e-3,
+            variant="fast",
+            curvature="ggn",
+            solver="cg",
+            solver_options={"tol": 1e-5},
+        ),
+        "Captum TracInCP hooks": lambda: TracInCP(
+            copy.deepcopy(model),
+            data.train,
+            ckpts,
+            checkpoints_load_func,
+            loss_fn=SUM,
+            batch_size=bs,
+            sample_wise_grads_per_batch=True,
+        ),
+        "Captum ArnoldiInfluenceFunction": lambda: ArnoldiInfluenceFunction(
+            copy.deepcopy(model),
+            data.train,
+            traj.final.path,
+            checkpoints_load_func,
+            loss_fn=NONE,
+            batch_size=bs,
+            hessian_reg=n * 2e-3,
+        ),
+    }
+    rows = []
+    for label, build in estimators.items():
+        start = time.perf_counter()
+        build().influence(test)
+        t = time.perf_counter() - start
+        rows.append((label, f"{t:.2f}", f"{n * t_retrain / t:,.0f}x"))
+    print(
+        f"\none SAM LOO retraining (replay of {len(traj.steps)} steps): {t_retrain:.2f} s; "
+        f"retraining once per training example: {n * t_retrain:.0f} s"
+    )
+    print(
+        table(
+            rows,
+            (
+                f"set-up + influence of {len(test[0])} test examples",
+                "seconds",
+                "faster than n retrainings",
+            ),
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
