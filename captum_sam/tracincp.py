@@ -312,6 +312,7 @@ class SAMTracInCP(TracInCPBase):
         self._dataset_eps: dict[tuple[Any, ...], F.Params] = {}
         self._stacks: dict[tuple[str, ...], tuple[F.Params, F.Params]] = {}
         self._cache: CachedQuantities | None = None
+        self._last_batch: tuple[tuple[int, ...], tuple[Any, ...]] | None = None
         dim, kind, seed = projection
         sizes = {n: p.numel() for n, p in model.named_parameters() if n in set(self.names)}
         self.projector = None if dim is None else RandomProjection(sizes, dim, kind, seed)
@@ -422,7 +423,18 @@ class SAMTracInCP(TracInCPBase):
         return self._grads(terms, batch, loss, True, False)[0]  # type: ignore[return-value]
 
     def _fetch(self, indices: Sequence[int] | None) -> tuple[Any, ...]:
-        return F.to_device(fetch_batch(self.train_data, list(indices or [])), self.device)
+        """The batch of ``indices`` on the device (the last one is remembered).
+
+        A recorded step's batch is needed twice: for its perturbation and its gradients.
+        """
+        key = tuple(indices or ())
+        if self._last_batch is None or self._last_batch[0] != key:
+            batch = F.to_device(fetch_batch(self.train_data, list(key)), self.device)
+            self._last_batch = (key, batch)
+        return self._last_batch[1]
+
+    def _index(self, term: _Term) -> Tensor:
+        return torch.tensor(term.indices, dtype=torch.long, device=self.device)
 
     def _test_matrix(
         self, terms: Sequence[_Term], inputs: Iterable[tuple[Any, ...]], aggregate: bool
@@ -556,7 +568,7 @@ class SAMTracInCP(TracInCPBase):
                 scores = first.new_zeros(first.shape[1], self.n_train)
             g = self._grads([term], self._fetch(term.indices), self._loss, False, True)[1]
             gram = _finite(_gram(t, g), "training gradients", [term])  # type: ignore[arg-type]
-            scores[:, list(term.indices)] += term.coefficient * gram  # type: ignore[arg-type]
+            scores.index_add_(1, self._index(term), gram, alpha=term.coefficient)
         if scores is None:  # a rank without steps still joins the reduction
             n_test = _count(test) if not aggregate else 1
             scores = torch.zeros(n_test, self.n_train, dtype=self._dtype(), device=self.device)
@@ -613,7 +625,8 @@ class SAMTracInCP(TracInCPBase):
                     contiguous(self._terms), show_progress, f"{self.get_name()}: self influence"
                 )
                 for _, term in bar:
-                    scores[list(term.indices)] += self._pair_dots([term], self._fetch(term.indices))  # type: ignore[arg-type]
+                    dots = self._pair_dots([term], self._fetch(term.indices))
+                    scores.index_add_(0, self._index(term), dots)
                 return all_reduce_sum(scores)
             data = (
                 self.train_dataloader
@@ -735,7 +748,8 @@ class SAMTracInCP(TracInCPBase):
             self.n_train, len(ckpts) * self._width(), dtype=self._dtype(), device=self.device
         )
         for _, term in contiguous(self._terms):
-            out[list(term.indices)] += self._weighted([term], self._fetch(term.indices), ckpts)  # type: ignore[arg-type]
+            rows = self._weighted([term], self._fetch(term.indices), ckpts)
+            out.index_add_(0, self._index(term), rows)
         return all_reduce_sum(out)
 
     # ------------------------------------------------------------------ caching
