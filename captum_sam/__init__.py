@@ -8,6 +8,7 @@ from captum_sam.influence_function import SAMInfluenceFunction
 from captum_sam.optim import SAM
 from captum_sam.solvers import ConvergenceWarning, SolverOptions
 from captum_sam.tracincp import SAMTracInCP
+from captum_sam.training import replay_trajectory, train_sam
 from captum_sam.trajectory import (
     IndexedDataset,
     Trajectory,
@@ -15,8 +16,6 @@ from captum_sam.trajectory import (
     checkpoints_load_func,
     load_checkpoint,
     load_trajectory,
-    replay_trajectory,
-    train_sam,
 )
 
 __version__ = "0.1.0"

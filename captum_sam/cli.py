@@ -28,7 +28,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from captum_sam.data import load_digits_data
     from captum_sam.evaluation.metrics import accuracy
     from captum_sam.models import build_model
-    from captum_sam.trajectory import train_sam
+    from captum_sam.training import train_sam
 
     data = load_digits_data(n_train=args.n_train, noise=args.noise, seed=args.seed)
     model = build_model(args.model, data.image_shape, data.num_classes, seed=args.seed)
@@ -88,7 +88,8 @@ def _detect_dataset(data_dir: str) -> str:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run the side-by-side comparison and write the report."""
-    from captum_sam.evaluation.compare import CompareConfig, format_table, run_compare
+    from captum_sam.evaluation.compare import CompareConfig, run_compare
+    from captum_sam.evaluation.report import format_table
 
     settings = dict(QUICK) if args.quick else {}
     for key in ("n_train", "n_val", "n_test", "epochs", "n_loo", "lds_subsets"):

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
 from captum_sam.evaluation.retrain import RETRAIN_MODES, sam_fixed_point
-from captum_sam.trajectory import Trajectory, _atomic_write, load_trajectory, replay_trajectory
+from captum_sam.training import replay_trajectory
+from captum_sam.trajectory import Trajectory, _atomic_write, load_trajectory
 
 __all__ = ["GroundTruth", "RetrainResults", "random_subsets"]
 

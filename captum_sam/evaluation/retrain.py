@@ -11,7 +11,7 @@ weight 0, the :math:`1/n` or :math:`1/|B_t|` normalisation stays):
   ``tol``. The first-order SAM-HIF estimates are derivatives of exactly this point.
 * ``"schedule"``: re-run the recorded SAM schedule (same initial weights, batches,
   learning rates) without the removed examples
-  (:func:`captum_sam.trajectory.replay_trajectory`); what SAM-GIF approximates.
+  (:func:`captum_sam.training.replay_trajectory`); what SAM-GIF approximates.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from torch.func import functional_call, grad, jacfwd
 from torch.utils.data import Dataset
 
 from captum_sam.functional import check_per_example_loss, sam_perturbation
-from captum_sam.trajectory import Trajectory, fetch_batch, replay_trajectory
+from captum_sam.training import replay_trajectory
+from captum_sam.trajectory import Trajectory, fetch_batch
 
 __all__ = ["FixedPointResult", "sam_fixed_point", "retrain_loo", "RETRAIN_MODES"]
 
