@@ -290,6 +290,9 @@ def stacked_per_example_grads(
         bound = FunctionalLoss(floss.model, floss.loss_fn, fr)
         return per_example_grads(bound, p, batch, params_per_example=params_per_example)
 
+    if next(iter(params.values())).shape[0] == 1:  # one set: skip the outer vmap
+        first = one({k: v[0] for k, v in params.items()}, {k: v[0] for k, v in frozen.items()})
+        return {k: v.unsqueeze(0) for k, v in first.items()}
     return vmap(one)(params, frozen)
 
 
@@ -306,9 +309,16 @@ def stacked_grad_sum(
     def one(p: Params, fr: Params, batch: Batch) -> Params:
         return grad(FunctionalLoss(floss.model, floss.loss_fn, fr).summed_loss)(p, batch)
 
+    single = next(iter(params.values())).shape[0] == 1  # one set: skip the outer vmap
     total, count = None, 0
     for batch in batches:
-        g = vmap(one, in_dims=(0, 0, None))(params, frozen, batch)
+        if single:
+            g = one(
+                {k: v[0] for k, v in params.items()}, {k: v[0] for k, v in frozen.items()}, batch
+            )
+            g = {k: v.unsqueeze(0) for k, v in g.items()}
+        else:
+            g = vmap(one, in_dims=(0, 0, None))(params, frozen, batch)
         total = g if total is None else tree_add(total, g)
         count += _batch_size(batch)
     if total is None:
