@@ -63,6 +63,7 @@ def work(rank: int, world: int, directory: str, n_train: int) -> None:
     if rank == 0:
         torch.save({"times": times, "out": out}, os.path.join(directory, f"world{world}.pt"))
     if world > 1:
+        dist.barrier()  # no rank tears down while another still communicates
         dist.destroy_process_group()
 
 
