@@ -112,3 +112,30 @@ def test_lds_with_real_subset_retraining():
     for j in range(6):
         pred = [(scores[j] * (~m).double()).sum().item() for m in masks]
         assert per[j] == pytest.approx(spearmanr(pred, res.losses[:, j])[0], abs=1e-12)
+
+
+def test_loo_and_lds_scores_against_retraining(tmp_path, monkeypatch):
+    import os
+
+    from captum_sam.evaluation import lds_scores, loo_scores
+    from captum_sam.influence_function import SAMInfluenceFunction
+
+    data = make_data(n=40, seed=11)
+    xt, yt = make_data(n=8, seed=12).tensors
+    star = sam_fixed_point(linear_model(), data, ce_loss(), RHO, LAM).model
+    ckpt = os.path.join(tmp_path, "star.pt")
+    torch.save({"model_state": star.state_dict(), "learning_rate": 1.0}, ckpt)
+    est = SAMInfluenceFunction(star, data, ckpt, loss_fn=ce_loss(), rho=RHO, weight_decay=LAM,
+                               variant="exact")
+    scores = est.influence((xt, yt))
+    gt = GroundTruth(star, data, ce_loss(), "fixed_point", rho=RHO, weight_decay=LAM,
+                     cache_dir=str(tmp_path / "cache"))
+    pearson, spear = loo_scores(scores, gt, (xt, yt), list(range(0, 40, 4)))
+    assert pearson > 0.95 and spear > 0.8, (pearson, spear)  # first order at a fixed point
+    value = lds_scores(scores, gt, (xt, yt), fraction=0.5, count=6, seed=3)
+    masks = random_subsets(40, 0.5, 6, seed=3)
+    res = gt.evaluate([torch.nonzero(~m).flatten().tolist() for m in masks], (xt, yt))
+    assert value == pytest.approx(lds(scores, masks, res.losses)[0])
+    assert value > 0.5
+    monkeypatch.setattr(GroundTruth, "retrain", lambda self, removed: pytest.fail("retrained"))
+    assert lds_scores(scores, gt, (xt, yt), fraction=0.5, count=6, seed=3) == value

@@ -18,7 +18,7 @@ from captum_sam.evaluation.retrain import RETRAIN_MODES, sam_fixed_point
 from captum_sam.training import replay_trajectory
 from captum_sam.trajectory import Trajectory, _atomic_write, load_trajectory
 
-__all__ = ["GroundTruth", "RetrainResults", "random_subsets"]
+__all__ = ["GroundTruth", "RetrainResults", "random_subsets", "loo_scores", "lds_scores"]
 
 
 @dataclass
@@ -206,3 +206,75 @@ class GroundTruth:
             "losses": losses.detach().cpu(),
             "accuracy": (out.argmax(dim=1) == batch[-1]).double().mean().cpu(),
         }
+
+
+def loo_scores(
+    scores: Tensor,
+    ground_truth: GroundTruth,
+    test_data: tuple[Tensor, ...],
+    removed: Sequence[int],
+    show_progress: bool = False,
+) -> tuple[float, float]:
+    """LOO Pearson and Spearman of an estimator against real retraining.
+
+    The prediction for removing :math:`z_k` is the sum of its influence scores over
+    the test set (the first-order change of the summed test loss); the truth is the
+    change after retraining without it (cached by ``ground_truth``).
+
+    Args:
+        scores: Influence scores ``(n_test, n_train)`` on ``test_data``.
+        ground_truth: How to retrain.
+        test_data: ``(features..., labels)``.
+        removed: Training indices, one retraining each.
+        show_progress: Progress bar.
+
+    Returns:
+        ``(pearson, spearman)``.
+    """
+    from captum_sam.evaluation.metrics import loo_correlation
+
+    base = ground_truth.evaluate([[]], test_data, False).losses[0].sum()
+    res = ground_truth.evaluate(
+        [[int(k)] for k in removed], test_data, show_progress, "LOO retraining"
+    )
+    predicted = scores.sum(dim=0)[list(removed)].detach().cpu()
+    return loo_correlation(predicted, res.losses.sum(dim=1) - base)
+
+
+def lds_scores(
+    scores: Tensor,
+    ground_truth: GroundTruth,
+    test_data: tuple[Tensor, ...],
+    fraction: float = 0.5,
+    count: int = 20,
+    seed: int = 0,
+    show_progress: bool = False,
+) -> float:
+    """Linear datamodeling score of ``scores`` against retraining on random subsets.
+
+    Draws ``count`` subsets of ``fraction`` of the training set, retrains on each
+    (results cached on disk by ``ground_truth``, so a second call reuses them) and
+    returns :func:`captum_sam.evaluation.metrics.lds`.
+
+    Args:
+        scores: Influence scores ``(n_test, n_train)`` on ``test_data``.
+        ground_truth: How to retrain.
+        test_data: ``(features..., labels)``.
+        fraction: Fraction of the training set kept in each subset.
+        count: Number of subsets (at least 3).
+        seed: Seed of the subsets.
+        show_progress: Progress bar.
+
+    Returns:
+        The mean LDS over test examples.
+    """
+    from captum_sam.evaluation.metrics import lds
+
+    masks = random_subsets(scores.shape[1], fraction, count, seed)
+    res = ground_truth.evaluate(
+        [torch.nonzero(~m).flatten().tolist() for m in masks],
+        test_data,
+        show_progress,
+        "LDS subset retraining",
+    )
+    return lds(scores.detach().cpu(), masks, res.losses)[0]
