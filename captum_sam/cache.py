@@ -1,13 +1,14 @@
 """On-disk cache of training-side intermediate quantities, refused when stale.
 
-A cache directory holds torch files ``part-XXXXXX.pt`` (one per training batch,
-each ``{"rows": (batch, D)}``) and ``manifest.json``: the format, the shape and
-dtype, the part list, and a *fingerprint* of everything the rows depend on (the
-estimator class, the SHA-256 of every checkpoint file, the settings that change
-the training side, the loss, and the training data). Opening a cache with a
-different fingerprint raises ``ValueError`` naming what differs; a cache is never
-reused silently. Parts are read with ``torch.load(..., weights_only=True)``, one at
-a time, so using a cache needs memory for one part, not for ``n x D``.
+A cache directory holds torch files ``part-000000.pt``, ``part-000001.pt``, ... (one
+per training batch, each ``{"rows": (batch, D)}``) and ``manifest.json``: the
+format, the shape and dtype, the part list, and a *fingerprint* of everything the
+rows depend on (the estimator class, the SHA-256 of every checkpoint file, the
+settings that change the training side, the loss, and the training data). Opening a
+cache with a different fingerprint raises ``ValueError`` naming what differs; a
+cache is never reused silently. Parts are read with ``torch.load(...,
+weights_only=True)``, one at a time, so using a cache needs memory for one part, not
+for ``n x D``.
 
 Under ``torch.distributed`` every rank writes the parts of its own batches and rank
 0 writes the manifest once all parts exist.
