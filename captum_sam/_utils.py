@@ -275,3 +275,22 @@ def check_indices(indices: Any, n: int) -> list[int]:
     if int(idx.min()) < 0 or int(idx.max()) >= n:
         raise ValueError(f"`indices` must lie in [0, {n})")
     return sorted({int(i) for i in idx})
+
+
+def edited_copy(
+    model: nn.Module,
+    load_func: Callable[[nn.Module, str], Any],
+    checkpoint: str,
+    delta: Params,
+) -> nn.Module:
+    """A copy of ``model`` with ``checkpoint`` loaded and ``delta`` added (name -> tensor).
+
+    The user's model is never touched.
+    """
+    edited = copy.deepcopy(model)
+    load_func(edited, checkpoint)
+    with torch.no_grad():
+        named = dict(edited.named_parameters())
+        for name, d in delta.items():
+            named[name].add_(d.to(named[name]))
+    return edited

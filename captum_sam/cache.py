@@ -30,7 +30,15 @@ from torch.utils.data import Dataset, TensorDataset
 from captum_sam.distributed import gather_ordered, is_distributed, rank_and_world
 from captum_sam.trajectory import _atomic_write
 
-__all__ = ["CachedQuantities", "save_quantities", "open_quantities", "file_digest", "data_digest"]
+__all__ = [
+    "QuantityCacheMixin",
+    "projection_setting",
+    "CachedQuantities",
+    "save_quantities",
+    "open_quantities",
+    "file_digest",
+    "data_digest",
+]
 
 FORMAT = "captum_sam.quantities"
 MANIFEST = "manifest.json"
@@ -198,3 +206,34 @@ def open_quantities(
             "save_intermediate_quantities"
         )
     return CachedQuantities(directory, manifest)
+
+
+def projection_setting(projector: Any) -> list[Any] | None:
+    """The part of a fingerprint that describes a random projection (or its absence)."""
+    return None if projector is None else [projector.dim, projector.kind, projector.seed]
+
+
+class QuantityCacheMixin:
+    """``load_`` / ``use_intermediate_quantities`` for an estimator with a fingerprint.
+
+    The estimator provides ``_fingerprint()``, ``device`` and a ``_cache`` attribute
+    that its ``influence`` reads.
+    """
+
+    _cache: CachedQuantities | None
+    device: torch.device
+
+    def _fingerprint(self) -> dict[str, Any]:
+        raise NotImplementedError  # pragma: no cover - provided by the estimator
+
+    def load_intermediate_quantities(self, directory: str | os.PathLike[str]) -> Tensor:
+        """The cached training side ``(n_train, D)``; refused if stale (``ValueError``)."""
+        return open_quantities(directory, self._fingerprint()).load(self.device)
+
+    def use_intermediate_quantities(self, directory: str | os.PathLike[str] | None) -> None:
+        """Make ``influence`` read the training side from a cache (``None``: stop).
+
+        The cache is validated now (a stale one raises ``ValueError``) and then
+        streamed part by part at every ``influence`` call.
+        """
+        self._cache = None if directory is None else open_quantities(directory, self._fingerprint())

@@ -355,11 +355,8 @@ def grad_sum(floss: FunctionalLoss, params: Params, batches: Iterable[Batch]) ->
 
 def summed_grad(floss: FunctionalLoss, params: Params, batches: Iterable[Batch]) -> Params:
     r"""Gradient of the summed loss :math:`\sum_i l_i(w)` over all batches."""
-    total = None
-    for batch in batches:
-        g = grad(floss.summed_loss)(params, batch)
-        total = g if total is None else tree_add(total, g)
-    if total is None:
+    total, count = grad_sum(floss, params, batches)
+    if count == 0:
         raise ValueError("the dataset is empty: no batch to take a gradient over")
     return total
 
@@ -372,12 +369,8 @@ def mean_grad(
     Returns:
         ``(grad, n)`` with ``grad = (1/n) sum_i grad l_i(w)``.
     """
-    total, count = None, 0
-    for batch in batches:
-        g = grad(floss.summed_loss)(params, batch)
-        total = g if total is None else tree_add(total, g)
-        count += _batch_size(batch)
-    if total is None or count == 0:
+    total, count = grad_sum(floss, params, batches)
+    if count == 0:
         raise ValueError("the dataset is empty: no batch to take a gradient over")
     return tree_scale(total, 1.0 / count), count
 

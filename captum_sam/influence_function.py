@@ -41,7 +41,6 @@ need a positive-definite matrix), ``arnoldi`` (low-rank, symmetric variants).
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import fields
@@ -59,6 +58,7 @@ from captum_sam._utils import (
     as_loader,
     check_indices,
     dataset_size,
+    edited_copy,
     local_batches,
     make_loss,
     model_device,
@@ -70,9 +70,10 @@ from captum_sam._utils import (
 )
 from captum_sam.cache import (
     CachedQuantities,
+    QuantityCacheMixin,
     data_digest,
     file_digest,
-    open_quantities,
+    projection_setting,
     save_quantities,
 )
 from captum_sam.distributed import (
@@ -92,7 +93,7 @@ VARIANTS = ("fast", "full", "exact", "plain")
 CURVATURES = ("hessian", "ggn")
 
 
-class SAMInfluenceFunction(InfluenceFunctionBase):
+class SAMInfluenceFunction(QuantityCacheMixin, InfluenceFunctionBase):
     r"""SAM-HIF (fast, full, exact) and plain IF as a Captum ``InfluenceFunctionBase``.
 
     Args:
@@ -614,9 +615,7 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
             "rho": self.rho,
             "adaptive": self.adaptive,
             "parameters": self.names,
-            "projection": None
-            if self.projector is None
-            else [self.projector.dim, self.projector.kind, self.projector.seed],
+            "projection": projection_setting(self.projector),
             "loss": repr(self._loss.loss_fn),
             "data": data_digest(self.train_data),
             "dtype": str(self.params[self.names[0]].dtype),
@@ -640,18 +639,6 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
                 for i, b in local_batches(self.train_dataloader, self.device)
             )
             return save_quantities(directory, self._fingerprint(), parts)
-
-    def load_intermediate_quantities(self, directory: str | os.PathLike[str]) -> Tensor:
-        """The cached training side ``(n_train, D)``; refused if stale (``ValueError``)."""
-        return open_quantities(directory, self._fingerprint()).load(self.device)
-
-    def use_intermediate_quantities(self, directory: str | os.PathLike[str] | None) -> None:
-        """Make ``influence`` read the training side from a cache (``None``: stop).
-
-        The cache is validated now (a stale one raises ``ValueError``) and then
-        streamed part by part.
-        """
-        self._cache = None if directory is None else open_quantities(directory, self._fingerprint())
 
     # ------------------------------------------------------------------ editing
 
@@ -690,13 +677,7 @@ class SAMInfluenceFunction(InfluenceFunctionBase):
     def edited_model(self, indices: Sequence[int] | Tensor) -> nn.Module:
         r"""A new model at :math:`w^* + A^{-1}\sum_{k\in S} r_k`; the user's model is untouched."""
         delta = self.parameter_change(indices)
-        edited = copy.deepcopy(self.model)
-        self.checkpoints_load_func(edited, self.checkpoint)
-        with torch.no_grad():
-            named = dict(edited.named_parameters())
-            for name, d in delta.items():  # type: ignore[union-attr]
-                named[name].add_(d.to(named[name]))
-        return edited
+        return edited_copy(self.model, self.checkpoints_load_func, self.checkpoint, delta)  # type: ignore[arg-type]
 
 
 def _not_tuple(data: Any) -> Any:

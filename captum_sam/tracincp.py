@@ -26,7 +26,6 @@ intermediate quantities by the learning rate, which squares it.)
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -45,6 +44,7 @@ from captum_sam._utils import (
     CheckpointLoader,
     as_loader,
     check_indices,
+    edited_copy,
     local_batches,
     make_loss,
     model_device,
@@ -56,9 +56,10 @@ from captum_sam._utils import (
 )
 from captum_sam.cache import (
     CachedQuantities,
+    QuantityCacheMixin,
     data_digest,
     file_digest,
-    open_quantities,
+    projection_setting,
     save_quantities,
 )
 from captum_sam.distributed import (
@@ -95,7 +96,7 @@ class _Term:
     adaptive: bool
 
 
-class SAMTracInCP(TracInCPBase):
+class SAMTracInCP(QuantityCacheMixin, TracInCPBase):
     r"""SAM-GIF as a Captum ``TracInCPBase``: gradients at the SAM-perturbed weights.
 
     Args:
@@ -775,9 +776,7 @@ class SAMTracInCP(TracInCPBase):
             if custom and isinstance(self.perturbation_dataloader, DataLoader)
             else "train",
             "parameters": self.names,
-            "projection": None
-            if self.projector is None
-            else [self.projector.dim, self.projector.kind, self.projector.seed],
+            "projection": projection_setting(self.projector),
             "loss": repr(self._loss.loss_fn),
             "data": data_digest(self.train_data),
             "dtype": str(self._dtype()),
@@ -806,18 +805,6 @@ class SAMTracInCP(TracInCPBase):
                     for i, b in local_batches(self.train_dataloader, self.device)
                 )
             return save_quantities(directory, self._fingerprint(), parts)
-
-    def load_intermediate_quantities(self, directory: str | os.PathLike[str]) -> Tensor:
-        """The cached training side ``(n_train, D)``; refused if stale (``ValueError``)."""
-        return open_quantities(directory, self._fingerprint()).load(self.device)
-
-    def use_intermediate_quantities(self, directory: str | os.PathLike[str] | None) -> None:
-        """Make ``influence`` read the training side from a cache (``None``: stop).
-
-        The cache is validated now (a stale one raises ``ValueError``) and then
-        streamed part by part at every ``influence`` call.
-        """
-        self._cache = None if directory is None else open_quantities(directory, self._fingerprint())
 
     # ------------------------------------------------------------------ editing
 
@@ -877,13 +864,7 @@ class SAMTracInCP(TracInCPBase):
         the last checkpoint.
         """
         delta = self.parameter_change(indices, show_progress=show_progress)
-        edited = copy.deepcopy(self.model)
-        self._loader.load_func(edited, self._final_checkpoint)
-        with torch.no_grad():
-            named = dict(edited.named_parameters())
-            for name, d in delta.items():  # type: ignore[union-attr]
-                named[name].add_(d.to(named[name]))
-        return edited
+        return edited_copy(self.model, self._loader.load_func, self._final_checkpoint, delta)  # type: ignore[arg-type]
 
 
 def _rows(grads: F.Params | None) -> F.Params | None:
