@@ -38,8 +38,10 @@ from torch import Tensor, nn
 from torch.func import vmap
 from torch.utils.data import DataLoader, Dataset
 
+from captum_sam import factored
 from captum_sam import functional as F
 from captum_sam._captum import KMostInfluentialResults, TracInCPBase
+from captum_sam._gif_factored import FactoredGIFMixin
 from captum_sam._utils import (
     CheckpointLoader,
     as_loader,
@@ -96,7 +98,7 @@ class _Term:
     adaptive: bool
 
 
-class SAMTracInCP(QuantityCacheMixin, TracInCPBase):
+class SAMTracInCP(FactoredGIFMixin, QuantityCacheMixin, TracInCPBase):
     r"""SAM-GIF as a Captum ``TracInCPBase``: gradients at the SAM-perturbed weights.
 
     Args:
@@ -317,6 +319,8 @@ class SAMTracInCP(QuantityCacheMixin, TracInCPBase):
         dim, kind, seed = projection
         sizes = {n: p.numel() for n, p in model.named_parameters() if n in set(self.names)}
         self.projector = None if dim is None else RandomProjection(sizes, dim, kind, seed)
+        self._sites = factored.linear_sites(model, self.names)
+        self._sites_checked: dict[Any, bool] = {}  # loss function -> factored path valid
 
     def _validate_first_batch(self) -> None:
         state = self._loader(self._terms[0].checkpoint)
@@ -348,12 +352,17 @@ class SAMTracInCP(QuantityCacheMixin, TracInCPBase):
             raise ValueError("terms evaluated together must share rho and adaptive")
         return lambda p, g: F.sam_perturbation(p, g, rho, adaptive)
 
+    _finite = staticmethod(lambda x, what, terms: _finite(x, what, terms))
+
+    def _eps_key(self, terms: Sequence[_Term]) -> tuple[Any, ...]:
+        return (tuple(t.checkpoint for t in terms), terms[0].rho, terms[0].adaptive)
+
     def _eps(self, terms: Sequence[_Term]) -> F.Params | None:
         """Shared perturbations ``(K, ...)`` of the terms; ``None`` when per example."""
         if self.perturbation == "example":
             return None
         params, frozen = self._stack(terms)
-        key = (tuple(t.checkpoint for t in terms), terms[0].rho, terms[0].adaptive)
+        key = self._eps_key(terms)
         if self.perturbation == "dataset" and key in self._dataset_eps:
             return self._dataset_eps[key]
         if self.perturbation == "dataset":  # every rank sums its shard, then all-reduce
@@ -534,7 +543,9 @@ class SAMTracInCP(QuantityCacheMixin, TracInCPBase):
         """Checkpoint form: ``(batch index, (n_test, batch) scores)`` of this rank's batches."""
         terms = self._terms
         coef = self._coefficients(terms).view(-1, 1, 1)
-        tests = {n: coef * v for n, v in self._test_matrix(terms, test, aggregate).items()}
+        factors = self._test_factors(terms, test, aggregate)
+        if factors is None:
+            tests = {n: coef * v for n, v in self._test_matrix(terms, test, aggregate).items()}
         batches = progress(
             local_batches(self.train_dataloader, self.device),
             show_progress,
@@ -542,6 +553,9 @@ class SAMTracInCP(QuantityCacheMixin, TracInCPBase):
             total=_length(self.train_dataloader),
         )
         for i, batch in batches:
+            if factors is not None:
+                yield i, self._factored_gram(factors, terms, batch, coef.view(-1))
+                continue
             train = self._grads(terms, batch, self._loss, False, True)[1]
             block = sum(
                 torch.bmm(tests[n], train[n].transpose(1, 2)).sum(0)  # type: ignore[index]
@@ -552,8 +566,8 @@ class SAMTracInCP(QuantityCacheMixin, TracInCPBase):
     def _trajectory_influence(
         self, test: Iterable[tuple[Any, ...]], aggregate: bool, show_progress: bool
     ) -> Tensor:
-        cache: dict[tuple[Any, ...], F.Params] = {}
-        scores = None
+        cache: dict[tuple[Any, ...], Any] = {}
+        scores, factored_path = None, None
         steps = progress(
             contiguous(self._terms), show_progress, f"{self.get_name()}: recorded steps"
         )
@@ -562,13 +576,22 @@ class SAMTracInCP(QuantityCacheMixin, TracInCPBase):
             if key not in cache:
                 if key[0] == "ckpt":
                     cache.clear()  # terms are grouped by checkpoint: free the last one
-                cache[key] = self._test_matrix([term], test, aggregate)
-            t = cache[key]
+                t = (
+                    self._test_factors([term], test, aggregate)
+                    if factored_path is not False
+                    else None
+                )
+                factored_path = t is not None
+                cache[key] = t if factored_path else self._test_matrix([term], test, aggregate)
+            t, batch = cache[key], self._fetch(term.indices)
             if scores is None:
-                first = next(iter(t.values()))
-                scores = first.new_zeros(first.shape[1], self.n_train)
-            g = self._grads([term], self._fetch(term.indices), self._loss, False, True)[1]
-            gram = _finite(_gram(t, g), "training gradients", [term])  # type: ignore[arg-type]
+                rows = t[0][0][0].shape[0] if factored_path else next(iter(t.values())).shape[1]
+                scores = torch.zeros(rows, self.n_train, dtype=self._dtype(), device=self.device)
+            if factored_path:
+                gram = self._factored_gram(t, [term], batch, None)
+            else:
+                g = self._grads([term], batch, self._loss, False, True)[1]
+                gram = _finite(_gram(t, g), "training gradients", [term])  # type: ignore[arg-type]
             scores.index_add_(1, self._index(term), gram, alpha=term.coefficient)
         if scores is None:  # a rank without steps still joins the reduction
             n_test = _count(test) if not aggregate else 1
@@ -613,6 +636,10 @@ class SAMTracInCP(QuantityCacheMixin, TracInCPBase):
             ``(n_examples,)`` scores, the diagonal of train-vs-train influence.
         """
         with F.eval_mode(self.model):
+            if self.trajectory is None and inputs is None:
+                merged = self._merged_self_influence(show_progress)
+                if merged is not None:
+                    return merged
             self._prepare()
             if self.trajectory is not None:
                 if inputs is not None:
@@ -647,6 +674,8 @@ class SAMTracInCP(QuantityCacheMixin, TracInCPBase):
 
     def _pair_dots(self, terms: Sequence[_Term], batch: tuple[Any, ...]) -> Tensor:
         """``sum_k c_k  test_side_k(x) . train_side_k(x)`` for every example ``x``."""
+        if self._factored(terms, batch):
+            return self._factored_pair_dots(terms, batch)
         if self.test_at_perturbed:
             train = self._grads(terms, batch, self._loss, False, True)[1]
             test = train
@@ -903,7 +932,7 @@ def _cat(a: F.Params, names: Sequence[str], dim: int) -> Tensor:
 
 def _finite(x: Any, what: str, terms: Sequence[_Term]) -> Any:
     """Return ``x``, or raise if it holds NaN/inf (NaN gradients propagate into it)."""
-    values = x.values() if isinstance(x, dict) else [x]
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, list) else [x]
     if not all(bool(torch.isfinite(v).all()) for v in values):
         where = sorted({os.path.basename(t.checkpoint) for t in terms})
         raise ValueError(

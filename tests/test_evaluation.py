@@ -125,11 +125,19 @@ def test_loo_and_lds_scores_against_retraining(tmp_path, monkeypatch):
     star = sam_fixed_point(linear_model(), data, ce_loss(), RHO, LAM).model
     ckpt = os.path.join(tmp_path, "star.pt")
     torch.save({"model_state": star.state_dict(), "learning_rate": 1.0}, ckpt)
-    est = SAMInfluenceFunction(star, data, ckpt, loss_fn=ce_loss(), rho=RHO, weight_decay=LAM,
-                               variant="exact")
+    est = SAMInfluenceFunction(
+        star, data, ckpt, loss_fn=ce_loss(), rho=RHO, weight_decay=LAM, variant="exact"
+    )
     scores = est.influence((xt, yt))
-    gt = GroundTruth(star, data, ce_loss(), "fixed_point", rho=RHO, weight_decay=LAM,
-                     cache_dir=str(tmp_path / "cache"))
+    gt = GroundTruth(
+        star,
+        data,
+        ce_loss(),
+        "fixed_point",
+        rho=RHO,
+        weight_decay=LAM,
+        cache_dir=str(tmp_path / "cache"),
+    )
     pearson, spear = loo_scores(scores, gt, (xt, yt), list(range(0, 40, 4)))
     assert pearson > 0.95 and spear > 0.8, (pearson, spear)  # first order at a fixed point
     value = lds_scores(scores, gt, (xt, yt), fraction=0.5, count=6, seed=3)

@@ -1,0 +1,209 @@
+r"""SAM-GIF self influence from layer factors (see :mod:`captum_sam.factored`).
+
+A mixin of :class:`~captum_sam.SAMTracInCP`. For models whose attributed
+parameters are all ``nn.Linear`` weights and biases, the per-example inner product
+:math:`\nabla l_k(w) \cdot \nabla l_k(w + \epsilon)` is computed from layer inputs
+and output gradients: two batched forward/backward passes per checkpoint and no
+``batch x P`` matrix. With the default ``"dataset"`` perturbation over the training
+set, the first pass also yields the perturbation gradient, so self influence costs
+two passes over the data per checkpoint, against three when the perturbation is
+computed separately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from captum_sam import factored
+from captum_sam import functional as F
+from captum_sam._utils import local_batches, on_device, progress, validate_batch
+from captum_sam.distributed import all_reduce_sum, all_reduce_tree, gather_ordered
+
+# factors at w kept between the two passes of merged self influence, at most
+MERGE_BUDGET_BYTES = 1 << 30
+
+
+class FactoredGIFMixin:
+    """Factored per-example inner products for :class:`~captum_sam.SAMTracInCP`."""
+
+    def _factored(self, terms: Sequence[Any], batch: tuple[Any, ...], test: bool = False) -> bool:
+        """Whether this estimator may use the factored path (``test``: for the test loss).
+
+        Only for linear-layer models without projection or per-example perturbation;
+        checked once per loss numerically against ``vmap`` on the first batch.
+        """
+        if self._sites is None or self.projector is not None or self.perturbation == "example":
+            return False
+        loss_fn = self._test_loss.loss_fn if test else self._loss.loss_fn
+        if loss_fn not in self._sites_checked:
+            state = self._loader(terms[0].checkpoint)
+            floss = F.FunctionalLoss(self.model, loss_fn, state.frozen)
+            ok = factored.matches_vmap(floss, state.params, batch, self._sites)
+            self._sites_checked[loss_fn] = ok
+        return self._sites_checked[loss_fn]
+
+    def _term_losses(
+        self, terms: Sequence[Any], loss_fn: Any = None
+    ) -> list[tuple[F.Params, F.FunctionalLoss]]:
+        """Per term: its weights and a loss bound to its frozen parameters."""
+        params, frozen = self._stack(terms)
+        loss_fn = self._loss.loss_fn if loss_fn is None else loss_fn
+        return [
+            (
+                {n: v[k] for n, v in params.items()},
+                F.FunctionalLoss(self.model, loss_fn, {n: v[k] for n, v in frozen.items()}),
+            )
+            for k in range(len(terms))
+        ]
+
+    def _train_factors(
+        self,
+        terms: Sequence[Any],
+        batch: tuple[Any, ...],
+        need_w: bool,
+        own: list[factored.Factors] | None = None,
+    ) -> list[tuple[factored.Factors | None, factored.Factors]]:
+        """Per term: factors at ``w`` (if ``need_w`` or needed) and at ``w + eps``.
+
+        ``own``: factors at ``w`` if already known.
+        """
+        eps = self._eps(terms) if self.perturbation == "dataset" else None
+        out = []
+        for k, (term, (p, floss)) in enumerate(zip(terms, self._term_losses(terms))):
+            at_w = None if own is None else own[k]
+            if at_w is None and (need_w or eps is None or term.rho == 0):
+                at_w = factored.linear_factors(floss, p, batch, self._sites)
+            if term.rho == 0:
+                moved = at_w
+            else:
+                if eps is not None:
+                    e = {n: v[k] for n, v in eps.items()}
+                else:  # "batch": the mean gradient of the recorded batch, from ``at_w``
+                    g = factored.factor_grad_sum(at_w, self._sites)  # type: ignore[arg-type]
+                    g = F.tree_scale(g, 1.0 / at_w[0][0].shape[0])  # type: ignore[index]
+                    self._finite(g, "gradients of a recorded batch", [term])
+                    e = F.sam_perturbation(p, g, term.rho, term.adaptive)
+                shifted = {n: p[n] + e[n] for n in p}
+                moved = factored.linear_factors(floss, shifted, batch, self._sites)
+            out.append((at_w, moved))
+        return out  # type: ignore[return-value]
+
+    def _factored_pair_dots(
+        self,
+        terms: Sequence[Any],
+        batch: tuple[Any, ...],
+        own: list[factored.Factors] | None = None,
+    ) -> Tensor:
+        """``_pair_dots`` from layer factors; ``own``: factors at ``w`` if already known."""
+        coef = self._coefficients(terms)
+        total = None
+        pairs = self._train_factors(terms, batch, not self.test_at_perturbed, own)
+        for k, (at_w, moved) in enumerate(pairs):
+            test = moved if self.test_at_perturbed else at_w
+            dots = coef[k] * factored.factor_dots(test, moved, self._sites)  # type: ignore[arg-type]
+            total = dots if total is None else total + dots
+        return self._finite(total, "gradients", terms)
+
+    def _test_factors(
+        self, terms: Sequence[Any], inputs: Iterable[tuple[Any, ...]], aggregate: bool
+    ) -> list[factored.Factors] | None:
+        """Per term, the test side as factors of all test rows; ``None`` if not possible.
+
+        Possible without aggregation, with test gradients at one point per checkpoint
+        and a single position per example in every layer (then a test-train score
+        costs ``d_in + d_out`` per layer instead of ``d_in * d_out``).
+        """
+        if aggregate or (self.test_at_perturbed and self.perturbation == "batch"):
+            return None
+        eps = self._eps(terms) if self.test_at_perturbed else None
+        losses = self._term_losses(terms, self._test_loss.loss_fn)
+        parts: list[list[factored.Factors]] = [[] for _ in terms]
+        for i, b in enumerate(on_device(inputs, self.device)):
+            p0, floss0 = losses[0]
+            validate_batch(floss0, p0, b, "inputs", run_loss=i == 0)
+            if i == 0 and not (self._factored(terms, b) and self._factored(terms, b, test=True)):
+                return None
+            for k, (p, floss) in enumerate(losses):
+                at = p if eps is None else {n: p[n] + eps[n][k] for n in p}
+                f = factored.linear_factors(floss, at, b, self._sites)
+                if any(a.shape[1] != 1 for a, _ in f):
+                    return None
+                parts[k].append(f)
+        if not parts[0]:
+            raise ValueError("`inputs` is empty")
+        out = [factored.concat_factors(p) for p in parts]
+        for f in out:
+            self._finite([t for pair in f for t in pair], "test gradients", terms)
+        return out
+
+    def _factored_gram(
+        self,
+        tests: list[factored.Factors],
+        terms: Sequence[Any],
+        batch: tuple[Any, ...],
+        coef: Tensor | None,
+    ) -> Tensor:
+        """``(n_test, batch)`` scores ``sum_k coef_k test_k . train_k`` from factors."""
+        total = None
+        for k, (_, moved) in enumerate(self._train_factors(terms, batch, need_w=False)):
+            gram = factored.factor_cross(tests[k], moved, self._sites)  # type: ignore[arg-type]
+            gram = gram if coef is None else coef[k] * gram
+            total = gram if total is None else total + gram
+        return self._finite(total, "training gradients", terms)
+
+    def _merged_self_influence(self, show_progress: bool) -> Tensor | None:
+        """Checkpoint-form self influence of the training set in two passes, or ``None``.
+
+        Applies when the perturbation is the mean gradient over the training set, not
+        yet known, and the factors at ``w`` of every local example fit in
+        :data:`MERGE_BUDGET_BYTES`; otherwise the caller takes the general path.
+        """
+        terms = self._terms
+        key = self._eps_key(terms)
+        if (
+            self.perturbation != "dataset"
+            or self.perturbation_dataloader is not self.train_dataloader
+            or self.test_at_perturbed
+            or key in self._dataset_eps
+            or all(t.rho == 0 for t in terms)
+        ):
+            return None
+        params, _ = self._stack(terms)
+        losses = self._term_losses(terms)
+        total = {n: torch.zeros_like(v) for n, v in params.items()}
+        count, stored = 0, []
+        batches = progress(
+            local_batches(self.train_dataloader, self.device),
+            show_progress,
+            f"{self.get_name()}: self influence, pass 1 of 2",
+        )
+        for i, batch in batches:
+            if not stored and not self._factored(terms, batch):
+                return None
+            fs = [factored.linear_factors(floss, p, batch, self._sites) for p, floss in losses]
+            if not stored and _nbytes(fs) * self.n_train / len(fs[0][0][0]) > MERGE_BUDGET_BYTES:
+                return None
+            for k, f in enumerate(fs):
+                for n, g in factored.factor_grad_sum(f, self._sites).items():
+                    total[n][k] += g
+            count += len(fs[0][0][0])
+            stored.append((i, batch, fs))
+        all_reduce_tree(total)
+        count = int(all_reduce_sum(torch.tensor([count], dtype=torch.float64))[0])
+        if count == 0:
+            raise ValueError("`train_dataset` is empty")
+        mean = F.tree_scale(total, 1.0 / count)
+        eps = vmap(self._sam(terms))(params, self._finite(mean, "perturbation gradients", terms))
+        self._dataset_eps[key] = eps
+        second = progress(stored, show_progress, f"{self.get_name()}: self influence, pass 2 of 2")
+        out = [(i, self._factored_pair_dots(terms, b, own=fs)) for i, b, fs in second]
+        return torch.cat(gather_ordered(out))
+
+
+def _nbytes(factors: list[factored.Factors]) -> int:
+    return sum(t.numel() * t.element_size() for f in factors for pair in f for t in pair)

@@ -1,0 +1,262 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from captum_sam import functional as F
+from captum_sam import load_trajectory, train_sam
+from captum_sam.factored import (
+    factor_cross,
+    factor_dots,
+    factor_grad_sum,
+    linear_factors,
+    linear_sites,
+    matches_vmap,
+)
+from captum_sam.tracincp import SAMTracInCP
+from tests.helpers import DTYPE, assert_unchanged, ce_loss, make_data, mlp_model, snapshot
+
+
+class Tokens(nn.Module):
+    """Linear layers on a (batch, tokens, features) input, then mean pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 3)
+        self.unused = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.embed(x)).mean(1))
+
+
+class Shared(nn.Module):
+    """One linear layer applied twice: its gradient is not one outer product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
+
+
+class BatchCentred(nn.Module):
+    """Subtracts the batch mean: example losses depend on the rest of the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(h - h.mean(0, keepdim=True))
+
+
+def vmap_dots(floss, p, q, batch):
+    """Per-example <grad l_i(p), grad l_i(q)> with vmap(grad)."""
+    gp, gq = F.per_example_grads(floss, p, batch), F.per_example_grads(floss, q, batch)
+    return sum((gp[n].flatten(1) * gq[n].flatten(1)).sum(1) for n in gp)
+
+
+def loss_of(model, names):
+    params, frozen = F.detached_params(model, names)
+    return F.FunctionalLoss(model, ce_loss(), frozen), params
+
+
+@pytest.mark.parametrize("frozen_bias", [False, True])
+def test_factored_dots_and_gradient_sum_equal_vmap_on_token_inputs(frozen_bias):
+    torch.manual_seed(0)
+    model = Tokens().to(DTYPE)
+    if frozen_bias:
+        model.head.bias.requires_grad_(False)
+    names = F.attributed_names(model)
+    sites = linear_sites(model, names)
+    assert sites is not None and len(sites) == 3
+    floss, p = loss_of(model, names)
+    q = {n: v + 0.1 * torch.randn_like(v) for n, v in p.items()}
+    batch = (torch.randn(6, 7, 3, dtype=DTYPE), torch.randint(0, 3, (6,)))
+    fp, fq = (linear_factors(floss, w, batch, sites) for w in (p, q))
+    assert fp[0][0].shape == (6, 7, 3) and fp[1][1].shape == (6, 1, 3)
+    torch.testing.assert_close(factor_dots(fp, fq, sites), vmap_dots(floss, p, q, batch))
+    gp, gq = (F.per_example_grads(floss, w, batch) for w in (p, q))
+    gram = sum(gp[n].flatten(1) @ gq[n].flatten(1).T for n in gp)
+    torch.testing.assert_close(factor_cross(fp, fq, sites), gram)
+    head = factor_cross([(a[:2, :1], d[:2, :1]) for a, d in fp], fq, sites)  # T = 1 vs 7
+    assert head.shape == (2, 6)
+    g = factor_grad_sum(fq, sites)
+    ref = torch.func.grad(floss.summed_loss)(q, batch)
+    assert set(g) == set(ref)
+    for n in ref:
+        torch.testing.assert_close(g[n], ref[n])
+
+
+def test_sites_refuse_parameters_outside_linear_layers_and_the_check_refuses_coupling():
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
+    assert linear_sites(conv, F.attributed_names(conv)) is None
+    assert linear_sites(conv, F.attributed_names(conv, ["2"])) is not None
+    x, y = torch.randn(6, 5, dtype=DTYPE), torch.randint(0, 3, (6,))
+    for cls, ok in [(Shared, False), (BatchCentred, False)]:
+        model = cls().to(DTYPE)
+        names = F.attributed_names(model)
+        floss, p = loss_of(model, names)
+        assert matches_vmap(floss, p, (x, y), linear_sites(model, names)) is ok
+    model = mlp_model()
+    names = F.attributed_names(model)
+    floss, p = loss_of(model, names)
+    assert matches_vmap(floss, p, (x, y), linear_sites(model, names))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    data = make_data(n=30, seed=3)
+    model = mlp_model(hidden=5)
+    out = tmp_path_factory.mktemp("factored") / "run"
+    train_sam(model, data, ce_loss(), epochs=2, lr=0.2, rho=0.1, batch_size=7, record_dir=out)
+    return dict(model=model, data=data, traj=load_trajectory(out))
+
+
+def both_paths(make, test=None):
+    """Self influence (or influence on ``test``) with the factored path and without it."""
+    fast, slow = make(), make()
+    slow._sites = None
+    if test is None:
+        got, ref = fast.self_influence(), slow.self_influence()
+    else:
+        got, ref = fast.influence(test), slow.influence(test)
+    assert fast._sites_checked and all(fast._sites_checked.values())  # it really ran
+    return got, ref
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(rho=0.2),
+        dict(rho=0.2, adaptive=True),
+        dict(rho=0.2, test_at_perturbed=True),
+        dict(rho=0.0),
+        dict(rho=0.0, test_at_perturbed=True),
+        dict(rho=0.2, layers=["fc2"]),
+    ],
+)
+def test_checkpoint_self_influence_factored_equals_vmap(run, kw):
+    ckpts = [c.path for c in run["traj"].checkpoints]
+    got, ref = both_paths(
+        lambda: SAMTracInCP(run["model"], run["data"], ckpts, loss_fn=ce_loss(), batch_size=8, **kw)
+    )
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("perturbation", ["batch", "dataset"])
+@pytest.mark.parametrize("test_at_perturbed", [False, True])
+def test_trajectory_self_influence_factored_equals_vmap(run, perturbation, test_at_perturbed):
+    model = run["model"]
+    before = snapshot(model)
+    got, ref = both_paths(
+        lambda: SAMTracInCP.from_trajectory(
+            model,
+            run["data"],
+            run["traj"],
+            loss_fn=ce_loss(),
+            perturbation=perturbation,
+            test_at_perturbed=test_at_perturbed,
+        )
+    )
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    assert_unchanged(model, before)
+
+
+def test_coupled_model_falls_back_to_vmap(tmp_path):
+    torch.manual_seed(0)
+    model = BatchCentred().to(DTYPE)
+    x, y = make_data(n=16, seed=4).tensors
+    data = TensorDataset(x, y)
+    path = tmp_path / "c.pt"
+    torch.save({"model_state": copy.deepcopy(model.state_dict()), "learning_rate": 0.1}, path)
+    est = SAMTracInCP(model, data, [str(path)], loss_fn=ce_loss(), batch_size=8, rho=0.1)
+    got = est.self_influence()
+    assert list(est._sites_checked.values()) == [False]
+    floss, p = loss_of(model, F.attributed_names(model))
+    total, _ = F.grad_sum(floss, p, [(x[:8], y[:8]), (x[8:], y[8:])])  # as batched
+    mean = {n: v / 16 for n, v in total.items()}
+    moved = {n: p[n] + e for n, e in F.sam_perturbation(p, mean, 0.1, False).items()}
+    torch.testing.assert_close(got, 0.1 * vmap_dots(floss, p, moved, (x, y)))
+
+
+TEST_CASES = [
+    dict(rho=0.2),
+    dict(rho=0.2, adaptive=True, layers=["fc2"]),
+    dict(rho=0.2, test_at_perturbed=True),
+    dict(rho=0.0),
+    dict(rho=0.2, test_loss_fn=lambda out, y: 2.0 * ce_loss()(out, y)),
+]
+
+
+@pytest.mark.parametrize("kw", TEST_CASES)
+def test_checkpoint_influence_factored_equals_vmap(run, kw):
+    ckpts = [c.path for c in run["traj"].checkpoints]
+    x, y = make_data(n=9, seed=5).tensors
+    got, ref = both_paths(
+        lambda: SAMTracInCP(
+            run["model"], run["data"], ckpts, loss_fn=ce_loss(), batch_size=8, **kw
+        ),
+        (x, y),
+    )
+    assert got.shape == (9, 30)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("perturbation", ["batch", "dataset"])
+@pytest.mark.parametrize("test_at_perturbed", [False, True])
+def test_trajectory_influence_factored_equals_vmap(run, perturbation, test_at_perturbed):
+    x, y = make_data(n=9, seed=5).tensors
+
+    def make():
+        return SAMTracInCP.from_trajectory(
+            run["model"],
+            run["data"],
+            run["traj"],
+            loss_fn=ce_loss(),
+            perturbation=perturbation,
+            test_at_perturbed=test_at_perturbed,
+        )
+
+    fast, slow = make(), make()
+    slow._sites = None
+    torch.testing.assert_close(
+        fast.influence((x, y)), slow.influence((x, y)), rtol=1e-10, atol=1e-12
+    )
+    top, ref = fast.influence((x, y), k=3), slow.influence((x, y), k=3)
+    assert torch.equal(top.indices, ref.indices)
+
+
+def test_token_model_self_influence_is_factored_and_influence_falls_back(tmp_path):
+    torch.manual_seed(0)
+    model = Tokens().to(DTYPE)
+    x, y = torch.randn(20, 7, 3, dtype=DTYPE), torch.randint(0, 3, (20,))
+    path = tmp_path / "t.pt"
+    torch.save({"model_state": copy.deepcopy(model.state_dict()), "learning_rate": 0.1}, path)
+
+    def make():
+        return SAMTracInCP(
+            model, TensorDataset(x, y), [str(path)], loss_fn=ce_loss(), batch_size=8, rho=0.1
+        )
+
+    got, ref = both_paths(make)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    fast, slow = make(), make()
+    slow._sites = None
+    assert fast._test_factors(fast._terms, [(x[:4], y[:4])], False) is None  # 7 positions
+    torch.testing.assert_close(fast.influence((x[:4], y[:4])), slow.influence((x[:4], y[:4])))
+
+
+def test_aggregate_influence_equals_the_sum_of_factored_rows(run):
+    ckpts = [c.path for c in run["traj"].checkpoints]
+    est = SAMTracInCP(run["model"], run["data"], ckpts, loss_fn=ce_loss(), rho=0.2)
+    x, y = make_data(n=9, seed=5).tensors
+    torch.testing.assert_close(
+        est.influence((x, y), aggregate=True), est.influence((x, y)).sum(0, keepdim=True)
+    )
