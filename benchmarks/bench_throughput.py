@@ -2,11 +2,12 @@
 
     python benchmarks/bench_throughput.py [--n-train 1000] [--repeats 3]
 
-Digits MLP (2410 parameters). Part 1: per-example gradients of the whole training
-set at one checkpoint (via ``self_influence`` with one checkpoint, which needs
-exactly those gradients): our ``torch.func`` path vs Captum's ``TracInCP`` default
-loop and its hook path (``sample_wise_grads_per_batch=True``), against the floor of
-one batched forward+backward pass over the same data (the cost of a training epoch
+Digits MLP (2410 parameters). Part 1: self influence of the whole training set at
+one checkpoint, set-up included: our factored path (layer inputs and output
+gradients, no per-example gradient formed) and our ``torch.func`` ``vmap`` path
+(``factorize=False``, per-example gradients) vs Captum's ``TracInCP`` default loop
+and its hook path (``sample_wise_grads_per_batch=True``), against the floor of one
+batched forward+backward pass over the same data (the cost of a training epoch
 without the SAM step). Part 2: each estimator's time to score every training
 example against the test set, against one SAM leave-one-out retraining (replaying
 the recorded schedule), as the speed-up over retraining once per training example.
@@ -50,9 +51,9 @@ def main() -> None:
             model.zero_grad()
             NONE(model(x[i : i + bs]), y[i : i + bs]).mean().backward()
 
-    def ours(rho: float) -> torch.Tensor:
+    def ours(rho: float, factorize: bool = True) -> torch.Tensor:
         return SAMTracInCP(
-            model, data.train, last, loss_fn=NONE, batch_size=bs, rho=rho
+            model, data.train, last, loss_fn=NONE, batch_size=bs, rho=rho, factorize=factorize
         ).self_influence()
 
     def captum(hooks: bool) -> torch.Tensor:
@@ -70,8 +71,18 @@ def main() -> None:
     rows = []
     for label, fn, reps in [
         ("floor: batched forward+backward", floor, args.repeats),
-        ("captum_sam torch.func, rho=0 (one gradient set)", lambda: ours(0.0), args.repeats),
-        ("captum_sam SAM-GIF, rho=0.05 (w and w+eps sets)", lambda: ours(0.05), args.repeats),
+        ("captum_sam factored, rho=0 (one pass)", lambda: ours(0.0), args.repeats),
+        ("captum_sam SAM-GIF factored, rho=0.05 (w, w+eps)", lambda: ours(0.05), args.repeats),
+        (
+            "captum_sam torch.func vmap, rho=0 (one gradient set)",
+            lambda: ours(0.0, False),
+            args.repeats,
+        ),
+        (
+            "captum_sam SAM-GIF vmap, rho=0.05 (w and w+eps sets)",
+            lambda: ours(0.05, False),
+            args.repeats,
+        ),
         ("Captum TracInCP hooks", lambda: captum(True), args.repeats),
         ("Captum TracInCP default loop", lambda: captum(False), 1),
     ]:
@@ -81,7 +92,13 @@ def main() -> None:
     print(f"digits MLP, float32, {n} training examples, batch {bs}, one checkpoint")
     print(
         table(
-            rows, ("per-example gradients of the training set", "seconds", "examples/s", "vs floor")
+            rows,
+            (
+                "self influence of the training set (incl. set-up)",
+                "seconds",
+                "examples/s",
+                "vs floor",
+            ),
         )
     )
 
@@ -95,6 +112,9 @@ def main() -> None:
         ),
         "SAM-GIF (checkpoints)": lambda: SAMTracInCP(
             model, data.train, ckpts, loss_fn=NONE, batch_size=bs
+        ),
+        "SAM-GIF (checkpoints), factorize=False": lambda: SAMTracInCP(
+            model, data.train, ckpts, loss_fn=NONE, batch_size=bs, factorize=False
         ),
         "SAM-HIF(Fast) GGN dense": lambda: SAMInfluenceFunction(
             model,

@@ -141,6 +141,17 @@ class FactoredGIFMixin:
             self._finite([t for pair in f for t in pair], "test gradients", terms)
         return out
 
+    def _factored_apply(
+        self, tests: F.Params, terms: Sequence[Any], batch: tuple[Any, ...]
+    ) -> Tensor:
+        """``(m, batch)`` scores of formed test rows ``(K, m, numel)`` with factored training."""
+        total = None
+        for k, (_, moved) in enumerate(self._train_factors(terms, batch, need_w=False)):
+            rows = {n: v[k] for n, v in tests.items()}
+            gram = factored.factor_apply(moved, rows, self._sites)  # type: ignore[arg-type]
+            total = gram if total is None else total + gram
+        return self._finite(total, "training gradients", terms)
+
     def _factored_gram(
         self,
         tests: list[factored.Factors],

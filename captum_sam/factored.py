@@ -41,6 +41,7 @@ __all__ = [
     "linear_factors",
     "factor_dots",
     "factor_cross",
+    "factor_apply",
     "concat_factors",
     "factor_grad_sum",
     "matches_vmap",
@@ -185,6 +186,27 @@ def factor_cross(f: Factors, g: Factors, sites: Sequence[LinearSite]) -> Tensor:
                 term = (dd * torch.einsum("mti,bsi->mbts", a, a2)).sum((2, 3))
         if site.bias is not None:
             term = term + d.sum(1) @ d2.sum(1).T
+        total = term if total is None else total + term
+    return total  # type: ignore[return-value]
+
+
+def factor_apply(f: Factors, rows: F.Params, sites: Sequence[LinearSite]) -> Tensor:
+    """Inner products of a few full gradients with the factored ones, ``(m, B)``.
+
+    Args:
+        f: Factors of ``B`` examples.
+        rows: Gradients ``name -> (m, numel)`` (e.g. a summed test gradient).
+        sites: From :func:`linear_sites`.
+    """
+    total = None
+    for site, (a, d) in zip(sites, f):
+        term = 0
+        if site.weight is not None:
+            w = rows[site.weight].reshape(-1, d.shape[-1], a.shape[-1])  # (m, out, in)
+            moved = torch.matmul(a.unsqueeze(0), w.transpose(1, 2).unsqueeze(1))  # (m,B,T,out)
+            term = (moved * d.unsqueeze(0)).sum((2, 3))
+        if site.bias is not None:
+            term = term + rows[site.bias] @ d.sum(1).T
         total = term if total is None else total + term
     return total  # type: ignore[return-value]
 

@@ -132,6 +132,13 @@ class SAMTracInCP(FactoredGIFMixin, QuantityCacheMixin, TracInCPBase):
             ``parameter_change`` is never projected.
         projection: ``"gaussian"`` or ``"rademacher"``.
         projection_seed: Seed of the projection.
+        factorize: When every attributed parameter is an ``nn.Linear`` weight or
+            bias, compute per-example inner products from layer inputs and output
+            gradients (:mod:`captum_sam.factored`) instead of forming per-example
+            gradients; used for ``self_influence`` and un-aggregated ``influence``
+            after a check against ``vmap`` on a few examples of the first batch
+            (models whose examples interact in the forward fall back). ``False``
+            always forms them with ``vmap``. The scores are the same either way.
 
     Distributed: with an initialised ``torch.distributed`` process group the
     training batches (or recorded steps) are split across ranks and every rank
@@ -159,6 +166,7 @@ class SAMTracInCP(FactoredGIFMixin, QuantityCacheMixin, TracInCPBase):
         projection_dim: int | None = None,
         projection: str = "gaussian",
         projection_seed: int = 0,
+        factorize: bool = True,
     ) -> None:
         self._setup(
             model,
@@ -174,6 +182,7 @@ class SAMTracInCP(FactoredGIFMixin, QuantityCacheMixin, TracInCPBase):
             perturbation_dataset,
             test_at_perturbed,
             (projection_dim, projection, projection_seed),
+            factorize,
         )
         _check_rho(rho, adaptive)
         self.rho, self.adaptive = float(rho), bool(adaptive)
@@ -202,6 +211,7 @@ class SAMTracInCP(FactoredGIFMixin, QuantityCacheMixin, TracInCPBase):
         projection_dim: int | None = None,
         projection: str = "gaussian",
         projection_seed: int = 0,
+        factorize: bool = True,
     ) -> SAMTracInCP:
         r"""SAM-GIF in trajectory form, from a recorded run.
 
@@ -226,6 +236,7 @@ class SAMTracInCP(FactoredGIFMixin, QuantityCacheMixin, TracInCPBase):
             projection_dim: See the class.
             projection: See the class.
             projection_seed: See the class.
+            factorize: See the class.
 
         Returns:
             An estimator whose scores follow the recorded batch membership.
@@ -249,6 +260,7 @@ class SAMTracInCP(FactoredGIFMixin, QuantityCacheMixin, TracInCPBase):
             perturbation_dataset,
             test_at_perturbed,
             (projection_dim, projection, projection_seed),
+            factorize,
         )
         if self.n_train != traj.n_train:
             raise ValueError(
@@ -285,11 +297,14 @@ class SAMTracInCP(FactoredGIFMixin, QuantityCacheMixin, TracInCPBase):
         perturbation_dataset: Dataset | DataLoader | None,
         test_at_perturbed: bool,
         projection: tuple[int | None, str, int],
+        factorize: bool,
     ) -> None:
         if perturbation not in allowed:
             raise ValueError(f"`perturbation` must be one of {allowed}, got {perturbation!r}")
         if not isinstance(test_at_perturbed, bool):
             raise TypeError("`test_at_perturbed` must be a bool")
+        if not isinstance(factorize, bool):
+            raise TypeError(f"`factorize` must be a bool, got {factorize!r}")
         if isinstance(train_dataset, Dataset) and not isinstance(batch_size, int):
             raise ValueError("`batch_size` must be an int when `train_dataset` is a Dataset")
         TracInCPBase.__init__(
@@ -319,7 +334,7 @@ class SAMTracInCP(FactoredGIFMixin, QuantityCacheMixin, TracInCPBase):
         dim, kind, seed = projection
         sizes = {n: p.numel() for n, p in model.named_parameters() if n in set(self.names)}
         self.projector = None if dim is None else RandomProjection(sizes, dim, kind, seed)
-        self._sites = factored.linear_sites(model, self.names)
+        self._sites = factored.linear_sites(model, self.names) if factorize else None
         self._sites_checked: dict[Any, bool] = {}  # loss function -> factored path valid
 
     def _validate_first_batch(self) -> None:
@@ -556,6 +571,9 @@ class SAMTracInCP(FactoredGIFMixin, QuantityCacheMixin, TracInCPBase):
             if factors is not None:
                 yield i, self._factored_gram(factors, terms, batch, coef.view(-1))
                 continue
+            if aggregate and self._factored(terms, batch):  # one summed test row
+                yield i, self._factored_apply(tests, terms, batch)
+                continue
             train = self._grads(terms, batch, self._loss, False, True)[1]
             block = sum(
                 torch.bmm(tests[n], train[n].transpose(1, 2)).sum(0)  # type: ignore[index]
@@ -589,6 +607,8 @@ class SAMTracInCP(FactoredGIFMixin, QuantityCacheMixin, TracInCPBase):
                 scores = torch.zeros(rows, self.n_train, dtype=self._dtype(), device=self.device)
             if factored_path:
                 gram = self._factored_gram(t, [term], batch, None)
+            elif aggregate and self._factored([term], batch):  # one summed test row
+                gram = self._factored_apply(t, [term], batch)
             else:
                 g = self._grads([term], batch, self._loss, False, True)[1]
                 gram = _finite(_gram(t, g), "training gradients", [term])  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ from torch.utils.data import TensorDataset
 from captum_sam import functional as F
 from captum_sam import load_trajectory, train_sam
 from captum_sam.factored import (
+    factor_apply,
     factor_cross,
     factor_dots,
     factor_grad_sum,
@@ -85,6 +86,8 @@ def test_factored_dots_and_gradient_sum_equal_vmap_on_token_inputs(frozen_bias):
     gp, gq = (F.per_example_grads(floss, w, batch) for w in (p, q))
     gram = sum(gp[n].flatten(1) @ gq[n].flatten(1).T for n in gp)
     torch.testing.assert_close(factor_cross(fp, fq, sites), gram)
+    rows = {n: gp[n][:2].flatten(1) for n in gp}  # two formed gradients
+    torch.testing.assert_close(factor_apply(fq, rows, sites), gram[:2])
     head = factor_cross([(a[:2, :1], d[:2, :1]) for a, d in fp], fq, sites)  # T = 1 vs 7
     assert head.shape == (2, 6)
     g = factor_grad_sum(fq, sites)
@@ -121,8 +124,7 @@ def run(tmp_path_factory):
 
 def both_paths(make, test=None):
     """Self influence (or influence on ``test``) with the factored path and without it."""
-    fast, slow = make(), make()
-    slow._sites = None
+    fast, slow = make(), make(factorize=False)
     if test is None:
         got, ref = fast.self_influence(), slow.self_influence()
     else:
@@ -145,7 +147,9 @@ def both_paths(make, test=None):
 def test_checkpoint_self_influence_factored_equals_vmap(run, kw):
     ckpts = [c.path for c in run["traj"].checkpoints]
     got, ref = both_paths(
-        lambda: SAMTracInCP(run["model"], run["data"], ckpts, loss_fn=ce_loss(), batch_size=8, **kw)
+        lambda **f: SAMTracInCP(
+            run["model"], run["data"], ckpts, loss_fn=ce_loss(), batch_size=8, **kw, **f
+        )
     )
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
 
@@ -156,13 +160,14 @@ def test_trajectory_self_influence_factored_equals_vmap(run, perturbation, test_
     model = run["model"]
     before = snapshot(model)
     got, ref = both_paths(
-        lambda: SAMTracInCP.from_trajectory(
+        lambda **f: SAMTracInCP.from_trajectory(
             model,
             run["data"],
             run["traj"],
             loss_fn=ce_loss(),
             perturbation=perturbation,
             test_at_perturbed=test_at_perturbed,
+            **f,
         )
     )
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
@@ -200,8 +205,8 @@ def test_checkpoint_influence_factored_equals_vmap(run, kw):
     ckpts = [c.path for c in run["traj"].checkpoints]
     x, y = make_data(n=9, seed=5).tensors
     got, ref = both_paths(
-        lambda: SAMTracInCP(
-            run["model"], run["data"], ckpts, loss_fn=ce_loss(), batch_size=8, **kw
+        lambda **f: SAMTracInCP(
+            run["model"], run["data"], ckpts, loss_fn=ce_loss(), batch_size=8, **kw, **f
         ),
         (x, y),
     )
@@ -214,7 +219,7 @@ def test_checkpoint_influence_factored_equals_vmap(run, kw):
 def test_trajectory_influence_factored_equals_vmap(run, perturbation, test_at_perturbed):
     x, y = make_data(n=9, seed=5).tensors
 
-    def make():
+    def make(**f):
         return SAMTracInCP.from_trajectory(
             run["model"],
             run["data"],
@@ -222,10 +227,10 @@ def test_trajectory_influence_factored_equals_vmap(run, perturbation, test_at_pe
             loss_fn=ce_loss(),
             perturbation=perturbation,
             test_at_perturbed=test_at_perturbed,
+            **f,
         )
 
-    fast, slow = make(), make()
-    slow._sites = None
+    fast, slow = make(), make(factorize=False)
     torch.testing.assert_close(
         fast.influence((x, y)), slow.influence((x, y)), rtol=1e-10, atol=1e-12
     )
@@ -240,23 +245,54 @@ def test_token_model_self_influence_is_factored_and_influence_falls_back(tmp_pat
     path = tmp_path / "t.pt"
     torch.save({"model_state": copy.deepcopy(model.state_dict()), "learning_rate": 0.1}, path)
 
-    def make():
+    def make(**f):
         return SAMTracInCP(
-            model, TensorDataset(x, y), [str(path)], loss_fn=ce_loss(), batch_size=8, rho=0.1
+            model, TensorDataset(x, y), [str(path)], loss_fn=ce_loss(), batch_size=8, rho=0.1, **f
         )
 
     got, ref = both_paths(make)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
-    fast, slow = make(), make()
-    slow._sites = None
+    fast, slow = make(), make(factorize=False)
     assert fast._test_factors(fast._terms, [(x[:4], y[:4])], False) is None  # 7 positions
     torch.testing.assert_close(fast.influence((x[:4], y[:4])), slow.influence((x[:4], y[:4])))
+    agg = fast.influence((x[:4], y[:4]), aggregate=True)  # formed test row, factored training
+    torch.testing.assert_close(agg, slow.influence((x[:4], y[:4]), aggregate=True))
 
 
-def test_aggregate_influence_equals_the_sum_of_factored_rows(run):
-    ckpts = [c.path for c in run["traj"].checkpoints]
-    est = SAMTracInCP(run["model"], run["data"], ckpts, loss_fn=ce_loss(), rho=0.2)
+@pytest.mark.parametrize("form", ["checkpoint", "trajectory"])
+def test_aggregate_influence_factored_equals_vmap(run, form):
+    def make(**f):
+        if form == "trajectory":
+            return SAMTracInCP.from_trajectory(
+                run["model"], run["data"], run["traj"], loss_fn=ce_loss(), **f
+            )
+        ckpts = [c.path for c in run["traj"].checkpoints]
+        return SAMTracInCP(run["model"], run["data"], ckpts, loss_fn=ce_loss(), rho=0.2, **f)
+
     x, y = make_data(n=9, seed=5).tensors
-    torch.testing.assert_close(
-        est.influence((x, y), aggregate=True), est.influence((x, y)).sum(0, keepdim=True)
-    )
+    got, ref = both_paths(lambda **f: _Aggregated(make(**f)), (x, y))
+    assert got.shape == (1, 30)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, make().influence((x, y)).sum(0, keepdim=True))
+
+
+class _Aggregated:
+    """An estimator whose ``influence`` sums over the test examples."""
+
+    def __init__(self, est):
+        self.est = est
+        self._sites_checked = est._sites_checked
+
+    def influence(self, test):
+        return self.est.influence(test, aggregate=True)
+
+
+def test_factorize_must_be_a_bool(run):
+    with pytest.raises(TypeError, match="factorize"):
+        SAMTracInCP(
+            run["model"],
+            run["data"],
+            [c.path for c in run["traj"].checkpoints],
+            loss_fn=ce_loss(),
+            factorize=1,
+        )
