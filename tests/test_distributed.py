@@ -22,6 +22,11 @@ def compute(run_dir):
     model = mlp_model()
     ckpts = [c.path for c in load_trajectory(run_dir).checkpoints]
     out = {}
+    for factorize in (True, False):  # merged two-pass path / vmap path, fresh estimators
+        fresh = SAMTracInCP(
+            model, train, ckpts, loss_fn=ce_loss(), batch_size=4, rho=0.1, factorize=factorize
+        )
+        out[f"gif_self_fresh_{factorize}"] = fresh.self_influence()
     gif = SAMTracInCP(model, train, ckpts, loss_fn=ce_loss(), batch_size=4, rho=0.1)
     out["gif"] = gif.influence(test)
     out["gif_top"] = gif.influence(test, k=3, proponents=False).indices
@@ -91,6 +96,8 @@ def test_sharded_results_equal_single_process(tmp_path, world):
     )
     torch.save({"train": (x[:22], y[:22]), "test": (x[22:], y[22:])}, tmp_path / "data.pt")
     single = compute(str(tmp_path))
+    torch.testing.assert_close(single["gif_self_fresh_True"], single["gif_self_fresh_False"])
+    torch.testing.assert_close(single["gif_self_fresh_True"], single["gif_self"])
     mp.spawn(worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
     for rank in range(world):
         got = torch.load(tmp_path / f"rank{rank}.pt")
