@@ -26,27 +26,23 @@ intermediate quantities by the learning rate, which squares it.)
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
 from torch.utils.data import DataLoader, Dataset
 
 from captum_sam import factored
 from captum_sam import functional as F
 from captum_sam._captum import KMostInfluentialResults, TracInCPBase
 from captum_sam._gif_factored import FactoredGIFMixin
+from captum_sam._gif_gradients import GIFGradientsMixin, _finite, _Term
+from captum_sam._gif_quantities import GIFQuantitiesMixin
 from captum_sam._utils import (
     CheckpointLoader,
     as_loader,
-    check_indices,
-    edited_copy,
     local_batches,
     make_loss,
     model_device,
@@ -56,30 +52,10 @@ from captum_sam._utils import (
     stream_topk,
     validate_batch,
 )
-from captum_sam.cache import (
-    CachedQuantities,
-    QuantityCacheMixin,
-    data_digest,
-    file_digest,
-    projection_setting,
-    save_quantities,
-)
-from captum_sam.distributed import (
-    all_reduce_sum,
-    all_reduce_tree,
-    contiguous,
-    gather_ordered,
-    is_distributed,
-    rank_and_world,
-)
+from captum_sam.cache import CachedQuantities, QuantityCacheMixin
+from captum_sam.distributed import all_reduce_sum, contiguous, gather_ordered, is_distributed
 from captum_sam.projection import RandomProjection
-from captum_sam.trajectory import (
-    MANIFEST,
-    Trajectory,
-    checkpoints_load_func,
-    fetch_batch,
-    load_trajectory,
-)
+from captum_sam.trajectory import MANIFEST, Trajectory, checkpoints_load_func, load_trajectory
 
 __all__ = ["SAMTracInCP"]
 
@@ -87,18 +63,9 @@ PERTURBATIONS = ("dataset", "example")
 TRAJECTORY_PERTURBATIONS = ("batch", "dataset", "example")
 
 
-@dataclass(frozen=True)
-class _Term:
-    """One summand: a checkpoint, a coefficient and the examples it applies to."""
-
-    checkpoint: str
-    coefficient: float
-    indices: tuple[int, ...] | None  # None: every training example
-    rho: float
-    adaptive: bool
-
-
-class SAMTracInCP(FactoredGIFMixin, QuantityCacheMixin, TracInCPBase):
+class SAMTracInCP(
+    GIFQuantitiesMixin, GIFGradientsMixin, FactoredGIFMixin, QuantityCacheMixin, TracInCPBase
+):
     r"""SAM-GIF as a Captum ``TracInCPBase``: gradients at the SAM-perturbed weights.
 
     Args:
@@ -344,152 +311,6 @@ class SAMTracInCP(FactoredGIFMixin, QuantityCacheMixin, TracInCPBase):
             floss = F.FunctionalLoss(self.model, self._loss.loss_fn, state.frozen)
             validate_batch(floss, state.params, batch, "train_dataset")
 
-    # ------------------------------------------------------------------ gradients
-    #
-    # Terms are evaluated in *groups* that share their data: the checkpoint form is
-    # one group (every checkpoint, every training batch), the trajectory form one
-    # group per recorded step (its own batch). The weight sets of a group are
-    # stacked, so one vmap call gives the per-example gradients of every checkpoint:
-    # dicts name -> (K, batch, numel) for K terms.
-
-    def _stack(self, terms: Sequence[_Term]) -> tuple[F.Params, F.Params]:
-        key = tuple(t.checkpoint for t in terms)
-        if key not in self._stacks:
-            states = [self._loader(c) for c in key]
-            params = {n: torch.stack([s.params[n] for s in states]) for n in self.names}
-            frozen = {n: torch.stack([s.frozen[n] for s in states]) for n in states[0].frozen}
-            self._stacks[key] = (params, frozen)
-        return self._stacks[key]
-
-    def _sam(self, terms: Sequence[_Term]) -> Callable[[F.Params, F.Params], F.Params]:
-        rho, adaptive = terms[0].rho, terms[0].adaptive
-        if any((t.rho, t.adaptive) != (rho, adaptive) for t in terms):
-            raise ValueError("terms evaluated together must share rho and adaptive")
-        return lambda p, g: F.sam_perturbation(p, g, rho, adaptive)
-
-    _finite = staticmethod(lambda x, what, terms: _finite(x, what, terms))
-
-    def _eps_key(self, terms: Sequence[_Term]) -> tuple[Any, ...]:
-        return (tuple(t.checkpoint for t in terms), terms[0].rho, terms[0].adaptive)
-
-    def _eps(self, terms: Sequence[_Term]) -> F.Params | None:
-        """Shared perturbations ``(K, ...)`` of the terms; ``None`` when per example."""
-        if self.perturbation == "example":
-            return None
-        params, frozen = self._stack(terms)
-        key = self._eps_key(terms)
-        if self.perturbation == "dataset" and key in self._dataset_eps:
-            return self._dataset_eps[key]
-        if self.perturbation == "dataset":  # every rank sums its shard, then all-reduce
-            local = (b for _, b in local_batches(self.perturbation_dataloader, self.device))
-            g, count = F.stacked_grad_sum(self._loss, params, frozen, local)
-            all_reduce_tree(g)
-            count = int(all_reduce_sum(torch.tensor([count], dtype=torch.float64))[0])
-            if count == 0:
-                raise ValueError("`perturbation_dataset` is empty")
-            g, what = F.tree_scale(g, 1.0 / count), "perturbation gradients"
-        else:  # "batch": the mean gradient of the recorded batch
-            data, what = [self._fetch(terms[0].indices)], "gradients of a recorded batch"
-            g, _ = F.stacked_mean_grad(self._loss, params, frozen, data)
-        eps = vmap(self._sam(terms))(params, _finite(g, what, terms))
-        if self.perturbation == "dataset":
-            self._dataset_eps[key] = eps
-        return eps
-
-    def _grads(
-        self,
-        terms: Sequence[_Term],
-        batch: tuple[Any, ...],
-        loss: F.FunctionalLoss,
-        at_w: bool,
-        at_perturbed: bool,
-        project: bool = True,
-    ) -> tuple[F.Params | None, F.Params | None]:
-        """Per-example gradients at ``w`` and/or at ``w + eps`` for every term.
-
-        With a projection (and ``project``) each result is ``{"projected": (K, B, d)}``.
-        """
-        params, frozen = self._stack(terms)
-        if at_w and at_perturbed and all(t.rho == 0 for t in terms):
-            same = self._grads(terms, batch, loss, True, False, project)[0]  # eps = 0
-            return same, same
-        own = pert = None
-        eps = self._eps(terms) if at_perturbed else None
-        if eps is not None and at_w:  # both in one call: 2K weight sets
-            both = F.stacked_per_example_grads(
-                loss,
-                {n: torch.cat([params[n], params[n] + eps[n]]) for n in params},
-                {n: torch.cat([v, v]) for n, v in frozen.items()},
-                batch,
-            )
-            k = len(terms)
-            own, pert = {n: v[:k] for n, v in both.items()}, {n: v[k:] for n, v in both.items()}
-        elif eps is not None:
-            moved = {n: params[n] + eps[n] for n in params}
-            pert = F.stacked_per_example_grads(loss, moved, frozen, batch)
-        else:
-            own = F.stacked_per_example_grads(loss, params, frozen, batch)
-            if at_perturbed:  # each example's own perturbation
-                eps_i = vmap(vmap(self._sam(terms), in_dims=(None, 0)))(params, own)
-                moved = {n: params[n].unsqueeze(1) + eps_i[n] for n in params}
-                pert = F.stacked_per_example_grads(
-                    loss, moved, frozen, batch, params_per_example=True
-                )
-        out = _rows(own if at_w else None), _rows(pert)
-        if self.projector is None or not project:
-            return out
-        return tuple(None if g is None else {"projected": self.projector(g)} for g in out)  # type: ignore[return-value]
-
-    def _test_side(
-        self, terms: Sequence[_Term], batch: tuple[Any, ...], loss: F.FunctionalLoss
-    ) -> F.Params:
-        if self.test_at_perturbed:
-            return self._grads(terms, batch, loss, False, True)[1]  # type: ignore[return-value]
-        return self._grads(terms, batch, loss, True, False)[0]  # type: ignore[return-value]
-
-    def _fetch(self, indices: Sequence[int] | None) -> tuple[Any, ...]:
-        """The batch of ``indices`` on the device (the last one is remembered).
-
-        A recorded step's batch is needed twice: for its perturbation and its gradients.
-        """
-        key = tuple(indices or ())
-        if self._last_batch is None or self._last_batch[0] != key:
-            batch = F.to_device(fetch_batch(self.train_data, list(key)), self.device)
-            self._last_batch = (key, batch)
-        return self._last_batch[1]
-
-    def _index(self, term: _Term) -> Tensor:
-        return torch.tensor(term.indices, dtype=torch.long, device=self.device)
-
-    def _test_matrix(
-        self, terms: Sequence[_Term], inputs: Iterable[tuple[Any, ...]], aggregate: bool
-    ) -> F.Params:
-        """Test-side gradients ``(K, n_test, numel)`` (``(K, 1, numel)`` aggregated)."""
-        state = self._loader(terms[0].checkpoint)
-        floss = F.FunctionalLoss(self.model, self._test_loss.loss_fn, state.frozen)
-        rows = []
-        for i, b in enumerate(on_device(inputs, self.device)):
-            validate_batch(floss, state.params, b, "inputs", run_loss=i == 0)
-            rows.append(self._test_side(terms, b, self._test_loss))
-        if not rows:
-            raise ValueError("`inputs` is empty")
-        out = _finite(
-            {n: torch.cat([r[n] for r in rows], dim=1) for n in rows[0]}, "test gradients", terms
-        )
-        return {n: v.sum(dim=1, keepdim=True) for n, v in out.items()} if aggregate else out
-
-    def _test_key(self, term: _Term, index: int) -> tuple[Any, ...]:
-        # test gradients depend on the term only through its checkpoint, unless they
-        # are taken at a perturbation that changes from term to term
-        if self.test_at_perturbed and self.perturbation == "batch":
-            return ("term", index)
-        return ("ckpt", term.checkpoint, term.rho, term.adaptive)
-
-    def _coefficients(self, terms: Sequence[_Term]) -> Tensor:
-        state = self._loader(terms[0].checkpoint)
-        ref = state.params[self.names[0]]
-        return torch.tensor([t.coefficient for t in terms], dtype=ref.dtype, device=ref.device)
-
     # ------------------------------------------------------------------ Captum API
 
     def influence(  # type: ignore[override]
@@ -705,223 +526,6 @@ class SAMTracInCP(FactoredGIFMixin, QuantityCacheMixin, TracInCPBase):
         dots = coef @ sum(_rowdot(test[n], train[n]) for n in train)  # type: ignore[index]
         return _finite(dots, "gradients", terms)
 
-    def compute_intermediate_quantities(
-        self,
-        inputs: tuple[Any, ...] | DataLoader | None = None,
-        aggregate: bool = False,
-        side: str = "train",
-    ) -> Tensor:
-        """Per-example vectors whose inner products give the influence scores.
-
-        ``compute_intermediate_quantities(test, side="test") @
-        compute_intermediate_quantities(side="train").T == influence(test)``.
-
-        Args:
-            inputs: Examples; default the training set. The trajectory form needs
-                batch membership for ``side="train"``, so only ``None`` is accepted
-                there.
-            aggregate: Sum over the examples (``(1, D)``).
-            side: ``"train"``: coefficient-weighted gradients at the perturbed
-                weights; ``"test"``: raw test-side gradients (``test_loss_fn``).
-
-        Returns:
-            ``(n_examples, n_checkpoints * D)``: one block of ``D`` per distinct
-            checkpoint, in order of first use; ``D = P``, or ``projection_dim``.
-        """
-        if side not in ("train", "test"):
-            raise ValueError(f"`side` must be 'train' or 'test', got {side!r}")
-        ckpts = list(dict.fromkeys(t.checkpoint for t in self._terms))
-        first = {c: next(t for t in self._terms if t.checkpoint == c) for c in ckpts}
-        with F.eval_mode(self.model):
-            self._prepare()
-            if side == "test":
-                if self.test_at_perturbed and self.perturbation == "batch":
-                    raise ValueError(
-                        "with test_at_perturbed and the recorded-batch perturbation the test "
-                        "side changes at every step: it has no fixed intermediate quantity"
-                    )
-                data = as_loader(
-                    self.train_dataloader if inputs is None else inputs, self.batch_size, "inputs"
-                )
-                t = self._test_matrix([first[c] for c in ckpts], data, aggregate)
-                return torch.cat(list(t.values()), dim=2).transpose(0, 1).flatten(1)
-            if self.trajectory is not None and inputs is not None:
-                raise ValueError(
-                    "the trajectory form defines training-side quantities for the "
-                    "training set only: pass inputs=None"
-                )
-            result = (
-                self._trajectory_train_quantities(ckpts)
-                if self.trajectory is not None
-                else self._checkpoint_train_quantities(ckpts, inputs)
-            )
-            result = _finite(result, "training gradients", self._terms)
-            return result.sum(dim=0, keepdim=True) if aggregate else result
-
-    def _width(self) -> int:
-        if self.projector is not None:
-            return self.projector.dim
-        return sum(self._loader(self._terms[0].checkpoint).params[n].numel() for n in self.names)
-
-    def _dtype(self) -> torch.dtype:
-        return self._loader(self._terms[0].checkpoint).params[self.names[0]].dtype
-
-    def _weighted(self, terms: Sequence[_Term], batch: tuple[Any, ...], ckpts: list[str]) -> Tensor:
-        """Coefficient-weighted train-side rows, one block per checkpoint ``(B, C * D)``."""
-        g = self._grads(terms, batch, self._loss, False, True)[1]
-        weighted = self._coefficients(terms).view(-1, 1, 1) * _cat(g, list(g), 2)  # type: ignore[arg-type]
-        size = self._width()
-        out = weighted.new_zeros(weighted.shape[1], len(ckpts) * size)
-        for k, term in enumerate(terms):
-            j = ckpts.index(term.checkpoint) * size
-            out[:, j : j + size] += weighted[k]
-        return out
-
-    def _checkpoint_train_quantities(self, ckpts: list[str], inputs: Any) -> Tensor:
-        data = (
-            self.train_dataloader
-            if inputs is None
-            else as_loader(inputs, self.batch_size, "inputs")
-        )
-        rows = gather_ordered(
-            [
-                (i, self._weighted(self._terms, b, ckpts))
-                for i, b in local_batches(data, self.device)
-            ]
-        )
-        if not rows:
-            raise ValueError("`inputs` is empty")
-        return torch.cat(rows)
-
-    def _trajectory_train_quantities(self, ckpts: list[str]) -> Tensor:
-        out = torch.zeros(
-            self.n_train, len(ckpts) * self._width(), dtype=self._dtype(), device=self.device
-        )
-        for _, term in contiguous(self._terms):
-            rows = self._weighted([term], self._fetch(term.indices), ckpts)
-            out.index_add_(0, self._index(term), rows)
-        return all_reduce_sum(out)
-
-    # ------------------------------------------------------------------ caching
-
-    def _fingerprint(self) -> dict[str, Any]:
-        ckpts = list(dict.fromkeys(t.checkpoint for t in self._terms))
-        terms = hashlib.sha256(
-            json.dumps(
-                [
-                    [ckpts.index(t.checkpoint), t.coefficient, t.indices, t.rho, t.adaptive]
-                    for t in self._terms
-                ]
-            ).encode()
-        ).hexdigest()
-        custom = self.perturbation_dataloader is not self.train_dataloader
-        return {
-            "estimator": type(self).__name__,
-            "form": "trajectory" if self.trajectory is not None else "checkpoint",
-            "checkpoints": [file_digest(c) for c in ckpts],
-            "terms": terms,
-            "perturbation": self.perturbation,
-            "perturbation_data": data_digest(self.perturbation_dataloader.dataset)  # type: ignore[attr-defined]
-            if custom and isinstance(self.perturbation_dataloader, DataLoader)
-            else "train",
-            "parameters": self.names,
-            "projection": projection_setting(self.projector),
-            "loss": repr(self._loss.loss_fn),
-            "data": data_digest(self.train_data),
-            "dtype": str(self._dtype()),
-        }
-
-    def save_intermediate_quantities(self, directory: str | os.PathLike[str]) -> str:
-        """Compute the training side (``side="train"``) and store it in ``directory``.
-
-        One torch file per training batch plus a manifest with a fingerprint of the
-        checkpoints (SHA-256), the settings, the loss and the training data.
-
-        Returns:
-            The directory.
-        """
-        ckpts = list(dict.fromkeys(t.checkpoint for t in self._terms))
-        with F.eval_mode(self.model):
-            self._prepare()
-            if self.trajectory is not None:  # accumulated over steps: held whole
-                full = self._trajectory_train_quantities(ckpts)
-                size = self.batch_size or 64
-                chunks = full.split(size) if rank_and_world()[0] == 0 else []
-                parts: Iterable[tuple[int, Tensor]] = list(enumerate(chunks))
-            else:
-                parts = (
-                    (i, self._weighted(self._terms, b, ckpts))
-                    for i, b in local_batches(self.train_dataloader, self.device)
-                )
-            return save_quantities(directory, self._fingerprint(), parts)
-
-    # ------------------------------------------------------------------ editing
-
-    def parameter_change(
-        self, indices: Sequence[int] | Tensor, flat: bool = False, show_progress: bool = False
-    ) -> F.Params | Tensor:
-        r"""GIF estimate of :math:`w_{-S} - w_T` for removing the examples ``indices``.
-
-        :math:`\sum_{\text{terms}} c \sum_{k \in S \cap B} \nabla l_k(w + \epsilon)`:
-        the descent steps the removed examples contributed, added back. In trajectory
-        form :math:`c = \eta_t/|B_t|` and :math:`B = B_t`; in checkpoint form
-        :math:`c = \eta_c` and every example counts at every checkpoint, so the scale
-        is whatever the checkpoints' learning rates encode.
-
-        Args:
-            indices: Training indices of the set :math:`S`.
-            flat: Return one flat vector ``(P,)`` instead of a dict.
-            show_progress: Progress bar.
-
-        Returns:
-            A dict (attributed parameter name -> tensor of the parameter's shape), or
-            a flat ``(P,)`` tensor in ``named_parameters`` order.
-        """
-        removed = set(check_indices(indices, self.n_train))
-        chunk = self.batch_size or 64
-        if self.trajectory is None:
-            members = sorted(removed)
-            work = [(self._terms, members[i : i + chunk]) for i in range(0, len(members), chunk)]
-        else:
-            work = [([t], sorted(removed & set(t.indices))) for t in self._terms]  # type: ignore[arg-type]
-            work = [w for w in work if w[1]]
-        ref = self._loader(self._terms[0].checkpoint).params
-        total = torch.zeros(
-            sum(ref[n].numel() for n in self.names),
-            dtype=ref[self.names[0]].dtype,
-            device=self.device,
-        )
-        with F.eval_mode(self.model):
-            self._prepare()
-            for _, (terms, members) in progress(
-                contiguous(work), show_progress, "GIF parameter change"
-            ):
-                g = self._grads(
-                    terms, self._fetch(members), self._loss, False, True, project=False
-                )[1]
-                total += self._coefficients(terms) @ _cat(g, self.names, 2).sum(dim=1)  # type: ignore[arg-type]
-        all_reduce_sum(total)
-        _finite(total, "training gradients", self._terms)
-        return total if flat else F.unflatten(total, {n: ref[n] for n in self.names})
-
-    def edited_model(
-        self, indices: Sequence[int] | Tensor, show_progress: bool = False
-    ) -> nn.Module:
-        """A new model: the final weights plus :meth:`parameter_change` (user's model untouched).
-
-        The final weights are the trajectory's final checkpoint, or in checkpoint form
-        the last checkpoint.
-        """
-        delta = self.parameter_change(indices, show_progress=show_progress)
-        return edited_copy(self.model, self._loader.load_func, self._final_checkpoint, delta)  # type: ignore[arg-type]
-
-
-def _rows(grads: F.Params | None) -> F.Params | None:
-    """``(K, B, *shape)`` -> ``(K, B, numel)`` views."""
-    if grads is None:
-        return None
-    return {n: g.reshape(g.shape[0], g.shape[1], -1) for n, g in grads.items()}
-
 
 def _length(data: Any) -> int | None:
     try:
@@ -944,22 +548,6 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     if a is b:
         return torch.linalg.vector_norm(a, dim=-1).square()
     return torch.einsum("kbi,kbi->kb", a, b)
-
-
-def _cat(a: F.Params, names: Sequence[str], dim: int) -> Tensor:
-    return torch.cat([a[n] for n in names], dim=dim)
-
-
-def _finite(x: Any, what: str, terms: Sequence[_Term]) -> Any:
-    """Return ``x``, or raise if it holds NaN/inf (NaN gradients propagate into it)."""
-    values = x.values() if isinstance(x, dict) else x if isinstance(x, list) else [x]
-    if not all(bool(torch.isfinite(v).all()) for v in values):
-        where = sorted({os.path.basename(t.checkpoint) for t in terms})
-        raise ValueError(
-            f"{what} at checkpoint(s) {where} contain NaN or inf: check the inputs, the "
-            "loss function and the checkpoint weights"
-        )
-    return x
 
 
 def _check_rho(rho: Any, adaptive: Any) -> None:
