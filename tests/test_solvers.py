@@ -521,3 +521,27 @@ def test_arnoldi_operator_drops_non_positive_eigenvalues():
     keep = values > 0
     ref = vectors[:, keep] @ ((vectors[:, keep].T @ b) / values[keep, None])
     assert _rel_err(op.solve(b), ref) < 1e-8
+
+
+def test_default_tolerance_follows_the_dtype():
+    assert SolverOptions().tolerance(torch.float64) == 1e-6
+    assert SolverOptions().tolerance(torch.float32) == 1e-4
+    assert SolverOptions().tolerance(torch.bfloat16) == 1e-2
+    assert SolverOptions(tol=1e-9).tolerance(torch.float32) == 1e-9
+    with pytest.raises(ValueError, match="tol"):
+        SolverOptions(tol=0.0)
+    # condition number 1e3 in float32: the dense solve leaves rounding-level residuals
+    a = _spd(n=200, lo=1e-2, hi=10.0).float()
+    b = _rhs("vector").float().repeat(7)[:200]
+    op = InverseOperator(lambda x: a @ x, 200, method="dense", symmetric=True, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        x = op.solve(b)
+    residual = float(torch.linalg.norm(a @ x - b) / torch.linalg.norm(b))
+    assert 1e-6 < residual < 1e-4  # float64's 1e-6 would have warned, float32's does not
+    # cg in float32 stops at 1e-4 instead of running to max_iter after 1e-6
+    spd = _spd().float()
+    result = cg(lambda x: spd @ x, _rhs("vector").float(), SolverOptions())
+    assert float(result.residual.max()) <= 1e-4
+    tight = cg(lambda x: spd @ x, _rhs("vector").float(), SolverOptions(tol=1e-6))
+    assert result.iterations < tight.iterations

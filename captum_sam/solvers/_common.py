@@ -46,6 +46,10 @@ class SolverOptions:
 
     Attributes:
         tol: Target relative residual ``||A x - b|| / ||b||`` of every column.
+            ``None`` (default) picks it from the dtype of ``b``: ``1e-6`` in
+            float64, ``1e-4`` in float32 and ``1e-2`` in 16-bit floats, so that
+            rounding alone (a float32 dense solve of a well-conditioned matrix
+            leaves residuals of a few ``1e-6``) does not count as failure.
         max_iter: Cap on the matvecs spent in the iterations of ``cg``,
             ``bicgstab`` and ``gmres`` (residual checks are not counted).
         restart: Restart length of GMRES (size of each Krylov basis).
@@ -68,7 +72,7 @@ class SolverOptions:
             the field and what was expected.
     """
 
-    tol: float = 1e-6
+    tol: float | None = None
     max_iter: int = 1000
     restart: int = 50
     neumann_terms: int = 1000
@@ -100,8 +104,8 @@ class SolverOptions:
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        if not _is_real(self.tol) or not (0 < self.tol < math.inf):
-            raise ValueError(f"tol must be a finite float > 0, got {self.tol!r}")
+        if self.tol is not None and (not _is_real(self.tol) or not (0 < self.tol < math.inf)):
+            raise ValueError(f"tol must be None or a finite float > 0, got {self.tol!r}")
         if self.scale is not None and (not _is_real(self.scale) or not (0 < self.scale < math.inf)):
             raise ValueError(f"scale must be None or a finite float > 0, got {self.scale!r}")
         if self.krylov_dim is not None and (
@@ -110,6 +114,16 @@ class SolverOptions:
             raise ValueError(
                 f"krylov_dim must be None or an int >= rank ({self.rank}), got {self.krylov_dim!r}"
             )
+
+    def tolerance(self, dtype: torch.dtype) -> float:
+        """``tol``, or the default for ``dtype`` when ``tol`` is ``None``."""
+        if self.tol is not None:
+            return float(self.tol)
+        if dtype == torch.float64 or dtype == torch.complex128:
+            return 1e-6
+        if dtype == torch.float32 or dtype == torch.complex64:
+            return 1e-4
+        return 1e-2
 
 
 class SolveResult(NamedTuple):

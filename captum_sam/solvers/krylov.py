@@ -205,7 +205,7 @@ def _krylov(
     residual = _relative(r, bnorm)
     iterations = 0
     while iterations < options.max_iter:
-        active = nonzero & (residual > options.tol)
+        active = nonzero & (residual > options.tolerance(bb.dtype))
         if not bool(active.any()):
             break
         ia = active.nonzero().squeeze(1)
@@ -214,7 +214,7 @@ def _krylov(
             x[:, ia].clone(),
             r[:, ia].clone(),
             bnorm[ia],
-            options.tol,
+            options.tolerance(bb.dtype),
             options.max_iter - iterations,
             **kwargs,
         )
@@ -223,7 +223,7 @@ def _krylov(
         ra = bb[:, ia] - _apply(matvec, xa)
         r[:, ia] = ra
         residual[ia] = _relative(ra, bnorm[ia])
-    _check_convergence(name, residual, options.tol, iterations, stacklevel=4)
+    _check_convergence(name, residual, options.tolerance(bb.dtype), iterations, stacklevel=4)
     return SolveResult(_restore(x, vector), residual, iterations)
 
 

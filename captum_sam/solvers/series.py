@@ -181,11 +181,11 @@ def neumann(matvec: Matvec, b: Tensor, options: SolverOptions = SolverOptions())
         iterations += 1
         res = _relative(ra, bnorm[ia])
         residual[ia] = res
-        going = (res > options.tol) & (res < _DIVERGED)
+        going = (res > options.tolerance(bb.dtype)) & (res < _DIVERGED)
         if j < options.neumann_terms:
             x[:, ia] = torch.where(going, xa - ra, xa)
         active[ia] = going
-    _check_convergence("neumann", residual, options.tol, iterations)
+    _check_convergence("neumann", residual, options.tolerance(bb.dtype), iterations)
     return SolveResult(_restore(x / s, vector), residual, iterations)
 
 
@@ -242,7 +242,7 @@ def lissa(
     x = torch.where(nonzero, total / (options.lissa_repeats * s), 0.0)
     if matvec is not None:
         residual = _relative(_apply(matvec, x) - bb, bnorm)
-        _check_convergence("lissa", residual, options.tol, iterations)
+        _check_convergence("lissa", residual, options.tolerance(bb.dtype), iterations)
     else:
         residual = torch.full_like(bnorm, math.nan)
         if not bool(torch.isfinite(x).all()):
