@@ -296,3 +296,20 @@ def test_factorize_must_be_a_bool(run):
             loss_fn=ce_loss(),
             factorize=1,
         )
+
+
+def test_merged_pass_progress_budget_fallback_and_no_leftover_hooks(run, monkeypatch):
+    from captum_sam import _gif_factored
+
+    ckpts = [c.path for c in run["traj"].checkpoints]
+
+    def make(**f):
+        return SAMTracInCP(run["model"], run["data"], ckpts, loss_fn=ce_loss(), rho=0.2, **f)
+
+    ref = make(factorize=False).self_influence()
+    torch.testing.assert_close(make().self_influence(show_progress=True), ref)
+    monkeypatch.setattr(_gif_factored, "MERGE_BUDGET_BYTES", 0)  # factors at w do not fit
+    est = make()
+    torch.testing.assert_close(est.self_influence(), ref)
+    assert all(est._sites_checked.values())  # still factored, in three passes
+    assert all(not m._forward_hooks for m in run["model"].modules())
