@@ -102,7 +102,8 @@ class SAMTracInCP(
         factorize: When every attributed parameter is an ``nn.Linear`` weight or
             bias, compute per-example inner products from layer inputs and output
             gradients (:mod:`captum_sam.factored`) instead of forming per-example
-            gradients; used for ``self_influence`` and un-aggregated ``influence``
+            gradients of the training set; used for ``self_influence`` and
+            ``influence`` (not with a projection or ``perturbation="example"``)
             after a check against ``vmap`` on a few examples of the first batch
             (models whose examples interact in the forward fall back). ``False``
             always forms them with ``vmap``. The scores are the same either way.
