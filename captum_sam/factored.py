@@ -61,8 +61,14 @@ class LinearSite:
 Factors = list[tuple[Tensor, Tensor]]
 
 
-class Unsupported(RuntimeError):
+class Unsupported(ValueError):
     """The model does not follow the pattern the factorisation needs."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"{what}, so per-example gradients cannot be factored for this batch; "
+            "construct the estimator with factorize=False"
+        )
 
 
 def linear_sites(model: nn.Module, names: Sequence[str]) -> list[LinearSite] | None:
