@@ -37,6 +37,8 @@ def work(rank: int, world: int, directory: str, n_train: int) -> None:
     traj = load_trajectory(os.path.join(directory, "run"))
     ckpts = [c.path for c in traj.checkpoints]
     times, out = {}, {}
+    # warm-up outside the timings: the first torch.func call of a process is slow
+    SAMTracInCP(model, data.train, ckpts[:1], loss_fn=LOSS, factorize=False).self_influence()
     if world > 1:
         dist.barrier()
     start = time.perf_counter()
