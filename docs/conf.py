@@ -153,6 +153,12 @@ def _skip_namedtuple_fields(app, what, name, obj, skip, options):  # type: ignor
     return None
 
 
+def _public_bases(app, name, obj, options, bases):  # type: ignore[no-untyped-def]
+    # implementation mixins (captum_sam._*) say nothing to a reader of "Bases:"
+    bases[:] = [b for b in bases if not b.__module__.startswith("captum_sam._")]
+
+
 def setup(app):  # type: ignore[no-untyped-def]
     app.connect("missing-reference", _resolve_reexport)
     app.connect("autodoc-skip-member", _skip_namedtuple_fields)
+    app.connect("autodoc-process-bases", _public_bases)
