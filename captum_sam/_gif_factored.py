@@ -42,7 +42,7 @@ class FactoredGIFMixin:
         loss_fn = self._test_loss.loss_fn if test else self._loss.loss_fn
         if loss_fn not in self._sites_checked:
             state = self._loader(terms[0].checkpoint)
-            floss = F.FunctionalLoss(self.model, loss_fn, state.frozen)
+            floss = F.FunctionalLoss(self._loader.scratch, loss_fn, state.frozen)
             ok = factored.matches_vmap(floss, state.params, batch, self._sites)
             self._sites_checked[loss_fn] = ok
         return self._sites_checked[loss_fn]
@@ -50,13 +50,19 @@ class FactoredGIFMixin:
     def _term_losses(
         self, terms: Sequence[Any], loss_fn: Any = None
     ) -> list[tuple[F.Params, F.FunctionalLoss]]:
-        """Per term: its weights and a loss bound to its frozen parameters."""
+        """Per term: its weights and a loss bound to its frozen parameters.
+
+        The structure is the loader's private copy of the model, so the forward hooks
+        of the factored passes never touch the user's modules.
+        """
         params, frozen = self._stack(terms)
         loss_fn = self._loss.loss_fn if loss_fn is None else loss_fn
         return [
             (
                 {n: v[k] for n, v in params.items()},
-                F.FunctionalLoss(self.model, loss_fn, {n: v[k] for n, v in frozen.items()}),
+                F.FunctionalLoss(
+                    self._loader.scratch, loss_fn, {n: v[k] for n, v in frozen.items()}
+                ),
             )
             for k in range(len(terms))
         ]

@@ -14,7 +14,8 @@ which costs :math:`O(T^2 (d_{in} + d_{out}))` per example instead of
 :math:`O(d_{in} d_{out})`, and needs only one batched forward and one backward to the
 layer outputs (the "ghost norm" factorisation). :func:`linear_factors` collects
 :math:`(a, d)` with forward hooks during a ``functional_call`` at a given parameter
-dict; the model's own parameters are never touched.
+dict; the model's own parameters are never touched (the estimators run it on a
+private copy of the model, so not even hooks touch the user's modules).
 
 The factorisation is exact only when every attributed parameter belongs to an
 ``nn.Linear`` called once per forward and example :math:`i`'s loss depends on

@@ -302,7 +302,9 @@ class SAMTracInCP(
         dim, kind, seed = projection
         sizes = {n: p.numel() for n, p in model.named_parameters() if n in set(self.names)}
         self.projector = None if dim is None else RandomProjection(sizes, dim, kind, seed)
-        self._sites = factored.linear_sites(model, self.names) if factorize else None
+        scratch = self._loader.scratch  # hooks of the factored path go on this private copy
+        scratch.eval()  # attribution always runs the model in eval mode
+        self._sites = factored.linear_sites(scratch, self.names) if factorize else None
         self._sites_checked: dict[Any, bool] = {}  # loss function -> factored path valid
 
     def _validate_first_batch(self) -> None:

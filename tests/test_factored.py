@@ -313,3 +313,25 @@ def test_merged_pass_progress_budget_fallback_and_no_leftover_hooks(run, monkeyp
     torch.testing.assert_close(est.self_influence(), ref)
     assert all(est._sites_checked.values())  # still factored, in three passes
     assert all(not m._forward_hooks for m in run["model"].modules())
+    assert all(not m._forward_hooks for m in est._loader.scratch.modules())
+    assert all(site.module in set(est._loader.scratch.modules()) for site in est._sites)
+
+
+def test_model_in_train_mode_with_dropout_is_attributed_in_eval_mode(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 3)).to(DTYPE)
+    model.train()
+    before = snapshot(model)
+    x, y = make_data(n=16, seed=6).tensors
+    path = tmp_path / "d.pt"
+    torch.save({"model_state": copy.deepcopy(model.state_dict()), "learning_rate": 0.1}, path)
+
+    def make(**f):
+        return SAMTracInCP(
+            model, TensorDataset(x, y), [str(path)], loss_fn=ce_loss(), batch_size=8, rho=0.1, **f
+        )
+
+    got, ref = both_paths(make)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(make().self_influence(), got)  # no dropout noise
+    assert_unchanged(model, before)
