@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import vmap
 
 from captum_sam import factored
 from captum_sam import functional as F
+from captum_sam._gif_gradients import _finite
 from captum_sam._utils import local_batches, on_device, progress, validate_batch
-from captum_sam.distributed import all_reduce_sum, all_reduce_tree, gather_ordered
+from captum_sam.distributed import gather_ordered
 
 # factors at w kept between the two passes of merged self influence, at most
 MERGE_BUDGET_BYTES = 1 << 30
@@ -92,7 +92,7 @@ class FactoredGIFMixin:
                 else:  # "batch": the mean gradient of the recorded batch, from ``at_w``
                     g = factored.factor_grad_sum(at_w, self._sites)  # type: ignore[arg-type]
                     g = F.tree_scale(g, 1.0 / at_w[0][0].shape[0])  # type: ignore[index]
-                    self._finite(g, "gradients of a recorded batch", [term])
+                    _finite(g, "gradients of a recorded batch", [term])
                     e = F.sam_perturbation(p, g, term.rho, term.adaptive)
                 shifted = {n: p[n] + e[n] for n in p}
                 moved = factored.linear_factors(floss, shifted, batch, self._sites)
@@ -113,7 +113,7 @@ class FactoredGIFMixin:
             test = moved if self.test_at_perturbed else at_w
             dots = coef[k] * factored.factor_dots(test, moved, self._sites)  # type: ignore[arg-type]
             total = dots if total is None else total + dots
-        return self._finite(total, "gradients", terms)
+        return _finite(total, "gradients", terms)
 
     def _test_factors(
         self, terms: Sequence[Any], inputs: Iterable[tuple[Any, ...]], aggregate: bool
@@ -144,7 +144,7 @@ class FactoredGIFMixin:
             raise ValueError("`inputs` is empty")
         out = [factored.concat_factors(p) for p in parts]
         for f in out:
-            self._finite([t for pair in f for t in pair], "test gradients", terms)
+            _finite([t for pair in f for t in pair], "test gradients", terms)
         return out
 
     def _factored_apply(
@@ -156,7 +156,7 @@ class FactoredGIFMixin:
             rows = {n: v[k] for n, v in tests.items()}
             gram = factored.factor_apply(moved, rows, self._sites)  # type: ignore[arg-type]
             total = gram if total is None else total + gram
-        return self._finite(total, "training gradients", terms)
+        return _finite(total, "training gradients", terms)
 
     def _factored_gram(
         self,
@@ -171,7 +171,7 @@ class FactoredGIFMixin:
             gram = factored.factor_cross(tests[k], moved, self._sites)  # type: ignore[arg-type]
             gram = gram if coef is None else coef[k] * gram
             total = gram if total is None else total + gram
-        return self._finite(total, "training gradients", terms)
+        return _finite(total, "training gradients", terms)
 
     def _merged_self_influence(self, show_progress: bool) -> Tensor | None:
         """Checkpoint-form self influence of the training set in two passes, or ``None``.
@@ -210,13 +210,7 @@ class FactoredGIFMixin:
                     total[n][k] += g
             count += len(fs[0][0][0])
             stored.append((i, batch, fs))
-        all_reduce_tree(total)
-        count = int(all_reduce_sum(torch.tensor([count], dtype=torch.float64))[0])
-        if count == 0:
-            raise ValueError("`train_dataset` is empty")
-        mean = F.tree_scale(total, 1.0 / count)
-        eps = vmap(self._sam(terms))(params, self._finite(mean, "perturbation gradients", terms))
-        self._dataset_eps[key] = eps
+        self._store_dataset_eps(terms, total, count, "train_dataset")
         second = progress(stored, show_progress, f"{self.get_name()}: self influence, pass 2 of 2")
         out = [(i, self._factored_pair_dots(terms, b, own=fs)) for i, b, fs in second]
         return torch.cat(gather_ordered(out))

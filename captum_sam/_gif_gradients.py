@@ -38,9 +38,6 @@ class _Term:
 class GIFGradientsMixin:
     """Stacked weights, SAM perturbations and per-example gradients of the terms."""
 
-    # the module's ``_finite``, for the other mixins (bound late: defined below)
-    _finite = staticmethod(lambda x, what, terms: _finite(x, what, terms))
-
     def _stack(self, terms: Sequence[_Term]) -> tuple[F.Params, F.Params]:
         key = tuple(t.checkpoint for t in terms)
         if key not in self._stacks:
@@ -67,20 +64,25 @@ class GIFGradientsMixin:
         key = self._eps_key(terms)
         if self.perturbation == "dataset" and key in self._dataset_eps:
             return self._dataset_eps[key]
-        if self.perturbation == "dataset":  # every rank sums its shard, then all-reduce
+        if self.perturbation == "dataset":
             local = (b for _, b in local_batches(self.perturbation_dataloader, self.device))
             g, count = F.stacked_grad_sum(self._loss, params, frozen, local)
-            all_reduce_tree(g)
-            count = int(all_reduce_sum(torch.tensor([count], dtype=torch.float64))[0])
-            if count == 0:
-                raise ValueError("`perturbation_dataset` is empty")
-            g, what = F.tree_scale(g, 1.0 / count), "perturbation gradients"
-        else:  # "batch": the mean gradient of the recorded batch
-            data, what = [self._fetch(terms[0].indices)], "gradients of a recorded batch"
-            g, _ = F.stacked_mean_grad(self._loss, params, frozen, data)
-        eps = vmap(self._sam(terms))(params, _finite(g, what, terms))
-        if self.perturbation == "dataset":
-            self._dataset_eps[key] = eps
+            return self._store_dataset_eps(terms, g, count, "perturbation_dataset")
+        # "batch": the mean gradient of the recorded batch
+        g, _ = F.stacked_mean_grad(self._loss, params, frozen, [self._fetch(terms[0].indices)])
+        return vmap(self._sam(terms))(params, _finite(g, "gradients of a recorded batch", terms))
+
+    def _store_dataset_eps(
+        self, terms: Sequence[_Term], local_sum: F.Params, count: int, data_name: str
+    ) -> F.Params:
+        """Dataset perturbations from this rank's gradient sum: all-reduce, mean, cache."""
+        all_reduce_tree(local_sum)
+        count = int(all_reduce_sum(torch.tensor([count], dtype=torch.float64))[0])
+        if count == 0:
+            raise ValueError(f"`{data_name}` is empty")
+        mean = _finite(F.tree_scale(local_sum, 1.0 / count), "perturbation gradients", terms)
+        eps = vmap(self._sam(terms))(self._stack(terms)[0], mean)
+        self._dataset_eps[self._eps_key(terms)] = eps
         return eps
 
     def _grads(
