@@ -22,7 +22,7 @@ from captum_sam import factored
 from captum_sam import functional as F
 from captum_sam._gif_gradients import _finite
 from captum_sam._utils import local_batches, on_device, progress, validate_batch
-from captum_sam.distributed import gather_ordered
+from captum_sam.distributed import all_reduce_sum, gather_ordered
 
 # factors at w kept between the two passes of merged self influence, at most
 MERGE_BUDGET_BYTES = 1 << 30
@@ -199,17 +199,25 @@ class FactoredGIFMixin:
             show_progress,
             f"{self.get_name()}: self influence, pass 1 of 2",
         )
+        usable = True
         for i, batch in batches:
             if not stored and not self._factored(terms, batch):
-                return None
+                usable = False
+                break
             fs = [factored.linear_factors(floss, p, batch, self._sites) for p, floss in losses]
-            if not stored and _nbytes(fs) * self.n_train / len(fs[0][0][0]) > MERGE_BUDGET_BYTES:
-                return None
+            size = len(fs[0][0][0])
+            if not stored and _nbytes(fs) * self.n_train / size > MERGE_BUDGET_BYTES:
+                usable = False
+                break
             for k, f in enumerate(fs):
                 for n, g in factored.factor_grad_sum(f, self._sites).items():
                     total[n][k] += g
-            count += len(fs[0][0][0])
+            count += size
             stored.append((i, batch, fs))
+        # every rank takes the same path (a rank may have no batch to decide on)
+        refused = all_reduce_sum(torch.tensor([0.0 if usable else 1.0], dtype=torch.float64))
+        if refused[0] > 0:
+            return None
         self._store_dataset_eps(terms, total, count, "train_dataset")
         second = progress(stored, show_progress, f"{self.get_name()}: self influence, pass 2 of 2")
         out = [(i, self._factored_pair_dots(terms, b, own=fs)) for i, b, fs in second]
