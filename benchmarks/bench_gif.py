@@ -18,6 +18,10 @@ from captum.influence import TracInCP
 from captum_sam import checkpoints_load_func
 from captum_sam.tracincp import SAMTracInCP
 
+RHO0 = "SAMTracInCP rho=0 (plain TracIn, factored)"
+HOOKS = "Captum TracInCP hooks (sample_wise_grads_per_batch)"
+LOOP = "Captum TracInCP default loop"
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
@@ -83,18 +87,18 @@ def main() -> None:
             args.repeats,
         ),
         ("SAMTracInCP perturbation=example (vmap)", lambda: ours("example"), args.repeats),
-        ("SAMTracInCP rho=0 (plain TracIn, factored)", lambda: ours("dataset", 0.0), args.repeats),
-        ("Captum TracInCP hooks (sample_wise_grads_per_batch)", lambda: captum(True), args.repeats),
-        ("Captum TracInCP default loop", lambda: captum(False), 1),
+        (RHO0, lambda: ours("dataset", 0.0), args.repeats),
+        (HOOKS, lambda: captum(True), args.repeats),
+        (LOOP, lambda: captum(False), 1),
     ]
     t_floor, _ = timed(floor, 5 * args.repeats)
     times, results = {}, {}
     for label, fn, reps in paths:
         times[label], results[label] = timed(fn, reps)
-    t_hook, t_loop = times[paths[5][0]], times[paths[6][0]]
-    s_loop = results[paths[6][0]]
-    agree = torch.allclose(results[paths[4][0]], s_loop, rtol=1e-4, atol=1e-6) and torch.allclose(
-        results[paths[5][0]], s_loop, rtol=1e-3, atol=1e-5
+    t_hook, t_loop = times[HOOKS], times[LOOP]
+    s_loop = results[LOOP]
+    agree = torch.allclose(results[RHO0], s_loop, rtol=1e-4, atol=1e-6) and torch.allclose(
+        results[HOOKS], s_loop, rtol=1e-3, atol=1e-5
     )
     n_params = sum(p.numel() for p in model.parameters())
     print(f"machine: {machine()}")
