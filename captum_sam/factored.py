@@ -26,7 +26,9 @@ few examples (:func:`matches_vmap`) before trusting it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +48,10 @@ __all__ = [
     "concat_factors",
     "factor_grad_sum",
     "matches_vmap",
+    "linear_ggn",
+    "ggn_matches",
+    "MAX_OUTPUTS",
+    "Unsupported",
 ]
 
 
@@ -98,6 +104,52 @@ def linear_sites(model: nn.Module, names: Sequence[str]) -> list[LinearSite] | N
     return sites if sites and covered == wanted else None
 
 
+@contextlib.contextmanager
+def _recording(sites: Sequence[LinearSite]) -> Iterator[list[list[tuple[Tensor, Tensor]]]]:
+    """Record ``(input, output)`` of every call of each site while the block runs."""
+    calls: list[list[tuple[Tensor, Tensor]]] = [[] for _ in sites]
+
+    def hook(i: int) -> Any:
+        def record(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
+            calls[i].append((args[0], out))
+
+        return record
+
+    handles = [s.module.register_forward_hook(hook(i)) for i, s in enumerate(sites)]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _single_calls(
+    calls: list[list[tuple[Tensor, Tensor]]], sites: Sequence[LinearSite], size: int
+) -> list[tuple[Tensor, Tensor]]:
+    """The one ``(input, output)`` call of each site (zeros for a site never called)."""
+    out = []
+    for site, seen in zip(sites, calls):
+        if not seen:  # never called: a zero gradient
+            w = site.module.weight
+            seen = [(w.new_zeros(size, 1, w.shape[1]), w.new_zeros(size, 1, w.shape[0]))]
+        if len(seen) != 1 or seen[0][1].dim() < 2:
+            raise Unsupported("a linear layer is called more than once per forward")
+        if seen[0][1].shape[0] != size:
+            raise Unsupported("a linear layer sees a batch that is not the loss batch")
+        out.append(seen[0])
+    return out
+
+
+def _grads_to(roots: Tensor, outs: list[Tensor], **kwargs: Any) -> list[Tensor]:
+    """``autograd.grad`` of ``roots`` to each layer output (zeros where unused)."""
+    wanted = [o for o in outs if o.requires_grad]
+    found = iter(torch.autograd.grad(roots, wanted, allow_unused=True, **kwargs) if wanted else [])
+    grads = [next(found) if o.requires_grad else None for o in outs]
+    batched = kwargs.get("is_grads_batched", False)
+    shape = (kwargs["grad_outputs"].shape[0],) if batched else ()
+    return [o.new_zeros(*shape, *o.shape).detach() if g is None else g for o, g in zip(outs, grads)]
+
+
 def linear_factors(
     floss: F.FunctionalLoss, params: F.Params, batch: F.Batch, sites: Sequence[LinearSite]
 ) -> Factors:
@@ -116,43 +168,16 @@ def linear_factors(
     Raises:
         Unsupported: If a site is not called exactly once with a batch-first input.
     """
-    inputs: dict[int, list[Tensor]] = {i: [] for i in range(len(sites))}
-    outputs: dict[int, list[Tensor]] = {i: [] for i in range(len(sites))}
-
-    def hook(i: int) -> Any:
-        def record(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
-            inputs[i].append(args[0])
-            outputs[i].append(out)
-
-        return record
-
     # the outputs must be graph nodes: differentiate through fresh leaves
     leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-    handles = [s.module.register_forward_hook(hook(i)) for i, s in enumerate(sites)]
-    try:
-        with torch.enable_grad():
-            losses = floss.batch_losses(leaves, batch)
-            size = losses.shape[0]
-            for i, site in enumerate(sites):
-                if not outputs[i]:  # never called: a zero gradient
-                    w = site.module.weight
-                    inputs[i].append(w.new_zeros(size, 1, w.shape[1]))
-                    outputs[i].append(w.new_zeros(size, 1, w.shape[0]))
-                if len(outputs[i]) != 1 or outputs[i][0].dim() < 2:
-                    raise Unsupported("a linear layer is called more than once per forward")
-                if outputs[i][0].shape[0] != size:
-                    raise Unsupported("a linear layer sees a batch that is not the loss batch")
-            outs = [outputs[i][0] for i in range(len(sites))]
-            wanted = [o for o in outs if o.requires_grad]
-            found = iter(torch.autograd.grad(losses.sum(), wanted, allow_unused=True))
-            grads = [next(found) if o.requires_grad else None for o in outs]
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.enable_grad(), _recording(sites) as calls:
+        losses = floss.batch_losses(leaves, batch)
+        size = losses.shape[0]
+        seen = _single_calls(calls, sites, size)
+        grads = _grads_to(losses.sum(), [out for _, out in seen])
     factors = []
-    for i, (out, d) in enumerate(zip(outs, grads)):
-        a = inputs[i][0].detach()
-        d = torch.zeros_like(out) if d is None else d
+    for (a, _), d in zip(seen, grads):
+        a = a.detach()
         factors.append((a.reshape(size, -1, a.shape[-1]), d.reshape(size, -1, d.shape[-1])))
     return factors
 
@@ -259,5 +284,156 @@ def matches_vmap(
         g.flatten(1).square().sum(1) for g in F.per_example_grads(floss, params, head).values()
     )
     tol = 1e-4 if fast.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    scale = float(exact.abs().max()) + 1e-30
+    return bool(((fast - exact).abs() <= tol * scale).all())
+
+
+MAX_OUTPUTS = 256
+"""Largest number of model outputs per example :func:`linear_ggn` handles (one
+backward per output)."""
+
+_BLOCK_ELEMENTS = 1 << 23  # elements of one example chunk's partial products
+
+
+def _site_columns(site: LinearSite, a: Tensor) -> Tensor:
+    """What multiplies the output Jacobian: ``[a, 1]``, ``a`` or ``1`` (bias only)."""
+    ones = a.new_ones(a.shape[0], 1)
+    if site.weight is None:
+        return ones
+    return torch.cat([a, ones], 1) if site.bias is not None else a
+
+
+def _site_parts(site: LinearSite, d_in: int) -> list[tuple[str, slice]]:
+    """Attributed parameters of a site and their columns in :func:`_site_columns`."""
+    if site.weight is None:
+        return [(site.bias, slice(0, 1))]  # type: ignore[list-item]
+    parts = [(site.weight, slice(0, d_in))]
+    if site.bias is not None:
+        parts.append((site.bias, slice(d_in, d_in + 1)))
+    return parts
+
+
+def linear_ggn(
+    floss: F.FunctionalLoss,
+    params: F.Params,
+    batch: F.Batch,
+    sites: Sequence[LinearSite],
+    names: Sequence[str],
+) -> Tensor:
+    r"""The generalised Gauss-Newton matrix of a batch's summed loss, from layer factors.
+
+    For linear layers the Jacobian of output :math:`c` of example :math:`i` with
+    respect to :math:`W_l` is :math:`s_{icl} a_{il}^\top` (:math:`s_{icl}` the
+    Jacobian of the output in the layer's output, :math:`a_{il}` its input), so the
+    block of :math:`G = \sum_i J_i^\top H_{out,i} J_i` for layers :math:`p, m` is
+    :math:`\sum_i M_{ilm} \otimes a_{il} a_{im}^\top` with
+    :math:`M_{ilm} = S_{il}^\top H_{out,i} S_{im}`: one matrix product over the
+    examples per pair of layers, :math:`O(B P^2)` in all, instead of :math:`P`
+    curvature-vector products of :math:`O(B P)` each. Equal to forming the matrix
+    from :func:`captum_sam.functional.ggn_vp` products, up to rounding.
+
+    Args:
+        floss: Model and per-example loss (the model must be the one whose
+            modules ``sites`` hold).
+        params: Attributed parameters (the point where the matrix is taken).
+        batch: ``(features..., labels)``.
+        sites: From :func:`linear_sites`.
+        names: Order of the parameters in the matrix (every name belongs to a site).
+
+    Returns:
+        ``(P, P)``, symmetric.
+
+    Raises:
+        Unsupported: If the model output is not one tensor of at most
+            :data:`MAX_OUTPUTS` entries per example, or a layer sees several
+            positions per example or is not called exactly once.
+    """
+    features, labels = F._split(batch)
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    with torch.enable_grad(), _recording(sites) as calls:
+        outputs = floss.outputs(leaves, features)
+        if not isinstance(outputs, Tensor) or outputs.dim() < 1:
+            raise Unsupported("the model output is not one batch-first tensor")
+        size, count = outputs.shape[0], outputs[0].numel()
+        if count > MAX_OUTPUTS:
+            raise Unsupported(f"the model has {count} outputs per example (over {MAX_OUTPUTS})")
+        seen = _single_calls(calls, sites, size)
+        if any(a.dim() != 2 for a, _ in seen):
+            raise Unsupported("a linear layer sees several positions per example")
+        eye = torch.eye(count, dtype=outputs.dtype, device=outputs.device)
+        basis = eye.reshape(count, 1, *outputs.shape[1:]).expand(count, *outputs.shape)
+        jac = _grads_to(
+            outputs, [out for _, out in seen], grad_outputs=basis, is_grads_batched=True
+        )
+    out = outputs.detach()
+    gradient = torch.func.grad(lambda o: floss.loss_fn(o, labels).sum())
+    h = torch.func.vmap(lambda t: torch.func.jvp(gradient, (out,), (t,))[1])(basis)
+    h = h.reshape(count, size, count).transpose(0, 1)  # (B, C, C), per example
+    s = [j.reshape(count, size, -1).transpose(0, 1) for j in jac]  # (B, C, d_out)
+    hs = [torch.bmm(h, x) for x in s]
+    cols = [_site_columns(site, a.detach()) for site, (a, _) in zip(sites, seen)]
+    sizes = {n: params[n].numel() for n in names}
+    starts = dict(zip(names, [0, *itertools.accumulate(sizes[n] for n in names)]))
+    dim = sum(sizes.values())
+    g = out.new_zeros(dim, dim)
+    for left, right in itertools.combinations_with_replacement(range(len(sites)), 2):
+        o_l, o_m, c_l, c_m = (
+            s[left].shape[2],
+            s[right].shape[2],
+            cols[left].shape[1],
+            cols[right].shape[1],
+        )
+        block = out.new_zeros(o_l * o_m, c_l * c_m)
+        step = max(1, _BLOCK_ELEMENTS // (o_l * o_m + c_l * c_m))
+        for start in range(0, size, step):
+            mid = torch.bmm(
+                s[left][start : start + step].transpose(1, 2), hs[right][start : start + step]
+            )
+            outer = cols[left][start : start + step].unsqueeze(2) * cols[right][
+                start : start + step
+            ].unsqueeze(1)
+            block += mid.flatten(1).T @ outer.flatten(1)
+        block = block.reshape(o_l, o_m, c_l, c_m).permute(0, 2, 1, 3)  # (o, j, p, k)
+        d_l, d_m = seen[left][0].shape[1], seen[right][0].shape[1]
+        for name_l, j in _site_parts(sites[left], d_l):
+            for name_m, k in _site_parts(sites[right], d_m):
+                sub = block[:, j, :, k].reshape(sizes[name_l], sizes[name_m])
+                rows = slice(starts[name_l], starts[name_l] + sizes[name_l])
+                columns = slice(starts[name_m], starts[name_m] + sizes[name_m])
+                g[rows, columns] = sub
+                if left != right:
+                    g[columns, rows] = sub.T
+    return g
+
+
+def ggn_matches(
+    floss: F.FunctionalLoss,
+    params: F.Params,
+    batch: F.Batch,
+    sites: Sequence[LinearSite],
+    names: Sequence[str],
+    examples: int = 8,
+) -> bool:
+    """Whether :func:`linear_ggn` agrees with ``ggn_vp`` products on a few examples.
+
+    Two seeded random vectors, the first ``examples`` of ``batch``. Catches models
+    whose forward couples the examples of a batch or whose loss is not one term
+    per example.
+    """
+    head = tuple(x[:examples] if isinstance(x, Tensor) and x.dim() > 0 else x for x in batch)
+    try:
+        g = linear_ggn(floss, params, head, sites, names)
+    except Unsupported:
+        return False
+    like = {n: params[n] for n in names}
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(2, g.shape[0], generator=gen, dtype=torch.float64).to(g)
+    exact = F.flatten(
+        F.ggn_vp(floss, params, [head], F.unflatten(v, like, batch_dims=1), batched=True),
+        names,
+        batch_dims=1,
+    )
+    fast = v @ g  # g is symmetric
+    tol = 1e-4 if g.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
     scale = float(exact.abs().max()) + 1e-30
     return bool(((fast - exact).abs() <= tol * scale).all())

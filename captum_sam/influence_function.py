@@ -51,8 +51,10 @@ from torch import Tensor, nn
 from torch.func import vmap
 from torch.utils.data import DataLoader, Dataset
 
+from captum_sam import factored
 from captum_sam import functional as F
 from captum_sam._captum import InfluenceFunctionBase, KMostInfluentialResults
+from captum_sam._hif_operators import HIFOperatorsMixin
 from captum_sam._utils import (
     CheckpointLoader,
     as_loader,
@@ -84,7 +86,7 @@ from captum_sam.distributed import (
     is_distributed,
 )
 from captum_sam.projection import RandomProjection
-from captum_sam.solvers import METHODS, InverseOperator, SolverOptions, dense_matrix
+from captum_sam.solvers import METHODS, InverseOperator, SolverOptions
 from captum_sam.trajectory import MANIFEST, checkpoints_load_func, fetch_batch, load_trajectory
 
 __all__ = ["SAMInfluenceFunction", "VARIANTS", "CURVATURES"]
@@ -93,7 +95,7 @@ VARIANTS = ("fast", "full", "exact", "plain")
 CURVATURES = ("hessian", "ggn")
 
 
-class SAMInfluenceFunction(QuantityCacheMixin, InfluenceFunctionBase):
+class SAMInfluenceFunction(HIFOperatorsMixin, QuantityCacheMixin, InfluenceFunctionBase):
     r"""SAM-HIF (fast, full, exact) and plain IF as a Captum ``InfluenceFunctionBase``.
 
     Args:
@@ -129,6 +131,14 @@ class SAMInfluenceFunction(QuantityCacheMixin, InfluenceFunctionBase):
             ``parameter_change`` are exact.
         projection: ``"gaussian"`` or ``"rademacher"``.
         projection_seed: Seed of the projection.
+        factorize: With ``curvature="ggn"``, the dense solver and every attributed
+            parameter an ``nn.Linear`` weight or bias, form each Gauss-Newton
+            matrix from layer inputs and output Jacobians
+            (:func:`captum_sam.factored.linear_ggn`, one matrix product over the
+            data per pair of layers) instead of :math:`P` curvature-vector
+            products, after a check against ``ggn_vp`` on a few examples of the
+            first batch (models whose examples interact fall back). ``False``
+            always uses the products. The matrix is the same either way.
 
     Distributed: with an initialised ``torch.distributed`` process group, the mean
     gradient and every curvature product are summed over shards of the data on all
@@ -161,6 +171,7 @@ class SAMInfluenceFunction(QuantityCacheMixin, InfluenceFunctionBase):
         projection_dim: int | None = None,
         projection: str = "gaussian",
         projection_seed: int = 0,
+        factorize: bool = True,
     ) -> None:
         # InfluenceFunctionBase.__init__ loads the checkpoint into the user's model
         # and may flip requires_grad; we set the same attributes without doing so.
@@ -173,8 +184,9 @@ class SAMInfluenceFunction(QuantityCacheMixin, InfluenceFunctionBase):
         for name, value in (("rho", rho), ("weight_decay", weight_decay), ("damping", damping)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"`{name}` must be a number >= 0, got {value!r}")
-        if not isinstance(adaptive, bool):
-            raise TypeError(f"`adaptive` must be a bool, got {adaptive!r}")
+        for name, flag in (("adaptive", adaptive), ("factorize", factorize)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be a bool, got {flag!r}")
         symmetric = variant in ("fast", "plain")
         if solver in ("cg", "arnoldi") and not symmetric:
             raise ValueError(
@@ -221,8 +233,17 @@ class SAMInfluenceFunction(QuantityCacheMixin, InfluenceFunctionBase):
         self.names = F.attributed_names(model, self.layers)
         self.device = model_device(model)
 
-        state = CheckpointLoader(model, self.names, checkpoints_load_func)(self.checkpoint)
+        loader = CheckpointLoader(model, self.names, checkpoints_load_func)
+        state = loader(self.checkpoint)
         self.params, self.frozen = state.params, state.frozen
+        scratch = loader.scratch  # the factored GGN's hooks go on this private copy
+        scratch.eval()
+        self._factored_loss = F.FunctionalLoss(scratch, loss_fn, state.frozen)
+        self._ggn_sites = (
+            factored.linear_sites(scratch, self.names) if factorize and curvature == "ggn" else None
+        )
+        self._ggn_checked: bool | None = None
+        self._dense_he: Tensor | None = None  # H_e, kept when A is formed from factors
         self._loss = make_loss(model, loss_fn, state.frozen, "loss_fn")
         self._test_loss = make_loss(model, self.test_loss_fn, state.frozen, "test_loss_fn")
         self.dim = sum(self.params[n].numel() for n in self.names)
@@ -257,6 +278,7 @@ class SAMInfluenceFunction(QuantityCacheMixin, InfluenceFunctionBase):
             options=self.solver_options,
             dtype=self.params[self.names[0]].dtype,
             device=self.device,
+            dense_builder=self._factored_matrix,
         )
 
     # ------------------------------------------------------------------ data
@@ -294,121 +316,6 @@ class SAMInfluenceFunction(QuantityCacheMixin, InfluenceFunctionBase):
         halves = rows.split(self.dim, dim=1)
         return torch.cat([self.projector(h) for h in halves], dim=1)
 
-    # ------------------------------------------------------------------ operators
-    # Vectors are flat ``(P, m)`` columns in ``self.names`` order.
-
-    def _tree(self, columns: Tensor) -> F.Params:
-        return F.unflatten(columns.T, {n: self.params[n] for n in self.names}, batch_dims=1)
-
-    def _flat(self, tree: F.Params) -> Tensor:
-        return F.flatten(tree, self.names, batch_dims=1).T
-
-    def _curvature(
-        self, point: F.Params, columns: Tensor, batches: Iterable[Any], scale: float
-    ) -> Tensor:
-        """Curvature of the summed loss at ``point`` times ``columns`` (``(P, m)``)."""
-        if self._columns is not None:
-            self._columns.update(columns.shape[1])
-        vectors = self._tree(columns)
-        product = F.hvp if self.curvature == "hessian" else F.ggn_vp
-        out = scale * self._flat(
-            product(self._loss, point, batches, vectors, batched=True, allow_empty=self._reduce())
-        )
-        return all_reduce_sum(out) if self._reduce() else out
-
-    def _jvp_eps(self, columns: Tensor, batches: Iterable[Any], scale: float) -> Tensor:
-        r""":math:`J v = d\epsilon/dw\, v` for every column."""
-        hess_l = self._curvature(self.params, columns, batches, scale) / self.n_train
-
-        def one(v: F.Params, hv: F.Params) -> F.Params:
-            return F.perturbation_jvp(self.params, self.mean_grad, v, hv, self.rho, self.adaptive)
-
-        return self._flat(vmap(one)(self._tree(columns), self._tree(hess_l)))
-
-    def _vjp_eps(self, columns: Tensor, batches: list[Any], scale: float) -> Tensor:
-        """:math:`J^T u` for every column."""
-
-        def one(u: F.Params) -> tuple[F.Params, F.Params]:
-            return F.perturbation_vjp(self.params, self.mean_grad, u, self.rho, self.adaptive)
-
-        dw, dg = vmap(one)(self._tree(columns))
-        hess_dg = self._curvature(self.params, self._flat(dg), batches, scale) / self.n_train
-        return self._flat(dw) + hess_dg
-
-    def _regulariser(self) -> float:
-        return self.n_train * (self.weight_decay + self.damping)
-
-    def _apply(
-        self, columns: Tensor, batches: Callable[[], Iterable[Any]], scale: float, transpose: bool
-    ) -> Tensor:
-        reg = self._regulariser() * columns
-        if self.variant == "plain":
-            return self._curvature(self.params, columns, batches(), scale) + reg
-        if self.variant == "fast":
-            return self._curvature(self.perturbed, columns, batches(), scale) + reg
-        if not transpose:  # H_e (I + J) v
-            moved = columns + self._jvp_eps(columns, batches(), scale)
-            return self._curvature(self.perturbed, moved, batches(), scale) + reg
-        he_u = self._curvature(self.perturbed, columns, batches(), scale)  # (I + J^T) H_e u
-        return he_u + self._vjp_eps(he_u, batches(), scale) + reg
-
-    def _matvec(self, columns: Tensor) -> Tensor:
-        with F.eval_mode(self.model):
-            return self._apply(columns, self._hessian_batches, self.hessian_scale, False)
-
-    def _rmatvec(self, columns: Tensor) -> Tensor:
-        with F.eval_mode(self.model):
-            return self._apply(columns, self._hessian_batches, self.hessian_scale, True)
-
-    def _sampled(self, transpose: bool) -> Callable[[Tensor, int], Tensor]:
-        """Minibatch estimate of ``A`` (or ``A^T``) products for LiSSA, seeded by step."""
-        data = self.hessian_dataloader
-        dataset = data.dataset if isinstance(data, DataLoader) else None
-        size = self.batch_size or 64
-
-        def sampled(columns: Tensor, step: int) -> Tensor:
-            if dataset is None:
-                raise ValueError("LiSSA needs `hessian_dataset` to be a Dataset to sample from")
-            m = len(dataset)  # type: ignore[arg-type]
-            g = torch.Generator().manual_seed(self.solver_options.seed * 1_000_003 + step)
-            idx = torch.randperm(m, generator=g)[: min(size, m)]
-            batch = F.to_device(fetch_batch(dataset, idx), self.device)
-            with F.eval_mode(self.model), self._local_mode():  # same minibatch everywhere
-                return self._apply(columns, lambda: [batch], self.n_train / len(idx), transpose)
-
-        return sampled
-
-    def _solve(self, rhs: Tensor, transpose: bool, what: str) -> Tensor:
-        if self.show_progress:
-            from tqdm.auto import tqdm
-
-            self._columns = tqdm(desc=f"SAM-HIF {self.variant}: {what} (matvec columns)")
-        try:
-            out = self.inverse.solve_transpose(rhs) if transpose else self.inverse.solve(rhs)
-        finally:
-            if self._columns is not None:
-                self._columns.close()
-            self._columns = None
-        F.check_finite(out, f"inverse-HVP solutions ({what})")
-        return out
-
-    @property
-    def last_residual(self) -> Tensor | None:
-        """Relative residuals ``||A x - b|| / ||b||`` of the last solve, per column."""
-        return self.inverse.last_residual
-
-    def matrix(self) -> Tensor:
-        """The dense :math:`A` ``(P, P)`` (forms it with ``P`` matvecs if not done yet)."""
-        if self.inverse.method == "dense":
-            return self.inverse.matrix()
-        return dense_matrix(
-            self._matvec,
-            self.dim,
-            dtype=self.params[self.names[0]].dtype,
-            device=self.device,
-            chunk_size=self.solver_options.chunk_size,
-        )
-
     # ------------------------------------------------------------------ per-example sides
 
     def _grads(self, batch: tuple[Any, ...], loss: F.FunctionalLoss, point: F.Params) -> Tensor:
@@ -444,7 +351,7 @@ class SAMInfluenceFunction(QuantityCacheMixin, InfluenceFunctionBase):
         if self.variant != "exact":
             return v.T
         with F.eval_mode(self.model):
-            hv = self._curvature(self.perturbed, v, self._hessian_batches(), self.hessian_scale)
+            hv = self._he_product(v)
         return torch.cat([v.T, hv.T], dim=1)
 
     # ------------------------------------------------------------------ Captum API
@@ -666,10 +573,7 @@ class SAMInfluenceFunction(QuantityCacheMixin, InfluenceFunctionBase):
             all_reduce_sum(rhs)
             if self.variant == "exact":  # b + H_e (sum of d eps / d delta_k)
                 b, d = rhs[: self.dim], rhs[self.dim :]
-                he_d = self._curvature(
-                    self.perturbed, d.unsqueeze(1), self._hessian_batches(), self.hessian_scale
-                )
-                rhs = b + he_d.squeeze(1)
+                rhs = b + self._he_product(d.unsqueeze(1)).squeeze(1)
             delta = self._solve(rhs.unsqueeze(1), transpose=False, what="parameter change")
         delta = delta.squeeze(1)
         return delta if flat else F.unflatten(delta, {n: self.params[n] for n in self.names})

@@ -58,7 +58,21 @@ def compute(run_dir):
     out["traj"] = traj.influence(test)
     out["traj_self"] = traj.self_influence()
     out["traj_change"] = traj.parameter_change([2, 3, 11], flat=True)
-    for solver in ["dense", "gmres"]:
+    centred_hif = SAMInfluenceFunction(  # factored GGN refused on every rank, collectively
+        centred,
+        few,
+        os.path.join(run_dir, "centred.pt"),
+        loss_fn=ce_loss(),
+        batch_size=4,
+        damping=0.1,
+        variant="fast",
+        curvature="ggn",
+        solver="dense",
+    )
+    out["centred_hif"] = centred_hif.influence(test)
+    out["centred_hif_factored"] = torch.tensor(float(centred_hif._ggn_checked))
+    for solver, factorize in [("dense", True), ("dense", False), ("gmres", True)]:
+        name = solver if factorize else f"{solver}_products"
         hif = SAMInfluenceFunction(
             model,
             train,
@@ -72,13 +86,15 @@ def compute(run_dir):
             curvature="ggn",
             solver=solver,
             solver_options={"tol": 1e-10},
+            factorize=factorize,
         )
-        out[f"hif_{solver}"] = hif.influence(test)
-        out[f"hif_{solver}_scores"] = influence_scores(hif, test)
-        out[f"hif_{solver}_change"] = hif.parameter_change([0, 4, 7], flat=True)
+        out[f"hif_{name}"] = hif.influence(test)
+        out[f"hif_{name}_scores"] = influence_scores(hif, test)
+        out[f"hif_{name}_change"] = hif.parameter_change([0, 4, 7], flat=True)
         if solver == "dense":  # iterative self influence: one solve per example, slow
-            out[f"hif_{solver}_self"] = hif.self_influence()
-            out[f"hif_{solver}_top"] = hif.influence(test, k=2).indices
+            out[f"hif_{name}_self"] = hif.self_influence()
+            out[f"hif_{name}_top"] = hif.influence(test, k=2).indices
+            out[f"hif_{name}_factored"] = torch.tensor(float(bool(hif._ggn_checked)))
     return out
 
 
@@ -119,6 +135,10 @@ def test_sharded_results_equal_single_process(tmp_path, world):
     single = compute(str(tmp_path))
     torch.testing.assert_close(single["gif_self_fresh_True"], single["gif_self_fresh_False"])
     torch.testing.assert_close(single["gif_self_fresh_True"], single["gif_self"])
+    assert single["hif_dense_factored"] == 1 and single["hif_dense_products_factored"] == 0
+    assert single["centred_hif_factored"] == 0
+    for key in ("", "_scores", "_change", "_self"):
+        torch.testing.assert_close(single[f"hif_dense{key}"], single[f"hif_dense_products{key}"])
     mp.spawn(worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
     for rank in range(world):
         got = torch.load(tmp_path / f"rank{rank}.pt")

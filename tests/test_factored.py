@@ -8,14 +8,19 @@ from torch.utils.data import TensorDataset
 from captum_sam import functional as F
 from captum_sam import load_trajectory, train_sam
 from captum_sam.factored import (
+    MAX_OUTPUTS,
+    Unsupported,
     factor_apply,
     factor_cross,
     factor_dots,
     factor_grad_sum,
+    ggn_matches,
     linear_factors,
+    linear_ggn,
     linear_sites,
     matches_vmap,
 )
+from captum_sam.solvers import dense_matrix
 from captum_sam.tracincp import SAMTracInCP
 from tests.helpers import DTYPE, assert_unchanged, ce_loss, make_data, mlp_model, snapshot
 
@@ -335,3 +340,78 @@ def test_model_in_train_mode_with_dropout_is_attributed_in_eval_mode(tmp_path):
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(make().self_influence(), got)  # no dropout noise
     assert_unchanged(model, before)
+
+
+# ------------------------------------------------------------------ factored GGN
+
+
+def ggn_by_products(floss, params, batch, names):
+    """The GGN formed column by column from ``ggn_vp`` (the reference)."""
+    like = {n: params[n] for n in names}
+    dim = sum(p.numel() for p in like.values())
+
+    def matvec(cols):
+        v = F.unflatten(cols.T, like, batch_dims=1)
+        return F.flatten(F.ggn_vp(floss, params, [batch], v, batched=True), names, 1).T
+
+    return dense_matrix(matvec, dim, dtype=DTYPE, device="cpu")
+
+
+class Deep(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 4), nn.Linear(4, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        None,
+        ["a.weight", "b.bias", "c.weight", "c.bias"],
+        ["b.bias"],
+        ["a.weight"],
+        ["c.bias", "a.weight"],  # order of the matrix follows `names`
+    ],
+)
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_linear_ggn_equals_the_matrix_of_ggn_products(names, loss):
+    torch.manual_seed(0)
+    model = Deep().to(DTYPE)
+    x = torch.randn(13, 5, dtype=DTYPE)
+    if loss == "ce":
+        fn, y = ce_loss(), torch.randint(0, 2, (13,))
+    else:
+        fn, y = (lambda o, t: ((o - t) ** 2).sum(1)), torch.randn(13, 2, dtype=DTYPE)
+    names = names or [n for n, _ in model.named_parameters()]
+    params, frozen = F.detached_params(model, names)
+    params = {n: params[n] for n in names}
+    floss = F.FunctionalLoss(model, fn, frozen)
+    sites = linear_sites(model, names)
+    got = linear_ggn(floss, params, (x, y), sites, names)
+    want = ggn_by_products(floss, params, (x, y), names)
+    assert float(want.abs().max()) > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert ggn_matches(floss, params, (x, y), sites, names)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_linear_ggn_refuses_what_it_cannot_factor():
+    cases = [(Tokens(), torch.randn(6, 4, 3, dtype=DTYPE)), (BatchCentred(), None)]
+    for model, x in cases:
+        model = model.to(DTYPE)
+        x = torch.randn(6, 5, dtype=DTYPE) if x is None else x
+        y = torch.randint(0, 3, (6,))
+        names = [n for n, _ in model.named_parameters() if not n.startswith("unused")]
+        params, frozen = F.detached_params(model, names)
+        floss = F.FunctionalLoss(model, ce_loss(), frozen)
+        assert not ggn_matches(floss, params, (x, y), linear_sites(model, names), names)
+    wide = nn.Linear(3, MAX_OUTPUTS + 1).to(DTYPE)
+    names = ["weight", "bias"]
+    params, frozen = F.detached_params(wide, names)
+    floss = F.FunctionalLoss(wide, ce_loss(), frozen)
+    batch = (torch.randn(4, 3, dtype=DTYPE), torch.randint(0, 3, (4,)))
+    with pytest.raises(Unsupported, match="outputs per example"):
+        linear_ggn(floss, params, batch, linear_sites(wide, names), names)

@@ -351,3 +351,84 @@ def test_bad_input_and_convergence_warning(run, tmp_path):
     with pytest.warns(ConvergenceWarning, match="residual"):
         est.influence(run["test"])
     assert est.last_residual.max() > 1e-12
+
+
+# --------------------------------------------------------------- factored GGN
+
+
+class Centred(torch.nn.Module):
+    """Subtracts the batch mean: the factored GGN must be refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(5, 4), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(h - h.mean(0, keepdim=True))
+
+
+@pytest.mark.parametrize("variant", ["fast", "full", "exact", "plain"])
+def test_factored_ggn_matrix_equals_products_and_reference(run, variant, monkeypatch):
+    from captum_sam import factored
+
+    calls = []
+    original = factored.linear_ggn
+    monkeypatch.setattr(
+        factored, "linear_ggn", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    layers = ["fc2"] if run["name"] == "mlp" else None
+    idx = list(range(0, N_TRAIN, 2))
+    hess = TensorDataset(*[t[idx] for t in run["train"].tensors])
+    kw = dict(
+        variant=variant,
+        curvature="ggn",
+        rho=0.2,
+        adaptive=variant == "full",  # ASAM's J through the dense path too
+        damping=0.05,
+        layers=layers,
+        hessian_dataset=hess,
+    )
+    before = snapshot(run["model"])
+    est = make(run, **kw)
+    ref = Dense(
+        run,
+        rho=0.2,
+        lam=1e-2,
+        adaptive=variant == "full",
+        damping=0.05,
+        layers=layers,
+        hessian_idx=idx,
+        curvature="ggn",
+    )
+    assert rel(est.matrix(), ref.A[variant]) <= 1e-10
+    assert calls and est._ggn_checked is True
+    slow = make(run, factorize=False, **kw)
+    torch.testing.assert_close(est.matrix(), slow.matrix(), rtol=1e-10, atol=1e-12)
+    xt, yt = run["test"]
+    assert rel(est.influence(run["test"]), ref.scores(variant, xt, yt)) <= 1e-8
+    assert rel(est.self_influence(), ref.self_influence(variant)) <= 1e-8
+    assert rel(est.parameter_change([1, 4], flat=True), ref.change(variant, [1, 4])) <= 1e-8
+    assert_unchanged(run["model"], before)
+    assert not any(m._forward_hooks for m in run["model"].modules())
+    # matrix() of an iterative solver forms the same matrix the same way
+    if variant in ("fast", "plain"):
+        calls.clear()
+        torch.testing.assert_close(make(run, solver="cg", **kw).matrix(), est.matrix())
+        assert calls
+
+
+def test_factored_ggn_falls_back_for_coupled_and_hessian(run, tmp_path):
+    torch.manual_seed(0)
+    model = Centred().to(DTYPE)
+    path = tmp_path / "centred.pt"
+    torch.save({"model_state": model.state_dict(), "learning_rate": 0.1}, path)
+    kw = dict(checkpoint=str(path), variant="exact", curvature="ggn", damping=0.1)
+    args = dict(loss_fn=ce_loss(), batch_size=8, rho=0.1, weight_decay=1e-2, solver="dense")
+    est = SAMInfluenceFunction(model, run["train"], **kw, **args)
+    slow = SAMInfluenceFunction(model, run["train"], **kw, **args, factorize=False)
+    torch.testing.assert_close(est.matrix(), slow.matrix(), rtol=1e-12, atol=1e-12)
+    assert est._ggn_checked is False
+    assert make(run, curvature="hessian")._ggn_sites is None  # the true Hessian is not a GGN
+    with pytest.raises(TypeError, match="factorize"):
+        make(run, factorize=1)

@@ -545,3 +545,41 @@ def test_default_tolerance_follows_the_dtype():
     assert float(result.residual.max()) <= 1e-4
     tight = cg(lambda x: spd @ x, _rhs("vector").float(), SolverOptions(tol=1e-6))
     assert result.iterations < tight.iterations
+
+
+@pytest.mark.parametrize("kind", ["spd", "indefinite"])
+def test_dense_symmetric_uses_cholesky_only_when_positive_definite(kind):
+    a = MATRICES[kind]()
+    op = InverseOperator(lambda x: a @ x, DIM, method="dense", symmetric=True)
+    b = _rhs("matrix")
+    torch.testing.assert_close(op.solve(b), torch.linalg.solve(a, b))
+    torch.testing.assert_close(op.solve_transpose(b), torch.linalg.solve(a, b))
+    assert op.last_residual.max() < 1e-12
+    assert (op._cholesky is not None) == (kind == "spd")
+    assert (op._lu is not None) == (kind == "indefinite")
+
+
+def test_dense_builder_replaces_the_matvec_columns():
+    a = _nonsymmetric()
+
+    def no_matvec(x):
+        raise AssertionError("the matrix came from the builder: no matvec expected")
+
+    op = InverseOperator(
+        no_matvec, DIM, method="dense", symmetric=False, rmatvec=no_matvec, dense_builder=lambda: a
+    )
+    b = _rhs("matrix")
+    torch.testing.assert_close(op.solve(b), torch.linalg.solve(a, b))
+    torch.testing.assert_close(op.solve_transpose(b), torch.linalg.solve(a.T, b))
+
+    counter = Counter(a)  # a builder that declines: formed from matvec columns
+    op = InverseOperator(counter, DIM, method="dense", symmetric=False, rmatvec=counter)
+    op.dense_builder = lambda: None
+    torch.testing.assert_close(op.matrix(), a)
+    assert counter.calls > 0
+
+    op = InverseOperator(
+        lambda x: a @ x, DIM, method="dense", symmetric=True, dense_builder=lambda: a[:-1]
+    )
+    with pytest.raises(ValueError, match="dense_builder returned shape"):
+        op.solve(b)

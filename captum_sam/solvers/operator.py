@@ -8,6 +8,7 @@ solver functions of the other submodules.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -59,6 +60,8 @@ class InverseOperator:
         dtype: dtype used to form the dense matrix, the Arnoldi basis and the
             power-iteration vector.
         device: Device used for the same.
+        dense_builder: ``() -> A`` formed some cheaper way, or ``None`` to fall
+            back to ``matvec`` columns; used by the dense method only.
 
     Attributes:
         method: The resolved method (never ``"auto"``).
@@ -68,8 +71,9 @@ class InverseOperator:
             dense and arnoldi, whose one-time setup is not counted), or None.
 
     Notes:
-        * dense: ``A`` is formed with ``ceil(dim / chunk_size)`` matvec calls and
-          LU-factorised once; the residual is computed exactly from ``A``.  A
+        * dense: ``A`` is formed with ``ceil(dim / chunk_size)`` matvec calls (or
+          by ``dense_builder``) and factorised once (Cholesky when ``symmetric``
+          and positive definite, else LU); the residual is computed exactly from ``A``.  A
           :class:`ConvergenceWarning` is issued if it exceeds ``tol`` (singular
           or very ill-conditioned ``A``).
         * arnoldi: ``A^{-1} b ~= V diag(1/l) V^T b`` over the kept eigenpairs with
@@ -99,6 +103,7 @@ class InverseOperator:
         options: SolverOptions = SolverOptions(),
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
+        dense_builder: Callable[[], Tensor | None] | None = None,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid methods are {', '.join(METHODS)}")
@@ -139,10 +144,12 @@ class InverseOperator:
         self.options = options
         self.dtype = dtype
         self.device = torch.device(device)
+        self.dense_builder = dense_builder
         self.last_residual: Tensor | None = None
         self.last_iterations: int | None = None
         self._dense: Tensor | None = None
         self._lu: tuple[Tensor, Tensor] | None = None
+        self._cholesky: Tensor | None = None
         self._eig: tuple[Tensor, Tensor] | None = None
         self._scale: float | None = options.scale
 
@@ -162,6 +169,15 @@ class InverseOperator:
             raise RuntimeError(
                 f"matrix() is only available for method 'dense', not {self.method!r}"
             )
+        if self._dense is None and self.dense_builder is not None:
+            built = self.dense_builder()
+            if built is not None:
+                if built.shape != (self.dim, self.dim):
+                    raise ValueError(
+                        f"dense_builder returned shape {tuple(built.shape)}, expected "
+                        f"({self.dim}, {self.dim})"
+                    )
+                self._dense = built.to(device=self.device, dtype=self.dtype)
         if self._dense is None:
             self._dense = dense_matrix(
                 self.matvec,
@@ -195,6 +211,18 @@ class InverseOperator:
         return self._solve(b, transpose=True)
 
     # ------------------------------------------------------------------ internals
+
+    def _dense_solve(self, work: Tensor, transpose: bool) -> Tensor:
+        """``A^{-1}`` or ``A^{-T}`` from the factors of the formed matrix."""
+        if self.symmetric and self._lu is None:  # no LU yet: Cholesky not tried or worked
+            if self._cholesky is None:
+                factor, info = torch.linalg.cholesky_ex(self.matrix())
+                if int(info) == 0:  # positive definite: half the cost of LU
+                    self._cholesky = factor
+            if self._cholesky is not None:
+                return torch.cholesky_solve(work, self._cholesky)
+        lu, pivots = self._factors()
+        return torch.linalg.lu_solve(lu, pivots, work, adjoint=transpose)
 
     def _factors(self) -> tuple[Tensor, Tensor]:
         if self._lu is None:
@@ -239,8 +267,7 @@ class InverseOperator:
             work = bb.to(device=self.device, dtype=self.dtype)
             bnorm = _colnorm(work)
             if method == "dense":
-                lu, pivots = self._factors()
-                x = torch.linalg.lu_solve(lu, pivots, work, adjoint=transpose)
+                x = self._dense_solve(work, transpose)
                 a = self.matrix()
                 ax = (a.mT if transpose else a) @ x
             else:

@@ -1,0 +1,203 @@
+r"""SAM-HIF's linear operators: curvature products, :math:`J`, :math:`A` and its solves.
+
+Vectors are flat ``(P, m)`` columns in the estimator's ``names`` order. Every
+product of :math:`A` goes through ``torch.func`` (:func:`captum_sam.functional.hvp`,
+:func:`~captum_sam.functional.ggn_vp`), except when the dense solver forms
+:math:`A` for a model whose attributed parameters are all ``nn.Linear`` weights and
+biases with ``curvature="ggn"``: then each generalised Gauss-Newton matrix comes
+from layer inputs and output Jacobians (:func:`captum_sam.factored.linear_ggn`),
+one matrix product over the data per pair of layers instead of :math:`P`
+curvature-vector products, after a check against ``ggn_vp`` on a few examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+from torch.utils.data import DataLoader
+
+from captum_sam import factored
+from captum_sam import functional as F
+from captum_sam.distributed import all_reduce_sum
+from captum_sam.solvers import dense_matrix
+from captum_sam.trajectory import fetch_batch
+
+
+class HIFOperatorsMixin:
+    r"""Products with :math:`A`, :math:`A^\top` and the curvature, and solves."""
+
+    def _tree(self, columns: Tensor) -> F.Params:
+        return F.unflatten(columns.T, {n: self.params[n] for n in self.names}, batch_dims=1)
+
+    def _flat(self, tree: F.Params) -> Tensor:
+        return F.flatten(tree, self.names, batch_dims=1).T
+
+    def _curvature(
+        self, point: F.Params, columns: Tensor, batches: Iterable[Any], scale: float
+    ) -> Tensor:
+        """Curvature of the summed loss at ``point`` times ``columns`` (``(P, m)``)."""
+        if self._columns is not None:
+            self._columns.update(columns.shape[1])
+        vectors = self._tree(columns)
+        product = F.hvp if self.curvature == "hessian" else F.ggn_vp
+        out = scale * self._flat(
+            product(self._loss, point, batches, vectors, batched=True, allow_empty=self._reduce())
+        )
+        return all_reduce_sum(out) if self._reduce() else out
+
+    def _jvp_eps(self, columns: Tensor, batches: Iterable[Any], scale: float) -> Tensor:
+        r""":math:`J v = d\epsilon/dw\, v` for every column."""
+        hess_l = self._curvature(self.params, columns, batches, scale) / self.n_train
+        return self._jvp_eps_given(columns, hess_l)
+
+    def _jvp_eps_given(self, columns: Tensor, hess_l: Tensor) -> Tensor:
+        r""":math:`J v` from ``v`` and :math:`\nabla^2 L(w^*) v` (both ``(P, m)``)."""
+
+        def one(v: F.Params, hv: F.Params) -> F.Params:
+            return F.perturbation_jvp(self.params, self.mean_grad, v, hv, self.rho, self.adaptive)
+
+        return self._flat(vmap(one)(self._tree(columns), self._tree(hess_l)))
+
+    def _vjp_eps(self, columns: Tensor, batches: list[Any], scale: float) -> Tensor:
+        """:math:`J^T u` for every column."""
+
+        def one(u: F.Params) -> tuple[F.Params, F.Params]:
+            return F.perturbation_vjp(self.params, self.mean_grad, u, self.rho, self.adaptive)
+
+        dw, dg = vmap(one)(self._tree(columns))
+        hess_dg = self._curvature(self.params, self._flat(dg), batches, scale) / self.n_train
+        return self._flat(dw) + hess_dg
+
+    def _regulariser(self) -> float:
+        return self.n_train * (self.weight_decay + self.damping)
+
+    def _apply(
+        self, columns: Tensor, batches: Callable[[], Iterable[Any]], scale: float, transpose: bool
+    ) -> Tensor:
+        reg = self._regulariser() * columns
+        if self.variant == "plain":
+            return self._curvature(self.params, columns, batches(), scale) + reg
+        if self.variant == "fast":
+            return self._curvature(self.perturbed, columns, batches(), scale) + reg
+        if not transpose:  # H_e (I + J) v
+            moved = columns + self._jvp_eps(columns, batches(), scale)
+            return self._curvature(self.perturbed, moved, batches(), scale) + reg
+        he_u = self._curvature(self.perturbed, columns, batches(), scale)  # (I + J^T) H_e u
+        return he_u + self._vjp_eps(he_u, batches(), scale) + reg
+
+    def _matvec(self, columns: Tensor) -> Tensor:
+        with F.eval_mode(self.model):
+            return self._apply(columns, self._hessian_batches, self.hessian_scale, False)
+
+    def _rmatvec(self, columns: Tensor) -> Tensor:
+        with F.eval_mode(self.model):
+            return self._apply(columns, self._hessian_batches, self.hessian_scale, True)
+
+    def _sampled(self, transpose: bool) -> Callable[[Tensor, int], Tensor]:
+        """Minibatch estimate of ``A`` (or ``A^T``) products for LiSSA, seeded by step."""
+        data = self.hessian_dataloader
+        dataset = data.dataset if isinstance(data, DataLoader) else None
+        size = self.batch_size or 64
+
+        def sampled(columns: Tensor, step: int) -> Tensor:
+            if dataset is None:
+                raise ValueError("LiSSA needs `hessian_dataset` to be a Dataset to sample from")
+            m = len(dataset)  # type: ignore[arg-type]
+            g = torch.Generator().manual_seed(self.solver_options.seed * 1_000_003 + step)
+            idx = torch.randperm(m, generator=g)[: min(size, m)]
+            batch = F.to_device(fetch_batch(dataset, idx), self.device)
+            with F.eval_mode(self.model), self._local_mode():  # same minibatch everywhere
+                return self._apply(columns, lambda: [batch], self.n_train / len(idx), transpose)
+
+        return sampled
+
+    def _solve(self, rhs: Tensor, transpose: bool, what: str) -> Tensor:
+        if self.show_progress:
+            from tqdm.auto import tqdm
+
+            self._columns = tqdm(desc=f"SAM-HIF {self.variant}: {what} (matvec columns)")
+        try:
+            out = self.inverse.solve_transpose(rhs) if transpose else self.inverse.solve(rhs)
+        finally:
+            if self._columns is not None:
+                self._columns.close()
+            self._columns = None
+        F.check_finite(out, f"inverse-HVP solutions ({what})")
+        return out
+
+    @property
+    def last_residual(self) -> Tensor | None:
+        """Relative residuals ``||A x - b|| / ||b||`` of the last solve, per column."""
+        return self.inverse.last_residual
+
+    def matrix(self) -> Tensor:
+        """The dense :math:`A` ``(P, P)`` (formed on first use if the solver is dense)."""
+        if self.inverse.method == "dense":
+            return self.inverse.matrix()
+        with F.eval_mode(self.model):
+            formed = self._factored_matrix()
+        if formed is not None:
+            return formed
+        return dense_matrix(
+            self._matvec,
+            self.dim,
+            dtype=self.params[self.names[0]].dtype,
+            device=self.device,
+            chunk_size=self.solver_options.chunk_size,
+        )
+
+    # ------------------------------------------------------------------ factored GGN
+
+    def _factored_curvature(self, point: F.Params) -> Tensor:
+        """The GGN of the (rescaled) summed loss at ``point``, ``(P, P)``, from factors."""
+        total = None
+        for batch in self._hessian_batches():
+            g = factored.linear_ggn(self._factored_loss, point, batch, self._ggn_sites, self.names)
+            total = g if total is None else total.add_(g)
+        if total is None:  # a rank without batches
+            total = self.params[self.names[0]].new_zeros(self.dim, self.dim)
+        total.mul_(self.hessian_scale)
+        return all_reduce_sum(total) if self._reduce() else total
+
+    def _factored_ok(self, point: F.Params) -> bool:
+        """Check the factored GGN once (all ranks agree); forget the sites if it fails."""
+        if self._ggn_sites is None:
+            return False
+        if self._ggn_checked is None:
+            first = next(iter(self._hessian_batches()), None)
+            ok = first is None or factored.ggn_matches(
+                self._factored_loss, point, first, self._ggn_sites, self.names
+            )
+            if self._reduce():
+                ok = bool(all_reduce_sum(torch.tensor([0.0 if ok else 1.0]))[0] == 0)
+            self._ggn_checked = ok
+        return self._ggn_checked
+
+    def _factored_matrix(self) -> Tensor | None:
+        """:math:`A` formed from factored GGNs, or ``None`` when they do not apply."""
+        point = self.params if self.variant == "plain" else self.perturbed
+        if not self._factored_ok(point):
+            return None
+        g = self._factored_curvature(point)
+        if self.variant in ("full", "exact"):  # H_e (I + J), J from H_0's columns
+            self._dense_he = g.clone()
+            g0_over_n = self._factored_curvature(self.params).div_(self.n_train)
+            eye = torch.eye(self.dim, dtype=g.dtype, device=g.device)
+            jac = torch.empty_like(g)
+            step = self.solver_options.chunk_size
+            for start in range(0, self.dim, step):
+                cols = slice(start, start + step)
+                jac[:, cols] = self._jvp_eps_given(eye[:, cols], g0_over_n[:, cols])
+            g = g.addmm_(self._dense_he, jac)
+        g.diagonal().add_(self._regulariser())
+        return g
+
+    def _he_product(self, columns: Tensor) -> Tensor:
+        """:math:`H_e` times ``(P, m)`` columns (the formed matrix when there is one)."""
+        if self._dense_he is not None:
+            return self._dense_he @ columns
+        return self._curvature(self.perturbed, columns, self._hessian_batches(), self.hessian_scale)
