@@ -154,12 +154,10 @@ class HIFOperatorsMixin:
 
     def _factored_curvature(self, point: F.Params) -> Tensor:
         """The GGN of the (rescaled) summed loss at ``point``, ``(P, P)``, from factors."""
-        total = None
-        for batch in self._hessian_batches():
-            g = factored.linear_ggn(self._factored_loss, point, batch, self._ggn_sites, self.names)
-            total = g if total is None else total.add_(g)
-        if total is None:  # a rank without batches
-            total = self.params[self.names[0]].new_zeros(self.dim, self.dim)
+        batches = self._hessian_batches()  # a rank without batches gets zeros
+        total = factored.linear_ggn(
+            self._factored_loss, point, batches, self._ggn_sites, self.names
+        )
         total.mul_(self.hessian_scale)
         return all_reduce_sum(total) if self._reduce() else total
 

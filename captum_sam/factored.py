@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,41 +313,10 @@ def _site_parts(site: LinearSite, d_in: int) -> list[tuple[str, slice]]:
     return parts
 
 
-def linear_ggn(
-    floss: F.FunctionalLoss,
-    params: F.Params,
-    batch: F.Batch,
-    sites: Sequence[LinearSite],
-    names: Sequence[str],
-) -> Tensor:
-    r"""The generalised Gauss-Newton matrix of a batch's summed loss, from layer factors.
-
-    For linear layers the Jacobian of output :math:`c` of example :math:`i` with
-    respect to :math:`W_l` is :math:`s_{icl} a_{il}^\top` (:math:`s_{icl}` the
-    Jacobian of the output in the layer's output, :math:`a_{il}` its input), so the
-    block of :math:`G = \sum_i J_i^\top H_{out,i} J_i` for layers :math:`p, m` is
-    :math:`\sum_i M_{ilm} \otimes a_{il} a_{im}^\top` with
-    :math:`M_{ilm} = S_{il}^\top H_{out,i} S_{im}`: one matrix product over the
-    examples per pair of layers, :math:`O(B P^2)` in all, instead of :math:`P`
-    curvature-vector products of :math:`O(B P)` each. Equal to forming the matrix
-    from :func:`captum_sam.functional.ggn_vp` products, up to rounding.
-
-    Args:
-        floss: Model and per-example loss (the model must be the one whose
-            modules ``sites`` hold).
-        params: Attributed parameters (the point where the matrix is taken).
-        batch: ``(features..., labels)``.
-        sites: From :func:`linear_sites`.
-        names: Order of the parameters in the matrix (every name belongs to a site).
-
-    Returns:
-        ``(P, P)``, symmetric.
-
-    Raises:
-        Unsupported: If the model output is not one tensor of at most
-            :data:`MAX_OUTPUTS` entries per example, or a layer sees several
-            positions per example or is not called exactly once.
-    """
+def _ggn_pieces(
+    floss: F.FunctionalLoss, params: F.Params, batch: F.Batch, sites: Sequence[LinearSite]
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Per site: output Jacobians ``S (B, C, d_out)``, ``H S`` and the input columns."""
     features, labels = F._split(batch)
     leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     with torch.enable_grad(), _recording(sites) as calls:
@@ -370,33 +339,72 @@ def linear_ggn(
     h = torch.func.vmap(lambda t: torch.func.jvp(gradient, (out,), (t,))[1])(basis)
     h = h.reshape(count, size, count).transpose(0, 1)  # (B, C, C), per example
     s = [j.reshape(count, size, -1).transpose(0, 1) for j in jac]  # (B, C, d_out)
-    hs = [torch.bmm(h, x) for x in s]
     cols = [_site_columns(site, a.detach()) for site, (a, _) in zip(sites, seen)]
+    return s, [torch.bmm(h, x) for x in s], cols
+
+
+def linear_ggn(
+    floss: F.FunctionalLoss,
+    params: F.Params,
+    batches: Iterable[F.Batch],
+    sites: Sequence[LinearSite],
+    names: Sequence[str],
+) -> Tensor:
+    r"""The generalised Gauss-Newton matrix of the summed loss, from layer factors.
+
+    For linear layers the Jacobian of output :math:`c` of example :math:`i` with
+    respect to :math:`W_l` is :math:`s_{icl} a_{il}^\top` (:math:`s_{icl}` the
+    Jacobian of the output in the layer's output, :math:`a_{il}` its input), so the
+    block of :math:`G = \sum_i J_i^\top H_{out,i} J_i` for layers :math:`l, m` is
+    :math:`\sum_i M_{ilm} \otimes a_{il} a_{im}^\top` with
+    :math:`M_{ilm} = S_{il}^\top H_{out,i} S_{im}`: one matrix product over the
+    examples per pair of layers, :math:`O(n P^2)` in all, instead of :math:`P`
+    curvature-vector products of :math:`O(n P)` each. Equal to forming the matrix
+    from :func:`captum_sam.functional.ggn_vp` products, up to rounding.
+
+    Args:
+        floss: Model and per-example loss (the model must be the one whose
+            modules ``sites`` hold).
+        params: Attributed parameters (the point where the matrix is taken).
+        batches: ``(features..., labels)`` batches; the loss is summed over all.
+        sites: From :func:`linear_sites`.
+        names: Order of the parameters in the matrix (every name belongs to a site).
+
+    Returns:
+        ``(P, P)``, symmetric; zeros when ``batches`` is empty.
+
+    Raises:
+        Unsupported: If the model output is not one tensor of at most
+            :data:`MAX_OUTPUTS` entries per example, or a layer sees several
+            positions per example or is not called exactly once.
+    """
+    pairs = list(itertools.combinations_with_replacement(range(len(sites)), 2))
+    blocks: dict[tuple[int, int], Tensor] = {}
+    inputs = [0] * len(sites)
+    for batch in batches:
+        s, hs, cols = _ggn_pieces(floss, params, batch, sites)
+        for left, right in pairs:
+            width = (
+                s[left].shape[2] * s[right].shape[2] + cols[left].shape[1] * cols[right].shape[1]
+            )
+            step = max(1, _BLOCK_ELEMENTS // width)
+            for start in range(0, cols[0].shape[0], step):
+                rows = slice(start, start + step)
+                mid = torch.bmm(s[left][rows].transpose(1, 2), hs[right][rows])  # (b, o, p)
+                outer = cols[left][rows].unsqueeze(2) * cols[right][rows].unsqueeze(1)  # (b, j, k)
+                part = mid.flatten(1).T @ outer.flatten(1)
+                key = (left, right)
+                blocks[key] = part if key not in blocks else blocks[key].add_(part)
+                inputs[left], inputs[right] = cols[left].shape[1], cols[right].shape[1]
     sizes = {n: params[n].numel() for n in names}
     starts = dict(zip(names, [0, *itertools.accumulate(sizes[n] for n in names)]))
-    dim = sum(sizes.values())
-    g = out.new_zeros(dim, dim)
-    for left, right in itertools.combinations_with_replacement(range(len(sites)), 2):
-        o_l, o_m, c_l, c_m = (
-            s[left].shape[2],
-            s[right].shape[2],
-            cols[left].shape[1],
-            cols[right].shape[1],
-        )
-        block = out.new_zeros(o_l * o_m, c_l * c_m)
-        step = max(1, _BLOCK_ELEMENTS // (o_l * o_m + c_l * c_m))
-        for start in range(0, size, step):
-            mid = torch.bmm(
-                s[left][start : start + step].transpose(1, 2), hs[right][start : start + step]
-            )
-            outer = cols[left][start : start + step].unsqueeze(2) * cols[right][
-                start : start + step
-            ].unsqueeze(1)
-            block += mid.flatten(1).T @ outer.flatten(1)
-        block = block.reshape(o_l, o_m, c_l, c_m).permute(0, 2, 1, 3)  # (o, j, p, k)
-        d_l, d_m = seen[left][0].shape[1], seen[right][0].shape[1]
-        for name_l, j in _site_parts(sites[left], d_l):
-            for name_m, k in _site_parts(sites[right], d_m):
+    ref = params[names[0]]
+    g = ref.new_zeros(sum(sizes.values()), sum(sizes.values()))
+    for (left, right), block in blocks.items():
+        o_l, o_m = sites[left].module.weight.shape[0], sites[right].module.weight.shape[0]
+        block = block.reshape(o_l, o_m, inputs[left], inputs[right]).permute(0, 2, 1, 3)
+        for name_l, j in _site_parts(sites[left], sites[left].module.weight.shape[1]):
+            for name_m, k in _site_parts(sites[right], sites[right].module.weight.shape[1]):
                 sub = block[:, j, :, k].reshape(sizes[name_l], sizes[name_m])
                 rows = slice(starts[name_l], starts[name_l] + sizes[name_l])
                 columns = slice(starts[name_m], starts[name_m] + sizes[name_m])
@@ -422,7 +430,7 @@ def ggn_matches(
     """
     head = tuple(x[:examples] if isinstance(x, Tensor) and x.dim() > 0 else x for x in batch)
     try:
-        g = linear_ggn(floss, params, head, sites, names)
+        g = linear_ggn(floss, params, [head], sites, names)
     except Unsupported:
         return False
     like = {n: params[n] for n in names}
