@@ -209,15 +209,19 @@ def factor_cross(f: Factors, g: Factors, sites: Sequence[LinearSite]) -> Tensor:
     """Inner products of every gradient of ``f`` with every one of ``g``, ``(m, B)``."""
     total = None
     for site, (a, d), (a2, d2) in zip(sites, f, g):
-        term = 0
-        if site.weight is not None:
-            if a.shape[1] == 1 and a2.shape[1] == 1:
-                term = (d[:, 0] @ d2[:, 0].T) * (a[:, 0] @ a2[:, 0].T)
-            else:  # positions: sum over t, s of (d_t . d2_s)(a_t . a2_s)
+        if site.weight is not None and a.shape[1] == 1 and a2.shape[1] == 1:
+            # (d . d2)(a . a2); a bias is a weight on a constant input 1
+            inputs = a[:, 0] @ a2[:, 0].T
+            if site.bias is not None:
+                inputs += 1
+            term = (d[:, 0] @ d2[:, 0].T) * inputs
+        else:
+            term = 0
+            if site.weight is not None:  # positions: sum over t, s of (d_t . d2_s)(a_t . a2_s)
                 dd = torch.einsum("mto,bso->mbts", d, d2)
                 term = (dd * torch.einsum("mti,bsi->mbts", a, a2)).sum((2, 3))
-        if site.bias is not None:
-            term = term + d.sum(1) @ d2.sum(1).T
+            if site.bias is not None:
+                term = term + d.sum(1) @ d2.sum(1).T
         total = term if total is None else total + term
     return total  # type: ignore[return-value]
 

@@ -410,12 +410,16 @@ class SAMTracInCP(
     ) -> Tensor:
         cache: dict[tuple[Any, ...], Any] = {}
         scores, factored_path = None, None
+        group: list[_Term] = []  # factored: steps at the current checkpoint, scored together
         steps = progress(
             contiguous(self._terms), show_progress, f"{self.get_name()}: recorded steps"
         )
         for i, term in steps:
             key = self._test_key(term, i)
             if key not in cache:
+                if group:
+                    self._factored_steps(cache[self._test_key(group[0], 0)], group, scores)
+                    group = []
                 if key[0] == "ckpt":
                     cache.clear()  # terms are grouped by checkpoint: free the last one
                 t = (
@@ -425,18 +429,26 @@ class SAMTracInCP(
                 )
                 factored_path = t is not None
                 cache[key] = t if factored_path else self._test_matrix([term], test, aggregate)
-            t, batch = cache[key], self._fetch(term.indices)
+            t = cache[key]
             if scores is None:
                 rows = t[0][0][0].shape[0] if factored_path else next(iter(t.values())).shape[1]
                 scores = torch.zeros(rows, self.n_train, dtype=self._dtype(), device=self.device)
+                limit = self._group_rows(rows) if factored_path else 0
             if factored_path:
-                gram = self._factored_gram(t, [term], batch, None)
-            elif aggregate and self._factored([term], batch):  # one summed test row
+                if group and sum(len(g.indices) for g in group) + len(term.indices) > limit:
+                    self._factored_steps(t, group, scores)
+                    group = []
+                group.append(term)
+                continue
+            batch = self._fetch(term.indices)
+            if aggregate and self._factored([term], batch):  # one summed test row
                 gram = self._factored_apply(t, [term], batch)
             else:
                 g = self._grads([term], batch, self._loss, False, True)[1]
                 gram = _finite(_gram(t, g), "training gradients", [term])  # type: ignore[arg-type]
             scores.index_add_(1, self._index(term), gram, alpha=term.coefficient)
+        if group:
+            self._factored_steps(cache[self._test_key(group[0], 0)], group, scores)
         if scores is None:  # a rank without steps still joins the reduction
             n_test = _count(test) if not aggregate else 1
             scores = torch.zeros(n_test, self.n_train, dtype=self._dtype(), device=self.device)

@@ -221,7 +221,17 @@ def test_checkpoint_influence_factored_equals_vmap(run, kw):
 
 @pytest.mark.parametrize("perturbation", ["batch", "dataset"])
 @pytest.mark.parametrize("test_at_perturbed", [False, True])
-def test_trajectory_influence_factored_equals_vmap(run, perturbation, test_at_perturbed):
+def test_trajectory_influence_factored_equals_vmap(
+    run, perturbation, test_at_perturbed, monkeypatch
+):
+    """Steps at one checkpoint are scored together, or one by one within a tiny budget."""
+    from captum_sam import _gif_factored
+
+    passes = []
+    original = _gif_factored.factored.linear_factors
+    monkeypatch.setattr(
+        _gif_factored.factored, "linear_factors", lambda *a: passes.append(1) or original(*a)
+    )
     x, y = make_data(n=9, seed=5).tensors
 
     def make(**f):
@@ -235,12 +245,17 @@ def test_trajectory_influence_factored_equals_vmap(run, perturbation, test_at_pe
             **f,
         )
 
-    fast, slow = make(), make(factorize=False)
-    torch.testing.assert_close(
-        fast.influence((x, y)), slow.influence((x, y)), rtol=1e-10, atol=1e-12
-    )
-    top, ref = fast.influence((x, y), k=3), slow.influence((x, y), k=3)
-    assert torch.equal(top.indices, ref.indices)
+    ref = make(factorize=False).influence((x, y))
+    grouped = make().influence((x, y))
+    count = len(passes)
+    monkeypatch.setattr(_gif_factored, "GROUP_BUDGET_BYTES", 1)  # one step at a time
+    single = make().influence((x, y))
+    torch.testing.assert_close(grouped, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(single, ref, rtol=1e-10, atol=1e-12)
+    if perturbation == "batch" and not test_at_perturbed:  # one pass at w per checkpoint
+        assert count < len(passes) - count
+    top, want = make().influence((x, y), k=3), make(factorize=False).influence((x, y), k=3)
+    assert torch.equal(top.indices, want.indices)
 
 
 def test_token_model_self_influence_is_factored_and_influence_falls_back(tmp_path):
