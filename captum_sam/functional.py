@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -166,10 +166,18 @@ class FunctionalLoss:
     model: nn.Module
     loss_fn: Callable[[Any, Any], Tensor]
     frozen: Params
+    _tied: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # functional_call re-ties tensors shared between modules on every call, which
+        # costs about as much as a small forward pass: skip it when nothing is shared
+        self._tied = _has_shared_tensors(self.model)
 
     def outputs(self, params: Params, features: Sequence[Any]) -> Any:
         """Model outputs for a batch of features at ``params``."""
-        return functional_call(self.model, (params, self.frozen), tuple(features))
+        return functional_call(
+            self.model, (params, self.frozen), tuple(features), tie_weights=self._tied
+        )
 
     def batch_losses(self, params: Params, batch: Batch) -> Tensor:
         """Per-example losses ``(batch,)`` of a batch at ``params``."""
@@ -194,6 +202,20 @@ class FunctionalLoss:
         """Loss of one example (no batch dimension in the arguments)."""
         batched = tuple(_unsqueeze(f) for f in features)
         return self.loss_fn(self.outputs(params, batched), _unsqueeze(label)).sum()
+
+
+def _has_shared_tensors(model: nn.Module) -> bool:
+    """Whether a parameter or buffer is registered under more than one name."""
+    seen: set[int] = set()
+    named = (
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    )
+    for _, tensor in named:
+        if id(tensor) in seen:
+            return True
+        seen.add(id(tensor))
+    return False
 
 
 def _split(batch: Batch) -> tuple[tuple[Any, ...], Any]:

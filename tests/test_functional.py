@@ -223,3 +223,41 @@ def test_check_finite_names_what():
     with pytest.raises(ValueError, match="training gradients"):
         F.check_finite({"a": torch.tensor([1.0, float("nan")])}, "training gradients")
     F.check_finite({"a": torch.ones(2)}, "x")
+
+
+class TiedLinear(torch.nn.Module):
+    """Two linear layers sharing one weight: functional_call must re-tie it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(5, 5), torch.nn.Linear(5, 3)
+        self.c = torch.nn.Linear(5, 5)
+        self.c.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.c(torch.tanh(self.a(x)))))
+
+
+def test_shared_weights_are_tied_and_untied_models_skip_it(tmp_path):
+    from captum_sam.tracincp import SAMTracInCP
+
+    torch.manual_seed(0)
+    model = TiedLinear().to(DTYPE)
+    names = F.attributed_names(model)
+    assert "c.weight" not in names  # one name for the shared tensor
+    params, frozen = F.detached_params(model, names)
+    floss = F.FunctionalLoss(model, ce_loss(), frozen)
+    assert floss._tied and not F.FunctionalLoss(mlp_model(), ce_loss(), {})._tied
+    data = make_data()
+    got = F.flatten(F.per_example_grads(floss, params, data.tensors), batch_dims=1)
+    torch.testing.assert_close(got, loop_grads(model, names, data, ce_loss()))
+    # the factored path sees the shared weight in one layer only: its check refuses it
+    path = tmp_path / "tied.pt"
+    torch.save({"model_state": model.state_dict(), "learning_rate": 0.1}, path)
+
+    def make(**kw):
+        return SAMTracInCP(model, data, [str(path)], loss_fn=ce_loss(), rho=0.1, **kw)
+
+    fast = make()
+    torch.testing.assert_close(fast.self_influence(), make(factorize=False).self_influence())
+    assert fast._sites_checked and not any(fast._sites_checked.values())
