@@ -388,24 +388,44 @@ def linear_ggn(
     for batch in batches:
         s, hs, cols = _ggn_pieces(floss, params, batch, sites)
         for left, right in pairs:
-            width = (
-                s[left].shape[2] * s[right].shape[2] + cols[left].shape[1] * cols[right].shape[1]
+            c_l, c_m = cols[left].shape[1], cols[right].shape[1]
+            # a block of one layer with itself: M_i and a_i a_i^T are symmetric, so the
+            # products for (j, k) and (k, j) are equal and only j <= k is computed
+            upper = (
+                torch.triu_indices(c_l, c_l, device=cols[left].device) if left == right else None
+            )
+            width = s[left].shape[2] * s[right].shape[2] + (
+                upper.shape[1] if upper is not None else c_l * c_m
             )
             step = max(1, _BLOCK_ELEMENTS // width)
             for start in range(0, cols[0].shape[0], step):
                 rows = slice(start, start + step)
                 mid = torch.bmm(s[left][rows].transpose(1, 2), hs[right][rows])  # (b, o, p)
-                outer = cols[left][rows].unsqueeze(2) * cols[right][rows].unsqueeze(1)  # (b, j, k)
-                part = mid.flatten(1).T @ outer.flatten(1)
+                if upper is not None:
+                    x = cols[left][rows]
+                    outer = x[:, upper[0]] * x[:, upper[1]]  # (b, pairs j <= k)
+                else:
+                    outer = (
+                        cols[left][rows].unsqueeze(2) * cols[right][rows].unsqueeze(1)
+                    ).flatten(1)
+                part = mid.flatten(1).T @ outer
                 key = (left, right)
                 blocks[key] = part if key not in blocks else blocks[key].add_(part)
-                inputs[left], inputs[right] = cols[left].shape[1], cols[right].shape[1]
+                inputs[left], inputs[right] = c_l, c_m
     sizes = {n: params[n].numel() for n in names}
     starts = dict(zip(names, [0, *itertools.accumulate(sizes[n] for n in names)]))
     ref = params[names[0]]
     g = ref.new_zeros(sum(sizes.values()), sum(sizes.values()))
     for (left, right), block in blocks.items():
         o_l, o_m = sites[left].module.weight.shape[0], sites[right].module.weight.shape[0]
+        if left == right:  # back from j <= k to every (j, k)
+            c = inputs[left]
+            upper = torch.triu_indices(c, c, device=block.device)
+            where = torch.empty(c, c, dtype=torch.long, device=block.device)
+            where[upper[0], upper[1]] = where[upper[1], upper[0]] = torch.arange(
+                upper.shape[1], device=block.device
+            )
+            block = block[:, where]
         block = block.reshape(o_l, o_m, inputs[left], inputs[right]).permute(0, 2, 1, 3)
         for name_l, j in _site_parts(sites[left], sites[left].module.weight.shape[1]):
             for name_m, k in _site_parts(sites[right], sites[right].module.weight.shape[1]):

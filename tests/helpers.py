@@ -11,6 +11,18 @@ from torch.utils.data import TensorDataset
 DTYPE = torch.float64
 
 
+class BatchCentred(nn.Module):
+    """Subtracts the batch mean: each loss depends on the whole batch (factoring refused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(h - h.mean(0, keepdim=True))
+
+
 def make_data(n: int = 24, d: int = 5, classes: int = 3, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=DTYPE)

@@ -12,19 +12,7 @@ from captum_sam import load_trajectory, train_sam
 from captum_sam.applications import influence_scores
 from captum_sam.influence_function import SAMInfluenceFunction
 from captum_sam.tracincp import SAMTracInCP
-from tests.helpers import DTYPE, ce_loss, make_data, mlp_model
-
-
-class Centred(torch.nn.Module):
-    """Subtracts the batch mean: the factored path must be refused on every rank."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = torch.nn.Linear(5, 4), torch.nn.Linear(4, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.fc1(x))
-        return self.fc2(h - h.mean(0, keepdim=True))
+from tests.helpers import DTYPE, BatchCentred, ce_loss, make_data, mlp_model
 
 
 def compute(run_dir):
@@ -35,7 +23,7 @@ def compute(run_dir):
     ckpts = [c.path for c in load_trajectory(run_dir).checkpoints]
     out = {}
     # 2 batches: with 3 processes one rank has none, yet all must agree on the path
-    centred = Centred().to(DTYPE)
+    centred = BatchCentred().to(DTYPE)
     few = TensorDataset(*(t[:8] for t in train.tensors))
     out["centred_self"] = SAMTracInCP(
         centred, few, [os.path.join(run_dir, "centred.pt")], loss_fn=ce_loss(), batch_size=4
@@ -130,7 +118,7 @@ def test_sharded_results_equal_single_process(tmp_path, world):
     )
     torch.save({"train": (x[:22], y[:22]), "test": (x[22:], y[22:])}, tmp_path / "data.pt")
     torch.manual_seed(0)
-    state = Centred().to(DTYPE).state_dict()
+    state = BatchCentred().to(DTYPE).state_dict()
     torch.save({"model_state": state, "learning_rate": 0.1}, tmp_path / "centred.pt")
     single = compute(str(tmp_path))
     torch.testing.assert_close(single["gif_self_fresh_True"], single["gif_self_fresh_False"])

@@ -22,7 +22,15 @@ from captum_sam.factored import (
 )
 from captum_sam.solvers import dense_matrix
 from captum_sam.tracincp import SAMTracInCP
-from tests.helpers import DTYPE, assert_unchanged, ce_loss, make_data, mlp_model, snapshot
+from tests.helpers import (
+    DTYPE,
+    BatchCentred,
+    assert_unchanged,
+    ce_loss,
+    make_data,
+    mlp_model,
+    snapshot,
+)
 
 
 class Tokens(nn.Module):
@@ -48,18 +56,6 @@ class Shared(nn.Module):
 
     def forward(self, x):
         return self.out(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
-
-
-class BatchCentred(nn.Module):
-    """Subtracts the batch mean: example losses depend on the rest of the batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(5, 4), nn.Linear(4, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.fc1(x))
-        return self.fc2(h - h.mean(0, keepdim=True))
 
 
 def vmap_dots(floss, p, q, batch):

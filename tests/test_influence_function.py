@@ -11,6 +11,7 @@ from captum_sam.influence_function import SAMInfluenceFunction
 from captum_sam.solvers import ConvergenceWarning
 from tests.helpers import (
     DTYPE,
+    BatchCentred,
     assert_unchanged,
     ce_loss,
     linear_model,
@@ -356,18 +357,6 @@ def test_bad_input_and_convergence_warning(run, tmp_path):
 # --------------------------------------------------------------- factored GGN
 
 
-class Centred(torch.nn.Module):
-    """Subtracts the batch mean: the factored GGN must be refused."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = torch.nn.Linear(5, 4), torch.nn.Linear(4, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.fc1(x))
-        return self.fc2(h - h.mean(0, keepdim=True))
-
-
 @pytest.mark.parametrize("variant", ["fast", "full", "exact", "plain"])
 def test_factored_ggn_matrix_equals_products_and_reference(run, variant, monkeypatch):
     from captum_sam import factored
@@ -420,7 +409,7 @@ def test_factored_ggn_matrix_equals_products_and_reference(run, variant, monkeyp
 
 def test_factored_ggn_falls_back_for_coupled_and_hessian(run, tmp_path):
     torch.manual_seed(0)
-    model = Centred().to(DTYPE)
+    model = BatchCentred().to(DTYPE)
     path = tmp_path / "centred.pt"
     torch.save({"model_state": model.state_dict(), "learning_rate": 0.1}, path)
     kw = dict(checkpoint=str(path), variant="exact", curvature="ggn", damping=0.1)
