@@ -162,7 +162,7 @@ class HIFOperatorsMixin:
         return all_reduce_sum(total) if self._reduce() else total
 
     def _factored_ok(self, point: F.Params) -> bool:
-        """Check the factored GGN once (all ranks agree); forget the sites if it fails."""
+        """Whether the factored GGN applies: checked once, and all ranks agree."""
         if self._ggn_sites is None:
             return False
         if self._ggn_checked is None:

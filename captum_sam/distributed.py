@@ -92,10 +92,27 @@ def _plain(loader: DataLoader) -> bool:
     )
 
 
+def _collective_device(tensor: Tensor) -> torch.device | None:
+    """Where a collective must see ``tensor`` if not where it is: NCCL reduces CUDA tensors only."""
+    if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
 def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Sum ``tensor`` over ranks in place (no-op in a single process); returns it."""
+    """Sum ``tensor`` over ranks in place (no-op in a single process); returns it.
+
+    A CPU tensor (a count, an agreement flag) goes through this rank's CUDA device
+    when the backend is NCCL, which cannot reduce CPU tensors.
+    """
     if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        device = _collective_device(tensor)
+        if device is None:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        else:
+            moved = tensor.to(device, copy=True)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            tensor.copy_(moved)
     return tensor
 
 

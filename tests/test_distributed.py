@@ -138,3 +138,28 @@ def test_sharded_results_equal_single_process(tmp_path, world):
                 torch.testing.assert_close(
                     got[key], value, rtol=1e-9, atol=1e-11, msg=f"rank {rank}: {key}"
                 )
+
+
+def test_nccl_reduces_cpu_tensors_through_the_cuda_device(monkeypatch):
+    """NCCL cannot reduce CPU tensors: counts and flags travel through the GPU."""
+    from captum_sam import distributed
+
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    cpu = torch.tensor([2.0], dtype=torch.float64)
+    assert distributed._collective_device(cpu) == torch.device("cuda", 1)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
+    assert distributed._collective_device(cpu) is None
+
+    # the move and copy-back, with a stand-in device and a stand-in reduction
+    seen = []
+
+    def fake_all_reduce(t, op):
+        seen.append(t)
+        t.mul_(3)  # as if three ranks held the same value
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "_collective_device", lambda t: torch.device("cpu"))
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    out = distributed.all_reduce_sum(cpu)
+    assert out is cpu and float(cpu[0]) == 6.0 and seen[0] is not cpu
