@@ -49,6 +49,8 @@ __all__ = [
     "factor_grad_sum",
     "matches_vmap",
     "linear_ggn",
+    "ggn_pieces",
+    "ggn_product",
     "ggn_matches",
     "MAX_OUTPUTS",
     "Unsupported",
@@ -317,10 +319,27 @@ def _site_parts(site: LinearSite, d_in: int) -> list[tuple[str, slice]]:
     return parts
 
 
-def _ggn_pieces(
+def ggn_pieces(
     floss: F.FunctionalLoss, params: F.Params, batch: F.Batch, sites: Sequence[LinearSite]
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """Per site: output Jacobians ``S (B, C, d_out)``, ``H S`` and the input columns."""
+    """What the Gauss-Newton matrix of one batch needs, from one forward pass.
+
+    Args:
+        floss: Model and per-example loss.
+        params: Attributed parameters.
+        batch: ``(features..., labels)``.
+        sites: From :func:`linear_sites`.
+
+    Returns:
+        Three lists with one tensor per site: the Jacobians ``S (B, C, d_out)`` of
+        the ``C`` model outputs in the layer's output, ``H_out S`` (``H_out`` the
+        per-example Hessian of the loss in the outputs), and the input columns
+        ``(B, d_in + 1)`` (``[a, 1]`` with a bias, ``a`` without, ``1`` for a bias
+        alone).
+
+    Raises:
+        Unsupported: As :func:`linear_ggn`.
+    """
     features, labels = F._split(batch)
     leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     with torch.enable_grad(), _recording(sites) as calls:
@@ -386,7 +405,7 @@ def linear_ggn(
     blocks: dict[tuple[int, int], Tensor] = {}
     inputs = [0] * len(sites)
     for batch in batches:
-        s, hs, cols = _ggn_pieces(floss, params, batch, sites)
+        s, hs, cols = ggn_pieces(floss, params, batch, sites)
         for left, right in pairs:
             c_l, c_m = cols[left].shape[1], cols[right].shape[1]
             # a block of one layer with itself: M_i and a_i a_i^T are symmetric, so the
@@ -454,18 +473,65 @@ def ggn_matches(
     """
     head = tuple(x[:examples] if isinstance(x, Tensor) and x.dim() > 0 else x for x in batch)
     try:
-        g = linear_ggn(floss, params, [head], sites, names)
+        pieces = ggn_pieces(floss, params, head, sites)
     except Unsupported:
         return False
     like = {n: params[n] for n in names}
+    ref = like[names[0]]
     gen = torch.Generator().manual_seed(0)
-    v = torch.randn(2, g.shape[0], generator=gen, dtype=torch.float64).to(g)
+    dim = sum(p.numel() for p in like.values())
+    v = torch.randn(dim, 2, generator=gen, dtype=torch.float64).to(ref)
     exact = F.flatten(
-        F.ggn_vp(floss, params, [head], F.unflatten(v, like, batch_dims=1), batched=True),
+        F.ggn_vp(floss, params, [head], F.unflatten(v.T, like, batch_dims=1), batched=True),
         names,
         batch_dims=1,
-    )
-    fast = v @ g  # g is symmetric
-    tol = 1e-4 if g.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    ).T
+    fast = ggn_product([pieces], sites, like, v)
+    tol = 1e-4 if ref.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
     scale = float(exact.abs().max()) + 1e-30
     return bool(((fast - exact).abs() <= tol * scale).all())
+
+
+def ggn_product(
+    pieces: Sequence[tuple[list[Tensor], list[Tensor], list[Tensor]]],
+    sites: Sequence[LinearSite],
+    like: F.Params,
+    columns: Tensor,
+) -> Tensor:
+    r""":math:`G V` for a few ``(P, m)`` columns from the layer pieces of some batches.
+
+    Per layer :math:`z = V_l [a, 1]` (the change of the layer output), the output
+    change :math:`J v = \sum_l S_l z_l`, then back through :math:`H_{out}` and
+    :math:`S_l^\top` to :math:`\sum_i r_{il} [a_i, 1]^\top`, without forming
+    :math:`G`. (For many columns on an MLP this costs about what ``jvp`` and ``vjp``
+    through the model cost, so the solvers keep :func:`captum_sam.functional.ggn_vp`;
+    it serves the check in :func:`ggn_matches`.)
+
+    Args:
+        pieces: :func:`ggn_pieces` of each batch (summed over the batches).
+        sites: From :func:`linear_sites`.
+        like: Attributed parameters (names, order and shapes of the flat columns).
+        columns: ``(P, m)``.
+
+    Returns:
+        ``(P, m)``.
+    """
+    vectors = F.unflatten(columns.T, like, batch_dims=1)  # name -> (m, *shape)
+    weights = []  # per site (m, d_out, width of the input columns)
+    for site in sites:
+        parts = [vectors[site.weight]] if site.weight is not None else []
+        if site.bias is not None:
+            parts.append(vectors[site.bias].unsqueeze(2))
+        weights.append(torch.cat(parts, 2) if len(parts) > 1 else parts[0])
+    grads = [torch.zeros_like(w) for w in weights]
+    for s, hs, cols in pieces:
+        moved = [torch.matmul(w, c.T) for w, c in zip(weights, cols)]  # (m, d_out, B)
+        h_jv = sum(torch.einsum("bco,mob->mbc", x, z) for x, z in zip(hs, moved))
+        for k, (x, c) in enumerate(zip(s, cols)):
+            grads[k] += torch.matmul(torch.einsum("bco,mbc->mob", x, h_jv), c)
+    out = {}
+    for site, g in zip(sites, grads):
+        both = site.weight is not None and site.bias is not None
+        for name, cols_ in _site_parts(site, g.shape[2] - 1 if both else g.shape[2]):
+            out[name] = g[:, :, cols_].reshape(g.shape[0], -1)
+    return torch.cat([out[n] for n in like], dim=1).T

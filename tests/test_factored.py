@@ -15,6 +15,8 @@ from captum_sam.factored import (
     factor_dots,
     factor_grad_sum,
     ggn_matches,
+    ggn_pieces,
+    ggn_product,
     linear_factors,
     linear_ggn,
     linear_sites,
@@ -405,6 +407,9 @@ def test_linear_ggn_equals_the_matrix_of_ggn_products(names, loss):
     want = ggn_by_products(floss, params, (x, y), names)
     assert float(want.abs().max()) > 1e-3
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    v = torch.randn(got.shape[0], 3, dtype=DTYPE)
+    pieces = [ggn_pieces(floss, params, b, sites) for b in [(x[:7], y[:7]), (x[7:], y[7:])]]
+    torch.testing.assert_close(ggn_product(pieces, sites, params, v), want @ v)
     assert ggn_matches(floss, params, (x, y), sites, names)
     assert not any(m._forward_hooks for m in model.modules())
 
