@@ -181,25 +181,25 @@ class FactoredGIFMixin:
         per_row = (2 * width + n_test) * torch.finfo(self._dtype()).bits // 8
         return max(1, GROUP_BUDGET_BYTES // per_row)
 
-    def _factored_steps(
-        self, tests: list[factored.Factors], terms: Sequence[Any], scores: Tensor
-    ) -> None:
-        """Add the scores of recorded steps at one checkpoint to ``(n_test, n)`` ``scores``.
+    def _step_factors(
+        self, terms: Sequence[Any], need_w: bool
+    ) -> tuple[Tensor, list[factored.Factors | None], list[factored.Factors]]:
+        """Factors of recorded steps that share a checkpoint, in few large passes.
 
-        ``tests``: the test factors of that checkpoint (a one-element list, as
-        :meth:`_test_factors` returns them for one term).
+        With the ``"batch"`` perturbation (or ``need_w``, or a step with ``rho = 0``)
+        one pass at ``w`` over the union of the steps' examples gives every step's
+        factors at ``w`` (its mean gradient is a sum of them) instead of one pass per
+        step; then one pass per step at its perturbed weights.
 
-        One cross product of the test factors with the perturbed factors of all the
-        steps, and with the ``"batch"`` perturbation one pass at ``w`` over the union
-        of their examples (each step's mean gradient is a sum of those factors)
-        instead of one pass per step: the same scores as step by step, in fewer and
-        larger operations.
+        Returns:
+            The steps' example indices concatenated, and per step its factors at
+            ``w`` (``None`` when not computed) and at ``w + eps``.
         """
         ((p, floss),) = self._term_losses(terms[:1])  # the steps share the checkpoint
         sizes = [len(t.indices) for t in terms]
         index = torch.tensor([i for t in terms for i in t.indices], device=self.device)
         at_w = where = None
-        if self.perturbation == "batch" or any(t.rho == 0 for t in terms):
+        if need_w or self.perturbation == "batch" or any(t.rho == 0 for t in terms):
             union, where = torch.unique(index, return_inverse=True)
             chunks = union.split(self.batch_size or 64)
             at_w = factored.concat_factors(
@@ -208,15 +208,18 @@ class FactoredGIFMixin:
                     for c in chunks
                 ]
             )
-        moved, start, batch_grads = [], 0, []
+        owns: list[factored.Factors | None] = []
+        moved: list[factored.Factors] = []
+        start, batch_grads = 0, []
         for term, size in zip(terms, sizes):
             own = None
             if at_w is not None:
                 rows = where[start : start + size]  # type: ignore[index]
                 own = [(a[rows], d[rows]) for a, d in at_w]
             start += size
+            owns.append(own)
             if term.rho == 0:
-                moved.append(own)
+                moved.append(own)  # type: ignore[arg-type]
                 continue
             if self.perturbation == "dataset":
                 e = {n: v[0] for n, v in self._eps([term]).items()}  # type: ignore[union-attr]
@@ -229,10 +232,38 @@ class FactoredGIFMixin:
             moved.append(factored.linear_factors(floss, shifted, batch, self._sites))
         if batch_grads:  # one check for the group (NaN would reach the scores anyway)
             _finite(torch.cat(batch_grads), "gradients of a recorded batch", terms)
+        return index, owns, moved
+
+    def _step_coefficients(self, terms: Sequence[Any], like: Tensor) -> Tensor:
+        """Each step's coefficient, repeated for each of its examples."""
+        coef = torch.tensor([t.coefficient for t in terms], dtype=like.dtype, device=like.device)
+        sizes = torch.tensor([len(t.indices) for t in terms], device=like.device)
+        return coef.repeat_interleave(sizes)
+
+    def _factored_steps(
+        self, tests: list[factored.Factors], terms: Sequence[Any], scores: Tensor
+    ) -> None:
+        """Add the scores of recorded steps at one checkpoint to ``(n_test, n)`` ``scores``.
+
+        ``tests``: the test factors of that checkpoint (a one-element list, as
+        :meth:`_test_factors` returns them for one term). One cross product of the
+        test factors with the perturbed factors of all the steps: the same scores as
+        step by step, in fewer and larger operations.
+        """
+        index, _, moved = self._step_factors(terms, need_w=False)
         gram = factored.factor_cross(tests[0], factored.concat_factors(moved), self._sites)
-        coef = torch.tensor([t.coefficient for t in terms], dtype=gram.dtype, device=gram.device)
-        gram = gram * coef.repeat_interleave(torch.tensor(sizes, device=gram.device))
+        gram = gram * self._step_coefficients(terms, gram)
         scores.index_add_(1, index, _finite(gram, "training gradients", terms))
+
+    def _factored_step_self(self, terms: Sequence[Any], scores: Tensor) -> None:
+        """Add the self influence of recorded steps at one checkpoint to ``(n,)`` ``scores``."""
+        index, owns, moved = self._step_factors(terms, need_w=not self.test_at_perturbed)
+        test = moved if self.test_at_perturbed else owns
+        dots = torch.cat(
+            [factored.factor_dots(t, m, self._sites) for t, m in zip(test, moved)]  # type: ignore[arg-type]
+        )
+        dots = dots * self._step_coefficients(terms, dots)
+        scores.index_add_(0, index, _finite(dots, "gradients", terms))
 
     def _merged_self_influence(self, show_progress: bool) -> Tensor | None:
         """Checkpoint-form self influence of the training set in two passes, or ``None``.

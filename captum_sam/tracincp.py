@@ -508,9 +508,22 @@ class SAMTracInCP(
                 bar = progress(
                     contiguous(self._terms), show_progress, f"{self.get_name()}: self influence"
                 )
+                group: list[_Term] = []  # factored: steps at one checkpoint, together
+                limit = self._group_rows(0) if self._sites is not None else 0
                 for _, term in bar:
-                    dots = self._pair_dots([term], self._fetch(term.indices))
-                    scores.index_add_(0, self._index(term), dots)
+                    batch = self._fetch(term.indices)
+                    if group and (
+                        term.checkpoint != group[0].checkpoint
+                        or sum(len(g.indices) for g in group) + len(term.indices) > limit
+                    ):
+                        self._factored_step_self(group, scores)
+                        group = []
+                    if self._factored([term], batch):
+                        group.append(term)
+                        continue
+                    scores.index_add_(0, self._index(term), self._pair_dots([term], batch))
+                if group:
+                    self._factored_step_self(group, scores)
                 return all_reduce_sum(scores)
             data = (
                 self.train_dataloader

@@ -159,11 +159,17 @@ def test_checkpoint_self_influence_factored_equals_vmap(run, kw):
 
 @pytest.mark.parametrize("perturbation", ["batch", "dataset"])
 @pytest.mark.parametrize("test_at_perturbed", [False, True])
-def test_trajectory_self_influence_factored_equals_vmap(run, perturbation, test_at_perturbed):
+def test_trajectory_self_influence_factored_equals_vmap(
+    run, perturbation, test_at_perturbed, monkeypatch
+):
+    """Steps at one checkpoint together (one pass at w over their examples), or alone."""
+    from captum_sam import _gif_factored
+
     model = run["model"]
     before = snapshot(model)
-    got, ref = both_paths(
-        lambda **f: SAMTracInCP.from_trajectory(
+
+    def make(**f):
+        return SAMTracInCP.from_trajectory(
             model,
             run["data"],
             run["traj"],
@@ -172,8 +178,21 @@ def test_trajectory_self_influence_factored_equals_vmap(run, perturbation, test_
             test_at_perturbed=test_at_perturbed,
             **f,
         )
-    )
+
+    got, ref = both_paths(make)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    passes = []
+    original = _gif_factored.factored.linear_factors
+    monkeypatch.setattr(
+        _gif_factored.factored, "linear_factors", lambda *a: passes.append(1) or original(*a)
+    )
+    make().self_influence()
+    grouped = len(passes)
+    monkeypatch.setattr(_gif_factored, "GROUP_BUDGET_BYTES", 1)  # one step at a time
+    single = make().self_influence()
+    torch.testing.assert_close(single, ref, rtol=1e-10, atol=1e-12)
+    if not test_at_perturbed:  # one pass at w per checkpoint instead of one per step
+        assert grouped < len(passes) - grouped
     assert_unchanged(model, before)
 
 
