@@ -57,17 +57,20 @@ class FactoredGIFMixin:
         The structure is the loader's private copy of the model, so the forward hooks
         of the factored passes never touch the user's modules.
         """
-        params, frozen = self._stack(terms)
         loss_fn = self._loss.loss_fn if loss_fn is None else loss_fn
-        return [
-            (
-                {n: v[k] for n, v in params.items()},
-                F.FunctionalLoss(
-                    self._loader.scratch, loss_fn, {n: v[k] for n, v in frozen.items()}
-                ),
-            )
-            for k in range(len(terms))
-        ]
+        key = (tuple(t.checkpoint for t in terms), id(loss_fn))
+        if key not in self._term_loss_cache:  # (the estimator holds its loss functions)
+            params, frozen = self._stack(terms)
+            self._term_loss_cache[key] = [
+                (
+                    {n: v[k] for n, v in params.items()},
+                    F.FunctionalLoss(
+                        self._loader.scratch, loss_fn, {n: v[k] for n, v in frozen.items()}
+                    ),
+                )
+                for k in range(len(terms))
+            ]
+        return self._term_loss_cache[key]
 
     def _train_factors(
         self,

@@ -306,6 +306,7 @@ class SAMTracInCP(
         scratch.eval()  # attribution always runs the model in eval mode
         self._sites = factored.linear_sites(scratch, self.names) if factorize else None
         self._sites_checked: dict[Any, bool] = {}  # loss function -> factored path valid
+        self._term_loss_cache: dict[tuple[Any, ...], Any] = {}  # (checkpoints, loss) -> losses
 
     def _validate_first_batch(self) -> None:
         state = self._loader(self._terms[0].checkpoint)
