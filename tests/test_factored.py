@@ -450,3 +450,24 @@ def test_linear_ggn_refuses_what_it_cannot_factor():
     batch = (torch.randn(4, 3, dtype=DTYPE), torch.randint(0, 3, (4,)))
     with pytest.raises(Unsupported, match="outputs per example"):
         linear_ggn(floss, params, [batch], linear_sites(wide, names), names)
+
+
+@pytest.mark.parametrize("perturbation", ["batch", "dataset"])
+def test_trajectory_with_rho_zero_steps_factored_equals_vmap(tmp_path, perturbation):
+    """Recorded steps without SAM (rho = 0) reuse the factors at w as the training side."""
+    data = make_data(n=20, seed=8)
+    model = mlp_model(hidden=5)
+    train_sam(model, data, ce_loss(), epochs=2, lr=0.2, rho=0.0, batch_size=6, record_dir=tmp_path)
+    x, y = make_data(n=5, seed=9).tensors
+
+    def make(**f):
+        return SAMTracInCP.from_trajectory(
+            model, data, tmp_path, loss_fn=ce_loss(), perturbation=perturbation, **f
+        )
+
+    fast, slow = make(), make(factorize=False)
+    assert all(t.rho == 0 for t in fast._terms)
+    torch.testing.assert_close(
+        fast.influence((x, y)), slow.influence((x, y)), rtol=1e-10, atol=1e-12
+    )
+    torch.testing.assert_close(fast.self_influence(), slow.self_influence(), rtol=1e-10, atol=1e-12)
