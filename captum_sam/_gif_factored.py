@@ -237,11 +237,12 @@ class FactoredGIFMixin:
             _finite(torch.cat(batch_grads), "gradients of a recorded batch", terms)
         return index, owns, moved
 
-    def _step_coefficients(self, terms: Sequence[Any], like: Tensor) -> Tensor:
+    def _step_coefficients(self, terms: Sequence[Any]) -> Tensor:
         """Each step's coefficient, repeated for each of its examples."""
-        coef = torch.tensor([t.coefficient for t in terms], dtype=like.dtype, device=like.device)
-        sizes = torch.tensor([len(t.indices) for t in terms], device=like.device)
-        return coef.repeat_interleave(sizes)
+        coef = self._coefficients(terms)
+        return coef.repeat_interleave(
+            torch.tensor([len(t.indices) for t in terms], device=coef.device)
+        )
 
     def _factored_steps(
         self, tests: list[factored.Factors], terms: Sequence[Any], scores: Tensor
@@ -255,7 +256,7 @@ class FactoredGIFMixin:
         """
         index, _, moved = self._step_factors(terms, need_w=False)
         gram = factored.factor_cross(tests[0], factored.concat_factors(moved), self._sites)
-        gram = gram * self._step_coefficients(terms, gram)
+        gram = gram * self._step_coefficients(terms)
         scores.index_add_(1, index, _finite(gram, "training gradients", terms))
 
     def _factored_step_self(self, terms: Sequence[Any], scores: Tensor) -> None:
@@ -265,7 +266,7 @@ class FactoredGIFMixin:
         dots = torch.cat(
             [factored.factor_dots(t, m, self._sites) for t, m in zip(test, moved)]  # type: ignore[arg-type]
         )
-        dots = dots * self._step_coefficients(terms, dots)
+        dots = dots * self._step_coefficients(terms)
         scores.index_add_(0, index, _finite(dots, "gradients", terms))
 
     def _merged_self_influence(self, show_progress: bool) -> Tensor | None:

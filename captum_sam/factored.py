@@ -268,6 +268,18 @@ def factor_grad_sum(f: Factors, sites: Sequence[LinearSite]) -> F.Params:
     return out
 
 
+def _head(batch: F.Batch, examples: int) -> tuple[Any, ...]:
+    """The first ``examples`` examples of a batch (what the checks look at)."""
+    return tuple(x[:examples] if isinstance(x, Tensor) and x.dim() > 0 else x for x in batch)
+
+
+def _agrees(fast: Tensor, exact: Tensor) -> bool:
+    """Whether a factored result equals its reference up to the dtype's rounding."""
+    tol = 1e-4 if fast.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    scale = float(exact.abs().max()) + 1e-30
+    return bool(((fast - exact).abs() <= tol * scale).all())
+
+
 def matches_vmap(
     floss: F.FunctionalLoss,
     params: F.Params,
@@ -280,7 +292,7 @@ def matches_vmap(
     Catches what :func:`linear_sites` cannot see: a forward or loss that couples
     the examples of a batch, or a linear layer used in an unusual way.
     """
-    head = tuple(x[:examples] if isinstance(x, Tensor) and x.dim() > 0 else x for x in batch)
+    head = _head(batch, examples)
     try:
         f = linear_factors(floss, params, head, sites)
     except Unsupported:
@@ -289,9 +301,7 @@ def matches_vmap(
     exact = sum(
         g.flatten(1).square().sum(1) for g in F.per_example_grads(floss, params, head).values()
     )
-    tol = 1e-4 if fast.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
-    scale = float(exact.abs().max()) + 1e-30
-    return bool(((fast - exact).abs() <= tol * scale).all())
+    return _agrees(fast, exact)
 
 
 MAX_OUTPUTS = 256
@@ -471,7 +481,7 @@ def ggn_matches(
     whose forward couples the examples of a batch or whose loss is not one term
     per example.
     """
-    head = tuple(x[:examples] if isinstance(x, Tensor) and x.dim() > 0 else x for x in batch)
+    head = _head(batch, examples)
     try:
         pieces = ggn_pieces(floss, params, head, sites)
     except Unsupported:
@@ -486,10 +496,7 @@ def ggn_matches(
         names,
         batch_dims=1,
     ).T
-    fast = ggn_product([pieces], sites, like, v)
-    tol = 1e-4 if ref.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
-    scale = float(exact.abs().max()) + 1e-30
-    return bool(((fast - exact).abs() <= tol * scale).all())
+    return _agrees(ggn_product([pieces], sites, like, v), exact)
 
 
 def ggn_product(
