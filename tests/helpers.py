@@ -77,6 +77,12 @@ def mse_per_example(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return ((outputs - targets) ** 2).sum(dim=1)
 
 
+def save_checkpoint(model: nn.Module, path, learning_rate: float = 0.1) -> str:
+    """Write ``model``'s weights as a checkpoint ``checkpoints_load_func`` reads; the path."""
+    torch.save({"model_state": model.state_dict(), "learning_rate": learning_rate}, path)
+    return str(path)
+
+
 def snapshot(model: nn.Module) -> dict:
     """Everything about a model the library must not change."""
     return {

@@ -20,7 +20,7 @@ from captum_sam.evaluation.metrics import detection_auc
 from captum_sam.influence_function import SAMInfluenceFunction
 from captum_sam.models import build_model
 from captum_sam.tracincp import SAMTracInCP
-from tests.helpers import assert_unchanged, snapshot
+from tests.helpers import assert_unchanged, save_checkpoint, snapshot
 
 LOSS = torch.nn.CrossEntropyLoss(reduction="none")
 RHO, LAM = 0.05, 1e-3
@@ -123,7 +123,7 @@ def test_hif_edit_of_a_convex_model_matches_retraining(digits, tmp_path):
     data = digits["data"]
     star = sam_fixed_point(digits["model"], data.train, LOSS, RHO, LAM).model
     ckpt = str(tmp_path / "star.pt")
-    torch.save({"model_state": star.state_dict(), "learning_rate": 1.0}, ckpt)
+    save_checkpoint(star, ckpt, learning_rate=1.0)
     est = SAMInfluenceFunction(
         star,
         data.train,

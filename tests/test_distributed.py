@@ -12,7 +12,7 @@ from captum_sam import load_trajectory, train_sam
 from captum_sam.applications import influence_scores
 from captum_sam.influence_function import SAMInfluenceFunction
 from captum_sam.tracincp import SAMTracInCP
-from tests.helpers import DTYPE, BatchCentred, ce_loss, make_data, mlp_model
+from tests.helpers import DTYPE, BatchCentred, ce_loss, make_data, mlp_model, save_checkpoint
 
 
 def compute(run_dir):
@@ -118,8 +118,7 @@ def test_sharded_results_equal_single_process(tmp_path, world):
     )
     torch.save({"train": (x[:22], y[:22]), "test": (x[22:], y[22:])}, tmp_path / "data.pt")
     torch.manual_seed(0)
-    state = BatchCentred().to(DTYPE).state_dict()
-    torch.save({"model_state": state, "learning_rate": 0.1}, tmp_path / "centred.pt")
+    save_checkpoint(BatchCentred().to(DTYPE), tmp_path / "centred.pt")
     single = compute(str(tmp_path))
     torch.testing.assert_close(single["gif_self_fresh_True"], single["gif_self_fresh_False"])
     torch.testing.assert_close(single["gif_self_fresh_True"], single["gif_self"])

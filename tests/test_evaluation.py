@@ -7,7 +7,7 @@ from captum_sam import checkpoints_load_func, load_trajectory, train_sam
 from captum_sam.evaluation import sam_fixed_point
 from captum_sam.evaluation.ground_truth import GroundTruth, random_subsets
 from captum_sam.evaluation.metrics import lds
-from tests.helpers import ce_loss, linear_model, make_data, mlp_model
+from tests.helpers import ce_loss, linear_model, make_data, mlp_model, save_checkpoint
 
 RHO, LAM = 0.1, 0.1
 
@@ -124,7 +124,7 @@ def test_loo_and_lds_scores_against_retraining(tmp_path, monkeypatch):
     xt, yt = make_data(n=8, seed=12).tensors
     star = sam_fixed_point(linear_model(), data, ce_loss(), RHO, LAM).model
     ckpt = os.path.join(tmp_path, "star.pt")
-    torch.save({"model_state": star.state_dict(), "learning_rate": 1.0}, ckpt)
+    save_checkpoint(star, ckpt, learning_rate=1.0)
     est = SAMInfluenceFunction(
         star, data, ckpt, loss_fn=ce_loss(), rho=RHO, weight_decay=LAM, variant="exact"
     )

@@ -1,4 +1,3 @@
-import copy
 
 import pytest
 import torch
@@ -31,6 +30,7 @@ from tests.helpers import (
     ce_loss,
     make_data,
     mlp_model,
+    save_checkpoint,
     snapshot,
 )
 
@@ -202,7 +202,7 @@ def test_coupled_model_falls_back_to_vmap(tmp_path):
     x, y = make_data(n=16, seed=4).tensors
     data = TensorDataset(x, y)
     path = tmp_path / "c.pt"
-    torch.save({"model_state": copy.deepcopy(model.state_dict()), "learning_rate": 0.1}, path)
+    save_checkpoint(model, path)
     est = SAMTracInCP(model, data, [str(path)], loss_fn=ce_loss(), batch_size=8, rho=0.1)
     got = est.self_influence()
     assert list(est._sites_checked.values()) == [False]
@@ -280,7 +280,7 @@ def test_token_model_self_influence_is_factored_and_influence_falls_back(tmp_pat
     model = Tokens().to(DTYPE)
     x, y = torch.randn(20, 7, 3, dtype=DTYPE), torch.randint(0, 3, (20,))
     path = tmp_path / "t.pt"
-    torch.save({"model_state": copy.deepcopy(model.state_dict()), "learning_rate": 0.1}, path)
+    save_checkpoint(model, path)
 
     def make(**f):
         return SAMTracInCP(
@@ -361,7 +361,7 @@ def test_model_in_train_mode_with_dropout_is_attributed_in_eval_mode(tmp_path):
     before = snapshot(model)
     x, y = make_data(n=16, seed=6).tensors
     path = tmp_path / "d.pt"
-    torch.save({"model_state": copy.deepcopy(model.state_dict()), "learning_rate": 0.1}, path)
+    save_checkpoint(model, path)
 
     def make(**f):
         return SAMTracInCP(

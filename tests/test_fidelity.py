@@ -11,6 +11,7 @@ from captum_sam.data import load_digits_data
 from captum_sam.evaluation import sam_fixed_point
 from captum_sam.influence_function import SAMInfluenceFunction
 from captum_sam.models import build_model
+from tests.helpers import save_checkpoint
 
 RHO, LAM = 0.05, 1e-3
 
@@ -26,7 +27,7 @@ def test_sam_hif_tracks_fixed_point_loo_retraining(tmp_path):
     star = sam_fixed_point(model, data.train, loss, RHO, LAM)
     assert star.residual < 1e-10
     ckpt = os.path.join(tmp_path, "star.pt")
-    torch.save({"model_state": star.model.state_dict(), "learning_rate": 1.0}, ckpt)
+    save_checkpoint(star.model, ckpt, learning_rate=1.0)
     xt, yt = data.test.tensors
 
     def test_loss(m):

@@ -12,6 +12,7 @@ from tests.helpers import (
     linear_model,
     make_data,
     mlp_model,
+    save_checkpoint,
     snapshot,
 )
 
@@ -253,7 +254,7 @@ def test_shared_weights_are_tied_and_untied_models_skip_it(tmp_path):
     torch.testing.assert_close(got, loop_grads(model, names, data, ce_loss()))
     # the factored path sees the shared weight in one layer only: its check refuses it
     path = tmp_path / "tied.pt"
-    torch.save({"model_state": model.state_dict(), "learning_rate": 0.1}, path)
+    save_checkpoint(model, path)
 
     def make(**kw):
         return SAMTracInCP(model, data, [str(path)], loss_fn=ce_loss(), rho=0.1, **kw)

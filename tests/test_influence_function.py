@@ -18,6 +18,7 @@ from tests.helpers import (
     make_data,
     mlp_model,
     mse_per_example,
+    save_checkpoint,
     snapshot,
 )
 
@@ -411,7 +412,7 @@ def test_factored_ggn_falls_back_for_coupled_and_hessian(run, tmp_path):
     torch.manual_seed(0)
     model = BatchCentred().to(DTYPE)
     path = tmp_path / "centred.pt"
-    torch.save({"model_state": model.state_dict(), "learning_rate": 0.1}, path)
+    save_checkpoint(model, path)
     kw = dict(checkpoint=str(path), variant="exact", curvature="ggn", damping=0.1)
     args = dict(loss_fn=ce_loss(), batch_size=8, rho=0.1, weight_decay=1e-2, solver="dense")
     est = SAMInfluenceFunction(model, run["train"], **kw, **args)
