@@ -12,17 +12,20 @@ computed separately.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.func import vmap
 
 from captum_sam import factored
 from captum_sam import functional as F
 from captum_sam._gif_gradients import _finite
 from captum_sam._utils import local_batches, on_device, progress, validate_batch
 from captum_sam.distributed import all_reduce_sum, gather_ordered
+from captum_sam.trajectory import fetch_batch
 
 # factors at w kept between the two passes of merged self influence, at most
 MERGE_BUDGET_BYTES = 1 << 30
@@ -186,56 +189,89 @@ class FactoredGIFMixin:
 
     def _step_factors(
         self, terms: Sequence[Any], need_w: bool
-    ) -> tuple[Tensor, list[factored.Factors | None], list[factored.Factors]]:
+    ) -> tuple[list[Any], Tensor, factored.Factors | None, factored.Factors]:
         """Factors of recorded steps that share a checkpoint, in few large passes.
 
         With the ``"batch"`` perturbation (or ``need_w``, or a step with ``rho = 0``)
         one pass at ``w`` over the union of the steps' examples gives every step's
         factors at ``w`` (its mean gradient is a sum of them) instead of one pass per
-        step; then one pass per step at its perturbed weights.
+        step. Steps with the same ``rho`` and ``adaptive`` then take their
+        perturbations and their passes at ``w + eps`` together
+        (:func:`~captum_sam.factored.linear_factors_stacked`); a step with a smaller
+        batch is padded with copies of its first example, whose rows are dropped
+        (exact, because the factored path is used only when examples do not interact).
+        The stacked pass holds the activations of all the group's examples: the group
+        budget (:data:`GROUP_BUDGET_BYTES`) bounds it, not ``batch_size``.
 
         Returns:
-            The steps' example indices concatenated, and per step its factors at
-            ``w`` (``None`` when not computed) and at ``w + eps``.
+            The steps in the order scored (by ``rho`` and ``adaptive``), their example
+            indices concatenated in that order, and the factors of those rows at ``w``
+            (``None`` when not computed) and at ``w + eps``.
         """
         ((p, floss),) = self._term_losses(terms[:1])  # the steps share the checkpoint
-        sizes = [len(t.indices) for t in terms]
+        terms = sorted(terms, key=lambda t: (t.rho, t.adaptive))
         index = torch.tensor([i for t in terms for i in t.indices], device=self.device)
-        at_w = where = None
+        at_w = None
         if need_w or self.perturbation == "batch" or any(t.rho == 0 for t in terms):
             union, where = torch.unique(index, return_inverse=True)
             chunks = union.split(self.batch_size or 64)
-            at_w = factored.concat_factors(
+            found = factored.concat_factors(
                 [
                     factored.linear_factors(floss, p, self._fetch(c.tolist()), self._sites)
                     for c in chunks
                 ]
             )
-        owns: list[factored.Factors | None] = []
-        moved: list[factored.Factors] = []
-        start, batch_grads = 0, []
-        for term, size in zip(terms, sizes):
-            own = None
-            if at_w is not None:
-                rows = where[start : start + size]  # type: ignore[index]
-                own = [(a[rows], d[rows]) for a, d in at_w]
-            start += size
-            owns.append(own)
-            if term.rho == 0:
-                moved.append(own)  # type: ignore[arg-type]
+            at_w = [(a[where], d[where]) for a, d in found]  # the rows of ``index``
+        moved, batch_grads, start = [], [], 0
+        for (rho, _), run in itertools.groupby(terms, key=lambda t: (t.rho, t.adaptive)):
+            run = list(run)
+            sizes = [len(t.indices) for t in run]
+            rows = slice(start, start + sum(sizes))
+            start = rows.stop
+            if rho == 0:
+                moved.append([(a[rows], d[rows]) for a, d in at_w])  # type: ignore[union-attr]
                 continue
-            if self.perturbation == "dataset":
-                e = {n: v[0] for n, v in self._eps([term]).items()}  # type: ignore[union-attr]
-            else:  # the mean gradient of the recorded batch
-                g = F.tree_scale(factored.factor_grad_sum(own, self._sites), 1.0 / size)  # type: ignore[arg-type]
+            width = max(sizes)
+            # where each step's rows sit when every step is padded to ``width`` rows
+            kept = torch.cat(
+                [
+                    torch.arange(k * width, k * width + m, device=self.device)
+                    for k, m in enumerate(sizes)
+                ]
+            )
+            padded = len(kept) != len(run) * width
+            if self.perturbation == "dataset":  # one perturbation per checkpoint
+                e = {n: v.expand(len(run), *v.shape[1:]) for n, v in self._eps(run[:1]).items()}  # type: ignore[union-attr]
+            else:  # the mean gradient of each recorded batch
+                own = [
+                    tuple(
+                        _spread(x[rows], kept, len(run) * width).unflatten(0, (len(run), width))
+                        for x in pair
+                    )
+                    for pair in at_w  # type: ignore[union-attr]
+                ]
+                count = torch.tensor(sizes, dtype=self._dtype(), device=self.device)
+                g = {
+                    n: v / count.view(-1, *[1] * (v.dim() - 1))
+                    for n, v in factored.factor_grad_sum(own, self._sites).items()  # type: ignore[arg-type]
+                }
                 batch_grads.extend(v.reshape(-1) for v in g.values())
-                e = F.sam_perturbation(p, g, term.rho, term.adaptive)
+                e = vmap(self._sam(run), in_dims=(None, 0))(p, g)
             shifted = {n: p[n] + e[n] for n in p}
-            batch = self._fetch(term.indices)
-            moved.append(factored.linear_factors(floss, shifted, batch, self._sites))
+            fill = [
+                i for t in run for i in [*t.indices, *[t.indices[0]] * (width - len(t.indices))]
+            ]
+            batch = F.to_device(fetch_batch(self.train_data, fill), self.device)
+            f = factored.linear_factors_stacked(floss, shifted, batch, self._sites, len(run))
+            moved.append(
+                [
+                    tuple(x.flatten(0, 1)[kept] if padded else x.flatten(0, 1) for x in pair)
+                    for pair in f
+                ]
+            )
         if batch_grads:  # one check for the group (NaN would reach the scores anyway)
             _finite(torch.cat(batch_grads), "gradients of a recorded batch", terms)
-        return index, owns, moved
+        return terms, index, at_w, factored.concat_factors(moved)
 
     def _step_coefficients(self, terms: Sequence[Any]) -> Tensor:
         """Each step's coefficient, repeated for each of its examples."""
@@ -254,18 +290,16 @@ class FactoredGIFMixin:
         test factors with the perturbed factors of all the steps: the same scores as
         step by step, in fewer and larger operations.
         """
-        index, _, moved = self._step_factors(terms, need_w=False)
-        gram = factored.factor_cross(tests[0], factored.concat_factors(moved), self._sites)
-        gram = gram * self._step_coefficients(terms)
+        terms, index, _, moved = self._step_factors(terms, need_w=False)
+        gram = factored.factor_cross(tests[0], moved, self._sites)
+        gram.mul_(self._step_coefficients(terms))
         scores.index_add_(1, index, _finite(gram, "training gradients", terms))
 
     def _factored_step_self(self, terms: Sequence[Any], scores: Tensor) -> None:
         """Add the self influence of recorded steps at one checkpoint to ``(n,)`` ``scores``."""
-        index, owns, moved = self._step_factors(terms, need_w=not self.test_at_perturbed)
-        test = moved if self.test_at_perturbed else owns
-        dots = torch.cat(
-            [factored.factor_dots(t, m, self._sites) for t, m in zip(test, moved)]  # type: ignore[arg-type]
-        )
+        terms, index, at_w, moved = self._step_factors(terms, need_w=not self.test_at_perturbed)
+        test = moved if self.test_at_perturbed else at_w
+        dots = factored.factor_dots(test, moved, self._sites)  # type: ignore[arg-type]
         dots = dots * self._step_coefficients(terms)
         scores.index_add_(0, index, _finite(dots, "gradients", terms))
 
@@ -318,6 +352,13 @@ class FactoredGIFMixin:
         second = progress(stored, show_progress, f"{self.get_name()}: self influence, pass 2 of 2")
         out = [(i, self._factored_pair_dots(terms, b, own=fs)) for i, b, fs in second]
         return torch.cat(gather_ordered(out))
+
+
+def _spread(x: Tensor, kept: Tensor, rows: int) -> Tensor:
+    """``x`` placed at rows ``kept`` of ``rows`` zero rows (no copy when nothing is padded)."""
+    if len(kept) == rows:
+        return x
+    return x.new_zeros(rows, *x.shape[1:]).index_copy_(0, kept, x)
 
 
 def _nbytes(factors: list[factored.Factors]) -> int:

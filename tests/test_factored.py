@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 from torch import nn
@@ -17,6 +16,7 @@ from captum_sam.factored import (
     ggn_pieces,
     ggn_product,
     linear_factors,
+    linear_factors_stacked,
     linear_ggn,
     linear_sites,
     matches_vmap,
@@ -66,6 +66,21 @@ def vmap_dots(floss, p, q, batch):
     return sum((gp[n].flatten(1) * gq[n].flatten(1)).sum(1) for n in gp)
 
 
+def count_passes(monkeypatch):
+    """A list that grows by one per factored pass (a stacked pass over steps counts once)."""
+    from captum_sam import _gif_factored
+
+    passes = []
+    for name in ("linear_factors", "linear_factors_stacked"):
+        original = getattr(_gif_factored.factored, name)
+        monkeypatch.setattr(
+            _gif_factored.factored,
+            name,
+            lambda *a, original=original: passes.append(1) or original(*a),
+        )
+    return passes
+
+
 def loss_of(model, names):
     params, frozen = F.detached_params(model, names)
     return F.FunctionalLoss(model, ce_loss(), frozen), params
@@ -98,6 +113,41 @@ def test_factored_dots_and_gradient_sum_equal_vmap_on_token_inputs(frozen_bias):
     assert set(g) == set(ref)
     for n in ref:
         torch.testing.assert_close(g[n], ref[n])
+
+
+def test_stacked_factors_equal_one_pass_per_weight_point():
+    """Token inputs, a layer never called, and a batch that cannot be stacked."""
+    torch.manual_seed(0)
+    model = Tokens().to(DTYPE)
+    names = F.attributed_names(model)
+    sites = linear_sites(model, names)
+    floss, p = loss_of(model, names)
+    points = [{n: v + 0.1 * torch.randn_like(v) for n, v in p.items()} for _ in range(3)]
+    stacked = {n: torch.stack([q[n] for q in points]) for n in p}
+    x, y = torch.randn(12, 7, 3, dtype=DTYPE), torch.randint(0, 3, (12,))
+    got = linear_factors_stacked(floss, stacked, (x, y), sites, 3)
+    as_list = F.FunctionalLoss(model, lambda out, t: ce_loss()(out, torch.tensor(t)), {})
+    fallback = linear_factors_stacked(as_list, stacked, (x, y.tolist()), sites, 3)
+    for k, q in enumerate(points):
+        ref = linear_factors(floss, q, (x[4 * k : 4 * k + 4], y[4 * k : 4 * k + 4]), sites)
+        for i, (a, d) in enumerate(ref):
+            assert got[i][0].shape == (3, *a.shape)
+            for out in (got, fallback):
+                torch.testing.assert_close(out[i][0][k], a, rtol=0, atol=0)
+                torch.testing.assert_close(out[i][1][k], d, rtol=1e-12, atol=1e-14)
+    assert not got[2][1].any()  # ``unused`` is never called: a zero gradient
+    with pytest.raises(ValueError, match="not 5 equal"):
+        linear_factors_stacked(floss, stacked, (x, y), sites, 5)
+    twice = Shared().to(DTYPE)
+    floss2, p2 = loss_of(twice, F.attributed_names(twice))
+    with pytest.raises(Unsupported, match="more than once"):
+        linear_factors_stacked(
+            floss2,
+            {n: v.expand(2, *v.shape) for n, v in p2.items()},
+            (torch.randn(4, 5, dtype=DTYPE), torch.randint(0, 3, (4,))),
+            linear_sites(twice, F.attributed_names(twice)),
+            2,
+        )
 
 
 def test_sites_refuse_parameters_outside_linear_layers_and_the_check_refuses_coupling():
@@ -181,11 +231,7 @@ def test_trajectory_self_influence_factored_equals_vmap(
 
     got, ref = both_paths(make)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
-    passes = []
-    original = _gif_factored.factored.linear_factors
-    monkeypatch.setattr(
-        _gif_factored.factored, "linear_factors", lambda *a: passes.append(1) or original(*a)
-    )
+    passes = count_passes(monkeypatch)
     make().self_influence()
     grouped = len(passes)
     monkeypatch.setattr(_gif_factored, "GROUP_BUDGET_BYTES", 1)  # one step at a time
@@ -241,14 +287,14 @@ def test_checkpoint_influence_factored_equals_vmap(run, kw):
 def test_trajectory_influence_factored_equals_vmap(
     run, perturbation, test_at_perturbed, monkeypatch
 ):
-    """Steps at one checkpoint are scored together, or one by one within a tiny budget."""
+    """Steps at one checkpoint are scored together, or one by one within a tiny budget.
+
+    The last step of each epoch has 2 examples, the others 7: stacked passes pad it.
+    """
+    assert sorted({len(s.indices) for s in run["traj"].steps}) == [2, 7]
     from captum_sam import _gif_factored
 
-    passes = []
-    original = _gif_factored.factored.linear_factors
-    monkeypatch.setattr(
-        _gif_factored.factored, "linear_factors", lambda *a: passes.append(1) or original(*a)
-    )
+    passes = count_passes(monkeypatch)
     x, y = make_data(n=9, seed=5).tensors
 
     def make(**f):
