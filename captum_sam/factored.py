@@ -430,6 +430,21 @@ def _site_parts(site: LinearSite, d_in: int) -> list[tuple[str, slice]]:
     return parts
 
 
+def _symmetric_pairs(c: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Index pairs ``j <= k`` of a symmetric ``c x c`` matrix, and where each entry is.
+
+    Returns:
+        The pairs, ``(2, c (c + 1) / 2)``, and for every ``(j, k)`` the position of
+        its pair, ``(c, c)``.
+    """
+    upper = torch.triu_indices(c, c, device=device)
+    where = torch.empty(c, c, dtype=torch.long, device=device)
+    where[upper[0], upper[1]] = where[upper[1], upper[0]] = torch.arange(
+        upper.shape[1], device=device
+    )
+    return upper, where
+
+
 def ggn_pieces(
     floss: F.FunctionalLoss, params: F.Params, batch: F.Batch, sites: Sequence[LinearSite]
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -519,19 +534,21 @@ def linear_ggn(
         s, hs, cols = ggn_pieces(floss, params, batch, sites)
         for left, right in pairs:
             c_l, c_m = cols[left].shape[1], cols[right].shape[1]
+            o_l, o_m = s[left].shape[2], s[right].shape[2]
             # a block of one layer with itself: M_i and a_i a_i^T are symmetric, so the
-            # products for (j, k) and (k, j) are equal and only j <= k is computed
-            upper = (
-                torch.triu_indices(c_l, c_l, device=cols[left].device) if left == right else None
-            )
-            width = s[left].shape[2] * s[right].shape[2] + (
-                upper.shape[1] if upper is not None else c_l * c_m
-            )
+            # products for output pairs (o, p) and (p, o) and input pairs (j, k) and
+            # (k, j) are equal, and only o <= p, j <= k are computed
+            same = left == right
+            if same:
+                upper_o, _ = _symmetric_pairs(o_l, cols[left].device)
+                upper, _ = _symmetric_pairs(c_l, cols[left].device)
+            width = (upper_o.shape[1] + upper.shape[1]) if same else o_l * o_m + c_l * c_m
             step = max(1, _BLOCK_ELEMENTS // width)
             for start in range(0, cols[0].shape[0], step):
                 rows = slice(start, start + step)
                 mid = torch.bmm(s[left][rows].transpose(1, 2), hs[right][rows])  # (b, o, p)
-                if upper is not None:
+                if same:
+                    mid = mid[:, upper_o[0], upper_o[1]]  # (b, pairs o <= p)
                     x = cols[left][rows]
                     outer = x[:, upper[0]] * x[:, upper[1]]  # (b, pairs j <= k)
                 else:
@@ -548,14 +565,9 @@ def linear_ggn(
     g = ref.new_zeros(sum(sizes.values()), sum(sizes.values()))
     for (left, right), block in blocks.items():
         o_l, o_m = sites[left].module.weight.shape[0], sites[right].module.weight.shape[0]
-        if left == right:  # back from j <= k to every (j, k)
-            c = inputs[left]
-            upper = torch.triu_indices(c, c, device=block.device)
-            where = torch.empty(c, c, dtype=torch.long, device=block.device)
-            where[upper[0], upper[1]] = where[upper[1], upper[0]] = torch.arange(
-                upper.shape[1], device=block.device
-            )
-            block = block[:, where]
+        if left == right:  # back from o <= p and j <= k to every (o, p) and (j, k)
+            block = block[_symmetric_pairs(o_l, block.device)[1].flatten()]
+            block = block[:, _symmetric_pairs(inputs[left], block.device)[1]]
         block = block.reshape(o_l, o_m, inputs[left], inputs[right]).permute(0, 2, 1, 3)
         for name_l, j in _site_parts(sites[left], sites[left].module.weight.shape[1]):
             for name_m, k in _site_parts(sites[right], sites[right].module.weight.shape[1]):
