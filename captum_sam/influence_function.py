@@ -48,7 +48,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
 from torch.utils.data import DataLoader, Dataset
 
 from captum_sam import factored
@@ -266,6 +265,10 @@ class SAMInfluenceFunction(HIFOperatorsMixin, QuantityCacheMixin, InfluenceFunct
         F.check_finite(self.mean_grad, "training gradients at the checkpoint")
         self.eps = F.sam_perturbation(self.params, self.mean_grad, self.rho, self.adaptive)
         self.perturbed = F.tree_add(self.params, self.eps)
+        # (P, 1) columns of w* and g0 for the closed-form derivative of eps
+        self._flat_point = tuple(
+            F.flatten(t, self.names).unsqueeze(1) for t in (self.params, self.mean_grad)
+        )
         self._columns = None
         self.inverse = InverseOperator(
             self._matvec,
@@ -328,16 +331,8 @@ class SAMInfluenceFunction(HIFOperatorsMixin, QuantityCacheMixin, InfluenceFunct
         b = self._grads(batch, self._loss, point)
         if self.variant != "exact":
             return b
-        own = F.per_example_grads(self._loss, self.params, batch)
-        zero = {n: torch.zeros_like(self.params[n]) for n in self.params}
-
-        def d_eps(g: F.Params) -> F.Params:
-            scaled = F.tree_scale(g, 1.0 / self.n_train)
-            return F.perturbation_jvp(
-                self.params, self.mean_grad, zero, scaled, self.rho, self.adaptive
-            )
-
-        d = F.flatten(vmap(d_eps)(own), self.names, batch_dims=1)
+        own = self._grads(batch, self._loss, self.params)  # d eps along g -> g + g_k / n
+        d = self._jvp_eps_given(None, own.T / self.n_train).T
         return torch.cat([b, d], dim=1)
 
     def _test_side(self, batch: tuple[Any, ...], loss: F.FunctionalLoss, what: str) -> Tensor:

@@ -6,6 +6,7 @@ from torch.func import functional_call, hessian, jacrev
 from torch.utils.data import TensorDataset
 
 from captum_sam import checkpoints_load_func, load_trajectory, train_sam
+from captum_sam import functional as F
 from captum_sam._captum import NaiveInfluenceFunction
 from captum_sam.influence_function import SAMInfluenceFunction
 from captum_sam.solvers import ConvergenceWarning
@@ -220,6 +221,25 @@ def test_perturbation_jacobian_is_the_closed_form_for_sam(run):
     H0 = hessian(lambda w: ref.losses(w, x, y).sum())(ref.w)
     closed = 0.1 / (len(y) * g0.norm()) * (torch.eye(len(u), dtype=DTYPE) - torch.outer(u, u)) @ H0
     torch.testing.assert_close(ref.J_exact, closed, rtol=1e-6, atol=1e-10)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_closed_form_perturbation_derivative_equals_jvp(run, adaptive):
+    """The closed form behind J and the exact right-hand side, against ``jvp`` of eps."""
+    est = make(run, adaptive=adaptive, variant="exact")
+    gen = torch.Generator().manual_seed(0)
+    v, hv = (torch.randn(est.dim, 3, dtype=DTYPE, generator=gen) for _ in range(2))
+
+    def one(dw, dg):
+        return F.perturbation_jvp(est.params, est.mean_grad, dw, dg, est.rho, adaptive)
+
+    ref = est._flat(torch.func.vmap(one)(est._tree(v), est._tree(hv)))
+    torch.testing.assert_close(est._jvp_eps_given(v, hv), ref, rtol=1e-10, atol=1e-14)
+    zero = torch.zeros_like(v)
+    ref0 = est._flat(torch.func.vmap(one)(est._tree(zero), est._tree(hv)))
+    torch.testing.assert_close(est._jvp_eps_given(None, hv), ref0, rtol=1e-10, atol=1e-14)
+    # SAM's eps depends on w only through g; ASAM's also through |w|
+    assert torch.allclose(ref, ref0) is not adaptive
 
 
 def test_ggn_with_squared_error_matches_dense(tmp_path):
