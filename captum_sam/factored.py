@@ -108,13 +108,21 @@ def linear_sites(model: nn.Module, names: Sequence[str]) -> list[LinearSite] | N
 
 
 @contextlib.contextmanager
-def _recording(sites: Sequence[LinearSite]) -> Iterator[list[list[tuple[Tensor, Tensor]]]]:
-    """Record ``(input, output)`` of every call of each site while the block runs."""
+def _recording(
+    sites: Sequence[LinearSite], probes: Sequence[Tensor] | None = None
+) -> Iterator[list[list[tuple[Tensor, Tensor]]]]:
+    """Record ``(input, output)`` of every call of each site while the block runs.
+
+    ``probes``: zeros added to each site's output. The gradient of the loss in a
+    probe is the gradient in the layer output, which ``torch.func`` transforms can
+    take (they differentiate inputs, not tensors captured by a hook).
+    """
     calls: list[list[tuple[Tensor, Tensor]]] = [[] for _ in sites]
 
     def hook(i: int) -> Any:
-        def record(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
+        def record(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
             calls[i].append((args[0], out))
+            return None if probes is None else out + probes[i]
 
         return record
 
@@ -185,30 +193,6 @@ def linear_factors(
     return factors
 
 
-@contextlib.contextmanager
-def _probed(sites: Sequence[LinearSite], probes: Sequence[Tensor]) -> Iterator[list[list[Tensor]]]:
-    """Record each site's inputs and add ``probes[i]`` (zeros) to its output.
-
-    The gradient of the loss in a probe is the gradient in the layer output, which
-    ``torch.func`` transforms can take (they differentiate inputs, not hook captures).
-    """
-    calls: list[list[Tensor]] = [[] for _ in sites]
-
-    def hook(i: int) -> Any:
-        def add(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor:
-            calls[i].append(args[0])
-            return out + probes[i]
-
-        return add
-
-    handles = [s.module.register_forward_hook(hook(i)) for i, s in enumerate(sites)]
-    try:
-        yield calls
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def linear_factors_stacked(
     floss: F.FunctionalLoss,
     params: F.Params,
@@ -255,11 +239,11 @@ def linear_factors_stacked(
     probes = [calls[i][0][1].new_zeros(steps, size, *calls[i][0][1].shape[1:]) for i in used]
 
     def summed(p: F.Params, probe: list[Tensor], b: F.Batch) -> tuple[Tensor, list[Tensor]]:
-        with _probed([sites[i] for i in used], probe) as seen:
+        with _recording([sites[i] for i in used], probe) as seen:
             losses = floss.batch_losses(p, b)
         if any(len(s) != 1 for s in seen):
             raise Unsupported("a linear layer is called more than once per forward")
-        return losses.sum(), [s[0] for s in seen]
+        return losses.sum(), [s[0][0] for s in seen]
 
     stacked = tuple(x.unflatten(0, (steps, size)) for x in batch)
     grads, inputs = torch.func.vmap(torch.func.grad(summed, argnums=1, has_aux=True))(
