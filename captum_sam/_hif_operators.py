@@ -5,7 +5,7 @@ product of :math:`A` goes through ``torch.func`` (:func:`captum_sam.functional.h
 :func:`~captum_sam.functional.ggn_vp`), except when the dense solver forms
 :math:`A` for a model whose attributed parameters are all ``nn.Linear`` weights and
 biases with ``curvature="ggn"``: then each generalised Gauss-Newton matrix comes
-from layer inputs and output Jacobians (:func:`captum_sam.factored.linear_ggn`),
+from layer inputs and output Jacobians (:func:`captum_sam.factored_ggn.linear_ggn`),
 one matrix product over the data per pair of layers instead of :math:`P`
 curvature-vector products, after a check against ``ggn_vp`` on a few examples.
 """
@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.func import vmap
 from torch.utils.data import DataLoader
 
-from captum_sam import factored
+from captum_sam import factored_ggn
 from captum_sam import functional as F
 from captum_sam.distributed import all_reduce_sum
 from captum_sam.solvers import dense_matrix
@@ -176,7 +176,7 @@ class HIFOperatorsMixin:
     def _factored_curvature(self, point: F.Params) -> Tensor:
         """The GGN of the (rescaled) summed loss at ``point``, ``(P, P)``, from factors."""
         batches = self._hessian_batches()  # a rank without batches gets zeros
-        total = factored.linear_ggn(
+        total = factored_ggn.linear_ggn(
             self._factored_loss, point, batches, self._ggn_sites, self.names
         )
         total.mul_(self.hessian_scale)
@@ -188,7 +188,7 @@ class HIFOperatorsMixin:
             return False
         if self._ggn_checked is None:
             first = next(iter(self._hessian_batches()), None)
-            ok = first is None or factored.ggn_matches(
+            ok = first is None or factored_ggn.ggn_matches(
                 self._factored_loss, point, first, self._ggn_sites, self.names
             )
             if self._reduce():
@@ -203,7 +203,9 @@ class HIFOperatorsMixin:
             return None
         g = self._factored_curvature(point)
         if self.variant in ("full", "exact"):  # H_e (I + J), J from H_0's columns
-            self._dense_he = g.clone()
+            he = g.clone()
+            if self.inverse.method == "dense":  # kept for the exact right-hand sides
+                self._dense_he = he
             g0_over_n = self._factored_curvature(self.params).div_(self.n_train)
             jac = torch.empty_like(g)
             step = self.solver_options.chunk_size
@@ -212,7 +214,7 @@ class HIFOperatorsMixin:
                 eye = g.new_zeros(self.dim, cols.stop - start)  # columns of the identity
                 eye[cols].fill_diagonal_(1.0)
                 jac[:, cols] = self._jvp_eps_given(eye, g0_over_n[:, cols])
-            g = g.addmm_(self._dense_he, jac)
+            g = g.addmm_(he, jac)
         g.diagonal().add_(self._regulariser())
         return g
 

@@ -133,7 +133,7 @@ class SAMInfluenceFunction(HIFOperatorsMixin, QuantityCacheMixin, InfluenceFunct
         factorize: With ``curvature="ggn"``, the dense solver and every attributed
             parameter an ``nn.Linear`` weight or bias, form each Gauss-Newton
             matrix from layer inputs and output Jacobians
-            (:func:`captum_sam.factored.linear_ggn`, one matrix product over the
+            (:func:`captum_sam.factored_ggn.linear_ggn`, one matrix product over the
             data per pair of layers) instead of :math:`P` curvature-vector
             products, after a check against ``ggn_vp`` on a few examples of the
             first batch (models whose examples interact fall back). ``False``
@@ -242,7 +242,7 @@ class SAMInfluenceFunction(HIFOperatorsMixin, QuantityCacheMixin, InfluenceFunct
             factored.linear_sites(scratch, self.names) if factorize and curvature == "ggn" else None
         )
         self._ggn_checked: bool | None = None
-        self._dense_he: Tensor | None = None  # H_e, kept when A is formed from factors
+        self._dense_he: Tensor | None = None  # H_e, kept when the dense solver forms A
         self._loss = make_loss(model, loss_fn, state.frozen, "loss_fn")
         self._test_loss = make_loss(model, self.test_loss_fn, state.frozen, "test_loss_fn")
         self.dim = sum(self.params[n].numel() for n in self.names)

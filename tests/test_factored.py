@@ -6,20 +6,22 @@ from torch.utils.data import TensorDataset
 from captum_sam import functional as F
 from captum_sam import load_trajectory, train_sam
 from captum_sam.factored import (
-    MAX_OUTPUTS,
     Unsupported,
     factor_apply,
     factor_cross,
     factor_dots,
     factor_grad_sum,
+    linear_factors,
+    linear_factors_stacked,
+    linear_sites,
+    matches_vmap,
+)
+from captum_sam.factored_ggn import (
+    MAX_OUTPUTS,
     ggn_matches,
     ggn_pieces,
     ggn_product,
-    linear_factors,
-    linear_factors_stacked,
     linear_ggn,
-    linear_sites,
-    matches_vmap,
 )
 from captum_sam.solvers import dense_matrix
 from captum_sam.tracincp import SAMTracInCP
