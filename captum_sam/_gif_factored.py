@@ -25,7 +25,6 @@ from captum_sam import functional as F
 from captum_sam._gif_gradients import _finite
 from captum_sam._utils import local_batches, on_device, progress, validate_batch
 from captum_sam.distributed import all_reduce_sum, gather_ordered
-from captum_sam.trajectory import fetch_batch
 
 # factors at w kept between the two passes of merged self influence, at most
 MERGE_BUDGET_BYTES = 1 << 30
@@ -261,7 +260,7 @@ class FactoredGIFMixin:
             fill = [
                 i for t in run for i in [*t.indices, *[t.indices[0]] * (width - len(t.indices))]
             ]
-            batch = F.to_device(fetch_batch(self.train_data, fill), self.device)
+            batch = self._fetch(fill)
             f = factored.linear_factors_stacked(floss, shifted, batch, self._sites, len(run))
             moved.append(
                 [
