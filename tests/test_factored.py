@@ -83,6 +83,19 @@ def count_passes(monkeypatch):
     return passes
 
 
+def one_checkpoint(model, x, y, tmp_path):
+    """``make(**kw)``: SAM-GIF (rho 0.1, batches of 8) on one checkpoint of ``model``."""
+    path = tmp_path / "model.pt"
+    save_checkpoint(model, path)
+
+    def make(**f):
+        return SAMTracInCP(
+            model, TensorDataset(x, y), [str(path)], loss_fn=ce_loss(), batch_size=8, rho=0.1, **f
+        )
+
+    return make
+
+
 def loss_of(model, names):
     params, frozen = F.detached_params(model, names)
     return F.FunctionalLoss(model, ce_loss(), frozen), params
@@ -248,10 +261,7 @@ def test_coupled_model_falls_back_to_vmap(tmp_path):
     torch.manual_seed(0)
     model = BatchCentred().to(DTYPE)
     x, y = make_data(n=16, seed=4).tensors
-    data = TensorDataset(x, y)
-    path = tmp_path / "c.pt"
-    save_checkpoint(model, path)
-    est = SAMTracInCP(model, data, [str(path)], loss_fn=ce_loss(), batch_size=8, rho=0.1)
+    est = one_checkpoint(model, x, y, tmp_path)()
     got = est.self_influence()
     assert list(est._sites_checked.values()) == [False]
     floss, p = loss_of(model, F.attributed_names(model))
@@ -327,14 +337,7 @@ def test_token_model_self_influence_is_factored_and_influence_falls_back(tmp_pat
     torch.manual_seed(0)
     model = Tokens().to(DTYPE)
     x, y = torch.randn(20, 7, 3, dtype=DTYPE), torch.randint(0, 3, (20,))
-    path = tmp_path / "t.pt"
-    save_checkpoint(model, path)
-
-    def make(**f):
-        return SAMTracInCP(
-            model, TensorDataset(x, y), [str(path)], loss_fn=ce_loss(), batch_size=8, rho=0.1, **f
-        )
-
+    make = one_checkpoint(model, x, y, tmp_path)
     got, ref = both_paths(make)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     fast, slow = make(), make(factorize=False)
@@ -408,14 +411,7 @@ def test_model_in_train_mode_with_dropout_is_attributed_in_eval_mode(tmp_path):
     model.train()
     before = snapshot(model)
     x, y = make_data(n=16, seed=6).tensors
-    path = tmp_path / "d.pt"
-    save_checkpoint(model, path)
-
-    def make(**f):
-        return SAMTracInCP(
-            model, TensorDataset(x, y), [str(path)], loss_fn=ce_loss(), batch_size=8, rho=0.1, **f
-        )
-
+    make = one_checkpoint(model, x, y, tmp_path)
     got, ref = both_paths(make)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(make().self_influence(), got)  # no dropout noise
