@@ -56,6 +56,9 @@ def work(rank: int, world: int, directory: str, n_train: int) -> None:
         weight_decay=1e-3,
         damping=1e-3,
         variant="fast",
+        projection_dim=None,  # the exact inverse: no rank cap,
+        hessian_reg=0.0,  # no added regulariser,
+        hessian_inverse_tol=None,  # no eigenvalue dropped
         curvature="ggn",
         solver="cg",
         solver_options={"tol": 1e-6},

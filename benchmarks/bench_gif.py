@@ -16,7 +16,7 @@ from _common import machine, table, timed, trained_digits
 from captum.influence import TracInCP
 
 from captum_sam import checkpoints_load_func
-from captum_sam.tracincp import SAMTracInCP
+from captum_sam.gif.tracincp import SAMTracInCP
 
 RHO0 = "SAMTracInCP rho=0 (plain TracIn, factored)"
 HOOKS = "Captum TracInCP hooks (sample_wise_grads_per_batch)"

@@ -25,7 +25,7 @@ from _common import machine, table, trained_digits
 
 from captum_sam import checkpoints_load_func, replay_trajectory
 from captum_sam._captum import ArnoldiInfluenceFunction, NaiveInfluenceFunction
-from captum_sam.influence_function import SAMInfluenceFunction
+from captum_sam.hif.influence import SAMInfluenceFunction
 from captum_sam.solvers import ConvergenceWarning
 
 LOSS = torch.nn.CrossEntropyLoss(reduction="none")
@@ -94,6 +94,9 @@ def main() -> None:
                 weight_decay=lam,
                 damping=damping,
                 variant=variant,
+                projection_dim=None,  # the exact inverse: no rank cap,
+                hessian_reg=0.0,  # no added regulariser,
+                hessian_inverse_tol=None,  # no eigenvalue dropped
                 curvature=curvature,
                 solver=solver,
                 solver_options=opts,
@@ -129,7 +132,7 @@ def main() -> None:
             checkpoints_load_func,
             loss_fn=LOSS,
             batch_size=bs,
-            projection_dim=P,
+            sketch_dim=P,
             hessian_reg=n * lam,
         )
     )

@@ -67,7 +67,7 @@ def main() -> None:
         for dim in [None, *args.dims]:
             stats = []
             for seed in range(1 if dim is None else args.seeds):
-                kw = {} if dim is None else {"projection_dim": dim, "projection_seed": seed}
+                kw = {} if dim is None else {"sketch_dim": dim, "sketch_seed": seed}
                 if name == "SAM-GIF":
                     est = SAMTracInCP.from_trajectory(
                         model, data.train, record, loss_fn=LOSS, batch_size=250, **kw
@@ -83,6 +83,9 @@ def main() -> None:
                         rho=rho,
                         weight_decay=lam,
                         variant="exact",
+                        projection_dim=None,  # the exact inverse: no rank cap,
+                        hessian_reg=0.0,  # no added regulariser,
+                        hessian_inverse_tol=None,  # no eigenvalue dropped
                         **kw,
                     )
                     width = 2 * (dim or P)

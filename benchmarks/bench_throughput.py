@@ -123,6 +123,9 @@ def main() -> None:
             weight_decay=1e-3,
             damping=1e-3,
             variant=variant,
+            projection_dim=None,  # the exact inverse: no rank cap,
+            hessian_reg=0.0,  # no added regulariser,
+            hessian_inverse_tol=None,  # no eigenvalue dropped
             curvature="ggn",
             **kw,
         )

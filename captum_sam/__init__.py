@@ -4,19 +4,13 @@ Drop-in Captum estimators whose gradients and Hessians are taken where SAM
 training really evaluates them, at the perturbed weights :math:`w + \epsilon(w)`.
 """
 
-from captum_sam.influence_function import SAMInfluenceFunction
+from captum_sam.core.checkpoints import checkpoints_load_func, load_checkpoint
+from captum_sam.gif import SAMTracInCP
+from captum_sam.hif import SAMInfluenceFunction
 from captum_sam.optim import SAM
 from captum_sam.solvers import ConvergenceWarning, SolverOptions
-from captum_sam.tracincp import SAMTracInCP
 from captum_sam.training import replay_trajectory, train_sam
-from captum_sam.trajectory import (
-    IndexedDataset,
-    Trajectory,
-    TrajectoryRecorder,
-    checkpoints_load_func,
-    load_checkpoint,
-    load_trajectory,
-)
+from captum_sam.trajectory import IndexedDataset, Trajectory, TrajectoryRecorder, load_trajectory
 
 __version__ = "0.1.0"
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from captum_sam.functional import sam_perturbation_list
+from captum_sam.core import sam_perturbation_list
 
 __all__ = ["SAM"]
 

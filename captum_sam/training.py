@@ -20,14 +20,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from captum_sam.functional import check_per_example_loss, to_device
+from captum_sam.core import check_per_example_loss, to_device
+from captum_sam.core.checkpoints import checkpoints_load_func
+from captum_sam.core.data import fetch_batch
 from captum_sam.optim import SAM
 from captum_sam.trajectory import (
     Trajectory,
     TrajectoryRecorder,
     _require_map_style,
-    checkpoints_load_func,
-    fetch_batch,
     load_trajectory,
 )
 

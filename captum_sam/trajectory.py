@@ -16,23 +16,24 @@ Checkpoints are untrusted input: they are always read with
 ``torch.load(..., weights_only=True)`` (no pickled code runs) and a manifest may only
 name files inside its own directory.
 
-Training and replaying (:func:`train_sam`, :func:`replay_trajectory`) live in
-:mod:`captum_sam.training` and are re-exported here.
+Training and replaying (:func:`~captum_sam.train_sam`,
+:func:`~captum_sam.replay_trajectory`) live in :mod:`captum_sam.training`, which
+uses this module (never the reverse).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, TensorDataset, default_collate
+from torch.utils.data import Dataset
 
+from captum_sam.core.checkpoints import atomic_write
 from captum_sam.optim import SAM
 
 __all__ = [
@@ -41,13 +42,7 @@ __all__ = [
     "Trajectory",
     "StepRecord",
     "CheckpointRecord",
-    "TrainResult",
-    "checkpoints_load_func",
-    "load_checkpoint",
     "load_trajectory",
-    "train_sam",
-    "replay_trajectory",
-    "fetch_batch",
 ]
 
 MANIFEST = "manifest.json"
@@ -91,14 +86,6 @@ def _require_map_style(dataset: Any) -> None:
         )
     if len(dataset) == 0:
         raise ValueError("`dataset` is empty")
-
-
-def fetch_batch(dataset: Dataset, indices: Sequence[int] | Tensor) -> tuple[Any, ...]:
-    """Collate the examples ``indices`` of a map-style dataset into one batch."""
-    idx = torch.as_tensor(indices, dtype=torch.long)
-    if isinstance(dataset, TensorDataset):
-        return tuple(t[idx] for t in dataset.tensors)
-    return tuple(default_collate([dataset[int(i)] for i in idx]))
 
 
 # --------------------------------------------------------------------------- records
@@ -288,7 +275,7 @@ class TrajectoryRecorder:
     def _save(self, name: str, step: int, lr: float, epoch: int | None) -> dict[str, Any]:
         state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         payload = {"model_state": state, "learning_rate": lr, "step": step}
-        _atomic_write(os.path.join(self.directory, name), lambda f: torch.save(payload, f))
+        atomic_write(os.path.join(self.directory, name), lambda f: torch.save(payload, f))
         return {"file": name, "step": step, "learning_rate": lr, "epoch": epoch}
 
     def _write_manifest(self, complete: bool) -> None:
@@ -313,7 +300,7 @@ class TrajectoryRecorder:
             "checkpoints": self.checkpoints,
             "steps": self.steps,
         }
-        _atomic_write(
+        atomic_write(
             os.path.join(self.directory, MANIFEST),
             lambda f: f.write(json.dumps(manifest).encode()),
         )
@@ -339,71 +326,7 @@ def _check_indices(indices: Any, n_train: int) -> list[int]:
     return [int(i) for i in idx]
 
 
-def _atomic_write(path: str, write: Callable[[Any], Any]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 # --------------------------------------------------------------------------- loading
-
-
-def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a checkpoint safely (``weights_only=True``) and check its fields.
-
-    Returns:
-        ``{"model_state": state_dict, "learning_rate": float, ...}``.
-
-    Raises:
-        FileNotFoundError: The file does not exist.
-        ValueError: The file cannot be read safely or lacks a field.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # unpickling errors of every kind
-        raise ValueError(
-            f"checkpoint {path!r} cannot be loaded with weights_only=True (only "
-            f"tensors and plain containers are accepted): {err}"
-        ) from err
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"checkpoint {path!r} is not a dict")
-    for key in ("model_state", "learning_rate"):
-        if key not in ckpt:
-            raise ValueError(f"checkpoint {path!r} has no {key!r} field")
-    return ckpt
-
-
-def checkpoints_load_func(model: nn.Module, path: str) -> float:
-    """Captum-compatible loader: load the weights into ``model``, return the lr.
-
-    Use it for Captum's ``TracInCP`` and for ``captum_sam`` estimators alike.
-
-    Args:
-        model: Model whose ``state_dict`` matches the checkpoint.
-        path: Checkpoint file written by :class:`TrajectoryRecorder`.
-
-    Returns:
-        The learning rate stored with the checkpoint.
-    """
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
-    ckpt = load_checkpoint(path, map_location=device)
-    model.load_state_dict(ckpt["model_state"])
-    return float(ckpt["learning_rate"])
 
 
 def _safe_path(directory: str, name: Any, what: str) -> str:
@@ -482,24 +405,3 @@ def load_trajectory(record_dir: str | os.PathLike[str]) -> Trajectory:
         complete=bool(raw["complete"]),
         seed=raw.get("seed"),
     )
-
-
-# --------------------------------------------------------------------------- training
-#
-# Training and replay live in captum_sam.training, which imports this module; they
-# are re-exported here lazily (PEP 562) so that old imports keep working without an
-# import cycle.
-
-if TYPE_CHECKING:
-    from captum_sam.training import TrainResult, replay_trajectory, train_sam
-
-_TRAINING_NAMES = ("TrainResult", "train_sam", "replay_trajectory")
-
-
-def __getattr__(name: str) -> Any:
-    """Resolve the names that moved to :mod:`captum_sam.training`."""
-    if name in _TRAINING_NAMES:
-        from captum_sam import training
-
-        return getattr(training, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

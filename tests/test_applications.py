@@ -17,9 +17,9 @@ from captum_sam.applications import (
 from captum_sam.data import load_digits_data
 from captum_sam.evaluation import sam_fixed_point
 from captum_sam.evaluation.metrics import detection_auc
-from captum_sam.influence_function import SAMInfluenceFunction
+from captum_sam.gif.tracincp import SAMTracInCP
+from captum_sam.hif.influence import SAMInfluenceFunction
 from captum_sam.models import build_model
-from captum_sam.tracincp import SAMTracInCP
 from tests.helpers import assert_unchanged, save_checkpoint, snapshot
 
 LOSS = torch.nn.CrossEntropyLoss(reduction="none")
@@ -56,6 +56,9 @@ def hif(digits, variant="exact", **kw):
         rho=RHO,
         weight_decay=LAM,
         variant=variant,
+        projection_dim=None,  # the exact inverse: no rank cap,
+        hessian_reg=0.0,  # no added regulariser,
+        hessian_inverse_tol=None,  # no eigenvalue dropped
         **kw,
     )
 
@@ -133,6 +136,9 @@ def test_hif_edit_of_a_convex_model_matches_retraining(digits, tmp_path):
         rho=RHO,
         weight_decay=LAM,
         variant="exact",
+        projection_dim=None,  # the exact inverse: no rank cap,
+        hessian_reg=0.0,  # no added regulariser,
+        hessian_inverse_tol=None,  # no eigenvalue dropped
     )
     removed = torch.nonzero(data.noisy).flatten().tolist()
     before = snapshot(star)

@@ -6,8 +6,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from captum_sam import load_trajectory, train_sam
-from captum_sam.influence_function import SAMInfluenceFunction
-from captum_sam.tracincp import SAMTracInCP
+from captum_sam.gif.tracincp import SAMTracInCP
+from captum_sam.hif.influence import SAMInfluenceFunction
 from tests.helpers import ce_loss, make_data, mlp_model
 
 
@@ -54,6 +54,9 @@ def hif(run, **kw):
         rho=0.1,
         weight_decay=1e-2,
         variant="exact",
+        projection_dim=None,
+        hessian_reg=0.0,
+        hessian_inverse_tol=None,
     )
     args.update(kw)
     return SAMInfluenceFunction(run["model"], run["train"], **args)

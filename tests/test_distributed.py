@@ -10,8 +10,8 @@ from torch.utils.data import TensorDataset
 
 from captum_sam import load_trajectory, train_sam
 from captum_sam.applications import influence_scores
-from captum_sam.influence_function import SAMInfluenceFunction
-from captum_sam.tracincp import SAMTracInCP
+from captum_sam.gif.tracincp import SAMTracInCP
+from captum_sam.hif.influence import SAMInfluenceFunction
 from tests.helpers import DTYPE, BatchCentred, ce_loss, make_data, mlp_model, save_checkpoint
 
 
@@ -54,11 +54,14 @@ def compute(run_dir):
         batch_size=4,
         damping=0.1,
         variant="fast",
+        projection_dim=None,  # the exact inverse: no rank cap,
+        hessian_reg=0.0,  # no added regulariser,
+        hessian_inverse_tol=None,  # no eigenvalue dropped
         curvature="ggn",
         solver="dense",
     )
     out["centred_hif"] = centred_hif.influence(test)
-    out["centred_hif_factored"] = torch.tensor(float(centred_hif._ggn_checked))
+    out["centred_hif_factored"] = torch.tensor(float(centred_hif.operator._ggn_checked))
     for solver, factorize in [("dense", True), ("dense", False), ("gmres", True)]:
         name = solver if factorize else f"{solver}_products"
         hif = SAMInfluenceFunction(
@@ -71,6 +74,9 @@ def compute(run_dir):
             weight_decay=1e-2,
             damping=1e-2,
             variant="exact",
+            projection_dim=None,  # the exact inverse: no rank cap,
+            hessian_reg=0.0,  # no added regulariser,
+            hessian_inverse_tol=None,  # no eigenvalue dropped
             curvature="ggn",
             solver=solver,
             solver_options={"tol": 1e-10},
@@ -82,7 +88,7 @@ def compute(run_dir):
         if solver == "dense":  # iterative self influence: one solve per example, slow
             out[f"hif_{name}_self"] = hif.self_influence()
             out[f"hif_{name}_top"] = hif.influence(test, k=2).indices
-            out[f"hif_{name}_factored"] = torch.tensor(float(bool(hif._ggn_checked)))
+            out[f"hif_{name}_factored"] = torch.tensor(float(bool(hif.operator._ggn_checked)))
     return out
 
 
@@ -141,7 +147,7 @@ def test_sharded_results_equal_single_process(tmp_path, world):
 
 def test_nccl_reduces_cpu_tensors_through_the_cuda_device(monkeypatch):
     """NCCL cannot reduce CPU tensors: counts and flags travel through the GPU."""
-    from captum_sam import distributed
+    from captum_sam.core import distributed
 
     monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)

@@ -118,7 +118,7 @@ def test_loo_and_lds_scores_against_retraining(tmp_path, monkeypatch):
     import os
 
     from captum_sam.evaluation import lds_scores, loo_scores
-    from captum_sam.influence_function import SAMInfluenceFunction
+    from captum_sam.hif.influence import SAMInfluenceFunction
 
     data = make_data(n=40, seed=11)
     xt, yt = make_data(n=8, seed=12).tensors
@@ -126,7 +126,16 @@ def test_loo_and_lds_scores_against_retraining(tmp_path, monkeypatch):
     ckpt = os.path.join(tmp_path, "star.pt")
     save_checkpoint(star, ckpt, learning_rate=1.0)
     est = SAMInfluenceFunction(
-        star, data, ckpt, loss_fn=ce_loss(), rho=RHO, weight_decay=LAM, variant="exact"
+        star,
+        data,
+        ckpt,
+        loss_fn=ce_loss(),
+        rho=RHO,
+        weight_decay=LAM,
+        variant="exact",
+        projection_dim=None,
+        hessian_reg=0.0,
+        hessian_inverse_tol=None,
     )
     scores = est.influence((xt, yt))
     gt = GroundTruth(

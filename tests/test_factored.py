@@ -3,9 +3,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from captum_sam import functional as F
+from captum_sam import core as F
 from captum_sam import load_trajectory, train_sam
-from captum_sam.factored import (
+from captum_sam.core.layers.linear import (
     Unsupported,
     factor_apply,
     factor_cross,
@@ -16,15 +16,15 @@ from captum_sam.factored import (
     linear_sites,
     matches_vmap,
 )
-from captum_sam.factored_ggn import (
+from captum_sam.core.layers.linear_ggn import (
     MAX_OUTPUTS,
     ggn_matches,
     ggn_pieces,
     ggn_product,
     linear_ggn,
 )
+from captum_sam.gif.tracincp import SAMTracInCP
 from captum_sam.solvers import dense_matrix
-from captum_sam.tracincp import SAMTracInCP
 from tests.helpers import (
     DTYPE,
     BatchCentred,
@@ -70,13 +70,13 @@ def vmap_dots(floss, p, q, batch):
 
 def count_passes(monkeypatch):
     """A list that grows by one per factored pass (a stacked pass over steps counts once)."""
-    from captum_sam import _gif_factored
+    from captum_sam.core.layers import linear
 
     passes = []
     for name in ("linear_factors", "linear_factors_stacked"):
-        original = getattr(_gif_factored.factored, name)
+        original = getattr(linear, name)
         monkeypatch.setattr(
-            _gif_factored.factored,
+            linear,
             name,
             lambda *a, original=original: passes.append(1) or original(*a),
         )
@@ -197,7 +197,9 @@ def both_paths(make, test=None):
         got, ref = fast.self_influence(), slow.self_influence()
     else:
         got, ref = fast.influence(test), slow.influence(test)
-    assert fast._sites_checked and all(fast._sites_checked.values())  # it really ran
+    assert fast.engines.factored._checked and all(
+        fast.engines.factored._checked.values()
+    )  # it really ran
     return got, ref
 
 
@@ -228,7 +230,7 @@ def test_trajectory_self_influence_factored_equals_vmap(
     run, perturbation, test_at_perturbed, monkeypatch
 ):
     """Steps at one checkpoint together (one pass at w over their examples), or alone."""
-    from captum_sam import _gif_factored
+    from captum_sam.gif import factored_steps
 
     model = run["model"]
     before = snapshot(model)
@@ -249,7 +251,7 @@ def test_trajectory_self_influence_factored_equals_vmap(
     passes = count_passes(monkeypatch)
     make().self_influence()
     grouped = len(passes)
-    monkeypatch.setattr(_gif_factored, "GROUP_BUDGET_BYTES", 1)  # one step at a time
+    monkeypatch.setattr(factored_steps, "GROUP_BUDGET_BYTES", 1)  # one step at a time
     single = make().self_influence()
     torch.testing.assert_close(single, ref, rtol=1e-10, atol=1e-12)
     if not test_at_perturbed:  # one pass at w per checkpoint instead of one per step
@@ -263,7 +265,7 @@ def test_coupled_model_falls_back_to_vmap(tmp_path):
     x, y = make_data(n=16, seed=4).tensors
     est = one_checkpoint(model, x, y, tmp_path)()
     got = est.self_influence()
-    assert list(est._sites_checked.values()) == [False]
+    assert list(est.engines.factored._checked.values()) == [False]
     floss, p = loss_of(model, F.attributed_names(model))
     total, _ = F.grad_sum(floss, p, [(x[:8], y[:8]), (x[8:], y[8:])])  # as batched
     mean = {n: v / 16 for n, v in total.items()}
@@ -304,7 +306,7 @@ def test_trajectory_influence_factored_equals_vmap(
     The last step of each epoch has 2 examples, the others 7: stacked passes pad it.
     """
     assert sorted({len(s.indices) for s in run["traj"].steps}) == [2, 7]
-    from captum_sam import _gif_factored
+    from captum_sam.gif import factored_steps
 
     passes = count_passes(monkeypatch)
     x, y = make_data(n=9, seed=5).tensors
@@ -323,7 +325,7 @@ def test_trajectory_influence_factored_equals_vmap(
     ref = make(factorize=False).influence((x, y))
     grouped = make().influence((x, y))
     count = len(passes)
-    monkeypatch.setattr(_gif_factored, "GROUP_BUDGET_BYTES", 1)  # one step at a time
+    monkeypatch.setattr(factored_steps, "GROUP_BUDGET_BYTES", 1)  # one step at a time
     single = make().influence((x, y))
     torch.testing.assert_close(grouped, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(single, ref, rtol=1e-10, atol=1e-12)
@@ -341,7 +343,9 @@ def test_token_model_self_influence_is_factored_and_influence_falls_back(tmp_pat
     got, ref = both_paths(make)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     fast, slow = make(), make(factorize=False)
-    assert fast._test_factors(fast._terms, [(x[:4], y[:4])], False) is None  # 7 positions
+    assert (
+        fast.engines.factored.test_factors(fast.engines.terms, [(x[:4], y[:4])], False) is None
+    )  # 7 positions
     torch.testing.assert_close(fast.influence((x[:4], y[:4])), slow.influence((x[:4], y[:4])))
     agg = fast.influence((x[:4], y[:4]), aggregate=True)  # formed test row, factored training
     torch.testing.assert_close(agg, slow.influence((x[:4], y[:4]), aggregate=True))
@@ -369,7 +373,7 @@ class _Aggregated:
 
     def __init__(self, est):
         self.est = est
-        self._sites_checked = est._sites_checked
+        self.engines = est.engines
 
     def influence(self, test):
         return self.est.influence(test, aggregate=True)
@@ -387,7 +391,7 @@ def test_factorize_must_be_a_bool(run):
 
 
 def test_merged_pass_progress_budget_fallback_and_no_leftover_hooks(run, monkeypatch):
-    from captum_sam import _gif_factored
+    from captum_sam.gif import checkpoint_form
 
     ckpts = [c.path for c in run["traj"].checkpoints]
 
@@ -396,13 +400,16 @@ def test_merged_pass_progress_budget_fallback_and_no_leftover_hooks(run, monkeyp
 
     ref = make(factorize=False).self_influence()
     torch.testing.assert_close(make().self_influence(show_progress=True), ref)
-    monkeypatch.setattr(_gif_factored, "MERGE_BUDGET_BYTES", 0)  # factors at w do not fit
+    monkeypatch.setattr(checkpoint_form, "MERGE_BUDGET_BYTES", 0)  # factors at w do not fit
     est = make()
     torch.testing.assert_close(est.self_influence(), ref)
-    assert all(est._sites_checked.values())  # still factored, in three passes
+    assert all(est.engines.factored._checked.values())  # still factored, in three passes
     assert all(not m._forward_hooks for m in run["model"].modules())
-    assert all(not m._forward_hooks for m in est._loader.scratch.modules())
-    assert all(site.module in set(est._loader.scratch.modules()) for site in est._sites)
+    assert all(not m._forward_hooks for m in est.engines.loader.scratch.modules())
+    assert all(
+        site.module in set(est.engines.loader.scratch.modules())
+        for site in est.engines.factored.sites
+    )
 
 
 def test_model_in_train_mode_with_dropout_is_attributed_in_eval_mode(tmp_path):
@@ -510,7 +517,7 @@ def test_trajectory_with_rho_zero_steps_factored_equals_vmap(tmp_path, perturbat
         )
 
     fast, slow = make(), make(factorize=False)
-    assert all(t.rho == 0 for t in fast._terms)
+    assert all(t.rho == 0 for t in fast.engines.terms)
     torch.testing.assert_close(
         fast.influence((x, y)), slow.influence((x, y)), rtol=1e-10, atol=1e-12
     )

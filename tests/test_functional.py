@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from captum_sam import functional as F
+from captum_sam import core as F
 from captum_sam.optim import SAM
 from tests.helpers import (
     DTYPE,
@@ -214,7 +214,7 @@ def test_loss_shape_and_reduction_checks():
     model, names, params, _ = setup("linear")
     bad = F.FunctionalLoss(model, lambda o, t: torch.nn.functional.cross_entropy(o, t), {})
     x, y = make_data().tensors
-    with pytest.raises(ValueError, match="one loss per example"):
+    with pytest.raises(ValueError, match="per-example loss must return shape"):
         F.summed_grad(bad, params, [(x, y)])
     with pytest.raises(ValueError, match="empty"):
         F.mean_grad(F.FunctionalLoss(model, ce_loss(), {}), params, [])
@@ -240,7 +240,7 @@ class TiedLinear(torch.nn.Module):
 
 
 def test_shared_weights_are_tied_and_untied_models_skip_it(tmp_path):
-    from captum_sam.tracincp import SAMTracInCP
+    from captum_sam.gif.tracincp import SAMTracInCP
 
     torch.manual_seed(0)
     model = TiedLinear().to(DTYPE)
@@ -261,4 +261,4 @@ def test_shared_weights_are_tied_and_untied_models_skip_it(tmp_path):
 
     fast = make()
     torch.testing.assert_close(fast.self_influence(), make(factorize=False).self_influence())
-    assert fast._sites_checked and not any(fast._sites_checked.values())
+    assert fast.engines.factored._checked and not any(fast.engines.factored._checked.values())

@@ -6,9 +6,9 @@ from torch.func import functional_call, hessian, jacrev
 from torch.utils.data import TensorDataset
 
 from captum_sam import checkpoints_load_func, load_trajectory, train_sam
-from captum_sam import functional as F
+from captum_sam import core as F
 from captum_sam._captum import NaiveInfluenceFunction
-from captum_sam.influence_function import SAMInfluenceFunction
+from captum_sam.hif.influence import SAMInfluenceFunction
 from captum_sam.solvers import ConvergenceWarning
 from tests.helpers import (
     DTYPE,
@@ -64,6 +64,9 @@ def make(run, **kw):
         rho=0.1,
         weight_decay=1e-2,
         solver="dense",
+        projection_dim=None,  # every direction: the exact inverse (Captum keeps the top 50
+        hessian_reg=0.0,  # and drops small or negative eigenvalues)
+        hessian_inverse_tol=None,
     )
     args.update(kw)
     return SAMInfluenceFunction(run["model"], run["train"], **args)
@@ -207,6 +210,7 @@ def test_asam_layers_damping_and_hessian_subset_match_dense_reference(run, varia
         damping=0.05,
         layers=layers,
         hessian_dataset=hess,
+        rescale_hessian=True,  # the reference scales the subset's curvature by n/m
     )
     xt, yt = run["test"]
     assert rel(est.influence(run["test"]), ref.scores(variant, xt, yt)) <= 1e-8
@@ -233,11 +237,11 @@ def test_closed_form_perturbation_derivative_equals_jvp(run, adaptive):
     def one(dw, dg):
         return F.perturbation_jvp(est.params, est.mean_grad, dw, dg, est.rho, adaptive)
 
-    ref = est._flat(torch.func.vmap(one)(est._tree(v), est._tree(hv)))
-    torch.testing.assert_close(est._jvp_eps_given(v, hv), ref, rtol=1e-10, atol=1e-14)
+    ref = est.operator.flat(torch.func.vmap(one)(est.operator.tree(v), est.operator.tree(hv)))
+    torch.testing.assert_close(est.operator.jvp_eps_given(v, hv), ref, rtol=1e-10, atol=1e-14)
     zero = torch.zeros_like(v)
-    ref0 = est._flat(torch.func.vmap(one)(est._tree(zero), est._tree(hv)))
-    torch.testing.assert_close(est._jvp_eps_given(None, hv), ref0, rtol=1e-10, atol=1e-14)
+    ref0 = est.operator.flat(torch.func.vmap(one)(est.operator.tree(zero), est.operator.tree(hv)))
+    torch.testing.assert_close(est.operator.jvp_eps_given(None, hv), ref0, rtol=1e-10, atol=1e-14)
     # SAM's eps depends on w only through g; ASAM's also through |w|
     assert torch.allclose(ref, ref0) is not adaptive
 
@@ -380,7 +384,7 @@ def test_bad_input_and_convergence_warning(run, tmp_path):
 
 @pytest.mark.parametrize("variant", ["fast", "full", "exact", "plain"])
 def test_factored_ggn_matrix_equals_products_and_reference(run, variant, monkeypatch):
-    from captum_sam import factored_ggn
+    from captum_sam.core.layers import linear_ggn as factored_ggn
 
     calls = []
     original = factored_ggn.linear_ggn
@@ -398,6 +402,7 @@ def test_factored_ggn_matrix_equals_products_and_reference(run, variant, monkeyp
         damping=0.05,
         layers=layers,
         hessian_dataset=hess,
+        rescale_hessian=True,  # the reference scales the subset's curvature by n/m
     )
     before = snapshot(run["model"])
     est = make(run, **kw)
@@ -412,7 +417,7 @@ def test_factored_ggn_matrix_equals_products_and_reference(run, variant, monkeyp
         curvature="ggn",
     )
     assert rel(est.matrix(), ref.A[variant]) <= 1e-10
-    assert calls and est._ggn_checked is True
+    assert calls and est.operator._ggn_checked is True
     slow = make(run, factorize=False, **kw)
     torch.testing.assert_close(est.matrix(), slow.matrix(), rtol=1e-10, atol=1e-12)
     xt, yt = run["test"]
@@ -426,8 +431,8 @@ def test_factored_ggn_matrix_equals_products_and_reference(run, variant, monkeyp
     calls.clear()
     iterative = make(run, solver="cg" if variant in ("fast", "plain") else "gmres", **kw)
     torch.testing.assert_close(iterative.matrix(), est.matrix())
-    assert calls and iterative._dense_he is None
-    assert (est._dense_he is not None) is (variant in ("full", "exact"))
+    assert calls and iterative.operator.dense_he is None
+    assert (est.operator.dense_he is not None) is (variant == "exact")  # its right-hand sides
 
 
 def test_factored_ggn_falls_back_for_coupled_and_hessian(run, tmp_path):
@@ -436,11 +441,22 @@ def test_factored_ggn_falls_back_for_coupled_and_hessian(run, tmp_path):
     path = tmp_path / "centred.pt"
     save_checkpoint(model, path)
     kw = dict(checkpoint=str(path), variant="exact", curvature="ggn", damping=0.1)
-    args = dict(loss_fn=ce_loss(), batch_size=8, rho=0.1, weight_decay=1e-2, solver="dense")
+    args = dict(
+        loss_fn=ce_loss(),
+        batch_size=8,
+        rho=0.1,
+        weight_decay=1e-2,
+        solver="dense",
+        projection_dim=None,
+        hessian_reg=0.0,
+        hessian_inverse_tol=None,
+    )
     est = SAMInfluenceFunction(model, run["train"], **kw, **args)
     slow = SAMInfluenceFunction(model, run["train"], **kw, **args, factorize=False)
     torch.testing.assert_close(est.matrix(), slow.matrix(), rtol=1e-12, atol=1e-12)
-    assert est._ggn_checked is False
-    assert make(run, curvature="hessian")._ggn_sites is None  # the true Hessian is not a GGN
+    assert est.operator._ggn_checked is False
+    assert (
+        make(run, curvature="hessian").operator.ggn_sites is None
+    )  # the true Hessian is not a GGN
     with pytest.raises(TypeError, match="factorize"):
         make(run, factorize=1)

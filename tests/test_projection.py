@@ -3,9 +3,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from captum_sam import load_trajectory, train_sam
-from captum_sam.influence_function import SAMInfluenceFunction
-from captum_sam.projection import RandomProjection
-from captum_sam.tracincp import SAMTracInCP
+from captum_sam.core.projection import RandomProjection
+from captum_sam.gif.tracincp import SAMTracInCP
+from captum_sam.hif.influence import SAMInfluenceFunction
 from tests.helpers import DTYPE, ce_loss, make_data, mlp_model
 
 SIZES = {"a.weight": 30, "a.bias": 7, "b.weight": 13}
@@ -58,6 +58,8 @@ def project_blocks(q, proj, width):
 def test_projected_scores_equal_projected_quantities(run, form):
     P = sum(p.numel() for p in run["model"].parameters())
     kw = dict(projection_dim=8, projection_seed=1)
+    if form == "hif-exact":  # the Hessian family calls its random projection a sketch
+        kw = dict(sketch_dim=8, sketch_seed=1)
     ckpts = [c.path for c in load_trajectory(run["dir"]).checkpoints]
 
     def make(**k):
@@ -77,6 +79,9 @@ def test_projected_scores_equal_projected_quantities(run, form):
             rho=0.1,
             weight_decay=1e-2,
             variant="exact",
+            projection_dim=None,  # the exact inverse: no rank cap,
+            hessian_reg=0.0,  # no added regulariser,
+            hessian_inverse_tol=None,  # no eigenvalue dropped
             **k,
         )
 

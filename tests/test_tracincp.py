@@ -6,7 +6,7 @@ from captum.influence import TracInCP
 from torch.utils.data import DataLoader, TensorDataset
 
 from captum_sam import checkpoints_load_func, load_trajectory, replay_trajectory, train_sam
-from captum_sam.tracincp import SAMTracInCP
+from captum_sam.gif.tracincp import SAMTracInCP
 from tests.helpers import DTYPE, assert_unchanged, ce_loss, make_data, mlp_model, snapshot
 
 N_TRAIN, N_TEST = 12, 4
@@ -73,7 +73,11 @@ def sam_eps(params, g_flat, names, rho, adaptive):
     return out
 
 
-def brute_force(run, rho, adaptive, perturbation, layers=None, test_at_perturbed=False):
+def brute_force(
+    run, rho, adaptive, perturbation, layers=None, test_at_perturbed=False, scope="trainable"
+):
+    """Scores by a double loop; the perturbation over every parameter (``scope="trainable"``,
+    the training's) or over the attributed ones only (``"attributed"``)."""
     model, (xt, yt) = run["model"], run["test"]
     xs, ys = run["train"].tensors
     scratch = copy.deepcopy(model)
@@ -82,23 +86,24 @@ def brute_force(run, rho, adaptive, perturbation, layers=None, test_at_perturbed
         for n, _ in model.named_parameters()
         if layers is None or any(n.startswith(layer + ".") for layer in layers)
     ]
+    every = names if scope == "attributed" else [n for n, _ in model.named_parameters()]
     scores = torch.zeros(len(yt), len(ys), dtype=DTYPE)
     for path in run["ckpts"]:
         lr = checkpoints_load_func(scratch, path)
         w = {n: p.detach().clone() for n, p in scratch.named_parameters()}
-        mean_g = sum(grad_at(model, w, xs[k], ys[k], names) for k in range(len(ys))) / len(ys)
+        mean_g = sum(grad_at(model, w, xs[k], ys[k], every) for k in range(len(ys))) / len(ys)
         for i in range(len(yt)):
             if test_at_perturbed:
-                g_own = grad_at(model, w, xt[i], yt[i], names)
+                g_own = grad_at(model, w, xt[i], yt[i], every)
                 src = g_own if perturbation == "example" else mean_g
-                gt = grad_at(model, sam_eps(w, src, names, rho, adaptive), xt[i], yt[i], names)
+                gt = grad_at(model, sam_eps(w, src, every, rho, adaptive), xt[i], yt[i], names)
             else:
                 gt = grad_at(model, w, xt[i], yt[i], names)
             for k in range(len(ys)):
                 src = (
-                    grad_at(model, w, xs[k], ys[k], names) if perturbation == "example" else mean_g
+                    grad_at(model, w, xs[k], ys[k], every) if perturbation == "example" else mean_g
                 )
-                gk = grad_at(model, sam_eps(w, src, names, rho, adaptive), xs[k], ys[k], names)
+                gk = grad_at(model, sam_eps(w, src, every, rho, adaptive), xs[k], ys[k], names)
                 scores[i, k] += lr * gt @ gk
     return scores
 
@@ -112,6 +117,18 @@ def test_matches_brute_force_double_loop(run, perturbation, adaptive, layers):
     ref = brute_force(run, 0.2, adaptive, perturbation, layers)
     assert got.shape == (N_TEST, N_TRAIN)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    if layers is not None:  # the approximation: perturb the attributed layer alone
+        sub = make(
+            run,
+            rho=0.2,
+            adaptive=adaptive,
+            perturbation=perturbation,
+            layers=layers,
+            perturbation_scope="attributed",
+        ).influence(run["test"])
+        ref_sub = brute_force(run, 0.2, adaptive, perturbation, layers, scope="attributed")
+        torch.testing.assert_close(sub, ref_sub, rtol=1e-10, atol=1e-12)
+        assert (sub - got).abs().max() > 1e-4  # the scope changes the point
     # the perturbation matters: rho = 0 gives different scores
     assert (got - make(run, rho=0.0, layers=layers).influence(run["test"])).abs().max() > 1e-4
 

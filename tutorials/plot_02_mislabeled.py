@@ -91,6 +91,9 @@ def estimators(model, record_dir, curvature="hessian", damping=0.0):
         curvature=curvature,
         damping=damping,
         batch_size=200,
+        projection_dim=None,  # the exact inverse (Captum's default keeps 50 directions)
+        hessian_reg=0.0,
+        hessian_inverse_tol=None,
     )
     return {
         "SAM-GIF": SAMTracInCP.from_trajectory(

@@ -107,6 +107,9 @@ hif = SAMInfluenceFunction(
     rho=rho,
     weight_decay=weight_decay,
     variant="exact",
+    projection_dim=None,  # the exact inverse: no rank cap,
+    hessian_reg=0.0,  # no added regulariser,
+    hessian_inverse_tol=None,  # no eigenvalue dropped
 )
 hif_edited = edit_model(hif, forget)  # a new model; fixed.model is untouched
 hif_truth = sam_fixed_point(

@@ -70,6 +70,9 @@ hif = SAMInfluenceFunction(
     rho=0.05,
     weight_decay=1e-3,
     variant="exact",
+    projection_dim=None,  # the exact inverse: no rank cap,
+    hessian_reg=0.0,  # no added regulariser,
+    hessian_inverse_tol=None,  # no eigenvalue dropped
 )
 k = 4
 mistakes = wrong[:4]

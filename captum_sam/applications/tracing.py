@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from captum_sam.trajectory import fetch_batch
+from captum_sam.core.data import fetch_batch
 
 __all__ = ["TraceResult", "trace", "plot_trace"]
 

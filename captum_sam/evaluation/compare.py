@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from captum_sam._captum import ArnoldiInfluenceFunction, TracInCP
 from captum_sam.applications import detect_mislabeled, harmful_removal_curve
+from captum_sam.core.checkpoints import checkpoints_load_func
 from captum_sam.data import SplitData, load_digits_data, load_torchvision
 from captum_sam.evaluation.ground_truth import GroundTruth, random_subsets
 from captum_sam.evaluation.metrics import (
@@ -36,11 +37,11 @@ from captum_sam.evaluation.metrics import (
 from captum_sam.evaluation.report import COLUMNS as COLUMNS  # re-exported, defined there
 from captum_sam.evaluation.report import _plots, _report, format_table
 from captum_sam.evaluation.retrain import sam_fixed_point
-from captum_sam.influence_function import SAMInfluenceFunction
+from captum_sam.gif.tracincp import SAMTracInCP
+from captum_sam.hif.influence import SAMInfluenceFunction
 from captum_sam.models import MODELS, build_model
-from captum_sam.tracincp import SAMTracInCP
 from captum_sam.training import train_sam
-from captum_sam.trajectory import checkpoints_load_func, load_trajectory
+from captum_sam.trajectory import load_trajectory
 
 __all__ = ["METHODS", "CompareConfig", "run_compare", "format_table"]
 
@@ -211,6 +212,9 @@ def _build(ctx: _Context, method: str, curvature: str | None) -> Any:
             weight_decay=cfg.weight_decay,
             damping=cfg.damping,
             variant=HESSIAN_FAMILY[method],
+            projection_dim=None,  # the exact inverse: no rank cap,
+            hessian_reg=0.0,  # no added regulariser,
+            hessian_inverse_tol=None,  # no eigenvalue dropped
             curvature=curvature or "hessian",
         )
     if method == "captum-tracincp":

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
+from captum_sam.core.checkpoints import atomic_write as _atomic_write
 from captum_sam.evaluation.retrain import RETRAIN_MODES, sam_fixed_point
 from captum_sam.training import replay_trajectory
-from captum_sam.trajectory import Trajectory, _atomic_write, load_trajectory
+from captum_sam.trajectory import Trajectory, load_trajectory
 
 __all__ = ["GroundTruth", "RetrainResults", "random_subsets", "loo_scores", "lds_scores"]
 

@@ -27,9 +27,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacfwd
 from torch.utils.data import Dataset
 
-from captum_sam.functional import check_per_example_loss, sam_perturbation
+from captum_sam.core import check_per_example_loss, sam_perturbation
+from captum_sam.core.data import fetch_batch
 from captum_sam.training import replay_trajectory
-from captum_sam.trajectory import Trajectory, fetch_batch
+from captum_sam.trajectory import Trajectory
 
 __all__ = ["FixedPointResult", "sam_fixed_point", "retrain_loo", "RETRAIN_MODES"]
 

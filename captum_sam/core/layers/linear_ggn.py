@@ -19,8 +19,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from captum_sam import functional as F
-from captum_sam.factored import (
+from captum_sam import core as F
+from captum_sam.core.layers.linear import (
     LinearSite,
     Unsupported,
     _agrees,
@@ -29,6 +29,7 @@ from captum_sam.factored import (
     _recording,
     _single_calls,
 )
+from captum_sam.core.losses import split_batch
 
 __all__ = ["linear_ggn", "ggn_pieces", "ggn_product", "ggn_matches", "MAX_OUTPUTS"]
 
@@ -94,7 +95,7 @@ def ggn_pieces(
     Raises:
         Unsupported: As :func:`linear_ggn`.
     """
-    features, labels = F._split(batch)
+    features, labels = split_batch(batch)
     leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     with torch.enable_grad(), _recording(sites) as calls:
         outputs = floss.outputs(leaves, features)
@@ -112,7 +113,7 @@ def ggn_pieces(
             outputs, [out for _, out in seen], grad_outputs=basis, is_grads_batched=True
         )
     out = outputs.detach()
-    gradient = torch.func.grad(lambda o: floss.loss_fn(o, labels).sum())
+    gradient = torch.func.grad(lambda o: floss.summed_output_loss(o, labels, size))
     h = torch.func.vmap(lambda t: torch.func.jvp(gradient, (out,), (t,))[1])(basis)
     h = h.reshape(count, size, count).transpose(0, 1)  # (B, C, C), per example
     s = [j.reshape(count, size, -1).transpose(0, 1) for j in jac]  # (B, C, d_out)

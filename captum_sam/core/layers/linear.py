@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from captum_sam import functional as F
+from captum_sam import core as F
+from captum_sam.core.losses import batch_size
 
 __all__ = [
     "LinearSite",
@@ -176,10 +177,10 @@ def linear_factors(
     # the outputs must be graph nodes: differentiate through fresh leaves
     leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     with torch.enable_grad(), _recording(sites) as calls:
-        losses = floss.batch_losses(leaves, batch)
-        size = losses.shape[0]
+        total = floss.summed_loss(leaves, batch)
+        size = batch_size(batch)
         seen = _single_calls(calls, sites, size)
-        grads = _grads_to(losses.sum(), [out for _, out in seen])
+        grads = _grads_to(total, [out for _, out in seen])
     factors = []
     for (a, _), d in zip(seen, grads):
         a = a.detach()
@@ -227,17 +228,17 @@ def linear_factors_stacked(
         ]
     # the output shape of each site, from one example at the first point
     with torch.no_grad(), _recording(sites) as calls:
-        floss.batch_losses(point(0), _head(rows(0), 1))
+        floss.summed_loss(point(0), _head(rows(0), 1))
     _single_calls(calls, sites, 1)
     used = [i for i, seen in enumerate(calls) if seen]
     probes = [calls[i][0][1].new_zeros(steps, size, *calls[i][0][1].shape[1:]) for i in used]
 
     def summed(p: F.Params, probe: list[Tensor], b: F.Batch) -> tuple[Tensor, list[Tensor]]:
         with _recording([sites[i] for i in used], probe) as seen:
-            losses = floss.batch_losses(p, b)
+            total = floss.summed_loss(p, b)
         if any(len(s) != 1 for s in seen):
             raise Unsupported("a linear layer is called more than once per forward")
-        return losses.sum(), [s[0][0] for s in seen]
+        return total, [s[0][0] for s in seen]
 
     stacked = tuple(x.unflatten(0, (steps, size)) for x in batch)
     grads, inputs = torch.func.vmap(torch.func.grad(summed, argnums=1, has_aux=True))(

@@ -27,11 +27,10 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from captum_sam.distributed import gather_ordered, is_distributed, rank_and_world
-from captum_sam.trajectory import _atomic_write
+from captum_sam.core.checkpoints import atomic_write
+from captum_sam.core.distributed import gather_ordered, is_distributed, rank_and_world
 
 __all__ = [
-    "QuantityCacheMixin",
     "projection_setting",
     "CachedQuantities",
     "save_quantities",
@@ -83,7 +82,7 @@ def save_quantities(
     for index, rows in parts:
         name = f"part-{index:06d}.pt"
         cpu = rows.detach().cpu().contiguous()
-        _atomic_write(os.path.join(directory, name), lambda f, t=cpu: torch.save({"rows": t}, f))
+        atomic_write(os.path.join(directory, name), lambda f, t=cpu: torch.save({"rows": t}, f))
         written.append(
             {
                 "index": index,
@@ -112,7 +111,7 @@ def save_quantities(
         "parts": [{"file": p["file"], "rows": p["rows"]} for p in written],
     }
     if rank_and_world()[0] == 0:
-        _atomic_write(
+        atomic_write(
             os.path.join(directory, MANIFEST),
             lambda f: f.write(json.dumps(manifest, indent=1).encode()),
         )
@@ -211,29 +210,3 @@ def open_quantities(
 def projection_setting(projector: Any) -> list[Any] | None:
     """The part of a fingerprint that describes a random projection (or its absence)."""
     return None if projector is None else [projector.dim, projector.kind, projector.seed]
-
-
-class QuantityCacheMixin:
-    """``load_`` / ``use_intermediate_quantities`` for an estimator with a fingerprint.
-
-    The estimator provides ``_fingerprint()``, ``device`` and a ``_cache`` attribute
-    that its ``influence`` reads.
-    """
-
-    _cache: CachedQuantities | None
-    device: torch.device
-
-    def _fingerprint(self) -> dict[str, Any]:
-        raise NotImplementedError  # pragma: no cover - provided by the estimator
-
-    def load_intermediate_quantities(self, directory: str | os.PathLike[str]) -> Tensor:
-        """The cached training side ``(n_train, D)``; refused if stale (``ValueError``)."""
-        return open_quantities(directory, self._fingerprint()).load(self.device)
-
-    def use_intermediate_quantities(self, directory: str | os.PathLike[str] | None) -> None:
-        """Make ``influence`` read the training side from a cache (``None``: stop).
-
-        The cache is validated now (a stale one raises ``ValueError``) and then
-        streamed part by part at every ``influence`` call.
-        """
-        self._cache = None if directory is None else open_quantities(directory, self._fingerprint())

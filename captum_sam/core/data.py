@@ -1,25 +1,27 @@
-"""Plumbing shared by the estimators: data loaders, checkpoints, validation."""
+"""Data plumbing shared by the estimators: loaders, batches, validation, top-k."""
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, SequentialSampler, TensorDataset, default_collate
 
-from captum_sam.functional import (
-    FunctionalLoss,
-    Params,
-    check_per_example_loss,
-    detached_params,
-    to_device,
-)
+from captum_sam.core.errors import ArgumentError
+from captum_sam.core.losses import FunctionalLoss, to_device
+from captum_sam.core.params import Params
 
 Inputs = tuple[Any, ...] | DataLoader
+
+
+def fetch_batch(dataset: Dataset, indices: Sequence[int] | Tensor) -> tuple[Any, ...]:
+    """Collate the examples ``indices`` of a map-style dataset into one batch."""
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    if isinstance(dataset, TensorDataset):
+        return tuple(t[idx] for t in dataset.tensors)
+    return tuple(default_collate([dataset[int(i)] for i in idx]))
 
 
 def as_loader(inputs: Any, batch_size: int | None, name: str) -> Iterable[tuple[Any, ...]]:
@@ -105,7 +107,7 @@ def local_batches(
 
     Without a process group this is every batch (see :mod:`captum_sam.distributed`).
     """
-    from captum_sam.distributed import is_distributed, shard
+    from captum_sam.core.distributed import is_distributed, shard
 
     if not is_distributed():
         yield from enumerate(on_device(loader, device))
@@ -153,7 +155,9 @@ def validate_batch(
         return
     try:
         with torch.no_grad():
-            floss.batch_losses(params, batch)
+            floss.summed_loss(params, batch)
+    except ArgumentError as err:
+        raise ArgumentError(f"`{name}`: {err}") from err
     except ValueError:
         raise
     except (RuntimeError, IndexError, TypeError) as err:
@@ -162,76 +166,6 @@ def validate_batch(
             f"`{name}`: the model or loss failed on a batch with shapes {shapes} "
             f"(labels last): {err}"
         ) from err
-
-
-@dataclass
-class CheckpointState:
-    """Weights of one checkpoint as detached parameter dicts."""
-
-    path: str
-    params: Params
-    frozen: Params
-    learning_rate: float
-
-
-class CheckpointLoader:
-    """Load checkpoints into a private copy of the model, never into the user's.
-
-    Args:
-        model: The user's model (copied once; the original is never touched).
-        names: Attributed parameter names.
-        load_func: Captum-style ``load_func(model, path) -> learning_rate``.
-    """
-
-    def __init__(
-        self, model: nn.Module, names: list[str], load_func: Callable[[nn.Module, str], Any]
-    ) -> None:
-        if not callable(load_func):
-            raise TypeError("`checkpoints_load_func` must be callable (model, path) -> lr")
-        self.scratch = copy.deepcopy(model)
-        self.names = names
-        self.load_func = load_func
-        self._cache: dict[str, CheckpointState] = {}
-
-    def __call__(self, path: str) -> CheckpointState:
-        """The (cached) state of the checkpoint at ``path``."""
-        if path not in self._cache:
-            try:
-                lr = self.load_func(self.scratch, path)
-            except (FileNotFoundError, ValueError):
-                raise
-            except Exception as err:
-                raise ValueError(f"checkpoint {path!r} could not be loaded: {err}") from err
-            if lr is None:
-                raise ValueError(
-                    f"`checkpoints_load_func` returned no learning rate for {path!r}: it "
-                    "must return the learning rate stored with the checkpoint"
-                )
-            lr = float(lr)
-            if not lr >= 0 or lr == float("inf"):
-                raise ValueError(f"checkpoint {path!r} has learning rate {lr}; expected >= 0")
-            params, frozen = detached_params(self.scratch, self.names)
-            self._cache[path] = CheckpointState(
-                path=path,
-                params={k: v.clone() for k, v in params.items()},
-                frozen={k: v.clone() for k, v in frozen.items()},
-                learning_rate=lr,
-            )
-        return self._cache[path]
-
-
-def make_loss(model: nn.Module, loss_fn: Any, frozen: Params, name: str) -> FunctionalLoss:
-    """Validate a per-example loss and bind it to the model."""
-    check_per_example_loss(loss_fn, name)
-    return FunctionalLoss(model, loss_fn, frozen)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration as err:
-        raise ValueError("`model` has no parameters") from err
 
 
 def stream_topk(blocks: Iterable[Tensor], k: int, proponents: bool = True) -> tuple[Tensor, Tensor]:
@@ -275,22 +209,3 @@ def check_indices(indices: Any, n: int) -> list[int]:
     if int(idx.min()) < 0 or int(idx.max()) >= n:
         raise ValueError(f"`indices` must lie in [0, {n})")
     return sorted({int(i) for i in idx})
-
-
-def edited_copy(
-    model: nn.Module,
-    load_func: Callable[[nn.Module, str], Any],
-    checkpoint: str,
-    delta: Params,
-) -> nn.Module:
-    """A copy of ``model`` with ``checkpoint`` loaded and ``delta`` added (name -> tensor).
-
-    The user's model is never touched.
-    """
-    edited = copy.deepcopy(model)
-    load_func(edited, checkpoint)
-    with torch.no_grad():
-        named = dict(edited.named_parameters())
-        for name, d in delta.items():
-            named[name].add_(d.to(named[name]))
-    return edited

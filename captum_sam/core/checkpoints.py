@@ -1,0 +1,267 @@
+r"""Checkpoint files: safe reading, Captum's loader contract, and private weight copies.
+
+A checkpoint is untrusted input: it is always read with ``torch.load(...,
+weights_only=True)`` (no pickled code runs). Two layouts are accepted by
+:func:`checkpoints_load_func`, the default loader of every estimator:
+
+* a plain ``state_dict`` (what Captum users save with
+  ``torch.save(model.state_dict(), path)``), optionally with a ``"learning_rate"``
+  entry; keys saved from ``nn.DataParallel`` (``"module."`` prefix) are matched to a
+  plain model and the other way round, and the learning rate defaults to 1, all as
+  Captum's own default loader does;
+* a :class:`~captum_sam.TrajectoryRecorder` checkpoint ``{"model_state": ...,
+  "learning_rate": ..., ...}``.
+
+Estimators load checkpoints into a private copy of the user's model
+(:class:`CheckpointLoader`), never into the model itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from captum_sam.core.params import Params, detached_params
+
+__all__ = [
+    "atomic_write",
+    "read_checkpoint",
+    "load_checkpoint",
+    "checkpoints_load_func",
+    "CheckpointState",
+    "CheckpointLoader",
+    "model_device",
+    "edited_copy",
+]
+
+LEARNING_RATE = "learning_rate"
+
+
+def atomic_write(path: str, write: Callable[[Any], Any]) -> None:
+    """Write ``path`` through a temporary file in the same directory, then rename it.
+
+    A reader never sees a partly written file, and a failed write leaves the old
+    file (if any) in place.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _torch_load(path: str, map_location: Any) -> Any:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # unpickling errors of every kind
+        raise ValueError(
+            f"checkpoint {path!r} cannot be loaded with weights_only=True (only "
+            f"tensors and plain containers are accepted): {err}"
+        ) from err
+
+
+def _learning_rate(value: Any, path: str) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"checkpoint {path!r}: field 'learning_rate' must be a number, got {value!r}"
+        )
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"checkpoint {path!r}: field 'learning_rate' is {value}; expected a finite number >= 0"
+        )
+    return value
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a :class:`~captum_sam.TrajectoryRecorder` checkpoint safely and check its fields.
+
+    Returns:
+        ``{"model_state": state_dict, "learning_rate": float, ...}``.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: The file cannot be read safely or lacks a field.
+    """
+    path = os.fspath(path)
+    ckpt = _torch_load(path, map_location)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path!r} is not a dict")
+    for key in ("model_state", LEARNING_RATE):
+        if key not in ckpt:
+            raise ValueError(f"checkpoint {path!r} has no {key!r} field")
+    ckpt[LEARNING_RATE] = _learning_rate(ckpt[LEARNING_RATE], path)
+    return ckpt
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str], map_location: Any = "cpu"
+) -> tuple[dict[str, Tensor], float]:
+    """The state dict and learning rate of a checkpoint in either accepted layout.
+
+    Returns:
+        ``(state_dict, learning_rate)``; the learning rate is 1 when a plain state
+        dict does not store one (Captum's default).
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: The file cannot be read safely, or is neither layout.
+    """
+    path = os.fspath(path)
+    ckpt = _torch_load(path, map_location)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path!r} holds a {type(ckpt).__name__}, not a state dict")
+    if "model_state" in ckpt:
+        full = load_checkpoint(path, map_location)
+        state, lr = full["model_state"], full[LEARNING_RATE]
+    else:
+        lr = _learning_rate(ckpt.get(LEARNING_RATE, 1.0), path)
+        state = {k: v for k, v in ckpt.items() if k != LEARNING_RATE}
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"checkpoint {path!r} has no parameters")
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise ValueError(
+            f"checkpoint {path!r} is not a state dict: entries {bad[:5]} are not name -> tensor"
+        )
+    return state, lr
+
+
+def _match_data_parallel(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Add or strip the ``"module."`` prefix of ``nn.DataParallel`` keys to fit ``model``."""
+    wrapped = isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+    prefixed = next(iter(state)).startswith("module.")
+    if prefixed and not wrapped:
+        return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
+    if wrapped and not prefixed:
+        return {f"module.{k}": v for k, v in state.items()}
+    return state
+
+
+def checkpoints_load_func(model: nn.Module, path: str) -> float:
+    """Load a checkpoint into ``model`` and return its learning rate (Captum's contract).
+
+    The default ``checkpoints_load_func`` of every estimator; it also works with
+    Captum's own classes. Reads either layout described in this module, safely.
+
+    Args:
+        model: Model whose ``state_dict`` matches the checkpoint.
+        path: Checkpoint file.
+
+    Returns:
+        The learning rate stored with the checkpoint (1 when none is stored).
+    """
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    state, lr = read_checkpoint(path, map_location=device)
+    model.load_state_dict(_match_data_parallel(model, state))
+    return lr
+
+
+@dataclass
+class CheckpointState:
+    """Weights of one checkpoint as detached parameter dicts."""
+
+    path: str
+    params: Params
+    frozen: Params
+    learning_rate: float
+
+
+class CheckpointLoader:
+    """Load checkpoints into a private copy of the model, never into the user's.
+
+    Args:
+        model: The user's model (copied once; the original is never touched).
+        names: Attributed parameter names.
+        load_func: Captum-style ``load_func(model, path) -> learning_rate``.
+    """
+
+    def __init__(
+        self, model: nn.Module, names: list[str], load_func: Callable[[nn.Module, str], Any]
+    ) -> None:
+        if not callable(load_func):
+            raise TypeError("`checkpoints_load_func` must be callable (model, path) -> lr")
+        self.scratch = copy.deepcopy(model)
+        self.names = names
+        self.load_func = load_func
+        self._cache: dict[str, CheckpointState] = {}
+
+    def scratch_params(self, names: list[str]) -> list[Tensor]:
+        """The private copy's parameters of the given names (for shapes)."""
+        named = dict(self.scratch.named_parameters())
+        return [named[n] for n in names]
+
+    def __call__(self, path: str) -> CheckpointState:
+        """The (cached) state of the checkpoint at ``path``."""
+        if path not in self._cache:
+            try:
+                lr = self.load_func(self.scratch, path)
+            except (FileNotFoundError, ValueError):
+                raise
+            except Exception as err:
+                raise ValueError(f"checkpoint {path!r} could not be loaded: {err}") from err
+            if lr is None:
+                raise ValueError(
+                    f"`checkpoints_load_func` returned no learning rate for {path!r}: it "
+                    "must return the learning rate stored with the checkpoint"
+                )
+            lr = float(lr)
+            if not lr >= 0 or lr == float("inf"):
+                raise ValueError(f"checkpoint {path!r} has learning rate {lr}; expected >= 0")
+            params, frozen = detached_params(self.scratch, self.names)
+            self._cache[path] = CheckpointState(
+                path=path,
+                params={k: v.clone() for k, v in params.items()},
+                frozen={k: v.clone() for k, v in frozen.items()},
+                learning_rate=lr,
+            )
+        return self._cache[path]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration as err:
+        raise ValueError("`model` has no parameters") from err
+
+
+def edited_copy(
+    model: nn.Module,
+    load_func: Callable[[nn.Module, str], Any],
+    checkpoint: str,
+    delta: Params,
+) -> nn.Module:
+    """A copy of ``model`` with ``checkpoint`` loaded and ``delta`` added (name -> tensor).
+
+    The user's model is never touched.
+    """
+    edited = copy.deepcopy(model)
+    load_func(edited, checkpoint)
+    with torch.no_grad():
+        named = dict(edited.named_parameters())
+        for name, d in delta.items():
+            named[name].add_(d.to(named[name]))
+    return edited

@@ -1,0 +1,1 @@
+"""Fast per-layer products: one module per layer type behind one interface."""

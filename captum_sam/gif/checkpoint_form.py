@@ -1,0 +1,177 @@
+r"""Checkpoint-form SAM-GIF (Captum's ``TracInCP``): scores summed over checkpoints.
+
+:math:`\mathrm{score}(z, z_k) = \sum_c \eta_c \nabla l(z; w_c)\cdot\nabla l_k(w_c+\epsilon_c)`.
+Training batches are streamed (this rank's share under ``torch.distributed``); the
+test side is computed once per call. Every checkpoint of a batch is evaluated in one
+stacked ``vmap`` call, or on the factored path for ``nn.Linear`` models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from captum_sam import core as F
+from captum_sam.core.data import local_batches, progress
+from captum_sam.core.distributed import all_reduce_sum, gather_ordered
+from captum_sam.core.layers import linear
+from captum_sam.gif.factored_grads import FactoredGradients
+from captum_sam.gif.points import WeightPoints
+from captum_sam.gif.terms import Term, check_finite_terms
+from captum_sam.gif.vmap_grads import VmapGradients
+
+__all__ = ["CheckpointForm", "MERGE_BUDGET_BYTES"]
+
+# factors at w kept between the two passes of merged self influence, at most
+MERGE_BUDGET_BYTES = 1 << 30
+
+
+@dataclass
+class CheckpointForm:
+    """Influence and self influence of the checkpoint form.
+
+    Args:
+        terms: One term per checkpoint.
+        points: Stacked weights and perturbations.
+        vmap: The general gradient source.
+        factored: The factored gradient source.
+        train_loss: The training loss.
+        test_loss: The test loss.
+        device: Where the model lives.
+    """
+
+    terms: list[Term]
+    points: WeightPoints
+    vmap: VmapGradients
+    factored: FactoredGradients
+    train_loss: F.FunctionalLoss
+    test_loss: F.FunctionalLoss
+    device: torch.device
+
+    def prepare(self) -> None:
+        """Compute the dataset perturbations on every rank before work is split."""
+        if self.points.perturbation == "dataset":
+            self.points.eps(self.terms)
+
+    def columns(
+        self,
+        test: Iterable[tuple[Any, ...]],
+        train: Iterable[tuple[int, tuple[Any, ...]]],
+        aggregate: bool,
+    ) -> Iterator[tuple[int, Tensor]]:
+        """``(batch index, (n_test, batch) scores)`` for the given training batches."""
+        terms, points = self.terms, self.points
+        coef = points.coefficients(terms).view(-1, 1, 1)
+        factors = self.factored.test_factors(terms, test, aggregate)
+        if factors is None:
+            tests = {
+                n: coef * v
+                for n, v in self.vmap.test_matrix(terms, test, self.test_loss, aggregate).items()
+            }
+        for i, batch in train:
+            if factors is not None:
+                yield i, self.factored.gram(factors, terms, batch, coef.view(-1))
+                continue
+            if aggregate and self.factored.applies(terms, batch):  # one summed test row
+                yield i, self.factored.apply(tests, terms, batch)
+                continue
+            grads = self.vmap.grads(terms, batch, self.train_loss, False, True)[1]
+            block = sum(
+                torch.bmm(tests[n], grads[n].transpose(1, 2)).sum(0)  # type: ignore[index]
+                for n in tests
+            )
+            yield i, check_finite_terms(block, "training gradients", terms)
+
+    def pair_dots(self, terms: list[Term], batch: tuple[Any, ...]) -> Tensor:
+        """``sum_k c_k test_side_k(x) . train_side_k(x)`` for every example ``x``."""
+        if self.factored.applies(terms, batch):
+            return self.factored.pair_dots(terms, batch)
+        if self.vmap.test_at_perturbed:
+            train = self.vmap.grads(terms, batch, self.train_loss, False, True)[1]
+            test = train
+        else:
+            test, train = self.vmap.grads(terms, batch, self.train_loss, True, True)
+        coef = self.points.coefficients(terms)
+        dots = coef @ sum(rowdot(test[n], train[n]) for n in train)  # type: ignore[index]
+        return check_finite_terms(dots, "gradients", terms)
+
+    def merged_self_influence(
+        self, train: Any, n_train: int, show_progress: bool, name: str
+    ) -> Tensor | None:
+        """Self influence of the training set in two factored passes, or ``None``.
+
+        Applies when the perturbation is the mean gradient over the training set (the
+        attributed parameters being the whole scope), not yet known, and the factors
+        at ``w`` of every local example fit in :data:`MERGE_BUDGET_BYTES`: the first
+        pass yields both the perturbation gradient and the factors at ``w``, so self
+        influence costs two passes per checkpoint instead of three.
+        """
+        terms, points, factored = self.terms, self.points, self.factored
+        if (
+            points.perturbation != "dataset"
+            or points.perturbation_data is not train
+            or points.extra
+            or self.vmap.test_at_perturbed
+            or points.has_dataset_eps(terms)
+            or all(t.rho == 0 for t in terms)
+        ):
+            return None
+        params, _ = points.stack(terms)
+        losses = factored.term_losses(terms)
+        total = {n: torch.zeros_like(v) for n, v in params.items()}
+        count, stored = 0, []
+        batches = progress(
+            local_batches(train, self.device),
+            show_progress,
+            f"Using {name} to compute self influence. Pass 1 of 2, processing batch",
+            total=_length(train),
+        )
+        usable = True
+        for i, batch in batches:
+            if not stored and not factored.applies(terms, batch):
+                usable = False
+                break
+            fs = [linear.linear_factors(floss, p, batch, factored.sites) for p, floss in losses]
+            size = len(fs[0][0][0])
+            if not stored and _nbytes(fs) * n_train / size > MERGE_BUDGET_BYTES:
+                usable = False
+                break
+            for k, f in enumerate(fs):
+                for n, g in linear.factor_grad_sum(f, factored.sites).items():
+                    total[n][k] += g
+            count += size
+            stored.append((i, batch, fs))
+        # every rank takes the same path (a rank may have no batch to decide on)
+        refused = all_reduce_sum(torch.tensor([0.0 if usable else 1.0], dtype=torch.float64))
+        if refused[0] > 0:
+            return None
+        points.store_dataset_eps(terms, total, count, "train_dataset")
+        second = progress(
+            stored,
+            show_progress,
+            f"Using {name} to compute self influence. Processing batch",
+        )
+        out = [(i, factored.pair_dots(terms, b, own=fs)) for i, b, fs in second]
+        return torch.cat(gather_ordered(out))
+
+
+def rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Inner products along the last dimension, ``(K, B, n) -> (K, B)``, with no temporary."""
+    if a is b:
+        return torch.linalg.vector_norm(a, dim=-1).square()
+    return torch.einsum("kbi,kbi->kb", a, b)
+
+
+def _length(data: Any) -> int | None:
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def _nbytes(factors: list[linear.Factors]) -> int:
+    return sum(t.numel() * t.element_size() for f in factors for pair in f for t in pair)

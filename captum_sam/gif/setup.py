@@ -1,0 +1,292 @@
+"""Argument checking and wiring of the SAM-GIF engines, shared by every GIF twin.
+
+:func:`build_engines` validates Captum's arguments and SAM's, sets the attributes
+Captum's classes expose (``sample_wise_grads_per_batch``, ``reduction_type``,
+``test_reduction_type``, ``layer_modules``), and wires the engines into a
+:class:`GIFEngines`: the weight points (checkpoints and perturbations), the two
+gradient sources (``vmap`` and factored), the checkpoint and trajectory forms, and
+the intermediate quantities.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from captum_sam import core as F
+from captum_sam.core.checkpoints import CheckpointLoader, edited_copy, model_device
+from captum_sam.core.data import as_loader, on_device, ordered_dataset, validate_batch
+from captum_sam.core.layers import linear
+from captum_sam.core.projection import RandomProjection
+from captum_sam.core.store import CachedQuantities
+from captum_sam.gif.checkpoint_form import CheckpointForm
+from captum_sam.gif.factored_grads import FactoredGradients
+from captum_sam.gif.factored_steps import FactoredSteps
+from captum_sam.gif.points import SCOPES, WeightPoints
+from captum_sam.gif.quantities import GIFQuantities
+from captum_sam.gif.terms import Term
+from captum_sam.gif.trajectory_form import TrajectoryForm
+from captum_sam.gif.vmap_grads import VmapGradients
+from captum_sam.trajectory import MANIFEST, Trajectory, load_trajectory
+
+__all__ = [
+    "GIFEngines",
+    "build_engines",
+    "resolve_checkpoints",
+    "natural_sort",
+    "sample_wise_names",
+    "scope_names",
+]
+
+
+@dataclass
+class GIFEngines:
+    """The engines of one SAM-GIF estimator and what they share."""
+
+    device: torch.device
+    n_train: int
+    names: list[str]
+    terms: list[Term]
+    loader: CheckpointLoader
+    points: WeightPoints
+    vmap: VmapGradients
+    factored: FactoredGradients
+    form: CheckpointForm
+    trajectory: TrajectoryForm | None
+    quantities: GIFQuantities
+    final_checkpoint: str
+    cache: CachedQuantities | None = None
+
+    def prepare(self) -> None:
+        """Compute dataset perturbations on every rank before work is split."""
+        (self.trajectory or self.form).prepare()
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """A flat ``(P,)`` vector as a dict of the attributed parameters' shapes."""
+        ref = self.points.reference(self.terms[0].checkpoint)
+        like = {
+            n: p.detach().to(ref)
+            for n, p in zip(self.names, self.loader.scratch_params(self.names))
+        }
+        return F.unflatten(flat, like)
+
+    def edited(self, model: nn.Module, delta: dict[str, Tensor]) -> nn.Module:
+        """A copy of ``model`` at the final checkpoint plus ``delta``."""
+        return edited_copy(model, self.loader.load_func, self.final_checkpoint, delta)
+
+
+def natural_sort(paths: Sequence[str]) -> list[str]:
+    """Paths sorted naturally (``ckpt-2`` before ``ckpt-10``), as Captum sorts checkpoints."""
+
+    def key(s: str) -> list[Any]:
+        return [int(x) if x.isdigit() else x for x in re.split("([0-9]+)", s)]
+
+    return sorted(paths, key=key)
+
+
+def resolve_checkpoints(checkpoints: Any) -> list[str]:
+    """Checkpoint paths from Captum's forms (directory, list, iterator) or a record directory.
+
+    Raises:
+        ValueError: No checkpoint found (Captum's message).
+        TypeError: Not a path, a list or an iterator of paths.
+    """
+    if isinstance(checkpoints, (str, os.PathLike)):
+        path = os.fspath(checkpoints)
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST)):
+            paths = [c.path for c in load_trajectory(path).checkpoints]
+        elif os.path.isdir(path):
+            paths = natural_sort(p for p in glob.glob(os.path.join(path, "*")) if os.path.isfile(p))
+        elif os.path.isfile(path):
+            paths = [path]
+        else:
+            paths = []
+    else:
+        try:
+            paths = [os.fspath(c) for c in checkpoints]
+        except TypeError as err:
+            raise TypeError(
+                "`checkpoints` must be a directory, a list of paths or an iterator of paths"
+            ) from err
+        if isinstance(checkpoints, (list, tuple)):
+            paths = natural_sort(paths)
+    if not paths:
+        raise ValueError(
+            f"Invalid checkpoints provided for TracIn class: {checkpoints!r}: no checkpoint "
+            "found (the list or directory is empty, or the path does not exist)"
+        )
+    return paths
+
+
+def scope_names(model: nn.Module, names: list[str], scope: str) -> list[str]:
+    """The perturbation's parameters: every trainable one (and the attributed), or these."""
+    if scope not in SCOPES:
+        raise ValueError(f"`perturbation_scope` must be one of {SCOPES}, got {scope!r}")
+    if scope == "attributed":
+        return list(names)
+    chosen = set(names)
+    return [n for n, p in model.named_parameters() if p.requires_grad or n in chosen]
+
+
+def sample_wise_names(model: nn.Module, names: list[str]) -> list[str]:
+    """Captum's ``sample_wise_grads_per_batch`` attributes ``nn.Linear``/``nn.Conv2d`` only."""
+    supported = {
+        f"{prefix}.{n}" if prefix else n
+        for prefix, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+        for n, _ in m.named_parameters(recurse=False)
+    }
+    kept = [n for n in names if n in supported]
+    dropped = [n for n in names if n not in supported]
+    if dropped:
+        warnings.warn(
+            f"sample_wise_grads_per_batch=True attributes only nn.Linear and nn.Conv2d "
+            f"parameters (as Captum does): {dropped[:5]}{' ...' if len(dropped) > 5 else ''} "
+            "are left out",
+            stacklevel=4,
+        )
+    if not kept:
+        raise ValueError(
+            "sample_wise_grads_per_batch=True attributes only nn.Linear and nn.Conv2d "
+            "parameters, and the model has none among the attributed ones"
+        )
+    return kept
+
+
+def _check_flags(**flags: Any) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"`{name}` must be a bool, got {value!r}")
+
+
+def build_engines(
+    est: Any,
+    train_dataset: Dataset | DataLoader,
+    layers: Sequence[str] | None,
+    sample_wise_grads_per_batch: bool,
+    perturbation: str,
+    allowed: tuple[str, ...],
+    perturbation_dataset: Dataset | DataLoader | None,
+    perturbation_scope: str,
+    test_at_perturbed: bool,
+    projection: tuple[int | None, str, int],
+    factorize: bool,
+    make_terms: Callable[[CheckpointLoader], list[Term]],
+    final_checkpoint: str,
+    trajectory: Trajectory | None = None,
+    names: list[str] | None = None,
+    sites: list[linear.LinearSite] | None = None,
+) -> GIFEngines:
+    """Validate the arguments of a GIF estimator ``est`` (Captum's base already set) and wire it.
+
+    ``names`` and ``sites`` override the attributed parameters and the factored
+    layers (the TracInCPFast twins attribute one layer's weight).
+    """
+    if perturbation not in allowed:
+        raise ValueError(f"`perturbation` must be one of {allowed}, got {perturbation!r}")
+    _check_flags(test_at_perturbed=test_at_perturbed, factorize=factorize)
+    if isinstance(train_dataset, Dataset) and not isinstance(train_dataset, DataLoader):
+        if not isinstance(est.batch_size, int) or isinstance(est.batch_size, bool):
+            raise ValueError("`batch_size` must be an int when `train_dataset` is a Dataset")
+    model = est.model
+    est.sample_wise_grads_per_batch = sample_wise_grads_per_batch
+    est.reduction_type = F.loss_reduction(est.loss_fn, "loss_fn", sample_wise_grads_per_batch)
+    est.test_reduction_type = F.loss_reduction(
+        est.test_loss_fn, "test_loss_fn", sample_wise_grads_per_batch
+    )
+    est.layers = None if layers is None else list(layers)
+    if names is None:
+        names = F.attributed_names(model, est.layers)
+        if sample_wise_grads_per_batch:
+            names = sample_wise_names(model, names)
+    modules = dict(model.named_modules())
+    est.layer_modules = None if est.layers is None else [modules[n] for n in est.layers]
+    loader = CheckpointLoader(model, names, est.checkpoints_load_func)
+    scratch = loader.scratch  # every functional call and hook runs on this private copy
+    scratch.eval()  # attribution runs the model in eval mode
+    train_loss = F.FunctionalLoss(scratch, est.loss_fn, {}, est.reduction_type)
+    test_loss = F.FunctionalLoss(scratch, est.test_loss_fn, {}, est.test_reduction_type)
+    train_data = ordered_dataset(train_dataset)
+    n_train = len(train_data)  # type: ignore[arg-type]
+    if n_train == 0:
+        raise ValueError("`train_dataset` is empty")
+    device = model_device(model)
+    pdata = (
+        est.train_dataloader
+        if perturbation_dataset is None
+        else as_loader(perturbation_dataset, est.batch_size, "perturbation_dataset")
+    )
+    terms = make_terms(loader)
+    points = WeightPoints(
+        loader,
+        names,
+        scope_names(model, names, perturbation_scope),
+        train_loss,
+        perturbation,
+        pdata,
+        train_data,
+        device,
+    )
+    dim, kind, seed = projection
+    sizes = {n: p.numel() for n, p in zip(names, loader.scratch_params(names))}
+    projector = None if dim is None else RandomProjection(sizes, dim, kind, seed)
+    vmap = VmapGradients(points, projector, test_at_perturbed, device)
+    if sites is None and factorize:
+        sites = linear.linear_sites(scratch, names)
+    factored = FactoredGradients(
+        points,
+        sites if factorize else None,
+        train_loss,
+        test_loss,
+        projector is None and perturbation != "example",
+        test_at_perturbed,
+        device,
+    )
+    form = CheckpointForm(terms, points, vmap, factored, train_loss, test_loss, device)
+    traj_form = None
+    if trajectory is not None:
+        if n_train != trajectory.n_train:
+            raise ValueError(
+                f"`train_dataset` has {n_train} examples but the trajectory was recorded "
+                f"on {trajectory.n_train}"
+            )
+        steps = FactoredSteps(factored, est.batch_size or 64)
+        traj_form = TrajectoryForm(
+            terms, points, vmap, factored, steps, train_loss, test_loss, n_train
+        )
+    quantities = GIFQuantities(
+        terms,
+        points,
+        vmap,
+        trajectory is not None,
+        train_loss,
+        test_loss,
+        est.train_dataloader,
+        train_data,
+        est.batch_size,
+        projector,
+        n_train,
+    )
+    engines = GIFEngines(
+        device, n_train, names, terms, loader, points, vmap, factored, form, traj_form,
+        quantities, final_checkpoint,
+    )  # fmt: skip
+    _validate_first_batch(engines, est.train_dataloader, train_loss)
+    return engines
+
+
+def _validate_first_batch(e: GIFEngines, train: Any, loss: F.FunctionalLoss) -> None:
+    state = e.loader(e.terms[0].checkpoint)
+    batch = next(iter(on_device(train, e.device)), None)
+    if batch is None:
+        raise ValueError("`train_dataset` is empty")
+    validate_batch(loss.bind(state.frozen), state.params, batch, "train_dataset")

@@ -1,0 +1,313 @@
+r"""SAM-HIF's linear operator :math:`A` and its pieces: curvature products, :math:`J`, solves.
+
+Vectors are flat ``(P, m)`` columns in the attributed parameters' order. Every product
+goes through ``torch.func`` (:func:`captum_sam.core.hvp`, :func:`captum_sam.core.ggn_vp`),
+except when :math:`A` is formed for a model whose attributed parameters are all
+``nn.Linear`` weights and biases with ``curvature="ggn"``: then each generalised
+Gauss-Newton matrix comes from layer inputs and output Jacobians
+(:func:`captum_sam.core.layers.linear_ggn.linear_ggn`), after a check against
+``ggn_vp`` on a few examples.
+
+With the summed training loss :math:`S`, :math:`H_e` its curvature at
+:math:`w^* + \epsilon^*`, :math:`H_0` at :math:`w^*` and the regulariser
+:math:`r = n(\lambda + d) + \text{hessian\_reg}`:
+
+* ``plain``: :math:`A = H_0 + r I`;  ``fast``: :math:`A = H_e + r I`;
+* ``full`` / ``exact``: :math:`A = H_e (I + J) + r I` with
+  :math:`J = d\epsilon/dw` (not symmetric).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+from torch.utils.data import DataLoader
+
+from captum_sam import core as F
+from captum_sam.core.data import fetch_batch, local_batches, on_device
+from captum_sam.core.distributed import all_reduce_sum, is_distributed
+from captum_sam.core.layers import linear_ggn
+
+__all__ = ["SAMOperator", "VARIANTS", "CURVATURES", "SYMMETRIC"]
+
+VARIANTS = ("fast", "full", "exact", "plain")
+CURVATURES = ("hessian", "ggn")
+SYMMETRIC = ("fast", "plain")
+
+
+@dataclass
+class SAMOperator:
+    r"""Products with :math:`A`, :math:`A^\top`, :math:`H_e` and :math:`J`.
+
+    Args:
+        loss: The training loss bound to the non-attributed parameters.
+        names: Attributed parameter names.
+        params: :math:`w^*` (attributed).
+        mean_grad: :math:`g_0 = \nabla L(w^*)` (attributed).
+        rho: SAM radius.
+        adaptive: ASAM.
+        variant: One of :data:`VARIANTS`.
+        curvature: ``"hessian"`` or ``"ggn"``.
+        n_train: :math:`n`.
+        regulariser: :math:`r`, added as :math:`r I`.
+        hessian_data: Batches of the curvature.
+        hessian_scale: Factor on every curvature product (1, or ``n/m`` when a
+            ``hessian_dataset`` of ``m`` examples is rescaled).
+        sample_size: Minibatch size of LiSSA's sampled products.
+        seed: Seed of LiSSA's minibatches.
+        device: Where the model lives.
+        ggn_sites: Linear layers for the factored GGN, or ``None``.
+    """
+
+    loss: F.FunctionalLoss
+    names: list[str]
+    params: F.Params
+    mean_grad: F.Params
+    rho: float
+    adaptive: bool
+    variant: str
+    curvature: str
+    n_train: int
+    regulariser: float
+    hessian_data: Any
+    hessian_scale: float
+    sample_size: int
+    seed: int
+    device: torch.device
+    ggn_sites: Any = None
+    columns_bar: Any = None  # a tqdm bar counting matvec columns while solving
+    local: bool = False  # True: curvature products on all data, on this rank alone
+    dense_he: Tensor | None = None  # H_e, kept when A is formed densely
+    _ggn_checked: bool | None = None
+    eps: F.Params = field(init=False)
+    perturbed: F.Params = field(init=False)
+    dim: int = field(init=False)
+    _flat_point: tuple[Tensor, Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.eps = F.sam_perturbation(self.params, self.mean_grad, self.rho, self.adaptive)
+        self.perturbed = F.tree_add(self.params, self.eps)
+        self.dim = sum(self.params[n].numel() for n in self.names)
+        # (P, 1) columns of w* and g0 for the closed-form derivative of eps
+        self._flat_point = tuple(  # type: ignore[assignment]
+            F.flatten(t, self.names).unsqueeze(1) for t in (self.params, self.mean_grad)
+        )
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether :math:`A` is symmetric."""
+        return self.variant in SYMMETRIC
+
+    @property
+    def point(self) -> F.Params:
+        r"""Where the curvature of :math:`A` is taken (:math:`w^*` or :math:`w^*+\epsilon^*`)."""
+        return self.params if self.variant == "plain" else self.perturbed
+
+    # ------------------------------------------------------------------ data
+
+    def reduce(self) -> bool:
+        """Whether curvature products are split over ranks and summed."""
+        return is_distributed() and not self.local
+
+    def hessian_batches(self) -> Iterable[tuple[Any, ...]]:
+        """This rank's curvature batches (all of them outside a process group)."""
+        if self.reduce():
+            return (b for _, b in local_batches(self.hessian_data, self.device))
+        return on_device(self.hessian_data, self.device)
+
+    @contextlib.contextmanager
+    def local_mode(self) -> Iterator[None]:
+        """Solve on this rank alone (ranks solving different right-hand sides)."""
+        self.local = True
+        try:
+            yield
+        finally:
+            self.local = False
+
+    # ------------------------------------------------------------------ products
+
+    def tree(self, columns: Tensor) -> F.Params:
+        """``(P, m)`` columns as a dict of ``(m, *shape)`` tensors."""
+        return F.unflatten(columns.T, {n: self.params[n] for n in self.names}, batch_dims=1)
+
+    def flat(self, tree: F.Params) -> Tensor:
+        """A dict of ``(m, *shape)`` tensors as ``(P, m)`` columns."""
+        return F.flatten(tree, self.names, batch_dims=1).T
+
+    def curvature_product(
+        self, point: F.Params, columns: Tensor, batches: Iterable[Any], scale: float
+    ) -> Tensor:
+        """Curvature of the summed loss at ``point`` times ``columns`` (``(P, m)``)."""
+        if self.columns_bar is not None:
+            self.columns_bar.update(columns.shape[1])
+        product = F.hvp if self.curvature == "hessian" else F.ggn_vp
+        out = scale * self.flat(
+            product(
+                self.loss, point, batches, self.tree(columns), batched=True,
+                allow_empty=self.reduce(),
+            )
+        )  # fmt: skip
+        return all_reduce_sum(out) if self.reduce() else out
+
+    def jvp_eps(self, columns: Tensor, batches: Iterable[Any], scale: float) -> Tensor:
+        r""":math:`J v = d\epsilon/dw\, v` for every column."""
+        hess_l = self.curvature_product(self.params, columns, batches, scale) / self.n_train
+        return self.jvp_eps_given(columns, hess_l)
+
+    def jvp_eps_given(self, columns: Tensor | None, hess_l: Tensor) -> Tensor:
+        r""":math:`J v` from ``v`` and :math:`\nabla^2 L(w^*) v` (both ``(P, m)``).
+
+        The derivative of :math:`\epsilon(w; g) = \rho\, a \odot z / (\lVert z \rVert
+        + 10^{-12})`, :math:`z = a \odot g` (:math:`a = |w|` for ASAM, 1 for SAM)
+        along :math:`(\delta w, \delta g)` = (``columns``, ``hess_l``), in closed form:
+        :math:`\delta a = \mathrm{sign}(w) \odot \delta w`,
+        :math:`\delta z = \delta a \odot g + a \odot \delta g` and
+        :math:`\delta\epsilon = \rho [(\delta a \odot z + a \odot \delta z) / N
+        - a \odot z\, (z \cdot \delta z) / (\lVert z \rVert N^2)]` with
+        :math:`N = \lVert z \rVert + 10^{-12}`. ``columns=None`` means
+        :math:`\delta w = 0`.
+        """
+        w, g = self._flat_point
+        a = w.abs() if self.adaptive else torch.ones_like(w)
+        z = a * g
+        norm = torch.linalg.vector_norm(z)
+        denom = norm + 1e-12
+        dz = a * hess_l
+        moved = a * dz
+        if self.adaptive and columns is not None:
+            da = torch.sign(w) * columns
+            dz = dz + da * g
+            moved = a * dz + da * z
+        dnorm = (z.T @ dz) / norm if norm > 0 else torch.zeros_like(dz[:1])
+        return self.rho * (moved / denom - (a * z) * (dnorm / denom**2))
+
+    def vjp_eps(self, columns: Tensor, batches: list[Any], scale: float) -> Tensor:
+        """:math:`J^T u` for every column."""
+
+        def one(u: F.Params) -> tuple[F.Params, F.Params]:
+            return F.perturbation_vjp(self.params, self.mean_grad, u, self.rho, self.adaptive)
+
+        dw, dg = vmap(one)(self.tree(columns))
+        hess_dg = self.curvature_product(self.params, self.flat(dg), batches, scale) / self.n_train
+        return self.flat(dw) + hess_dg
+
+    def apply(
+        self, columns: Tensor, batches: Callable[[], Iterable[Any]], scale: float, transpose: bool
+    ) -> Tensor:
+        """``A`` (or ``A^T``) times ``columns`` over the given data."""
+        reg = self.regulariser * columns
+        if self.variant in SYMMETRIC:
+            return self.curvature_product(self.point, columns, batches(), scale) + reg
+        if not transpose:  # H_e (I + J) v
+            moved = columns + self.jvp_eps(columns, batches(), scale)
+            return self.curvature_product(self.perturbed, moved, batches(), scale) + reg
+        he_u = self.curvature_product(self.perturbed, columns, batches(), scale)  # (I + J^T) H_e u
+        return he_u + self.vjp_eps(he_u, batches(), scale) + reg
+
+    def matvec(self, columns: Tensor) -> Tensor:
+        """:math:`A` times ``(P, m)`` columns over the curvature data."""
+        return self.apply(columns, self.hessian_batches, self.hessian_scale, False)
+
+    def rmatvec(self, columns: Tensor) -> Tensor:
+        r""":math:`A^\top` times ``(P, m)`` columns."""
+        return self.apply(columns, self.hessian_batches, self.hessian_scale, True)
+
+    def sampled(self, transpose: bool) -> Callable[[Tensor, int], Tensor]:
+        """Minibatch estimate of ``A`` (or ``A^T``) products for LiSSA, seeded by step."""
+        data = self.hessian_data
+        dataset = data.dataset if isinstance(data, DataLoader) else None
+
+        def sampled(columns: Tensor, step: int) -> Tensor:
+            if dataset is None:
+                raise ValueError("LiSSA needs `hessian_dataset` to be a Dataset to sample from")
+            m = len(dataset)  # type: ignore[arg-type]
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            idx = torch.randperm(m, generator=g)[: min(self.sample_size, m)]
+            batch = F.to_device(fetch_batch(dataset, idx), self.device)
+            scale = self.hessian_scale * m / len(idx)
+            with self.local_mode():  # same minibatch everywhere
+                return self.apply(columns, lambda: [batch], scale, transpose)
+
+        return sampled
+
+    def he_product(self, columns: Tensor) -> Tensor:
+        """:math:`H_e` times ``(P, m)`` columns (the formed matrix when there is one)."""
+        if self.dense_he is not None:
+            return self.dense_he @ columns
+        return self.curvature_product(
+            self.perturbed, columns, self.hessian_batches(), self.hessian_scale
+        )
+
+    # ------------------------------------------------------------------ dense A
+
+    def _factored_curvature(self, point: F.Params) -> Tensor:
+        """The GGN of the (scaled) summed loss at ``point``, ``(P, P)``, from factors."""
+        total = linear_ggn.linear_ggn(
+            self.loss, point, self.hessian_batches(), self.ggn_sites, self.names
+        )
+        total.mul_(self.hessian_scale)
+        return all_reduce_sum(total) if self.reduce() else total
+
+    def _factored_ok(self, point: F.Params) -> bool:
+        """Whether the factored GGN applies: checked once, and all ranks agree."""
+        if self.ggn_sites is None:
+            return False
+        if self._ggn_checked is None:
+            first = next(iter(self.hessian_batches()), None)
+            ok = first is None or linear_ggn.ggn_matches(
+                self.loss, point, first, self.ggn_sites, self.names
+            )
+            if self.reduce():
+                ok = bool(all_reduce_sum(torch.tensor([0.0 if ok else 1.0]))[0] == 0)
+            self._ggn_checked = ok
+        return self._ggn_checked
+
+    def factored_matrix(self, keep_he: bool = False) -> Tensor | None:
+        """:math:`A` formed from factored GGNs, or ``None`` when they do not apply.
+
+        ``keep_he``: remember :math:`H_e` (the exact right-hand sides use it).
+        """
+        if not self._factored_ok(self.point):
+            return None
+        g = self._factored_curvature(self.point)
+        if self.variant in ("full", "exact"):  # H_e (I + J), J from H_0's columns
+            he = g.clone()
+            if keep_he:
+                self.dense_he = he
+            g0_over_n = self._factored_curvature(self.params).div_(self.n_train)
+            jac = torch.empty_like(g)
+            step = 256
+            for start in range(0, self.dim, step):
+                cols = slice(start, min(start + step, self.dim))
+                eye = g.new_zeros(self.dim, cols.stop - start)  # columns of the identity
+                eye[cols].fill_diagonal_(1.0)
+                jac[:, cols] = self.jvp_eps_given(eye, g0_over_n[:, cols])
+            g = g.addmm_(he, jac)
+        g.diagonal().add_(self.regulariser)
+        return g
+
+    def dense_matrix(self, chunk_size: int, keep_he: bool = False) -> Tensor:
+        """:math:`A` ``(P, P)``: from factors when possible, else from matvec columns.
+
+        ``keep_he``: also form and remember :math:`H_e` for ``full``/``exact``.
+        """
+        formed = self.factored_matrix(keep_he)
+        if formed is not None:
+            return formed
+        eye = torch.eye(self.dim, dtype=self.mean_grad[self.names[0]].dtype, device=self.device)
+        cols = [self.matvec(eye[:, s : s + chunk_size]) for s in range(0, self.dim, chunk_size)]
+        if keep_he and self.variant in ("full", "exact"):
+            self.dense_he = torch.cat(
+                [
+                    self.he_product(eye[:, s : s + chunk_size])
+                    for s in range(0, self.dim, chunk_size)
+                ],
+                dim=1,
+            )
+        return torch.cat(cols, dim=1)

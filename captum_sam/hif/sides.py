@@ -1,0 +1,175 @@
+r"""The two sides of SAM-HIF's scores: test-side and training-side rows of an estimator.
+
+Training side: the right-hand sides :math:`r_k` (for ``exact``, ``[b_k, d_k]`` with
+:math:`d_k = \partial\epsilon/\partial\delta_k`, so that :math:`r_k = b_k + H_e d_k`),
+turned into embeddings by the estimator's inverse. Test side: gradients at
+:math:`w^*` through :math:`A^{-1}`. Functions of a
+:class:`~captum_sam.hif.influence.SAMInfluenceFunction` (or its Arnoldi twin).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from captum_sam import core as F
+from captum_sam.core.data import as_loader, local_batches, on_device, progress, validate_batch
+from captum_sam.core.distributed import gather_ordered, is_distributed
+from captum_sam.core.errors import ArgumentError
+from captum_sam.hif.inverse import LowRankInverse
+
+__all__ = [
+    "gradients",
+    "right_hand_sides",
+    "train_rows",
+    "test_rows",
+    "quantities",
+    "self_influence",
+    "inverse_setting",
+]
+
+
+def gradients(est: Any, batch: tuple[Any, ...], loss: F.FunctionalLoss, point: F.Params) -> Tensor:
+    """Per-example gradients ``(B, P)`` of ``loss`` at ``point``."""
+    g = F.per_example_grads(loss, point, batch)
+    return F.flatten(g, est.names, batch_dims=1)
+
+
+def right_hand_sides(est: Any, batch: tuple[Any, ...]) -> Tensor:
+    """:math:`r_k` rows ``(B, P)``; for ``exact`` ``[b_k, d_k]`` ``(B, 2P)``."""
+    op = est.operator
+    b = gradients(est, batch, est._loss, op.point)
+    if est.variant != "exact":
+        return b
+    own = gradients(est, batch, est._loss, op.params)  # d eps along g -> g + g_k / n
+    d = op.jvp_eps_given(None, own.T / est.n_train).T
+    return torch.cat([b, d], dim=1)
+
+
+def _sketch(est: Any, rows: Tensor) -> Tensor:
+    """Sketch ``(m, P)`` rows (``(m, 2P)``: each half) if a sketch is set."""
+    if est.sketch is None:
+        return rows
+    halves = rows.split(est.operator.dim, dim=1)
+    return torch.cat([est.sketch(h) for h in halves], dim=1)
+
+
+def train_rows(est: Any, batch: tuple[Any, ...]) -> Tensor:
+    """Training-side quantities of a batch."""
+    rhs = right_hand_sides(est, batch)
+    inverse = est.inverse
+    if isinstance(inverse, LowRankInverse):
+        rhs = rhs.to(inverse.right)
+        if est.variant == "exact":
+            b, d = rhs.split(est.operator.dim, dim=1)
+            return inverse.train_rows(b, d, est._he_right)
+        return inverse.train_rows(rhs)
+    return _sketch(est, rhs)
+
+
+def _transform(est: Any, grads: Tensor, what: str) -> Tensor:
+    """Test-side rows of gradient rows ``(m, P)``."""
+    F.check_finite(grads, "gradients of the examples at the checkpoint")
+    inverse = est.inverse
+    if isinstance(inverse, LowRankInverse):
+        return inverse.test_rows(grads.to(inverse.left))
+    bar = None
+    if est.show_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc=f"Using {est.get_name()} to solve for {what} (matvec columns)")
+    est.operator.columns_bar = bar
+    try:
+        v = inverse.test_rows(grads)
+    finally:
+        est.operator.columns_bar = None
+        if bar is not None:
+            bar.close()
+    if est.variant == "exact":
+        v = torch.cat([v, est.operator.he_product(v.T).T], dim=1)
+    return _sketch(est, v)
+
+
+def test_rows(est: Any, batch: tuple[Any, ...], loss: F.FunctionalLoss, what: str) -> Tensor:
+    """Test-side quantities of a batch for ``loss`` (gradients at :math:`w^*`)."""
+    return _transform(est, gradients(est, batch, loss, est.operator.params), what)
+
+
+def quantities(est: Any, inputs: Any, aggregate: bool, show_progress: bool, test: bool) -> Tensor:
+    """``compute_intermediate_quantities`` of an estimator (see there)."""
+    data = as_loader(inputs, est.batch_size, "inputs_dataset")
+    loss = est._test_loss if test else est._loss
+    params = est.operator.params
+    desc = f"Using {est.get_name()} to compute intermediate quantities. Processing batch"
+    if test:  # every rank computes every test vector (the solves are collective)
+        rows = []
+        for i, batch in enumerate(on_device(progress(data, show_progress, desc), est.device)):
+            validate_batch(loss, params, batch, "inputs_dataset", run_loss=i == 0)
+            if aggregate:  # sum the gradients, then one transform
+                rows.append(gradients(est, batch, loss, params).sum(0, keepdim=True))
+            else:
+                rows.append(test_rows(est, batch, loss, "test vectors"))
+        if not rows:
+            raise ValueError("`inputs_dataset` is empty")
+        out = torch.cat(rows)
+        if aggregate:
+            out = _transform(est, out.sum(dim=0, keepdim=True), "the aggregated test vector")
+        return out
+    parts = []
+    bar = progress(local_batches(data, est.device), show_progress, desc)
+    for i, batch in bar:
+        validate_batch(loss, params, batch, "inputs_dataset", run_loss=i == 0)
+        rows_ = train_rows(est, batch)
+        parts.append((i, rows_.sum(dim=0, keepdim=True) if aggregate else rows_))
+    gathered = gather_ordered(parts)
+    if not gathered:
+        raise ValueError("`inputs_dataset` is empty")
+    out = torch.cat(gathered)
+    F.check_finite(out, "gradients")
+    return out.sum(dim=0, keepdim=True) if aggregate else out
+
+
+def self_influence(est: Any, inputs: Any, show_progress: bool) -> Tensor:
+    r""":math:`\nabla l_k(w^*)^\top A^{-1} r_k` per example of ``inputs`` (default: training)."""
+    data = (
+        est.train_dataloader
+        if inputs is None
+        else as_loader(inputs, est.batch_size, "inputs_dataset")
+    )
+    parts = []
+    bar = progress(
+        local_batches(data, est.device),
+        show_progress,
+        f"Using {est.get_name()} to compute self influence scores. Processing batch",
+    )
+    inverse = est.inverse
+    if not isinstance(inverse, LowRankInverse) and is_distributed():
+        if inverse.inverse.method == "arnoldi":  # the eigenbasis is built by every rank
+            inverse.solve(est.operator.mean_grad[est.names[0]].new_ones(est.operator.dim, 1))
+    with est.operator.local_mode():  # each rank solves for its own batches
+        for i, batch in bar:
+            q = test_rows(est, batch, est._loss, "self influence")
+            parts.append((i, (q * train_rows(est, batch).to(q)).sum(dim=1)))
+    out = gather_ordered(parts)
+    if not out:
+        raise ValueError("`inputs_dataset` is empty")
+    return torch.cat(out)
+
+
+def inverse_setting(est: Any) -> list[Any]:
+    """What a low-rank inverse depends on beyond the right-hand sides (for cache keys)."""
+    return [
+        est.variant, est.curvature, est.weight_decay, est.damping, est.hessian_reg,
+        est.hessian_inverse_tol, est.projection_dim, est.hessian_scale,
+    ]  # fmt: skip
+
+
+def check_sketch(est: Any) -> None:
+    """Refuse a sketch with the low-rank inverse (its quantities are already small)."""
+    if est.sketch is not None and isinstance(est.inverse, LowRankInverse):
+        raise ArgumentError(
+            "`sketch_dim` projects the P-wide quantities of the iterative solvers; with "
+            "solver='dense' the quantities are already projection_dim wide"
+        )
