@@ -5,8 +5,8 @@ training really evaluates them, at the perturbed weights :math:`w + \epsilon(w)`
 """
 
 from captum_sam.core.checkpoints import checkpoints_load_func, load_checkpoint
-from captum_sam.gif import SAMTracInCP
-from captum_sam.hif import SAMInfluenceFunction
+from captum_sam.gif import SAMTracInCP, SAMTracInCPFast, SAMTracInCPFastRandProj
+from captum_sam.hif import SAMArnoldiInfluenceFunction, SAMInfluenceFunction
 from captum_sam.optim import SAM
 from captum_sam.solvers import ConvergenceWarning, SolverOptions
 from captum_sam.training import replay_trajectory, train_sam
@@ -17,7 +17,10 @@ __version__ = "0.1.0"
 __all__ = [
     "SAM",
     "SAMTracInCP",
+    "SAMTracInCPFast",
+    "SAMTracInCPFastRandProj",
     "SAMInfluenceFunction",
+    "SAMArnoldiInfluenceFunction",
     "SolverOptions",
     "ConvergenceWarning",
     "IndexedDataset",

@@ -53,11 +53,32 @@ def hvp(
     def one_batch(batch: Batch) -> Callable[[Params], Params]:
         gradient = grad(lambda p: floss.summed_loss(p, batch))
         if mode == "forward-over-reverse":
-            return lambda v: jvp(gradient, (params,), (v,))[1]
+            return second_order(gradient, params)
         _, pullback = vjp(gradient, params)
         return lambda v: pullback(v)[0]
 
     return _sum_over_batches(one_batch, batches, vectors, batched, allow_empty)
+
+
+def second_order(gradient: Callable[[Any], Any], point: Any) -> Callable[[Any], Any]:
+    """``v -> d gradient(point) [v]``: forward-over-reverse, else reverse-over-reverse.
+
+    Forward mode is faster, but some losses' backward formulas have no forward-mode
+    derivative in every torch version (``mse_loss(reduction="mean")`` raises "ZeroTensors
+    are immutable" in torch 2.14); those fall back to ``vjp`` of the gradient, the
+    same product.
+    """
+    state = {"forward": True}
+
+    def product(v: Any) -> Any:
+        if state["forward"]:
+            try:
+                return jvp(gradient, (point,), (v,))[1]
+            except RuntimeError:
+                state["forward"] = False
+        return vjp(gradient, point)[1](v)[0]
+
+    return product
 
 
 def ggn_vp(
@@ -99,9 +120,11 @@ def ggn_vp(
         def output_loss(o: Any) -> Tensor:
             return floss.summed_output_loss(o, labels, batch_size(batch))
 
+        output_hvp = second_order(grad(output_loss), outputs)
+
         def product(v: Params) -> Params:
             jv = jvp(forward, (params,), (v,))[1]
-            hjv = jvp(grad(output_loss), (outputs,), (jv,))[1]
+            hjv = output_hvp(jv)
             return pullback(hjv)[0]
 
         return product

@@ -1,0 +1,296 @@
+"""The Captum-facing methods every SAM-GIF twin shares (``TracInCPBase``'s contract).
+
+:class:`SAMTracInBase` holds ``influence``, ``self_influence``, the intermediate
+quantities, caching and editing, each delegating to the engines a subclass wires in
+its constructor (:func:`~captum_sam.gif.setup.build_engines`). The twins
+(:class:`~captum_sam.SAMTracInCP`, :class:`~captum_sam.SAMTracInCPFast`) differ only in
+what they attribute and which arguments they take.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from captum_sam._captum import KMostInfluentialResults, TracInCPBase
+from captum_sam.core.data import as_loader, local_batches, progress, stream_topk
+from captum_sam.core.distributed import gather_ordered, is_distributed
+from captum_sam.core.errors import ArgumentError
+from captum_sam.core.store import open_quantities
+from captum_sam.gif.setup import GIFEngines
+
+__all__ = ["SAMTracInBase", "check_rho"]
+
+
+class SAMTracInBase(TracInCPBase):
+    """Captum's ``TracInCPBase`` methods on top of the SAM-GIF engines (``self._engines``)."""
+
+    _engines: GIFEngines
+
+    @property
+    def engines(self) -> GIFEngines:
+        """The engines this estimator delegates to (gradient sources, forms, quantities)."""
+        return self._engines
+
+    def influence(  # type: ignore[override]
+        self,
+        inputs: tuple[Any, ...] | DataLoader,
+        k: int | None = None,
+        proponents: bool = True,
+        show_progress: bool = False,
+        aggregate: bool = False,
+    ) -> Tensor | KMostInfluentialResults:
+        """Influence of every training example on every test example.
+
+        Args:
+            inputs: A test batch ``(features..., labels)`` or a DataLoader of them.
+            k: If given, return the ``k`` proponents (or opponents) per test example.
+            proponents: Highest (``True``) or lowest (``False``) scores with ``k``.
+            show_progress: Progress bar over training batches or recorded steps.
+            aggregate: Sum over the test examples (influence on a validation set).
+
+        Returns:
+            ``(n_test, n_train)`` scores (``(1, n_train)`` with ``aggregate``); positive
+            means the training example reduced the test loss (a proponent). With ``k``,
+            Captum's ``KMostInfluentialResults(indices, influence_scores)``, each
+            ``(n_test, k)``.
+        """
+        if inputs is None:
+            raise ArgumentError(
+                "`inputs` argument is required. To compute self influence scores, use "
+                "the `self_influence` method instead."
+            )
+        if k is None:
+            return self._influence(inputs, show_progress=show_progress, aggregate=aggregate)
+        return self._get_k_most_influential(
+            inputs, k, proponents, show_progress=show_progress, aggregate=aggregate
+        )
+
+    def _blocks(
+        self, inputs: Any, aggregate: bool, desc: str | None, stream: bool
+    ) -> Iterable[Tensor]:
+        """Score blocks ``(n_test, batch)`` in training order (streamed if ``stream``)."""
+        e = self._engines
+        test = as_loader(inputs, self.batch_size, "inputs")
+        e.prepare()
+        if e.cache is not None:
+            q = self.compute_intermediate_quantities(inputs, aggregate=aggregate, side="test")
+            return e.cache.scores(q)
+        if e.trajectory is not None:
+            return [e.trajectory.influence(test, aggregate, desc is not None, self.get_name())]
+        train = progress(
+            local_batches(self.train_dataloader, e.device),
+            desc is not None,
+            desc or "",
+            total=self.train_dataloader_len,
+        )
+        blocks = e.form.columns(test, train, aggregate)
+        if stream and not is_distributed():
+            return (b for _, b in blocks)
+        return gather_ordered(list(blocks))
+
+    def _influence(  # type: ignore[override]
+        self,
+        inputs: tuple[Any, ...] | DataLoader,
+        show_progress: bool = False,
+        aggregate: bool = False,
+    ) -> Tensor:
+        desc = f"Using {self.get_name()} to compute influence for training batches"
+        return torch.cat(
+            list(self._blocks(inputs, aggregate, desc if show_progress else None, False)), 1
+        )
+
+    def _get_k_most_influential(  # type: ignore[override]
+        self,
+        inputs: tuple[Any, ...] | DataLoader,
+        k: int = 5,
+        proponents: bool = True,
+        show_progress: bool = False,
+        aggregate: bool = False,
+    ) -> KMostInfluentialResults:
+        desc = (
+            f"Using {self.get_name()} to perform computation for getting "
+            f"{'proponents' if proponents else 'opponents'}. Processing training batches"
+        )
+        blocks = self._blocks(inputs, aggregate, desc if show_progress else None, True)
+        return KMostInfluentialResults(*stream_topk(blocks, k, proponents))
+
+    def self_influence(  # type: ignore[override]
+        self,
+        inputs: tuple[Any, ...] | DataLoader | None = None,
+        show_progress: bool = False,
+        outer_loop_by_checkpoints: bool = False,
+    ) -> Tensor:
+        r"""Self influence :math:`\sum_c \eta_c \nabla l_k(w_c)\cdot\nabla l_k(w_c+\epsilon_c)`.
+
+        Args:
+            inputs: Examples (batch tuple or DataLoader); default the training set.
+                The trajectory form needs batch membership, so it accepts only the
+                training set (``None``).
+            show_progress: Progress bar(s).
+            outer_loop_by_checkpoints: As in Captum: loop over checkpoints outside and
+                batches inside (one checkpoint's weights in memory at a time) instead
+                of batches outside. The scores are the same.
+
+        Returns:
+            ``(n_examples,)`` scores, the diagonal of train-vs-train influence.
+        """
+        e, name = self._engines, self.get_name()
+        if e.trajectory is not None:
+            if inputs is not None:
+                raise ValueError(
+                    "the trajectory form defines self influence for the training set "
+                    "only (it needs batch membership): call self_influence() with "
+                    "inputs=None"
+                )
+            e.prepare()
+            return e.trajectory.self_influence(show_progress, name, e.form.pair_dots)
+        if inputs is None and not outer_loop_by_checkpoints:
+            merged = e.form.merged_self_influence(
+                self.train_dataloader, e.n_train, show_progress, name
+            )
+            if merged is not None:
+                return merged
+        e.prepare()
+        data = (
+            self.train_dataloader
+            if inputs is None
+            else as_loader(inputs, self.batch_size, "inputs")
+        )
+        groups = [[t] for t in e.terms] if outer_loop_by_checkpoints else [e.terms]
+        outer = progress(
+            groups,
+            show_progress and outer_loop_by_checkpoints,
+            f"Using {name} to compute self influence. Processing checkpoint",
+        )
+        total = None
+        for terms in outer:
+            bar = progress(
+                local_batches(data, e.device),
+                show_progress,
+                f"Using {name} to compute self influence. Processing batch",
+                total=_length(data),
+            )
+            parts = gather_ordered([(i, e.form.pair_dots(terms, b)) for i, b in bar])
+            if not parts:
+                raise ValueError("`inputs` is empty")
+            scores = torch.cat(parts)
+            total = scores if total is None else total + scores
+        return total  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ quantities
+
+    def compute_intermediate_quantities(
+        self,
+        inputs: tuple[Any, ...] | DataLoader | None = None,
+        aggregate: bool = False,
+        *,
+        side: str = "train",
+    ) -> Tensor:
+        r"""Per-example vectors whose inner products give the influence scores.
+
+        ``side="train"`` (default, Captum's quantity at ``rho = 0``): per checkpoint
+        :math:`\eta_c \nabla l(w_c + \epsilon_c)` of ``loss_fn``. ``side="test"``: raw
+        test-side gradients :math:`\nabla l(z; w_c)` of ``test_loss_fn``, so
+        ``compute_intermediate_quantities(test, side="test") @
+        compute_intermediate_quantities(train).T == influence(test)``. (Captum's
+        ``TracInCP`` multiplies both of its sides by :math:`\eta_c`, so its product
+        equals its influence only when every learning rate is 1.)
+
+        Args:
+            inputs: Examples; default the training set. The trajectory form needs
+                batch membership for ``side="train"``, so only ``None`` is accepted.
+            aggregate: Sum over the examples (``(1, D)``).
+            side: ``"train"`` or ``"test"``.
+
+        Returns:
+            ``(n_examples, n_checkpoints * D)``: one block of ``D`` per distinct
+            checkpoint, in order of first use; ``D = P``, or ``projection_dim``.
+        """
+        self._engines.prepare()
+        return self._engines.quantities.compute(inputs, aggregate, side)
+
+    def save_intermediate_quantities(self, directory: str | os.PathLike[str]) -> str:
+        """Compute the training side (``side="train"``) and store it in ``directory``.
+
+        One torch file per training batch plus a manifest with a fingerprint of the
+        checkpoints (SHA-256), the settings, the loss and the training data.
+
+        Returns:
+            The directory.
+        """
+        self._engines.prepare()
+        return self._engines.quantities.save(directory, type(self).__name__)
+
+    def load_intermediate_quantities(self, directory: str | os.PathLike[str]) -> Tensor:
+        """The cached training side ``(n_train, D)``; refused if stale (``ValueError``)."""
+        fingerprint = self._engines.quantities.fingerprint(type(self).__name__)
+        return open_quantities(directory, fingerprint).load(self._engines.device)
+
+    def use_intermediate_quantities(self, directory: str | os.PathLike[str] | None) -> None:
+        """Make ``influence`` read the training side from a cache (``None``: stop).
+
+        The cache is validated now (a stale one raises ``ValueError``) and then
+        streamed part by part at every ``influence`` call.
+        """
+        fingerprint = self._engines.quantities.fingerprint(type(self).__name__)
+        self._engines.cache = None if directory is None else open_quantities(directory, fingerprint)
+
+    # ------------------------------------------------------------------ editing
+
+    def parameter_change(
+        self, indices: Sequence[int] | Tensor, flat: bool = False, show_progress: bool = False
+    ) -> dict[str, Tensor] | Tensor:
+        r"""GIF estimate of :math:`w_{-S} - w_T` for removing the examples ``indices``.
+
+        :math:`\sum_{\text{terms}} c \sum_{k \in S \cap B} \nabla l_k(w + \epsilon)`:
+        the descent steps the removed examples contributed, added back. In trajectory
+        form :math:`c = \eta_t/|B_t|` and :math:`B = B_t`; in checkpoint form
+        :math:`c = \eta_c` and every example counts at every checkpoint.
+
+        Args:
+            indices: Training indices of the set :math:`S`.
+            flat: Return one flat vector ``(P,)`` instead of a dict.
+            show_progress: Progress bar.
+
+        Returns:
+            A dict (attributed parameter name -> tensor of the parameter's shape), or a
+            flat ``(P,)`` tensor in ``named_parameters`` order.
+        """
+        e = self._engines
+        e.prepare()
+        total = e.quantities.parameter_change(indices, show_progress)
+        return total if flat else e.unflatten(total)
+
+    def edited_model(
+        self, indices: Sequence[int] | Tensor, show_progress: bool = False
+    ) -> nn.Module:
+        """A new model: the final weights plus :meth:`parameter_change` (user's model untouched).
+
+        The final weights are the trajectory's final checkpoint, or in checkpoint form
+        the last checkpoint.
+        """
+        delta = self.parameter_change(indices, show_progress=show_progress)
+        return self._engines.edited(self.model, delta)  # type: ignore[arg-type]
+
+
+def check_rho(rho: Any, adaptive: Any) -> None:
+    """Validate the SAM radius and the ASAM flag."""
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0:
+        raise ValueError(f"`rho` must be a number >= 0, got {rho!r}")
+    if rho == float("inf"):
+        raise ValueError("`rho` must be finite")
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"`adaptive` must be a bool, got {adaptive!r}")
+
+
+def _length(data: Any) -> int | None:
+    try:
+        return len(data)
+    except TypeError:
+        return None
