@@ -229,13 +229,19 @@ def test_learning_rate_convention_is_the_same_on_all_paths(run, form):
 # ----------------------------------------------------------------- trajectory
 
 
-def test_trajectory_form_equals_manual_sum_over_steps(run):
+@pytest.mark.parametrize("factorize", [True, False])
+@pytest.mark.parametrize("layers", [None, ["fc2"]])
+def test_trajectory_form_equals_manual_sum_over_steps(run, layers, factorize):
+    """With ``layers`` each step's perturbation is still the training's (every parameter)."""
     traj, model = run["traj"], run["model"]
-    est = SAMTracInCP.from_trajectory(model, run["train"], traj, loss_fn=ce_loss())
+    est = SAMTracInCP.from_trajectory(
+        model, run["train"], traj, loss_fn=ce_loss(), layers=layers, factorize=factorize
+    )
     got = est.influence(run["test"])
     xs, ys = run["train"].tensors
     xt, yt = run["test"]
-    names = [n for n, _ in model.named_parameters()]
+    every = [n for n, _ in model.named_parameters()]
+    names = [n for n in every if layers is None or n.startswith("fc2.")]
     scratch = copy.deepcopy(model)
     saved = [traj.initial, *traj.checkpoints]
     ref = torch.zeros(N_TEST, N_TRAIN, dtype=DTYPE)
@@ -244,10 +250,10 @@ def test_trajectory_form_equals_manual_sum_over_steps(run):
         ckpt = max((c for c in saved if c.step <= t), key=lambda c: c.step)
         checkpoints_load_func(scratch, ckpt.path)
         w = {n: p.detach().clone() for n, p in scratch.named_parameters()}
-        batch_g = sum(grad_at(model, w, xs[k], ys[k], names) for k in step.indices) / len(
+        batch_g = sum(grad_at(model, w, xs[k], ys[k], every) for k in step.indices) / len(
             step.indices
         )
-        moved = sam_eps(w, batch_g, names, step.rho, step.adaptive)
+        moved = sam_eps(w, batch_g, every, step.rho, step.adaptive)
         for k in step.indices:
             gk = grad_at(model, moved, xs[k], ys[k], names)
             coef = step.lr / len(step.indices)

@@ -16,6 +16,7 @@ from captum_sam.core.curvature import ggn_vp, hvp
 from captum_sam.core.grads import (
     grad_sum,
     mean_grad,
+    per_example_directional,
     per_example_grads,
     stacked_grad_sum,
     stacked_mean_grad,
@@ -64,6 +65,7 @@ __all__ = [
     "hvp",
     "loss_reduction",
     "mean_grad",
+    "per_example_directional",
     "per_example_grads",
     "per_example_perturbations",
     "perturbation_jvp",

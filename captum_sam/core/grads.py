@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.func import grad, vmap
+from torch.func import grad, jvp, vmap
 
 from captum_sam.core.losses import FunctionalLoss, batch_size, in_dims, split_batch
 from captum_sam.core.params import Batch, Params, tree_add, tree_scale
@@ -25,6 +25,7 @@ __all__ = [
     "grad_sum",
     "summed_grad",
     "mean_grad",
+    "per_example_directional",
 ]
 
 
@@ -170,3 +171,21 @@ def mean_grad(
     if count == 0:
         raise ValueError("the dataset is empty: no batch to take a gradient over")
     return tree_scale(total, 1.0 / count), count
+
+
+def per_example_directional(
+    floss: FunctionalLoss, params: Params, batch: Batch, direction: Params
+) -> torch.Tensor:
+    r"""Per-example directional derivatives ``(B,)`` of the loss along ``direction``.
+
+    :math:`\nabla l_i(w) \cdot u` for every example, one ``jvp`` each under ``vmap``:
+    the inner product of every per-example gradient with a fixed vector, without
+    forming the gradients.
+    """
+    features, labels = split_batch(batch)
+    dims = in_dims(batch)
+
+    def one(feats: tuple[Any, ...], label: Any) -> torch.Tensor:
+        return jvp(lambda p: floss.example_loss(p, feats, label), (params,), (direction,))[1]
+
+    return vmap(one, in_dims=(dims[:-1], dims[-1]))(features, labels)

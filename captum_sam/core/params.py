@@ -8,6 +8,7 @@ structure for :func:`torch.func.functional_call`.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -26,7 +27,13 @@ __all__ = [
     "tree_scale",
     "tree_dot",
     "check_finite",
+    "SCOPES",
+    "scope_names",
+    "sample_wise_names",
 ]
+
+SCOPES = ("trainable", "attributed")
+"""Values of ``perturbation_scope``: what the SAM perturbation runs over."""
 
 Params = dict[str, Tensor]
 Batch = Sequence[Any]
@@ -159,3 +166,38 @@ def check_finite(tree: Params | Tensor, what: str) -> None:
                 f"{what} contain NaN or inf: check the inputs, the loss function and "
                 "the checkpoint weights"
             )
+
+
+def scope_names(model: nn.Module, names: list[str], scope: str) -> list[str]:
+    """The perturbation's parameters: every trainable one (and the attributed), or these."""
+    if scope not in SCOPES:
+        raise ValueError(f"`perturbation_scope` must be one of {SCOPES}, got {scope!r}")
+    if scope == "attributed":
+        return list(names)
+    chosen = set(names)
+    return [n for n, p in model.named_parameters() if p.requires_grad or n in chosen]
+
+
+def sample_wise_names(model: nn.Module, names: list[str]) -> list[str]:
+    """Captum's ``sample_wise_grads_per_batch`` attributes ``nn.Linear``/``nn.Conv2d`` only."""
+    supported = {
+        f"{prefix}.{n}" if prefix else n
+        for prefix, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+        for n, _ in m.named_parameters(recurse=False)
+    }
+    kept = [n for n in names if n in supported]
+    dropped = [n for n in names if n not in supported]
+    if dropped:
+        warnings.warn(
+            f"sample_wise_grads_per_batch=True attributes only nn.Linear and nn.Conv2d "
+            f"parameters (as Captum does): {dropped[:5]}{' ...' if len(dropped) > 5 else ''} "
+            "are left out",
+            stacklevel=4,
+        )
+    if not kept:
+        raise ValueError(
+            "sample_wise_grads_per_batch=True attributes only nn.Linear and nn.Conv2d "
+            "parameters, and the model has none among the attributed ones"
+        )
+    return kept

@@ -33,11 +33,10 @@ from captum_sam.core.data import fetch_batch, local_batches
 from captum_sam.core.distributed import all_reduce_sum, all_reduce_tree
 from captum_sam.gif.terms import Term, check_finite_terms, coefficient_vector
 
-__all__ = ["WeightPoints", "PERTURBATIONS", "TRAJECTORY_PERTURBATIONS", "SCOPES"]
+__all__ = ["WeightPoints", "PERTURBATIONS", "TRAJECTORY_PERTURBATIONS"]
 
 PERTURBATIONS = ("dataset", "example")
 TRAJECTORY_PERTURBATIONS = ("batch", "dataset", "example")
-SCOPES = ("trainable", "attributed")
 
 
 @dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import os
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,12 +25,13 @@ from captum_sam import core as F
 from captum_sam.core.checkpoints import CheckpointLoader, edited_copy, model_device
 from captum_sam.core.data import as_loader, on_device, ordered_dataset, validate_batch
 from captum_sam.core.layers import linear
+from captum_sam.core.params import sample_wise_names, scope_names
 from captum_sam.core.projection import RandomProjection
 from captum_sam.core.store import CachedQuantities
 from captum_sam.gif.checkpoint_form import CheckpointForm
 from captum_sam.gif.factored_grads import FactoredGradients
 from captum_sam.gif.factored_steps import FactoredSteps
-from captum_sam.gif.points import SCOPES, WeightPoints
+from captum_sam.gif.points import WeightPoints
 from captum_sam.gif.quantities import GIFQuantities
 from captum_sam.gif.terms import Term
 from captum_sam.gif.trajectory_form import TrajectoryForm
@@ -43,8 +43,6 @@ __all__ = [
     "build_engines",
     "resolve_checkpoints",
     "natural_sort",
-    "sample_wise_names",
-    "scope_names",
 ]
 
 
@@ -125,41 +123,6 @@ def resolve_checkpoints(checkpoints: Any) -> list[str]:
             "found (the list or directory is empty, or the path does not exist)"
         )
     return paths
-
-
-def scope_names(model: nn.Module, names: list[str], scope: str) -> list[str]:
-    """The perturbation's parameters: every trainable one (and the attributed), or these."""
-    if scope not in SCOPES:
-        raise ValueError(f"`perturbation_scope` must be one of {SCOPES}, got {scope!r}")
-    if scope == "attributed":
-        return list(names)
-    chosen = set(names)
-    return [n for n, p in model.named_parameters() if p.requires_grad or n in chosen]
-
-
-def sample_wise_names(model: nn.Module, names: list[str]) -> list[str]:
-    """Captum's ``sample_wise_grads_per_batch`` attributes ``nn.Linear``/``nn.Conv2d`` only."""
-    supported = {
-        f"{prefix}.{n}" if prefix else n
-        for prefix, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.Conv2d))
-        for n, _ in m.named_parameters(recurse=False)
-    }
-    kept = [n for n in names if n in supported]
-    dropped = [n for n in names if n not in supported]
-    if dropped:
-        warnings.warn(
-            f"sample_wise_grads_per_batch=True attributes only nn.Linear and nn.Conv2d "
-            f"parameters (as Captum does): {dropped[:5]}{' ...' if len(dropped) > 5 else ''} "
-            "are left out",
-            stacklevel=4,
-        )
-    if not kept:
-        raise ValueError(
-            "sample_wise_grads_per_batch=True attributes only nn.Linear and nn.Conv2d "
-            "parameters, and the model has none among the attributed ones"
-        )
-    return kept
 
 
 def _check_flags(**flags: Any) -> None:

@@ -125,6 +125,7 @@ class SAMArnoldiInfluenceFunction(SAMInfluenceBase):
             symmetric :math:`A`.
         curvature: ``"hessian"`` or ``"ggn"``.
         rescale_hessian: Scale a ``hessian_dataset``'s curvature by ``n/m``.
+        perturbation_scope: See :class:`~captum_sam.SAMInfluenceFunction`.
     """
 
     def __init__(
@@ -155,6 +156,7 @@ class SAMArnoldiInfluenceFunction(SAMInfluenceBase):
         variant: str = "fast",
         curvature: str = "hessian",
         rescale_hessian: bool = False,
+        perturbation_scope: str = "trainable",
     ) -> None:
         if variant not in ("fast", "plain"):
             raise ValueError(
@@ -175,6 +177,7 @@ class SAMArnoldiInfluenceFunction(SAMInfluenceBase):
         sam = {
             "rho": rho, "adaptive": adaptive, "weight_decay": weight_decay, "damping": damping,
             "variant": variant, "curvature": curvature, "rescale_hessian": rescale_hessian,
+            "perturbation_scope": perturbation_scope,
         }  # fmt: skip
         self._setup(model, checkpoint, captum, sam)
         self.arnoldi_dim, self.arnoldi_tol = arnoldi_dim, float(arnoldi_tol)

@@ -75,6 +75,7 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
              "hessian_reg": captum["hessian_reg"]},
             sam["rescale_hessian"], sam.get("sketch", (None, "gaussian", 0)),
             sam.get("factorize", True), self.solver_options,
+            sam.get("perturbation_scope", "trainable"),
         )  # fmt: skip
         self.rho = self.operator.rho
         self.weight_decay, self.damping = float(sam["weight_decay"]), float(sam["damping"])

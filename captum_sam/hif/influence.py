@@ -96,6 +96,10 @@ class SAMInfluenceFunction(SAMInfluenceBase):
         rescale_hessian: Multiply the curvature of a ``hessian_dataset`` of ``m``
             examples by ``n/m`` (an estimate of the full-data curvature) instead of
             summing it as Captum does.
+        perturbation_scope: ``"trainable"`` (default: :math:`\epsilon^*` from the mean
+            gradient of every trainable parameter, applied to all of them, as in
+            training, also when ``layers`` attributes fewer) or ``"attributed"`` (the
+            attributed parameters alone, an approximation for a large frozen backbone).
         sketch_dim: If given, test and train intermediate quantities are projected to
             this many dimensions by a seeded random projection that preserves inner
             products in expectation (:class:`~captum_sam.core.projection.RandomProjection`).
@@ -135,6 +139,7 @@ class SAMInfluenceFunction(SAMInfluenceBase):
         solver: str = "auto",
         solver_options: SolverOptions | dict[str, Any] | None = None,
         rescale_hessian: bool = False,
+        perturbation_scope: str = "trainable",
         sketch_dim: int | None = None,
         sketch: str = "gaussian",
         sketch_seed: int = 0,
@@ -153,6 +158,7 @@ class SAMInfluenceFunction(SAMInfluenceBase):
             "rho": rho, "adaptive": adaptive, "weight_decay": weight_decay, "damping": damping,
             "variant": variant, "curvature": curvature, "solver": solver,
             "solver_options": solver_options, "rescale_hessian": rescale_hessian,
+            "perturbation_scope": perturbation_scope,
             "sketch": (sketch_dim, sketch, sketch_seed), "factorize": factorize,
         }  # fmt: skip
         self._setup(model, checkpoint, captum, sam)

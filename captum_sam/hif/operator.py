@@ -63,6 +63,15 @@ class SAMOperator:
         seed: Seed of LiSSA's minibatches.
         device: Where the model lives.
         ggn_sites: Linear layers for the factored GGN, or ``None``.
+        extra: Perturbed but not attributed parameters at :math:`w^*` (the rest of the
+            perturbation's scope; empty when the attributed parameters are all of it).
+        extra_grad: :math:`g_0` on ``extra``.
+
+    The perturbation is the training's, over the scope (attributed and ``extra``):
+    its norm involves the full :math:`g_0`, and it moves ``extra`` too
+    (:attr:`moved_loss` holds them at their perturbed values). :math:`J` is the
+    attributed block :math:`\partial\epsilon_A/\partial w_A` of its derivative
+    (``extra`` held fixed), whose norm term needs the curvature's rows of ``extra``.
     """
 
     loss: F.FunctionalLoss
@@ -85,19 +94,67 @@ class SAMOperator:
     local: bool = False  # True: curvature products on all data, on this rank alone
     dense_he: Tensor | None = None  # H_e, kept when A is formed densely
     _ggn_checked: bool | None = None
+    extra: F.Params = field(default_factory=dict)
+    extra_grad: F.Params = field(default_factory=dict)
     eps: F.Params = field(init=False)
+    eps_extra: F.Params = field(init=False)
     perturbed: F.Params = field(init=False)
+    moved_loss: F.FunctionalLoss = field(init=False)
+    scope_loss: F.FunctionalLoss = field(init=False)
     dim: int = field(init=False)
     _flat_point: tuple[Tensor, Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.eps = F.sam_perturbation(self.params, self.mean_grad, self.rho, self.adaptive)
+        full = {**self.params, **self.extra}
+        eps = F.sam_perturbation(
+            full, {**self.mean_grad, **self.extra_grad}, self.rho, self.adaptive
+        )
+        self.eps = {n: eps[n] for n in self.names}
+        self.eps_extra = {n: eps[n] for n in self.extra}
         self.perturbed = F.tree_add(self.params, self.eps)
+        frozen = self.loss.frozen
+        self.moved_loss = self.loss.bind(
+            {n: v + self.eps_extra[n] if n in self.extra else v for n, v in frozen.items()}
+        )
+        # the loss as a function of the whole scope (attributed and extra)
+        self.scope_loss = self.loss.bind({n: v for n, v in frozen.items() if n not in self.extra})
         self.dim = sum(self.params[n].numel() for n in self.names)
         # (P, 1) columns of w* and g0 for the closed-form derivative of eps
         self._flat_point = tuple(  # type: ignore[assignment]
             F.flatten(t, self.names).unsqueeze(1) for t in (self.params, self.mean_grad)
         )
+        # the extra parameters' share of the norm ||a g|| and of u = a^2 g
+        if self.extra:
+            names = list(self.extra)
+            w, g = (F.flatten(t, names) for t in (self.extra, self.extra_grad))
+            a = w.abs() if self.adaptive else torch.ones_like(w)
+            self._extra_z2 = (a * g).square().sum()
+            self._extra_u = F.unflatten(a * a * g, self.extra)
+        else:
+            self._extra_z2, self._extra_u = None, None
+
+    def rhs_extra_dot(self, batch: Any, own: Tensor) -> Tensor | None:
+        r"""The extra parameters' share of :math:`z \cdot \delta z` for the exact variant.
+
+        For example :math:`k`, :math:`\delta g = g_k / n` over the whole scope, so the
+        share is :math:`(u \cdot g_k - u_A \cdot g_{k,A}) / n` with :math:`u = a^2 g_0`;
+        :math:`u \cdot g_k` is one forward-mode derivative per example (no full
+        per-example gradient is formed). ``own``: the attributed gradients ``(B, P)``.
+        Returns ``(1, B)``, or ``None`` without extra parameters.
+        """
+        if not self.extra:
+            return None
+        w, g = self._flat_point
+        a = w.abs() if self.adaptive else torch.ones_like(w)
+        u_attr = F.unflatten((a * a * g).squeeze(1), self.params)
+        full = {**self.params, **self.extra}
+        direction = {**u_attr, **self._extra_u}  # type: ignore[dict-item]
+        total = F.per_example_directional(self.scope_loss, full, batch, direction)
+        return ((total - own @ (a * a * g).squeeze(1)) / self.n_train).unsqueeze(0)
+
+    def loss_at(self, point: F.Params) -> F.FunctionalLoss:
+        """The loss whose non-attributed parameters match ``point`` (moved at the perturbed one)."""
+        return self.moved_loss if point is self.perturbed else self.loss
 
     @property
     def symmetric(self) -> bool:
@@ -149,18 +206,47 @@ class SAMOperator:
         product = F.hvp if self.curvature == "hessian" else F.ggn_vp
         out = scale * self.flat(
             product(
-                self.loss, point, batches, self.tree(columns), batched=True,
+                self.loss_at(point), point, batches, self.tree(columns), batched=True,
                 allow_empty=self.reduce(),
             )
         )  # fmt: skip
         return all_reduce_sum(out) if self.reduce() else out
 
-    def jvp_eps(self, columns: Tensor, batches: Iterable[Any], scale: float) -> Tensor:
-        r""":math:`J v = d\epsilon/dw\, v` for every column."""
-        hess_l = self.curvature_product(self.params, columns, batches, scale) / self.n_train
-        return self.jvp_eps_given(columns, hess_l)
+    def _scope_product(
+        self, columns: Tensor, batches: Iterable[Any], scale: float
+    ) -> tuple[Tensor, Tensor]:
+        """Curvature at :math:`w^*` over the scope times ``(v, 0)``: rows ``(A, extra)``.
 
-    def jvp_eps_given(self, columns: Tensor | None, hess_l: Tensor) -> Tensor:
+        Returns the attributed rows ``(P, m)`` and ``u_extra . rows_extra`` ``(1, m)``.
+        """
+        if self.columns_bar is not None:
+            self.columns_bar.update(columns.shape[1])
+        full = {**self.params, **self.extra}
+        vec = self.tree(columns)
+        m = columns.shape[1]
+        vec.update({n: v.new_zeros(m, *v.shape) for n, v in self.extra.items()})
+        product = F.hvp if self.curvature == "hessian" else F.ggn_vp
+        out = product(self.scope_loss, full, batches, vec, batched=True, allow_empty=self.reduce())
+        rows = scale * self.flat({n: out[n] for n in self.names})
+        extra = scale * sum(
+            (out[n] * self._extra_u[n]).reshape(m, -1).sum(1)
+            for n in self.extra  # type: ignore[index]
+        ).unsqueeze(0)
+        if self.reduce():
+            rows, extra = all_reduce_sum(rows), all_reduce_sum(extra)
+        return rows, extra
+
+    def jvp_eps(self, columns: Tensor, batches: Iterable[Any], scale: float) -> Tensor:
+        r""":math:`J v = d\epsilon_A/dw_A\, v` for every column."""
+        if not self.extra:
+            hess_l = self.curvature_product(self.params, columns, batches, scale) / self.n_train
+            return self.jvp_eps_given(columns, hess_l)
+        rows, extra = self._scope_product(columns, batches, scale)
+        return self.jvp_eps_given(columns, rows / self.n_train, extra / self.n_train)
+
+    def jvp_eps_given(
+        self, columns: Tensor | None, hess_l: Tensor, extra_dot: Tensor | None = None
+    ) -> Tensor:
         r""":math:`J v` from ``v`` and :math:`\nabla^2 L(w^*) v` (both ``(P, m)``).
 
         The derivative of :math:`\epsilon(w; g) = \rho\, a \odot z / (\lVert z \rVert
@@ -171,12 +257,19 @@ class SAMOperator:
         :math:`\delta\epsilon = \rho [(\delta a \odot z + a \odot \delta z) / N
         - a \odot z\, (z \cdot \delta z) / (\lVert z \rVert N^2)]` with
         :math:`N = \lVert z \rVert + 10^{-12}`. ``columns=None`` means
-        :math:`\delta w = 0`.
+        :math:`\delta w = 0`. With parameters outside the attributed ones in the
+        perturbation's scope, :math:`\lVert z \rVert` runs over the whole scope and
+        ``extra_dot`` ``(1, m)`` is their share :math:`z_B \cdot \delta z_B` of
+        :math:`z \cdot \delta z` (:math:`\delta z_B = a_B \odot \delta g_B`,
+        :math:`w_B` held fixed).
         """
         w, g = self._flat_point
         a = w.abs() if self.adaptive else torch.ones_like(w)
         z = a * g
-        norm = torch.linalg.vector_norm(z)
+        squared = z.square().sum()
+        if self._extra_z2 is not None:  # the norm runs over the whole scope
+            squared = squared + self._extra_z2
+        norm = squared.sqrt()
         denom = norm + 1e-12
         dz = a * hess_l
         moved = a * dz
@@ -184,18 +277,33 @@ class SAMOperator:
             da = torch.sign(w) * columns
             dz = dz + da * g
             moved = a * dz + da * z
-        dnorm = (z.T @ dz) / norm if norm > 0 else torch.zeros_like(dz[:1])
+        zdz = z.T @ dz
+        if extra_dot is not None:  # z_B . dz_B of the extra parameters (w_B fixed)
+            zdz = zdz + extra_dot
+        dnorm = zdz / norm if norm > 0 else torch.zeros_like(dz[:1])
         return self.rho * (moved / denom - (a * z) * (dnorm / denom**2))
 
     def vjp_eps(self, columns: Tensor, batches: list[Any], scale: float) -> Tensor:
         """:math:`J^T u` for every column."""
+        full = {**self.params, **self.extra}
+        grads = {**self.mean_grad, **self.extra_grad}
 
         def one(u: F.Params) -> tuple[F.Params, F.Params]:
-            return F.perturbation_vjp(self.params, self.mean_grad, u, self.rho, self.adaptive)
+            u = {**u, **{n: torch.zeros_like(v) for n, v in self.extra.items()}}
+            return F.perturbation_vjp(full, grads, u, self.rho, self.adaptive)
 
         dw, dg = vmap(one)(self.tree(columns))
-        hess_dg = self.curvature_product(self.params, self.flat(dg), batches, scale) / self.n_train
-        return self.flat(dw) + hess_dg
+        dw = {n: dw[n] for n in self.names}
+        if not self.extra:
+            hess_dg = self.curvature_product(self.params, self.flat(dg), batches, scale)
+            return self.flat(dw) + hess_dg / self.n_train
+        # H_L[A, scope] dg: the scope's curvature at w*, attributed rows
+        product = F.hvp if self.curvature == "hessian" else F.ggn_vp
+        out = product(self.scope_loss, full, batches, dg, batched=True, allow_empty=self.reduce())
+        rows = scale * self.flat({n: out[n] for n in self.names})
+        if self.reduce():
+            rows = all_reduce_sum(rows)
+        return self.flat(dw) + rows / self.n_train
 
     def apply(
         self, columns: Tensor, batches: Callable[[], Iterable[Any]], scale: float, transpose: bool
@@ -249,7 +357,7 @@ class SAMOperator:
     def _factored_curvature(self, point: F.Params) -> Tensor:
         """The GGN of the (scaled) summed loss at ``point``, ``(P, P)``, from factors."""
         total = linear_ggn.linear_ggn(
-            self.loss, point, self.hessian_batches(), self.ggn_sites, self.names
+            self.loss_at(point), point, self.hessian_batches(), self.ggn_sites, self.names
         )
         total.mul_(self.hessian_scale)
         return all_reduce_sum(total) if self.reduce() else total
@@ -261,7 +369,7 @@ class SAMOperator:
         if self._ggn_checked is None:
             first = next(iter(self.hessian_batches()), None)
             ok = first is None or linear_ggn.ggn_matches(
-                self.loss, point, first, self.ggn_sites, self.names
+                self.loss_at(point), point, first, self.ggn_sites, self.names
             )
             if self.reduce():
                 ok = bool(all_reduce_sum(torch.tensor([0.0 if ok else 1.0]))[0] == 0)
@@ -271,23 +379,30 @@ class SAMOperator:
     def factored_matrix(self, keep_he: bool = False) -> Tensor | None:
         """:math:`A` formed from factored GGNs, or ``None`` when they do not apply.
 
-        ``keep_he``: remember :math:`H_e` (the exact right-hand sides use it).
+        ``keep_he``: remember :math:`H_e` (the exact right-hand sides use it). With
+        parameters outside the attributed ones in the perturbation's scope, the columns
+        of :math:`J` come from curvature products over the scope instead.
         """
         if not self._factored_ok(self.point):
             return None
         g = self._factored_curvature(self.point)
-        if self.variant in ("full", "exact"):  # H_e (I + J), J from H_0's columns
+        if self.variant in ("full", "exact"):  # H_e (I + J)
             he = g.clone()
             if keep_he:
                 self.dense_he = he
-            g0_over_n = self._factored_curvature(self.params).div_(self.n_train)
             jac = torch.empty_like(g)
             step = 256
+            g0_over_n = (
+                None if self.extra else self._factored_curvature(self.params).div_(self.n_train)
+            )
             for start in range(0, self.dim, step):
                 cols = slice(start, min(start + step, self.dim))
                 eye = g.new_zeros(self.dim, cols.stop - start)  # columns of the identity
                 eye[cols].fill_diagonal_(1.0)
-                jac[:, cols] = self.jvp_eps_given(eye, g0_over_n[:, cols])
+                if g0_over_n is None:
+                    jac[:, cols] = self.jvp_eps(eye, self.hessian_batches(), self.hessian_scale)
+                else:
+                    jac[:, cols] = self.jvp_eps_given(eye, g0_over_n[:, cols])
             g = g.addmm_(he, jac)
         g.diagonal().add_(self.regulariser)
         return g

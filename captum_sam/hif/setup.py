@@ -28,8 +28,8 @@ from captum_sam.core.data import (
 from captum_sam.core.distributed import all_reduce_sum, all_reduce_tree
 from captum_sam.core.errors import ArgumentError
 from captum_sam.core.layers import linear
+from captum_sam.core.params import sample_wise_names, scope_names
 from captum_sam.core.projection import RandomProjection
-from captum_sam.gif.setup import sample_wise_names
 from captum_sam.hif.operator import CURVATURES, VARIANTS, SAMOperator
 from captum_sam.solvers import METHODS, SolverOptions
 from captum_sam.trajectory import MANIFEST, load_trajectory
@@ -98,6 +98,7 @@ def prepare(
     sketch: tuple[int | None, str, int],
     factorize: Any,
     options: SolverOptions,
+    perturbation_scope: str = "trainable",
 ) -> SAMOperator:
     """Validate, set Captum's attributes on ``est``, and build its operator.
 
@@ -157,12 +158,18 @@ def prepare(
     )
     first = next(iter(on_device(est.train_dataloader, est.device)))
     validate_batch(loss, state.params, first, "train_dataset")
+    # the perturbation's gradient runs over its whole scope (the training's)
+    est.perturbation_scope = perturbation_scope
+    extra_names = [n for n in scope_names(model, names, perturbation_scope) if n not in names]
+    extra = {n: state.frozen[n] for n in extra_names}
+    scope_loss = loss.bind({n: v for n, v in state.frozen.items() if n not in extra})
     local = (b for _, b in local_batches(est.train_dataloader, est.device))
-    total, count = F.grad_sum(loss, state.params, local)
+    total, count = F.grad_sum(scope_loss, {**state.params, **extra}, local)
     all_reduce_tree(total)
     count = int(all_reduce_sum(torch.tensor([count], dtype=torch.float64))[0])
-    mean_grad = F.tree_scale(total, 1.0 / count)
-    F.check_finite(mean_grad, "training gradients at the checkpoint")
+    mean_full = F.tree_scale(total, 1.0 / count)
+    F.check_finite(mean_full, "training gradients at the checkpoint")
+    mean_grad = {n: mean_full[n] for n in names}
     dim, kind, seed = sketch
     sizes = {n: state.params[n].numel() for n in names}
     est.sketch = None if dim is None else RandomProjection(sizes, dim, kind, seed)
@@ -185,4 +192,6 @@ def prepare(
         seed=options.seed,
         device=est.device,
         ggn_sites=sites,
+        extra=extra,
+        extra_grad={n: mean_full[n] for n in extra_names},
     )

@@ -40,11 +40,11 @@ def gradients(est: Any, batch: tuple[Any, ...], loss: F.FunctionalLoss, point: F
 def right_hand_sides(est: Any, batch: tuple[Any, ...]) -> Tensor:
     """:math:`r_k` rows ``(B, P)``; for ``exact`` ``[b_k, d_k]`` ``(B, 2P)``."""
     op = est.operator
-    b = gradients(est, batch, est._loss, op.point)
+    b = gradients(est, batch, op.loss_at(op.point), op.point)
     if est.variant != "exact":
         return b
     own = gradients(est, batch, est._loss, op.params)  # d eps along g -> g + g_k / n
-    d = op.jvp_eps_given(None, own.T / est.n_train).T
+    d = op.jvp_eps_given(None, own.T / est.n_train, op.rhs_extra_dot(batch, own)).T
     return torch.cat([b, d], dim=1)
 
 
