@@ -9,22 +9,17 @@ ground truth. :func:`run_compare` returns the results and writes ``report.md``,
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from captum_sam._captum import ArnoldiInfluenceFunction, TracInCP
 from captum_sam.applications import detect_mislabeled, harmful_removal_curve
-from captum_sam.core.checkpoints import checkpoints_load_func
-from captum_sam.data import SplitData, load_digits_data, load_torchvision
 from captum_sam.evaluation.ground_truth import GroundTruth, random_subsets
 from captum_sam.evaluation.metrics import (
     accuracy,
@@ -37,207 +32,18 @@ from captum_sam.evaluation.metrics import (
 from captum_sam.evaluation.report import COLUMNS as COLUMNS  # re-exported, defined there
 from captum_sam.evaluation.report import _plots, _report, format_table
 from captum_sam.evaluation.retrain import sam_fixed_point
-from captum_sam.gif.tracincp import SAMTracInCP
-from captum_sam.hif.influence import SAMInfluenceFunction
-from captum_sam.models import MODELS, build_model
+from captum_sam.evaluation.setup import (
+    METHODS,
+    CompareConfig,
+    Context,
+    build_estimator,
+    load_data,
+)
+from captum_sam.models import build_model
 from captum_sam.training import train_sam
 from captum_sam.trajectory import load_trajectory
 
 __all__ = ["METHODS", "CompareConfig", "run_compare", "format_table"]
-
-METHODS: dict[str, str] = {
-    "sam-gif": "SAM-GIF, trajectory form: real batch membership and learning rates",
-    "sam-gif-ckpt": "SAM-GIF, checkpoint form on the epoch checkpoints (eta_c/|B| each)",
-    "sam-hif-fast": "SAM-HIF(Fast), Theorem 4.3",
-    "sam-hif": "SAM-HIF, Theorem 4.5 (non-symmetric)",
-    "sam-hif-exact": "SAM-HIF(exact), the full first-order derivative (MATH.md)",
-    "if": "plain influence function at the same weights (Koh & Liang)",
-    "captum-tracincp": "Captum TracInCP on the same epoch checkpoints",
-    "captum-arnoldi": "Captum ArnoldiInfluenceFunction at the same weights",
-}
-HESSIAN_FAMILY = {
-    "sam-hif-fast": "fast",
-    "sam-hif": "full",
-    "sam-hif-exact": "exact",
-    "if": "plain",
-}
-GROUND_TRUTHS = ("auto", "fixed_point", "schedule")
-DATASETS = ("digits", "mnist", "cifar10")
-
-
-@dataclass(frozen=True)
-class CompareConfig:
-    """Settings of one comparison (validated on construction)."""
-
-    model: str = "logreg"
-    dataset: str = "digits"
-    data_dir: str | None = None
-    n_train: int = 1000
-    n_val: int = 300
-    n_test: int | None = None
-    noise: float = 0.1
-    rho: float = 0.05
-    adaptive: bool = False
-    epochs: int = 30
-    lr: float = 0.5
-    batch_size: int = 64
-    weight_decay: float = 1e-3
-    damping: float = 0.0
-    curvature: str = "hessian"
-    ground_truth: str = "auto"
-    n_loo: int = 40
-    lds_subsets: int = 20
-    lds_fraction: float = 0.5
-    removal_fractions: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
-    mislabel_by: str = "influence"
-    methods: tuple[str, ...] = tuple(METHODS)
-    seed: int = 0
-    trace_examples: int = 4
-    trace_k: int = 4
-
-    def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"`model` must be one of {MODELS}, got {self.model!r}")
-        if self.dataset not in DATASETS:
-            raise ValueError(f"`dataset` must be one of {DATASETS}, got {self.dataset!r}")
-        if self.dataset != "digits" and self.data_dir is None:
-            raise ValueError(f"dataset {self.dataset!r} needs --data-dir with its files")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise ValueError(
-                f"unknown method(s) {unknown}; valid methods are: {', '.join(METHODS)}"
-            )
-        if self.curvature not in ("hessian", "ggn", "both"):
-            raise ValueError(f"`curvature` must be hessian, ggn or both, got {self.curvature!r}")
-        if self.ground_truth not in GROUND_TRUTHS:
-            raise ValueError(f"`ground_truth` must be one of {GROUND_TRUTHS}")
-        if self.ground_truth == "fixed_point" and self.model != "logreg":
-            warnings.warn(
-                "the fixed-point ground truth assumes a convex model (logreg)", stacklevel=2
-            )
-        for name in ("rho", "damping", "weight_decay", "noise"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be >= 0")
-        if self.mislabel_by not in ("influence", "self"):
-            raise ValueError("`mislabel_by` must be 'influence' or 'self'")
-        if self.lds_subsets < 3:
-            raise ValueError("`lds_subsets` must be >= 3")
-        if self.n_loo < 3:
-            raise ValueError("`n_loo` must be >= 3")
-
-    @property
-    def resolved_ground_truth(self) -> str:
-        """``fixed_point`` for the convex logistic regression, else ``schedule``."""
-        if self.ground_truth != "auto":
-            return self.ground_truth
-        return "fixed_point" if self.model == "logreg" else "schedule"
-
-    def rows(self) -> list[tuple[str, str, str | None]]:
-        """``(row label, method, curvature)`` for every table row."""
-        curvatures = ["hessian", "ggn"] if self.curvature == "both" else [self.curvature]
-        out: list[tuple[str, str, str | None]] = []
-        for m in self.methods:
-            if m in HESSIAN_FAMILY or m == "captum-arnoldi":
-                if m == "captum-arnoldi":
-                    out.append((m, m, None))
-                    continue
-                for c in curvatures:
-                    label = m if len(curvatures) == 1 else f"{m} [{c}]"
-                    out.append((label, m, c))
-            else:
-                out.append((m, m, None))
-        return out
-
-
-@dataclass
-class _Context:
-    config: CompareConfig
-    data: SplitData
-    model: nn.Module  # the trained model (w_T)
-    base: nn.Module  # the attribution point of Hessian methods (w* or w_T)
-    base_ckpt: str
-    record_dir: str
-    loss: Callable[[Any, Any], Tensor]
-    test: tuple[Tensor, Tensor]
-    val: tuple[Tensor, Tensor]
-    epoch_ckpts: list[str] = field(default_factory=list)
-
-
-def _load_data(cfg: CompareConfig) -> SplitData:
-    if cfg.dataset == "digits":
-        return load_digits_data(cfg.n_train, cfg.n_val, cfg.n_test, cfg.noise, cfg.seed)
-    return load_torchvision(
-        cfg.dataset,
-        cfg.data_dir,
-        cfg.n_train,
-        cfg.n_val,  # type: ignore[arg-type]
-        cfg.n_test or 1000,
-        cfg.noise,
-        cfg.seed,
-    )
-
-
-def _build(ctx: _Context, method: str, curvature: str | None) -> Any:
-    cfg, train = ctx.config, ctx.data.train
-    bs = max(cfg.batch_size, 128)
-    if method == "sam-gif":
-        return SAMTracInCP.from_trajectory(
-            ctx.model, train, ctx.record_dir, loss_fn=ctx.loss, batch_size=bs
-        )
-    if method == "sam-gif-ckpt":
-        # one epoch between checkpoints uses every example once with weight eta/|B|,
-        # so eta_c/|B| makes parameter_change an estimate of w_{-S} - w_T
-        def load(m: nn.Module, path: str) -> float:
-            return checkpoints_load_func(m, path) / cfg.batch_size
-
-        return SAMTracInCP(
-            ctx.model,
-            train,
-            ctx.epoch_ckpts,
-            checkpoints_load_func=load,
-            loss_fn=ctx.loss,
-            batch_size=bs,
-            rho=cfg.rho,
-            adaptive=cfg.adaptive,
-        )
-    if method in HESSIAN_FAMILY:
-        return SAMInfluenceFunction(
-            ctx.base,
-            train,
-            ctx.base_ckpt,
-            loss_fn=ctx.loss,
-            batch_size=bs,
-            rho=cfg.rho,
-            adaptive=cfg.adaptive,
-            weight_decay=cfg.weight_decay,
-            damping=cfg.damping,
-            variant=HESSIAN_FAMILY[method],
-            projection_dim=None,  # the exact inverse: no rank cap,
-            hessian_reg=0.0,  # no added regulariser,
-            hessian_inverse_tol=None,  # no eigenvalue dropped
-            curvature=curvature or "hessian",
-        )
-    if method == "captum-tracincp":
-        return TracInCP(
-            copy.deepcopy(ctx.model),
-            train,
-            ctx.epoch_ckpts,
-            checkpoints_load_func=checkpoints_load_func,
-            loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"),
-            batch_size=bs,
-            sample_wise_grads_per_batch=True,
-        )
-    n = len(train)
-    return ArnoldiInfluenceFunction(
-        copy.deepcopy(ctx.base),
-        train,
-        ctx.base_ckpt,
-        checkpoints_load_func,
-        loss_fn=ctx.loss,
-        batch_size=bs,
-        hessian_reg=n * (cfg.weight_decay + cfg.damping),
-        seed=cfg.seed,
-    )
 
 
 def _say(show: bool, text: str) -> None:
@@ -272,7 +78,7 @@ def run_compare(
     started = time.perf_counter()
 
     # ------------------------------------------------------------- model
-    data = _load_data(cfg)
+    data = load_data(cfg)
     model = build_model(cfg.model, data.image_shape, data.num_classes, seed=cfg.seed)
     record_dir = os.path.join(out, "trajectory")
     _say(
@@ -304,7 +110,7 @@ def run_compare(
         fixed_point_residual: float | None = fp.residual
     else:
         base, base_ckpt, fixed_point_residual = model, traj.final.path, None
-    ctx = _Context(
+    ctx = Context(
         cfg,
         data,
         model,
@@ -365,7 +171,7 @@ def run_compare(
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            est = _build(ctx, method, curvature)
+            est = build_estimator(ctx, method, curvature)
             s_test = est.influence(ctx.test, show_progress=False).detach()
         runtime = time.perf_counter() - start
         with warnings.catch_warnings():

@@ -22,7 +22,7 @@ from captum_sam.applications import plot_trace, trace
 from captum_sam.evaluation.metrics import recall_curve
 
 if TYPE_CHECKING:
-    from captum_sam.evaluation.compare import _Context
+    from captum_sam.evaluation.setup import Context
 
 __all__ = ["format_table"]
 
@@ -145,7 +145,7 @@ def _report(results: dict[str, Any]) -> str:
 
 def _plots(
     out: str,
-    ctx: _Context,
+    ctx: Context,
     rows: list[dict[str, Any]],
     scores: dict[str, Any],
     loo_idx: list[int],
