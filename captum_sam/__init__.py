@@ -5,7 +5,12 @@ training really evaluates them, at the perturbed weights :math:`w + \epsilon(w)`
 """
 
 from captum_sam.core.checkpoints import checkpoints_load_func, load_checkpoint
-from captum_sam.gif import SAMTracInCP, SAMTracInCPFast, SAMTracInCPFastRandProj
+from captum_sam.gif import (
+    ExactNearestNeighbors,
+    SAMTracInCP,
+    SAMTracInCPFast,
+    SAMTracInCPFastRandProj,
+)
 from captum_sam.hif import SAMArnoldiInfluenceFunction, SAMInfluenceFunction
 from captum_sam.optim import SAM
 from captum_sam.solvers import ConvergenceWarning, SolverOptions
@@ -21,6 +26,7 @@ __all__ = [
     "SAMTracInCPFastRandProj",
     "SAMInfluenceFunction",
     "SAMArnoldiInfluenceFunction",
+    "ExactNearestNeighbors",
     "SolverOptions",
     "ConvergenceWarning",
     "IndexedDataset",

@@ -38,18 +38,28 @@ __all__ = ["SAMTracInCPFastRandProj", "captum_projections"]
 
 
 def captum_projections(
-    out_dim: int, in_dim: int, projection_dim: int | None, seed: int, like: Tensor
+    out_dim: int,
+    in_dim: int,
+    projection_dim: int | None,
+    seed: int,
+    like: Tensor,
+    loader_draws: int = 1,
 ) -> tuple[Tensor, Tensor] | None:
     """Captum's projection matrices for the output-gradient and input sides, or ``None``.
 
-    Drawn from a generator seeded with ``seed`` in Captum's order and shapes (the same
-    numbers as ``torch.manual_seed(seed)`` followed by Captum's draws on the CPU).
+    Drawn from a generator seeded with ``seed`` in Captum's order and shapes: Captum
+    calls ``torch.manual_seed(seed)``, then opens the training DataLoader (which draws
+    one ``int64`` base seed from the global generator unless the loader has its own,
+    ``loader_draws``), then draws the two matrices. The same numbers on the CPU, without
+    touching the global generator.
     """
     if projection_dim is None or out_dim * in_dim <= projection_dim:
         return None
     width = int(projection_dim**0.5)
     k_out, k_in = min(width, out_dim), min(width, in_dim)
     g = torch.Generator().manual_seed(seed)
+    for _ in range(loader_draws):
+        torch.empty((), dtype=torch.int64).random_(generator=g)
     p_out = torch.normal(torch.zeros(out_dim, k_out), 1.0 / k_out**0.5, generator=g)
     p_in = torch.normal(torch.zeros(in_dim, k_in), 1.0 / k_in**0.5, generator=g)
     return p_out.to(like), p_in.to(like)
@@ -132,8 +142,10 @@ class SAMTracInCPFastRandProj(SAMTracInCPFast):
         )
         weight = self.final_fc_layer.weight
         ref = self._engines.points.reference(self._engines.terms[0].checkpoint)
+        loader = self.train_dataloader
+        draws = int(isinstance(loader, DataLoader) and loader.generator is None)
         self.projection_quantities = captum_projections(
-            weight.shape[0], weight.shape[1], projection_dim, seed, ref
+            weight.shape[0], weight.shape[1], projection_dim, seed, ref, draws
         )
         self._engines.prepare()
         self.src_intermediate_quantities = self._embeddings(self.train_dataloader, "train")
