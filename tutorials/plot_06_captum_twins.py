@@ -73,9 +73,8 @@ trajectory = load_trajectory(f"{workdir.name}/run")
 checkpoints = [c.path for c in trajectory.checkpoints][-3:]  # the last three epochs
 final = trajectory.final.path
 test = data.test.tensors
-print(
-    f"{sum(p.numel() for p in model.parameters())} parameters, checkpoints: {len(checkpoints)}"
-)
+n_params = sum(p.numel() for p in model.parameters())
+print(f"{n_params} parameters, checkpoints: {len(checkpoints)}")
 
 
 def compare(name, captum_scores, twin_at_zero, twin_at_rho):
@@ -89,7 +88,8 @@ def compare(name, captum_scores, twin_at_zero, twin_at_rho):
         / top_c.numel()
     )
     print(
-        f"{name:<26} rho=0 vs Captum: {same:.1e}   rho={RHO} moves scores by {moved:.1%}, "
+        f"{name:<26} rho=0 vs Captum: {same:.1e}   "
+        f"rho={RHO} moves scores by {moved:.1%}, "
         f"top-5 proponents shared with Captum: {overlap:.0%}"
     )
 
