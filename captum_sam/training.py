@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from captum_sam.core import check_per_example_loss, to_device
-from captum_sam.core.checkpoints import checkpoints_load_func
+from captum_sam.core.checkpoints import checkpoints_load_func, model_device
 from captum_sam.core.data import fetch_batch
 from captum_sam.optim import SAM
 from captum_sam.trajectory import (
@@ -63,13 +63,6 @@ def _sam_step(
         return loss
 
     return float(optimizer.step(closure).detach())
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration as err:
-        raise ValueError("`model` has no parameters to train") from err
 
 
 def train_sam(
@@ -130,7 +123,7 @@ def train_sam(
         raise ValueError(f"`lr` must be > 0, got {lr}")
     if weight_decay < 0:
         raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay}")
-    device = _model_device(model)
+    device = model_device(model)
     n = len(dataset)
     optimizer = SAM(
         model.parameters(),
@@ -232,7 +225,7 @@ def replay_trajectory(
             raise ValueError(f"`remove` indices must lie in [0, {traj.n_train})")
         removed[idx] = True
     replica = copy.deepcopy(model)
-    device = _model_device(replica)
+    device = model_device(replica)
     dtype = next(replica.parameters()).dtype
     checkpoints_load_func(replica, traj.initial.path)
     first = traj.steps[0] if traj.steps else None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ArgumentError"]
+__all__ = ["ArgumentError", "require_inputs"]
 
 
 class ArgumentError(ValueError, AssertionError):
@@ -11,3 +11,12 @@ class ArgumentError(ValueError, AssertionError):
     Captum checks many of the same conditions with ``assert``, so code written for
     Captum may catch ``AssertionError``; this exception is an instance of both.
     """
+
+
+def require_inputs(inputs: object) -> None:
+    """Refuse ``influence(None)`` as Captum does (its message, an ``AssertionError``)."""
+    if inputs is None:
+        raise ArgumentError(
+            "`inputs` argument is required. To compute self influence scores, use the "
+            "`self_influence` method instead."
+        )

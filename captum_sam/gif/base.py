@@ -20,9 +20,10 @@ from torch.utils.data import DataLoader
 from captum_sam._captum import KMostInfluentialResults, TracInCPBase
 from captum_sam.core.data import as_loader, local_batches, progress, stream_topk
 from captum_sam.core.distributed import gather_ordered, is_distributed
-from captum_sam.core.errors import ArgumentError
+from captum_sam.core.errors import require_inputs
 from captum_sam.core.store import open_quantities
-from captum_sam.gif.setup import GIFEngines
+from captum_sam.gif.setup import GIFEngines, resolve_checkpoints
+from captum_sam.gif.terms import Term, checkpoint_terms
 
 __all__ = ["SAMTracInBase", "check_rho"]
 
@@ -31,6 +32,28 @@ class SAMTracInBase(TracInCPBase):
     """Captum's ``TracInCPBase`` methods on top of the SAM-GIF engines (``self._engines``)."""
 
     _engines: GIFEngines
+
+    def _captum_init(
+        self, model: nn.Module, train_dataset: Any, checkpoints: Any, captum: dict[str, Any],
+        rho: Any, adaptive: Any,
+    ) -> None:  # fmt: skip
+        """Captum's ``TracInCPBase`` set-up (checkpoints resolved first), then ``rho``.
+
+        ``captum``: ``checkpoints_load_func``, ``loss_fn``, ``batch_size``, ``test_loss_fn``.
+        """
+        check_rho(rho, adaptive)
+        TracInCPBase.__init__(
+            self, model, train_dataset, resolve_checkpoints(checkpoints),
+            captum["checkpoints_load_func"], captum["loss_fn"], captum["batch_size"],
+            captum["test_loss_fn"],
+        )  # fmt: skip
+        self.rho, self.adaptive = float(rho), adaptive
+        self.trajectory = None
+
+    def _checkpoint_terms(self, loader: Any) -> list[Term]:
+        """One term per checkpoint, with the learning rate its loader returns."""
+        rates = [loader(c).learning_rate for c in self.checkpoints]
+        return checkpoint_terms(self.checkpoints, rates, self.rho, self.adaptive)
 
     @property
     def engines(self) -> GIFEngines:
@@ -60,11 +83,7 @@ class SAMTracInBase(TracInCPBase):
             Captum's ``KMostInfluentialResults(indices, influence_scores)``, each
             ``(n_test, k)``.
         """
-        if inputs is None:
-            raise ArgumentError(
-                "`inputs` argument is required. To compute self influence scores, use "
-                "the `self_influence` method instead."
-            )
+        require_inputs(inputs)
         if k is None:
             return self._influence(inputs, show_progress=show_progress, aggregate=aggregate)
         return self._get_k_most_influential(

@@ -18,13 +18,11 @@ from collections.abc import Callable, Iterable, Sequence
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from captum_sam._captum import TracInCPBase
 from captum_sam.core.checkpoints import checkpoints_load_func
 from captum_sam.core.errors import ArgumentError
-from captum_sam.gif.base import SAMTracInBase, check_rho
+from captum_sam.gif.base import SAMTracInBase
 from captum_sam.gif.points import PERTURBATIONS
-from captum_sam.gif.setup import build_engines, resolve_checkpoints
-from captum_sam.gif.terms import checkpoint_terms
+from captum_sam.gif.setup import GIFOptions, build_engines
 
 __all__ = ["SAMTracInCPFast", "final_layer"]
 
@@ -105,37 +103,23 @@ class SAMTracInCPFast(SAMTracInBase):
         perturbation_scope: str = "trainable",
         test_at_perturbed: bool = False,
     ) -> None:
-        check_rho(rho, adaptive)
-        paths = resolve_checkpoints(checkpoints)
-        TracInCPBase.__init__(
-            self, model, train_dataset, paths, checkpoints_load_func, loss_fn, batch_size,
-            test_loss_fn,
+        self._captum_init(
+            model, train_dataset, checkpoints,
+            {"checkpoints_load_func": checkpoints_load_func, "loss_fn": loss_fn,
+             "batch_size": batch_size, "test_loss_fn": test_loss_fn},
+            rho, adaptive,
         )  # fmt: skip
         if loss_fn is None:
             raise ArgumentError("loss function must not be none: pass a reducing `loss_fn`")
         name, module = final_layer(model, final_fc_layer)
         self.final_fc_layer = module
         self.vectorize = vectorize
-        self.rho, self.adaptive = float(rho), adaptive
-        self.trajectory = None
+        options = GIFOptions(
+            perturbation, perturbation_dataset, perturbation_scope, test_at_perturbed
+        )
         self._engines = build_engines(
-            self,
-            train_dataset,
-            [name],
-            True,  # Captum's TracInCPFast takes reducing losses only
-            perturbation,
-            PERTURBATIONS,
-            perturbation_dataset,
-            perturbation_scope,
-            test_at_perturbed,
-            (None, "gaussian", 0),
-            True,
-            lambda loader: checkpoint_terms(
-                self.checkpoints,
-                [loader(c).learning_rate for c in self.checkpoints],
-                self.rho,
-                self.adaptive,
-            ),
+            self, train_dataset, [name], True,  # Captum's TracInCPFast: reducing losses only
+            options, PERTURBATIONS, self._checkpoint_terms,
             final_checkpoint=self.checkpoints[-1],
             names=[f"{name}.weight" if name else "weight"],
-        )
+        )  # fmt: skip

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from captum_sam._captum import AnnoyNearestNeighbors, KMostInfluentialResults, NearestNeighbors
 from captum_sam.core.checkpoints import checkpoints_load_func
 from captum_sam.core.data import as_loader, on_device, validate_batch
-from captum_sam.core.errors import ArgumentError
+from captum_sam.core.errors import require_inputs
 from captum_sam.core.layers import linear
 from captum_sam.gif.fast import SAMTracInCPFast
 from captum_sam.gif.terms import check_finite_terms
@@ -217,11 +217,7 @@ class SAMTracInCPFastRandProj(SAMTracInCPFast):
                 ``None``: every score ``(n_test, n_train)``.
             proponents: Proponents (highest) or opponents (lowest).
         """
-        if inputs is None:
-            raise ArgumentError(
-                "`inputs` argument is required. SAMTracInCPFastRandProj does not compute "
-                "self influence scores; use SAMTracInCPFast.self_influence."
-            )
+        require_inputs(inputs)
         query = self._embeddings(inputs, "test")
         if k is None:
             return query @ self.src_intermediate_quantities.T

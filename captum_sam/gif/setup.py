@@ -40,10 +40,28 @@ from captum_sam.trajectory import MANIFEST, Trajectory, load_trajectory
 
 __all__ = [
     "GIFEngines",
+    "GIFOptions",
     "build_engines",
     "resolve_checkpoints",
     "natural_sort",
 ]
+
+
+@dataclass(frozen=True)
+class GIFOptions:
+    """SAM-GIF's own settings (see :class:`~captum_sam.SAMTracInCP` for their meaning)."""
+
+    perturbation: str = "dataset"
+    perturbation_dataset: Any = None
+    perturbation_scope: str = "trainable"
+    test_at_perturbed: bool = False
+    projection_dim: int | None = None
+    projection: str = "gaussian"
+    projection_seed: int = 0
+    factorize: bool = True
+
+    def __post_init__(self) -> None:
+        _check_flags(test_at_perturbed=self.test_at_perturbed, factorize=self.factorize)
 
 
 @dataclass
@@ -136,27 +154,21 @@ def build_engines(
     train_dataset: Dataset | DataLoader,
     layers: Sequence[str] | None,
     sample_wise_grads_per_batch: bool,
-    perturbation: str,
+    options: GIFOptions,
     allowed: tuple[str, ...],
-    perturbation_dataset: Dataset | DataLoader | None,
-    perturbation_scope: str,
-    test_at_perturbed: bool,
-    projection: tuple[int | None, str, int],
-    factorize: bool,
     make_terms: Callable[[CheckpointLoader], list[Term]],
     final_checkpoint: str,
     trajectory: Trajectory | None = None,
     names: list[str] | None = None,
-    sites: list[linear.LinearSite] | None = None,
 ) -> GIFEngines:
     """Validate the arguments of a GIF estimator ``est`` (Captum's base already set) and wire it.
 
-    ``names`` and ``sites`` override the attributed parameters and the factored
-    layers (the TracInCPFast twins attribute one layer's weight).
+    ``names`` overrides the attributed parameters (the TracInCPFast twins attribute
+    one layer's weight).
     """
-    if perturbation not in allowed:
-        raise ValueError(f"`perturbation` must be one of {allowed}, got {perturbation!r}")
-    _check_flags(test_at_perturbed=test_at_perturbed, factorize=factorize)
+    o = options
+    if o.perturbation not in allowed:
+        raise ValueError(f"`perturbation` must be one of {allowed}, got {o.perturbation!r}")
     if isinstance(train_dataset, Dataset) and not isinstance(train_dataset, DataLoader):
         if not isinstance(est.batch_size, int) or isinstance(est.batch_size, bool):
             raise ValueError("`batch_size` must be an int when `train_dataset` is a Dataset")
@@ -185,33 +197,34 @@ def build_engines(
     device = model_device(model)
     pdata = (
         est.train_dataloader
-        if perturbation_dataset is None
-        else as_loader(perturbation_dataset, est.batch_size, "perturbation_dataset")
+        if o.perturbation_dataset is None
+        else as_loader(o.perturbation_dataset, est.batch_size, "perturbation_dataset")
     )
     terms = make_terms(loader)
     points = WeightPoints(
         loader,
         names,
-        scope_names(model, names, perturbation_scope),
+        scope_names(model, names, o.perturbation_scope),
         train_loss,
-        perturbation,
+        o.perturbation,
         pdata,
         train_data,
         device,
     )
-    dim, kind, seed = projection
     sizes = {n: p.numel() for n, p in zip(names, loader.scratch_params(names))}
-    projector = None if dim is None else RandomProjection(sizes, dim, kind, seed)
-    vmap = VmapGradients(points, projector, test_at_perturbed, device)
-    if sites is None and factorize:
-        sites = linear.linear_sites(scratch, names)
+    projector = (
+        None
+        if o.projection_dim is None
+        else RandomProjection(sizes, o.projection_dim, o.projection, o.projection_seed)
+    )
+    vmap = VmapGradients(points, projector, o.test_at_perturbed, device)
     factored = FactoredGradients(
         points,
-        sites if factorize else None,
+        linear.linear_sites(scratch, names) if o.factorize else None,
         train_loss,
         test_loss,
-        projector is None and perturbation != "example",
-        test_at_perturbed,
+        projector is None and o.perturbation != "example",
+        o.test_at_perturbed,
         device,
     )
     form = CheckpointForm(terms, points, vmap, factored, train_loss, test_loss, device)

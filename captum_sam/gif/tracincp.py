@@ -21,12 +21,11 @@ from collections.abc import Callable, Iterable, Sequence
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from captum_sam._captum import TracInCPBase
 from captum_sam.core.checkpoints import checkpoints_load_func
-from captum_sam.gif.base import SAMTracInBase, check_rho
+from captum_sam.gif.base import SAMTracInBase
 from captum_sam.gif.points import PERTURBATIONS, TRAJECTORY_PERTURBATIONS
-from captum_sam.gif.setup import build_engines, resolve_checkpoints
-from captum_sam.gif.terms import checkpoint_terms, trajectory_terms
+from captum_sam.gif.setup import GIFOptions, build_engines
+from captum_sam.gif.terms import trajectory_terms
 from captum_sam.trajectory import Trajectory, load_trajectory
 
 __all__ = ["SAMTracInCP"]
@@ -117,34 +116,20 @@ class SAMTracInCP(SAMTracInBase):
         projection_seed: int = 0,
         factorize: bool = True,
     ) -> None:
-        check_rho(rho, adaptive)
-        paths = resolve_checkpoints(checkpoints)
-        TracInCPBase.__init__(
-            self, model, train_dataset, paths, checkpoints_load_func, loss_fn, batch_size,
-            test_loss_fn,
+        self._captum_init(
+            model, train_dataset, checkpoints,
+            {"checkpoints_load_func": checkpoints_load_func, "loss_fn": loss_fn,
+             "batch_size": batch_size, "test_loss_fn": test_loss_fn},
+            rho, adaptive,
         )  # fmt: skip
-        self.rho, self.adaptive = float(rho), adaptive
-        self.trajectory: Trajectory | None = None
+        options = GIFOptions(
+            perturbation, perturbation_dataset, perturbation_scope, test_at_perturbed,
+            projection_dim, projection, projection_seed, factorize,
+        )  # fmt: skip
         self._engines = build_engines(
-            self,
-            train_dataset,
-            layers,
-            sample_wise_grads_per_batch,
-            perturbation,
-            PERTURBATIONS,
-            perturbation_dataset,
-            perturbation_scope,
-            test_at_perturbed,
-            (projection_dim, projection, projection_seed),
-            factorize,
-            lambda loader: checkpoint_terms(
-                self.checkpoints,
-                [loader(c).learning_rate for c in self.checkpoints],
-                self.rho,
-                self.adaptive,
-            ),
-            final_checkpoint=self.checkpoints[-1],
-        )
+            self, train_dataset, layers, sample_wise_grads_per_batch, options, PERTURBATIONS,
+            self._checkpoint_terms, final_checkpoint=self.checkpoints[-1],
+        )  # fmt: skip
 
     @classmethod
     def from_trajectory(
@@ -203,27 +188,20 @@ class SAMTracInCP(SAMTracInBase):
         if not traj.steps:
             raise ValueError(f"the trajectory in {traj.directory!r} has no recorded steps")
         self = cls.__new__(cls)
-        paths = [c.path for c, _ in traj.segments()]
-        TracInCPBase.__init__(
-            self, model, train_dataset, paths, checkpoints_load_func, loss_fn, batch_size,
-            test_loss_fn,
+        self._captum_init(
+            model, train_dataset, [c.path for c, _ in traj.segments()],
+            {"checkpoints_load_func": checkpoints_load_func, "loss_fn": loss_fn,
+             "batch_size": batch_size, "test_loss_fn": test_loss_fn},
+            traj.steps[0].rho, traj.steps[0].adaptive,
         )  # fmt: skip
         self.trajectory = traj
-        self.rho, self.adaptive = traj.steps[0].rho, traj.steps[0].adaptive
+        options = GIFOptions(
+            perturbation, perturbation_dataset, perturbation_scope, test_at_perturbed,
+            projection_dim, projection, projection_seed, factorize,
+        )  # fmt: skip
         self._engines = build_engines(
-            self,
-            train_dataset,
-            layers,
-            sample_wise_grads_per_batch,
-            perturbation,
-            TRAJECTORY_PERTURBATIONS,
-            perturbation_dataset,
-            perturbation_scope,
-            test_at_perturbed,
-            (projection_dim, projection, projection_seed),
-            factorize,
-            lambda loader: trajectory_terms(traj),
-            final_checkpoint=traj.final.path,
-            trajectory=traj,
-        )
+            self, train_dataset, layers, sample_wise_grads_per_batch, options,
+            TRAJECTORY_PERTURBATIONS, lambda loader: trajectory_terms(traj),
+            final_checkpoint=traj.final.path, trajectory=traj,
+        )  # fmt: skip
         return self

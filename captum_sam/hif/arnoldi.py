@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from captum_sam.core.checkpoints import checkpoints_load_func
 from captum_sam.core.data import progress
 from captum_sam.core.errors import ArgumentError
-from captum_sam.hif.base import SAMInfluenceBase
+from captum_sam.hif.base import CAPTUM_ARGUMENTS, SAM_ARGUMENTS, SAMInfluenceBase, pick
 from captum_sam.hif.inverse import LowRankInverse, orient
 
 __all__ = ["SAMArnoldiInfluenceFunction", "arnoldi_iteration", "distill"]
@@ -165,21 +165,10 @@ class SAMArnoldiInfluenceFunction(SAMInfluenceBase):
             )
         if isinstance(arnoldi_dim, bool) or not isinstance(arnoldi_dim, int) or arnoldi_dim < 1:
             raise ValueError(f"`arnoldi_dim` must be a positive int, got {arnoldi_dim!r}")
-        captum = {
-            "train_dataset": train_dataset, "checkpoints_load_func": checkpoints_load_func,
-            "layers": layers, "loss_fn": loss_fn, "batch_size": batch_size,
-            "hessian_dataset": hessian_dataset, "test_loss_fn": test_loss_fn,
-            "sample_wise_grads_per_batch": sample_wise_grads_per_batch,
-            "projection_dim": projection_dim, "seed": seed, "hessian_reg": hessian_reg,
-            "hessian_inverse_tol": hessian_inverse_tol,
-            "projection_on_cpu": projection_on_cpu, "show_progress": show_progress,
-        }  # fmt: skip
-        sam = {
-            "rho": rho, "adaptive": adaptive, "weight_decay": weight_decay, "damping": damping,
-            "variant": variant, "curvature": curvature, "rescale_hessian": rescale_hessian,
-            "perturbation_scope": perturbation_scope,
-        }  # fmt: skip
-        self._setup(model, checkpoint, captum, sam)
+        arguments = dict(locals())
+        self._setup(
+            model, checkpoint, pick(arguments, CAPTUM_ARGUMENTS), pick(arguments, SAM_ARGUMENTS)
+        )
         self.arnoldi_dim, self.arnoldi_tol = arnoldi_dim, float(arnoldi_tol)
         self.solver = self.method = "arnoldi"
         self.sketch = None

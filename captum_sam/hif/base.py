@@ -23,7 +23,7 @@ from captum_sam._captum import IntermediateQuantitiesInfluenceFunction, KMostInf
 from captum_sam.core.checkpoints import edited_copy
 from captum_sam.core.data import check_indices, fetch_batch, local_batches, progress, stream_topk
 from captum_sam.core.distributed import all_reduce_sum, contiguous, gather_ordered
-from captum_sam.core.errors import ArgumentError
+from captum_sam.core.errors import require_inputs
 from captum_sam.core.store import (
     data_digest,
     file_digest,
@@ -36,7 +36,26 @@ from captum_sam.hif.inverse import LowRankInverse, SolvedInverse
 from captum_sam.hif.setup import check_number, prepare, resolve_checkpoint
 from captum_sam.hif.setup import solver_options as make_solver_options
 
-__all__ = ["SAMInfluenceBase"]
+__all__ = ["SAMInfluenceBase", "CAPTUM_ARGUMENTS", "SAM_ARGUMENTS", "pick"]
+
+CAPTUM_ARGUMENTS = (
+    "train_dataset", "checkpoints_load_func", "layers", "loss_fn", "batch_size",
+    "hessian_dataset", "test_loss_fn", "sample_wise_grads_per_batch", "projection_dim",
+    "seed", "hessian_reg", "hessian_inverse_tol", "projection_on_cpu", "show_progress",
+)  # fmt: skip
+"""Captum's ``InfluenceFunctionBase`` arguments shared by both twins (besides the model
+and the checkpoint)."""
+
+SAM_ARGUMENTS = (
+    "rho", "adaptive", "weight_decay", "damping", "variant", "curvature", "solver",
+    "solver_options", "rescale_hessian", "perturbation_scope", "factorize",
+)  # fmt: skip
+"""SAM's own arguments (a twin passes those it has)."""
+
+
+def pick(arguments: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The entries of ``arguments`` (a constructor's ``locals()``) named in ``names``."""
+    return {n: arguments[n] for n in names if n in arguments}
 
 
 class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
@@ -197,11 +216,7 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
             ``(n_test, n_train)`` (``(1, n_train)`` aggregated), or
             ``KMostInfluentialResults`` with ``k``.
         """
-        if inputs is None:
-            raise ArgumentError(
-                "`inputs` argument is required. To compute self influence scores, use the "
-                "`self_influence` method instead."
-            )
+        require_inputs(inputs)
         if k is None:
             return self._influence(inputs, show_progress, aggregate)
         return self._get_k_most_influential(inputs, k, proponents, show_progress, aggregate)

@@ -36,7 +36,7 @@ from captum_sam import core as F
 from captum_sam.core.checkpoints import checkpoints_load_func
 from captum_sam.core.errors import ArgumentError
 from captum_sam.hif import sides
-from captum_sam.hif.base import SAMInfluenceBase
+from captum_sam.hif.base import CAPTUM_ARGUMENTS, SAM_ARGUMENTS, SAMInfluenceBase, pick
 from captum_sam.hif.inverse import LowRankInverse, SolvedInverse
 from captum_sam.solvers import InverseOperator, SolverOptions
 
@@ -145,23 +145,10 @@ class SAMInfluenceFunction(SAMInfluenceBase):
         sketch_seed: int = 0,
         factorize: bool = True,
     ) -> None:
-        captum = {
-            "train_dataset": train_dataset, "checkpoints_load_func": checkpoints_load_func,
-            "layers": layers, "loss_fn": loss_fn, "batch_size": batch_size,
-            "hessian_dataset": hessian_dataset, "test_loss_fn": test_loss_fn,
-            "sample_wise_grads_per_batch": sample_wise_grads_per_batch,
-            "projection_dim": projection_dim, "seed": seed, "hessian_reg": hessian_reg,
-            "hessian_inverse_tol": hessian_inverse_tol,
-            "projection_on_cpu": projection_on_cpu, "show_progress": show_progress,
-        }  # fmt: skip
-        sam = {
-            "rho": rho, "adaptive": adaptive, "weight_decay": weight_decay, "damping": damping,
-            "variant": variant, "curvature": curvature, "solver": solver,
-            "solver_options": solver_options, "rescale_hessian": rescale_hessian,
-            "perturbation_scope": perturbation_scope,
-            "sketch": (sketch_dim, sketch, sketch_seed), "factorize": factorize,
-        }  # fmt: skip
-        self._setup(model, checkpoint, captum, sam)
+        arguments = dict(locals())
+        sam = pick(arguments, SAM_ARGUMENTS)
+        sam["sketch"] = (sketch_dim, sketch, sketch_seed)
+        self._setup(model, checkpoint, pick(arguments, CAPTUM_ARGUMENTS), sam)
         self.solver = solver
         self.inverse = self._build_inverse(solver)
         sides.check_sketch(self)
