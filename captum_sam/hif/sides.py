@@ -118,7 +118,7 @@ def quantities(est: Any, inputs: Any, aggregate: bool, show_progress: bool, test
             out = _transform(est, out.sum(dim=0, keepdim=True), "the aggregated test vector")
         return out
     parts = []
-    bar = progress(local_batches(data, est.device), show_progress, desc)
+    bar = progress(local_batches(data, est.device), show_progress, desc, total=_length(data))
     for i, batch in bar:
         validate_batch(loss, params, batch, "inputs_dataset", run_loss=i == 0)
         rows_ = train_rows(est, batch)
@@ -143,6 +143,7 @@ def self_influence(est: Any, inputs: Any, show_progress: bool) -> Tensor:
         local_batches(data, est.device),
         show_progress,
         f"Using {est.get_name()} to compute self influence scores. Processing batch",
+        total=_length(data),
     )
     inverse = est.inverse
     if not isinstance(inverse, LowRankInverse) and is_distributed():
@@ -173,3 +174,11 @@ def check_sketch(est: Any) -> None:
             "`sketch_dim` projects the P-wide quantities of the iterative solvers; with "
             "solver='dense' the quantities are already projection_dim wide"
         )
+
+
+def _length(data: Any) -> int | None:
+    """Number of batches of a loader or list, ``None`` when unknown."""
+    try:
+        return len(data)
+    except TypeError:
+        return None
