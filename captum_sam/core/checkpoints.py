@@ -103,7 +103,11 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
         ValueError: The file cannot be read safely or lacks a field.
     """
     path = os.fspath(path)
-    ckpt = _torch_load(path, map_location)
+    return _recorder_fields(_torch_load(path, map_location), path)
+
+
+def _recorder_fields(ckpt: Any, path: str) -> dict[str, Any]:
+    """Check a loaded :class:`~captum_sam.TrajectoryRecorder` checkpoint's fields."""
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path!r} is not a dict")
     for key in ("model_state", LEARNING_RATE):
@@ -131,7 +135,7 @@ def read_checkpoint(
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path!r} holds a {type(ckpt).__name__}, not a state dict")
     if "model_state" in ckpt:
-        full = load_checkpoint(path, map_location)
+        full = _recorder_fields(ckpt, path)
         state, lr = full["model_state"], full[LEARNING_RATE]
     else:
         lr = _learning_rate(ckpt.get(LEARNING_RATE, 1.0), path)
