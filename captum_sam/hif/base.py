@@ -31,7 +31,7 @@ from captum_sam.core.store import (
     projection_setting,
     save_quantities,
 )
-from captum_sam.hif import sides
+from captum_sam.hif import dense, sides
 from captum_sam.hif.inverse import LowRankInverse, SolvedInverse
 from captum_sam.hif.setup import check_number, prepare, resolve_checkpoint
 from captum_sam.hif.setup import solver_options as make_solver_options
@@ -109,7 +109,7 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
             bar = tqdm(desc=f"Using {self.get_name()} to form A (curvature columns)")
         self.operator.columns_bar = bar
         try:
-            return self.operator.dense_matrix(self.solver_options.chunk_size, keep_he)
+            return dense.dense_matrix(self.operator, self.solver_options.chunk_size, keep_he)
         finally:
             self.operator.columns_bar = None
             if bar is not None:

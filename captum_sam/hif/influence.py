@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from captum_sam import core as F
 from captum_sam.core.checkpoints import checkpoints_load_func
 from captum_sam.core.errors import ArgumentError
-from captum_sam.hif import sides
+from captum_sam.hif import dense, sides
 from captum_sam.hif.base import CAPTUM_ARGUMENTS, SAM_ARGUMENTS, SAMInfluenceBase, pick
 from captum_sam.hif.inverse import LowRankInverse, SolvedInverse
 from captum_sam.solvers import InverseOperator, SolverOptions
@@ -200,6 +200,6 @@ class SAMInfluenceFunction(SAMInfluenceBase):
             sampled_matvec=op.sampled(transpose=False),
             sampled_rmatvec=None if op.symmetric else op.sampled(transpose=True),
             options=self.solver_options, dtype=op.mean_grad[op.names[0]].dtype,
-            device=self.device, dense_builder=lambda: op.factored_matrix(keep_he=exact),
+            device=self.device, dense_builder=lambda: dense.factored_matrix(op, keep_he=exact),
         )  # fmt: skip
         return SolvedInverse(inverse, F.check_finite)

@@ -32,7 +32,6 @@ from torch.utils.data import DataLoader
 from captum_sam import core as F
 from captum_sam.core.data import fetch_batch, local_batches, on_device
 from captum_sam.core.distributed import all_reduce_sum, is_distributed
-from captum_sam.core.layers import linear_ggn
 
 __all__ = ["SAMOperator", "VARIANTS", "CURVATURES", "SYMMETRIC"]
 
@@ -351,78 +350,3 @@ class SAMOperator:
         return self.curvature_product(
             self.perturbed, columns, self.hessian_batches(), self.hessian_scale
         )
-
-    # ------------------------------------------------------------------ dense A
-
-    def _factored_curvature(self, point: F.Params) -> Tensor:
-        """The GGN of the (scaled) summed loss at ``point``, ``(P, P)``, from factors."""
-        total = linear_ggn.linear_ggn(
-            self.loss_at(point), point, self.hessian_batches(), self.ggn_sites, self.names
-        )
-        total.mul_(self.hessian_scale)
-        return all_reduce_sum(total) if self.reduce() else total
-
-    def _factored_ok(self, point: F.Params) -> bool:
-        """Whether the factored GGN applies: checked once, and all ranks agree."""
-        if self.ggn_sites is None:
-            return False
-        if self._ggn_checked is None:
-            first = next(iter(self.hessian_batches()), None)
-            ok = first is None or linear_ggn.ggn_matches(
-                self.loss_at(point), point, first, self.ggn_sites, self.names
-            )
-            if self.reduce():
-                ok = bool(all_reduce_sum(torch.tensor([0.0 if ok else 1.0]))[0] == 0)
-            self._ggn_checked = ok
-        return self._ggn_checked
-
-    def factored_matrix(self, keep_he: bool = False) -> Tensor | None:
-        """:math:`A` formed from factored GGNs, or ``None`` when they do not apply.
-
-        ``keep_he``: remember :math:`H_e` (the exact right-hand sides use it). With
-        parameters outside the attributed ones in the perturbation's scope, the columns
-        of :math:`J` come from curvature products over the scope instead.
-        """
-        if not self._factored_ok(self.point):
-            return None
-        g = self._factored_curvature(self.point)
-        if self.variant in ("full", "exact"):  # H_e (I + J)
-            he = g.clone()
-            if keep_he:
-                self.dense_he = he
-            jac = torch.empty_like(g)
-            step = 256
-            g0_over_n = (
-                None if self.extra else self._factored_curvature(self.params).div_(self.n_train)
-            )
-            for start in range(0, self.dim, step):
-                cols = slice(start, min(start + step, self.dim))
-                eye = g.new_zeros(self.dim, cols.stop - start)  # columns of the identity
-                eye[cols].fill_diagonal_(1.0)
-                if g0_over_n is None:
-                    jac[:, cols] = self.jvp_eps(eye, self.hessian_batches(), self.hessian_scale)
-                else:
-                    jac[:, cols] = self.jvp_eps_given(eye, g0_over_n[:, cols])
-            g = g.addmm_(he, jac)
-        g.diagonal().add_(self.regulariser)
-        return g
-
-    def dense_matrix(self, chunk_size: int, keep_he: bool = False) -> Tensor:
-        """:math:`A` ``(P, P)``: from factors when possible, else from matvec columns.
-
-        ``keep_he``: also form and remember :math:`H_e` for ``full``/``exact``.
-        """
-        formed = self.factored_matrix(keep_he)
-        if formed is not None:
-            return formed
-        eye = torch.eye(self.dim, dtype=self.mean_grad[self.names[0]].dtype, device=self.device)
-        cols = [self.matvec(eye[:, s : s + chunk_size]) for s in range(0, self.dim, chunk_size)]
-        if keep_he and self.variant in ("full", "exact"):
-            self.dense_he = torch.cat(
-                [
-                    self.he_product(eye[:, s : s + chunk_size])
-                    for s in range(0, self.dim, chunk_size)
-                ],
-                dim=1,
-            )
-        return torch.cat(cols, dim=1)
