@@ -1,6 +1,6 @@
 r"""
 The Captum drop-in: five classes, five one-line swaps
-====================================================
+=====================================================
 
 Every influence class of Captum has a SAM twin in ``captum_sam`` that takes the same
 arguments. This tutorial runs each Captum class and its twin on one SAM-trained
