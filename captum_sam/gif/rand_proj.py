@@ -93,6 +93,10 @@ class SAMTracInCPFastRandProj(SAMTracInCPFast):
         perturbation_dataset: Data for the ``"dataset"`` perturbation.
         perturbation_scope: ``"trainable"`` or ``"attributed"``.
 
+    Where the gradients are taken: test embeddings at :math:`w_c`, training embeddings
+    at :math:`w_c + \epsilon_c` with :math:`\epsilon_c` over every trainable parameter
+    (``perturbation_scope``), both of the final layer's weight.
+
     Differences from Captum, deliberate: training embeddings use ``loss_fn`` (Captum
     computes them with ``test_loss_fn``, which matters only when the two differ).
     """

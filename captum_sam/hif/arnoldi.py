@@ -126,6 +126,10 @@ class SAMArnoldiInfluenceFunction(SAMInfluenceBase):
         curvature: ``"hessian"`` or ``"ggn"``.
         rescale_hessian: Scale a ``hessian_dataset``'s curvature by ``n/m``.
         perturbation_scope: See :class:`~captum_sam.SAMInfluenceFunction`.
+
+    Where the gradients are taken: as :class:`~captum_sam.SAMInfluenceFunction` (with
+    ``layers``, at the full perturbed point, derivatives with respect to the attributed
+    parameters).
     """
 
     def __init__(

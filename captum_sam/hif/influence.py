@@ -108,6 +108,13 @@ class SAMInfluenceFunction(SAMInfluenceBase):
         factorize: With ``curvature="ggn"`` and ``nn.Linear`` models, form GGN
             matrices from layer factors (checked against ``ggn_vp`` first).
 
+    Where the gradients are taken: test gradients at :math:`w^*`; the curvature of
+    ``fast``/``full``/``exact`` and their training gradients :math:`b_k` at
+    :math:`w^* + \epsilon^*`, ``plain``'s at :math:`w^*`. With ``layers``, derivatives
+    and curvature are with respect to the attributed parameters, the others held at
+    their (perturbed) values; :math:`\epsilon^*` is still the training's, over every
+    trainable parameter (``perturbation_scope``), and :math:`J` is its attributed block.
+
     Shapes: ``influence`` returns ``(n_test, n_train)``.
     """
 
