@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,10 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from captum_sam.core.files import atomic_write, torch_load
 from captum_sam.core.params import Params, detached_params
 
 __all__ = [
     "atomic_write",
+    "expected_bytes",
     "read_checkpoint",
     "load_checkpoint",
     "checkpoints_load_func",
@@ -43,38 +45,6 @@ __all__ = [
 ]
 
 LEARNING_RATE = "learning_rate"
-
-
-def atomic_write(path: str, write: Callable[[Any], Any]) -> None:
-    """Write ``path`` through a temporary file in the same directory, then rename it.
-
-    A reader never sees a partly written file, and a failed write leaves the old
-    file (if any) in place.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _torch_load(path: str, map_location: Any) -> Any:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # unpickling errors of every kind
-        raise ValueError(
-            f"checkpoint {path!r} cannot be loaded with weights_only=True (only "
-            f"tensors and plain containers are accepted): {err}"
-        ) from err
 
 
 def _learning_rate(value: Any, path: str) -> float:
@@ -92,7 +62,13 @@ def _learning_rate(value: Any, path: str) -> float:
     return value
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
+def _torch_load(path: str, map_location: Any, max_bytes: int | None = None) -> Any:
+    return torch_load(path, map_location, "checkpoint", max_bytes)
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: Any = "cpu", max_bytes: int | None = None
+) -> dict[str, Any]:
     """Read a :class:`~captum_sam.TrajectoryRecorder` checkpoint safely and check its fields.
 
     Returns:
@@ -103,7 +79,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
         ValueError: The file cannot be read safely or lacks a field.
     """
     path = os.fspath(path)
-    return _recorder_fields(_torch_load(path, map_location), path)
+    return _recorder_fields(_torch_load(path, map_location, max_bytes), path)
 
 
 def _recorder_fields(ckpt: Any, path: str) -> dict[str, Any]:
@@ -118,7 +94,7 @@ def _recorder_fields(ckpt: Any, path: str) -> dict[str, Any]:
 
 
 def read_checkpoint(
-    path: str | os.PathLike[str], map_location: Any = "cpu"
+    path: str | os.PathLike[str], map_location: Any = "cpu", max_bytes: int | None = None
 ) -> tuple[dict[str, Tensor], float]:
     """The state dict and learning rate of a checkpoint in either accepted layout.
 
@@ -178,9 +154,40 @@ def checkpoints_load_func(model: nn.Module, path: str) -> float:
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    state, lr = read_checkpoint(path, map_location=device)
-    model.load_state_dict(_match_data_parallel(model, state))
+    state, lr = read_checkpoint(path, map_location=device, max_bytes=expected_bytes(model))
+    state = _match_data_parallel(model, state)
+    _warn_on_cast(model, state, path)
+    model.load_state_dict(state)
     return lr
+
+
+def expected_bytes(model: nn.Module) -> int:
+    """The largest archive a checkpoint of ``model`` may declare.
+
+    Twice its state (so a float64 file for a float32 model still loads) plus 1 MiB of
+    metadata.
+    """
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return 2 * state + (1 << 20)
+
+
+def _warn_on_cast(model: nn.Module, state: dict[str, Tensor], path: str) -> None:
+    """Say when ``load_state_dict`` would cast a checkpoint's tensors to other dtypes."""
+    own = model.state_dict()
+    cast = sorted(
+        {
+            (str(v.dtype), str(own[k].dtype))
+            for k, v in state.items()
+            if k in own and v.dtype != own[k].dtype
+        }
+    )
+    if cast:
+        warnings.warn(
+            f"checkpoint {path!r} holds {', '.join(a for a, _ in cast)} tensors that are cast "
+            f"to the model's {', '.join(b for _, b in cast)} on loading: scores are computed "
+            "in the model's precision",
+            stacklevel=3,
+        )
 
 
 @dataclass
