@@ -111,3 +111,38 @@ def test_stale_caches_are_refused(run, tmp_path):
         ).use_intermediate_quantities(path)
     with pytest.raises(FileNotFoundError, match="manifest"):
         gif(run).use_intermediate_quantities(tmp_path)
+
+
+class _Pairs(torch.utils.data.Dataset):
+    """A map-style dataset that is not a TensorDataset."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def test_a_non_tensor_dataset_is_fingerprinted_by_content(run, tmp_path):
+    x, y = run["train"].tensors
+    path = hif(run).save_intermediate_quantities(tmp_path / "h")
+    same = SAMInfluenceFunction(
+        run["model"], _Pairs(x, y), run["dir"], loss_fn=ce_loss(), batch_size=6, rho=0.1,
+        weight_decay=1e-2, variant="exact", projection_dim=None, hessian_reg=0.0,
+        hessian_inverse_tol=None,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="stale cache.*data"):  # other type, same examples
+        same.use_intermediate_quantities(path)
+    p1 = same.save_intermediate_quantities(tmp_path / "p")
+    x2 = x.clone()
+    x2[3] += 1.0  # one example changed, same type and length
+    other = SAMInfluenceFunction(
+        run["model"], _Pairs(x2, y), run["dir"], loss_fn=ce_loss(), batch_size=6, rho=0.1,
+        weight_decay=1e-2, variant="exact", projection_dim=None, hessian_reg=0.0,
+        hessian_inverse_tol=None,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="stale cache.*data.sha256"):
+        other.use_intermediate_quantities(p1)

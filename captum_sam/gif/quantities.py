@@ -26,7 +26,13 @@ from captum_sam import core as F
 from captum_sam.core.data import as_loader, check_indices, local_batches, progress
 from captum_sam.core.distributed import all_reduce_sum, contiguous, gather_ordered, rank_and_world
 from captum_sam.core.projection import RandomProjection
-from captum_sam.core.store import data_digest, file_digest, projection_setting, save_quantities
+from captum_sam.core.store import (
+    data_digest,
+    file_digest,
+    function_digest,
+    projection_setting,
+    save_quantities,
+)
 from captum_sam.gif.points import WeightPoints
 from captum_sam.gif.terms import Term, check_finite_terms
 from captum_sam.gif.vmap_grads import VmapGradients, concat
@@ -165,13 +171,13 @@ class GIFQuantities:
             "terms": terms,
             "perturbation": self.points.perturbation,
             "perturbation_scope": self.points.scope,
-            "perturbation_data": data_digest(pdata.dataset)
+            "perturbation_data": data_digest(pdata)
             if custom and isinstance(pdata, DataLoader)
             else "train",
             "parameters": self.points.names,
             "projection": projection_setting(self.projector),
-            "loss": [repr(self.train_loss.loss_fn), self.train_loss.reduction],
-            "data": data_digest(self.train_data),
+            "loss": [*function_digest(self.train_loss.loss_fn), self.train_loss.reduction],
+            "data": data_digest(self.train_dataloader),
             "dtype": str(self.dtype()),
         }
 

@@ -27,6 +27,7 @@ from captum_sam.core.errors import require_inputs
 from captum_sam.core.store import (
     data_digest,
     file_digest,
+    function_digest,
     open_quantities,
     projection_setting,
     save_quantities,
@@ -284,8 +285,8 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
             "parameters": self.names,
             "inverse": sides.inverse_setting(self) if low else "solved",
             "projection": projection_setting(self.sketch),
-            "loss": [repr(self.loss_fn), self.reduction_type],
-            "data": data_digest(self.train_data),
+            "loss": [*function_digest(self.loss_fn), self.reduction_type],
+            "data": data_digest(self.train_dataloader),
             "dtype": str(self.operator.mean_grad[self.names[0]].dtype),
         }
 
