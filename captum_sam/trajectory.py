@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,8 +34,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from captum_sam.core.checkpoints import atomic_write
+from captum_sam.core.files import atomic_write, read_json, remove_stale_temporaries, sha256_file
 from captum_sam.optim import SAM
+from captum_sam.record_schema import CURRENT_VERSION, FORMAT, check_manifest
 
 __all__ = [
     "IndexedDataset",
@@ -46,8 +48,7 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
-FORMAT = "captum_sam.trajectory"
-VERSION = 1
+VERSION = CURRENT_VERSION
 
 
 class IndexedDataset(Dataset):
@@ -196,11 +197,13 @@ class TrajectoryRecorder:
             raise ValueError(f"`n_train` must be a positive int, got {n_train}")
         self.directory = os.fspath(record_dir)
         os.makedirs(self.directory, exist_ok=True)
-        if os.path.exists(os.path.join(self.directory, MANIFEST)) and not overwrite:
-            raise FileExistsError(
-                f"`record_dir` {self.directory!r} already holds a trajectory; pass "
-                "overwrite=True or choose another directory"
-            )
+        if os.path.exists(os.path.join(self.directory, MANIFEST)):
+            if not overwrite:
+                raise FileExistsError(
+                    f"`record_dir` {self.directory!r} already holds a trajectory; pass "
+                    "overwrite=True or choose another directory"
+                )
+            _remove_recorded_files(self.directory)
         self.model = model
         self.optimizer = optimizer
         self.n_train = n_train
@@ -223,7 +226,8 @@ class TrajectoryRecorder:
         return float(first["lr"]), float(first["rho"]), bool(first["adaptive"])
 
     def start(self) -> None:
-        """Save the initial weights :math:`w_0`."""
+        """Save the initial weights :math:`w_0` (and remove a killed run's temporary files)."""
+        remove_stale_temporaries(self.directory)
         lr, _, _ = self._group_settings()
         self.initial = self._save("initial.pt", step=0, lr=lr, epoch=None)
         self._write_manifest(complete=False)
@@ -275,8 +279,12 @@ class TrajectoryRecorder:
     def _save(self, name: str, step: int, lr: float, epoch: int | None) -> dict[str, Any]:
         state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         payload = {"model_state": state, "learning_rate": lr, "step": step}
-        atomic_write(os.path.join(self.directory, name), lambda f: torch.save(payload, f))
-        return {"file": name, "step": step, "learning_rate": lr, "epoch": epoch}
+        path = os.path.join(self.directory, name)
+        atomic_write(path, lambda f: torch.save(payload, f))
+        return {
+            "file": name, "step": step, "learning_rate": lr, "epoch": epoch,
+            "sha256": sha256_file(path),
+        }  # fmt: skip
 
     def _write_manifest(self, complete: bool) -> None:
         base = self.optimizer.base_optimizer
@@ -304,6 +312,22 @@ class TrajectoryRecorder:
             os.path.join(self.directory, MANIFEST),
             lambda f: f.write(json.dumps(manifest).encode()),
         )
+
+
+def _remove_recorded_files(directory: str) -> None:
+    """Remove the manifest of a previous run and the checkpoint files it names (only those)."""
+    path = os.path.join(directory, MANIFEST)
+    try:
+        raw = read_json(path, "trajectory manifest")
+        named = [raw["initial"]["file"], *(c["file"] for c in raw["checkpoints"])]
+    except (ValueError, KeyError, TypeError):
+        named = []  # unreadable: remove the manifest only, keep every other file
+    root = os.path.realpath(directory)
+    for name in named:
+        full = os.path.realpath(os.path.join(root, str(name)))
+        if os.path.dirname(full) == root and os.path.isfile(full):
+            os.remove(full)
+    os.remove(path)
 
 
 def _check_indices(indices: Any, n_train: int) -> list[int]:
@@ -344,64 +368,67 @@ def _safe_path(directory: str, name: Any, what: str) -> str:
     return full
 
 
-def load_trajectory(record_dir: str | os.PathLike[str]) -> Trajectory:
+def load_trajectory(
+    record_dir: str | os.PathLike[str], allow_incomplete: bool = False, verify: bool = True
+) -> Trajectory:
     """Load and validate a record directory written by :class:`TrajectoryRecorder`.
+
+    Every field of the manifest is checked (:mod:`captum_sam.record_schema`), every file
+    it names must lie in the directory and, for manifests of version 2, match the
+    SHA-256 recorded when it was written.
+
+    Args:
+        record_dir: The record directory.
+        allow_incomplete: Load a run that did not finish (killed, or still running):
+            its recorded prefix, with a warning. By default such a run is refused.
+        verify: Check every checkpoint file against its recorded SHA-256.
 
     Raises:
         FileNotFoundError: No manifest, or a checkpoint it names is missing.
-        ValueError: A field is missing or malformed, or a file lies outside the
-            directory.
+        ValueError: A field is missing, of the wrong type or inconsistent; a file lies
+            outside the directory or was changed; the run is incomplete.
     """
     directory = os.fspath(record_dir)
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"`record_dir` {directory!r} has no {MANIFEST}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path!r} is not valid JSON: {err}") from err
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise ValueError(f"{path!r} is not a captum_sam trajectory manifest")
-    for key in ("n_train", "initial", "checkpoints", "steps", "optimizer", "complete"):
-        if key not in raw:
-            raise ValueError(f"manifest {path!r} lacks the field {key!r}")
-
-    def ckpt(entry: Any, what: str) -> CheckpointRecord:
-        if not isinstance(entry, dict):
-            raise ValueError(f"manifest field {what} must be an object")
-        for key in ("file", "step", "learning_rate"):
-            if key not in entry:
-                raise ValueError(f"manifest field {what} lacks {key!r}")
-        return CheckpointRecord(
-            path=_safe_path(directory, entry["file"], what + ".file"),
-            step=int(entry["step"]),
-            learning_rate=float(entry["learning_rate"]),
-            epoch=entry.get("epoch"),
-        )
-
-    n_train = int(raw["n_train"])
-    steps = []
-    for t, s in enumerate(raw["steps"]):
-        for key in ("lr", "rho", "adaptive", "indices"):
-            if key not in s:
-                raise ValueError(f"manifest step {t} lacks the field {key!r}")
-        steps.append(
-            StepRecord(
-                lr=float(s["lr"]),
-                rho=float(s["rho"]),
-                adaptive=bool(s["adaptive"]),
-                indices=tuple(_check_indices(s["indices"], n_train)),
-                epoch=int(s.get("epoch", 0)),
+    fields = check_manifest(read_json(path, "trajectory manifest"), path)
+    if not fields["complete"]:
+        if not allow_incomplete:
+            raise ValueError(
+                f"trajectory manifest {path!r}: field complete is false: the run was "
+                f"interrupted (or is still running) after {len(fields['steps'])} steps; "
+                "finish it, or pass allow_incomplete=True to use the recorded prefix"
             )
+        warnings.warn(
+            f"the trajectory in {directory!r} is incomplete: using its first "
+            f"{len(fields['steps'])} recorded steps",
+            stacklevel=2,
         )
+    if fields["version"] < CURRENT_VERSION and verify:
+        warnings.warn(
+            f"trajectory manifest {path!r} is version {fields['version']}: its checkpoint "
+            "files carry no SHA-256 and cannot be verified",
+            stacklevel=2,
+        )
+
+    def ckpt(entry: dict[str, Any], what: str) -> CheckpointRecord:
+        full = _safe_path(directory, entry["file"], what + ".file")
+        if verify and entry["sha256"] is not None and sha256_file(full) != entry["sha256"]:
+            raise ValueError(
+                f"trajectory manifest {path!r}: checkpoint {full!r} does not match field "
+                f"{what}.sha256: it was changed or replaced after it was recorded"
+            )
+        return CheckpointRecord(full, entry["step"], entry["learning_rate"], entry["epoch"])
+
+    steps = [StepRecord(**s) for s in fields["steps"]]
     return Trajectory(
         directory=directory,
-        n_train=n_train,
+        n_train=fields["n_train"],
         steps=steps,
-        initial=ckpt(raw["initial"], "initial"),
-        checkpoints=[ckpt(c, f"checkpoints[{i}]") for i, c in enumerate(raw["checkpoints"])],
-        optimizer=dict(raw["optimizer"]),
-        complete=bool(raw["complete"]),
-        seed=raw.get("seed"),
+        initial=ckpt(fields["initial"], "initial"),
+        checkpoints=[ckpt(c, f"checkpoints[{i}]") for i, c in enumerate(fields["checkpoints"])],
+        optimizer=dict(fields["optimizer"]),
+        complete=fields["complete"],
+        seed=fields["seed"],
     )

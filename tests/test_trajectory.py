@@ -180,7 +180,7 @@ def test_missing_files_and_fields_are_named(tmp_path):
         load_trajectory(result.record_dir)
     del raw["steps"][0]["lr"]
     json.dump(raw, open(manifest, "w"))
-    with pytest.raises(ValueError, match="step 0 lacks the field 'lr'"):
+    with pytest.raises(ValueError, match=r"field steps\[0\] lacks 'lr'"):
         load_trajectory(result.record_dir)
     del raw["steps"]
     json.dump(raw, open(manifest, "w"))

@@ -107,7 +107,7 @@ def read_checkpoint(
         ValueError: The file cannot be read safely, or is neither layout.
     """
     path = os.fspath(path)
-    ckpt = _torch_load(path, map_location)
+    ckpt = _torch_load(path, map_location, max_bytes)
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path!r} holds a {type(ckpt).__name__}, not a state dict")
     if "model_state" in ckpt:

@@ -152,6 +152,7 @@ class SAMTracInCP(SAMTracInBase):
         projection: str = "gaussian",
         projection_seed: int = 0,
         factorize: bool = True,
+        allow_incomplete: bool = False,
     ) -> SAMTracInCP:
         r"""SAM-GIF in trajectory form, from a recorded run.
 
@@ -180,11 +181,17 @@ class SAMTracInCP(SAMTracInBase):
             projection: See the class.
             projection_seed: See the class.
             factorize: See the class.
+            allow_incomplete: Score the recorded prefix of a run that did not finish
+                (with a warning); by default an incomplete trajectory is refused.
 
         Returns:
             An estimator whose scores follow the recorded batch membership.
         """
-        traj = record_dir if isinstance(record_dir, Trajectory) else load_trajectory(record_dir)
+        traj = (
+            record_dir
+            if isinstance(record_dir, Trajectory)
+            else load_trajectory(record_dir, allow_incomplete=allow_incomplete)
+        )
         if not traj.steps:
             raise ValueError(f"the trajectory in {traj.directory!r} has no recorded steps")
         self = cls.__new__(cls)
