@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -209,3 +210,47 @@ def check_indices(indices: Any, n: int) -> list[int]:
     if int(idx.min()) < 0 or int(idx.max()) >= n:
         raise ValueError(f"`indices` must lie in [0, {n})")
     return sorted({int(i) for i in idx})
+
+
+@contextlib.contextmanager
+def batch_context(name: str, index: int | str) -> Iterator[None]:
+    """Name the batch when the model or the loss fails on it.
+
+    Only the first batch of a dataset is validated up front; a bad example later (a
+    label out of range, a shape the model refuses) then raises a ``ValueError`` that
+    names the argument and the batch instead of a bare ``IndexError`` from deep inside.
+    """
+    try:
+        yield
+    except (IndexError, RuntimeError) as err:
+        raise ValueError(
+            f"`{name}` batch {index}: the model or the loss failed on it "
+            f"({type(err).__name__}: {err}); check its labels and shapes"
+        ) from err
+
+
+def empty_batch(inputs: Any) -> bool:
+    """Whether ``inputs`` is a batch tuple with no examples (a zero-length first dimension)."""
+    if not isinstance(inputs, (tuple, list)) or len(inputs) < 2:
+        return False
+    labels = inputs[-1]
+    return isinstance(labels, Tensor) and labels.dim() > 0 and labels.shape[0] == 0
+
+
+def empty_result(n_train: int, k: int | None, aggregate: bool, dtype: torch.dtype) -> Any:
+    """What ``influence`` returns for a batch of no test example.
+
+    ``(0, n_train)`` scores (one zero row with ``aggregate``: the sum over no example),
+    or ``KMostInfluentialResults`` of ``(0, k)`` tensors.
+    """
+    from captum_sam._captum import KMostInfluentialResults
+
+    if k is None:
+        return torch.zeros(1 if aggregate else 0, n_train, dtype=dtype)
+    rows = 1 if aggregate else 0
+    if aggregate:  # the sum over no example is zero for every training example
+        k = min(k, n_train)
+        return KMostInfluentialResults(torch.arange(k).unsqueeze(0), torch.zeros(1, k, dtype=dtype))
+    return KMostInfluentialResults(
+        torch.zeros(rows, k, dtype=torch.long), torch.zeros(rows, k, dtype=dtype)
+    )

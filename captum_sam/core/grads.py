@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.func import grad, jvp, vmap
 
+from captum_sam.core.data import batch_context
 from captum_sam.core.losses import FunctionalLoss, batch_size, in_dims, split_batch
 from captum_sam.core.params import Batch, Params, tree_add, tree_scale
 
@@ -95,9 +96,15 @@ def stacked_per_example_grads(
 
 
 def stacked_grad_sum(
-    floss: FunctionalLoss, params: Params, frozen: Params, batches: Iterable[Batch]
+    floss: FunctionalLoss,
+    params: Params,
+    frozen: Params,
+    batches: Iterable[Batch],
+    name: str = "dataset",
 ) -> tuple[Params, int]:
     """Summed gradient for ``K`` stacked weight sets in one pass over the data.
+
+    ``name``: the argument the batches come from, named when one fails.
 
     Returns:
         ``(grad, n)``: the gradient of the summed loss with a leading ``K``
@@ -109,14 +116,14 @@ def stacked_grad_sum(
 
     single = next(iter(params.values())).shape[0] == 1  # one set: skip the outer vmap
     total, count = None, 0
-    for batch in batches:
-        if single:
-            g = one(
-                {k: v[0] for k, v in params.items()}, {k: v[0] for k, v in frozen.items()}, batch
-            )
-            g = {k: v.unsqueeze(0) for k, v in g.items()}
-        else:
-            g = vmap(one, in_dims=(0, 0, None))(params, frozen, batch)
+    for i, batch in enumerate(batches):
+        with batch_context(name, i):
+            if single:
+                first = {k: v[0] for k, v in params.items()}
+                g = one(first, {k: v[0] for k, v in frozen.items()}, batch)
+                g = {k: v.unsqueeze(0) for k, v in g.items()}
+            else:
+                g = vmap(one, in_dims=(0, 0, None))(params, frozen, batch)
         total = g if total is None else tree_add(total, g)
         count += batch_size(batch)
     if total is None:
@@ -139,11 +146,17 @@ def stacked_mean_grad(
     return tree_scale(total, 1.0 / count), count
 
 
-def grad_sum(floss: FunctionalLoss, params: Params, batches: Iterable[Batch]) -> tuple[Params, int]:
-    """Gradient of the summed loss over the batches (zeros if none) and the count."""
+def grad_sum(
+    floss: FunctionalLoss, params: Params, batches: Iterable[Batch], name: str = "dataset"
+) -> tuple[Params, int]:
+    """Gradient of the summed loss over the batches (zeros if none) and the count.
+
+    ``name``: the argument the batches come from, named when one fails.
+    """
     total, count = None, 0
-    for batch in batches:
-        g = grad(floss.summed_loss)(params, batch)
+    for i, batch in enumerate(batches):
+        with batch_context(name, i):
+            g = grad(floss.summed_loss)(params, batch)
         total = g if total is None else tree_add(total, g)
         count += batch_size(batch)
     if total is None:

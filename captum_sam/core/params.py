@@ -28,6 +28,7 @@ __all__ = [
     "tree_dot",
     "check_finite",
     "SCOPES",
+    "check_layers",
     "scope_names",
     "sample_wise_names",
 ]
@@ -201,3 +202,24 @@ def sample_wise_names(model: nn.Module, names: list[str]) -> list[str]:
             "parameters, and the model has none among the attributed ones"
         )
     return kept
+
+
+def check_layers(layers: Any) -> list[str] | None:
+    """``layers`` as a list of module names (Captum asserts a list); a bare string is refused.
+
+    Raises:
+        ArgumentError: ``layers`` is a string (``"02"`` would otherwise be read as the
+            modules ``"0"`` and ``"2"``), empty, or holds something else than names.
+    """
+    from captum_sam.core.errors import ArgumentError
+
+    if layers is None:
+        return None
+    if isinstance(layers, str) or not isinstance(layers, (list, tuple)):
+        raise ArgumentError(
+            f"`layers` should be a list of module names, got {layers!r}; write [{layers!r}] "
+            "for a single module"
+        )
+    if not layers or not all(isinstance(x, str) for x in layers):
+        raise ArgumentError(f"`layers` should be a non-empty list of module names, got {layers!r}")
+    return list(layers)

@@ -18,7 +18,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from captum_sam._captum import KMostInfluentialResults, TracInCPBase
-from captum_sam.core.data import as_loader, local_batches, progress, stream_topk
+from captum_sam.core.data import (
+    as_loader,
+    batch_context,
+    empty_batch,
+    empty_result,
+    local_batches,
+    progress,
+    stream_topk,
+)
 from captum_sam.core.distributed import gather_ordered, is_distributed
 from captum_sam.core.errors import require_inputs
 from captum_sam.core.store import open_quantities
@@ -32,6 +40,9 @@ class SAMTracInBase(TracInCPBase):
     """Captum's ``TracInCPBase`` methods on top of the SAM-GIF engines (``self._engines``)."""
 
     _engines: GIFEngines
+
+    def _dtype(self) -> torch.dtype:
+        return self._engines.points.reference(self._engines.terms[0].checkpoint).dtype
 
     def _captum_init(
         self, model: nn.Module, train_dataset: Any, checkpoints: Any, captum: dict[str, Any],
@@ -84,6 +95,8 @@ class SAMTracInBase(TracInCPBase):
             ``(n_test, k)``.
         """
         require_inputs(inputs)
+        if empty_batch(inputs):  # no test example: an empty result
+            return empty_result(self._engines.n_train, k, aggregate, self._dtype())
         if k is None:
             return self._influence(inputs, show_progress=show_progress, aggregate=aggregate)
         return self._get_k_most_influential(
@@ -160,6 +173,8 @@ class SAMTracInBase(TracInCPBase):
             ``(n_examples,)`` scores, the diagonal of train-vs-train influence.
         """
         e, name = self._engines, self.get_name()
+        if empty_batch(inputs):
+            return torch.zeros(0, dtype=self._dtype(), device=e.device)
         if e.trajectory is not None:
             if inputs is not None:
                 raise ValueError(
@@ -195,7 +210,12 @@ class SAMTracInBase(TracInCPBase):
                 f"Using {name} to compute self influence. Processing batch",
                 total=_length(data),
             )
-            parts = gather_ordered([(i, e.form.pair_dots(terms, b)) for i, b in bar])
+            where = "train_dataset" if inputs is None else "inputs"
+            parts = []
+            for i, b in bar:
+                with batch_context(where, i):
+                    parts.append((i, e.form.pair_dots(terms, b)))
+            parts = gather_ordered(parts)
             if not parts:
                 raise ValueError("`inputs` is empty")
             scores = torch.cat(parts)

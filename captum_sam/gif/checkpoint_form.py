@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from captum_sam import core as F
-from captum_sam.core.data import local_batches, progress
+from captum_sam.core.data import batch_context, local_batches, progress
 from captum_sam.core.distributed import all_reduce_sum, gather_ordered
 from captum_sam.core.layers import linear
 from captum_sam.gif.factored_grads import FactoredGradients
@@ -67,24 +67,32 @@ class CheckpointForm:
         terms, points = self.terms, self.points
         coef = points.coefficients(terms).view(-1, 1, 1)
         factors = self.factored.test_factors(terms, test, aggregate)
+        tests = None
         if factors is None:
             tests = {
                 n: coef * v
                 for n, v in self.vmap.test_matrix(terms, test, self.test_loss, aggregate).items()
             }
         for i, batch in train:
-            if factors is not None:
-                yield i, self.factored.gram(factors, terms, batch, coef.view(-1))
-                continue
-            if aggregate and self.factored.applies(terms, batch):  # one summed test row
-                yield i, self.factored.apply(tests, terms, batch)
-                continue
-            grads = self.vmap.grads(terms, batch, self.train_loss, False, True)[1]
-            block = sum(
-                torch.bmm(tests[n], grads[n].transpose(1, 2)).sum(0)  # type: ignore[index]
-                for n in tests
-            )
-            yield i, check_finite_terms(block, "training gradients", terms)
+            with batch_context("train_dataset", i):
+                block = self._column(factors, tests, terms, batch, coef, aggregate)
+            yield i, block
+
+    def _column(
+        self, factors: Any, tests: Any, terms: list[Term], batch: tuple[Any, ...],
+        coef: Tensor, aggregate: bool,
+    ) -> Tensor:  # fmt: skip
+        """The ``(n_test, batch)`` scores of one training batch."""
+        if factors is not None:
+            return self.factored.gram(factors, terms, batch, coef.view(-1))
+        if aggregate and self.factored.applies(terms, batch):  # one summed test row
+            return self.factored.apply(tests, terms, batch)
+        grads = self.vmap.grads(terms, batch, self.train_loss, False, True)[1]
+        block = sum(
+            torch.bmm(tests[n], grads[n].transpose(1, 2)).sum(0)  # type: ignore[index]
+            for n in tests
+        )
+        return check_finite_terms(block, "training gradients", terms)
 
     def pair_dots(self, terms: list[Term], batch: tuple[Any, ...]) -> Tensor:
         """``sum_k c_k test_side_k(x) . train_side_k(x)`` for every example ``x``."""
@@ -135,7 +143,8 @@ class CheckpointForm:
             if not stored and not factored.applies(terms, batch):
                 usable = False
                 break
-            fs = [linear.linear_factors(floss, p, batch, factored.sites) for p, floss in losses]
+            with batch_context("train_dataset", i):
+                fs = [linear.linear_factors(floss, p, batch, factored.sites) for p, floss in losses]
             size = len(fs[0][0][0])
             if not stored and _nbytes(fs) * n_train / size > MERGE_BUDGET_BYTES:
                 usable = False
@@ -155,7 +164,10 @@ class CheckpointForm:
             show_progress,
             f"Using {name} to compute self influence. Processing batch",
         )
-        out = [(i, factored.pair_dots(terms, b, own=fs)) for i, b, fs in second]
+        out = []
+        for i, b, fs in second:
+            with batch_context("train_dataset", i):
+                out.append((i, factored.pair_dots(terms, b, own=fs)))
         return torch.cat(gather_ordered(out))
 
 

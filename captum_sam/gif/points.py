@@ -62,6 +62,7 @@ class WeightPoints:
     perturbation_data: DataLoader | Any
     train_data: Dataset
     device: torch.device
+    perturbation_name: str = "perturbation_dataset"  # named when one of its batches fails
     _stacks: dict[tuple[str, ...], tuple[F.Params, F.Params]] = field(default_factory=dict)
     _dataset_eps: dict[tuple[Any, ...], F.Params] = field(default_factory=dict)
     _last_batch: tuple[tuple[int, ...], tuple[Any, ...]] | None = None
@@ -134,7 +135,7 @@ class WeightPoints:
         full, rest = self._scoped(*self.stack(terms))
         if self.perturbation == "dataset":
             local = (b for _, b in local_batches(self.perturbation_data, self.device))
-            g, count = F.stacked_grad_sum(self.loss, full, rest, local)
+            g, count = F.stacked_grad_sum(self.loss, full, rest, local, self.perturbation_name)
             return self.store_dataset_eps(terms, g, count, "perturbation_dataset")
         # "batch": the mean gradient of the recorded batch
         g, _ = F.stacked_mean_grad(self.loss, full, rest, [self.fetch(terms[0].indices)])

@@ -25,7 +25,7 @@ from captum_sam import core as F
 from captum_sam.core.checkpoints import CheckpointLoader, edited_copy, model_device
 from captum_sam.core.data import as_loader, on_device, ordered_dataset, validate_batch
 from captum_sam.core.layers import linear
-from captum_sam.core.params import sample_wise_names, scope_names
+from captum_sam.core.params import check_layers, sample_wise_names, scope_names
 from captum_sam.core.projection import RandomProjection
 from captum_sam.core.store import CachedQuantities
 from captum_sam.gif.checkpoint_form import CheckpointForm
@@ -178,7 +178,7 @@ def build_engines(
     est.test_reduction_type = F.loss_reduction(
         est.test_loss_fn, "test_loss_fn", sample_wise_grads_per_batch
     )
-    est.layers = None if layers is None else list(layers)
+    est.layers = check_layers(layers)
     if names is None:
         names = F.attributed_names(model, est.layers)
         if sample_wise_grads_per_batch:
@@ -210,6 +210,7 @@ def build_engines(
         pdata,
         train_data,
         device,
+        "train_dataset" if o.perturbation_dataset is None else "perturbation_dataset",
     )
     sizes = {n: p.numel() for n, p in zip(names, loader.scratch_params(names))}
     projector = (

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from captum_sam import core as F
-from captum_sam.core.data import progress
+from captum_sam.core.data import batch_context, progress
 from captum_sam.core.distributed import all_reduce_sum, contiguous
 from captum_sam.gif.factored_grads import FactoredGradients
 from captum_sam.gif.factored_steps import FactoredSteps
@@ -79,42 +79,43 @@ class TrajectoryForm:
             f"Using {name} to compute influence for recorded steps",
         )
         for i, term in bar:
-            key = self.test_key(term, i)
-            if key not in cache:
-                if group:
-                    self.steps.add_scores(cache[self.test_key(group[0], 0)], group, scores)
-                    group = []
-                if key[0] == "ckpt":
-                    cache.clear()  # terms are grouped by checkpoint: free the last one
-                t = (
-                    self.factored.test_factors([term], test, aggregate)
-                    if factored_path is not False
-                    else None
-                )
-                factored_path = t is not None
-                cache[key] = (
-                    t
-                    if factored_path
-                    else self.vmap.test_matrix([term], test, self.test_loss, aggregate)
-                )
-            t = cache[key]
-            if scores is None:
-                rows = t[0][0][0].shape[0] if factored_path else next(iter(t.values())).shape[1]
-                scores = torch.zeros(rows, self.n_train, dtype=dtype, device=points.device)
-                limit = self.steps.group_rows(rows, dtype) if factored_path else 0
-            if factored_path:
-                if group and sum(len(g.indices) for g in group) + len(term.indices) > limit:
-                    self.steps.add_scores(t, group, scores)
-                    group = []
-                group.append(term)
-                continue
-            batch = points.fetch(term.indices)
-            if aggregate and self.factored.applies([term], batch):  # one summed test row
-                gram = self.factored.apply(t, [term], batch)
-            else:
-                g = self.vmap.grads([term], batch, self.train_loss, False, True)[1]
-                gram = check_finite_terms(_gram(t, g), "training gradients", [term])  # type: ignore[arg-type]
-            scores.index_add_(1, points.index(term), gram, alpha=term.coefficient)
+            with batch_context("train_dataset", f"of recorded step {i}"):
+                key = self.test_key(term, i)
+                if key not in cache:
+                    if group:
+                        self.steps.add_scores(cache[self.test_key(group[0], 0)], group, scores)
+                        group = []
+                    if key[0] == "ckpt":
+                        cache.clear()  # terms are grouped by checkpoint: free the last one
+                    t = (
+                        self.factored.test_factors([term], test, aggregate)
+                        if factored_path is not False
+                        else None
+                    )
+                    factored_path = t is not None
+                    cache[key] = (
+                        t
+                        if factored_path
+                        else self.vmap.test_matrix([term], test, self.test_loss, aggregate)
+                    )
+                t = cache[key]
+                if scores is None:
+                    rows = t[0][0][0].shape[0] if factored_path else next(iter(t.values())).shape[1]
+                    scores = torch.zeros(rows, self.n_train, dtype=dtype, device=points.device)
+                    limit = self.steps.group_rows(rows, dtype) if factored_path else 0
+                if factored_path:
+                    if group and sum(len(g.indices) for g in group) + len(term.indices) > limit:
+                        self.steps.add_scores(t, group, scores)
+                        group = []
+                    group.append(term)
+                    continue
+                batch = points.fetch(term.indices)
+                if aggregate and self.factored.applies([term], batch):  # one summed test row
+                    gram = self.factored.apply(t, [term], batch)
+                else:
+                    g = self.vmap.grads([term], batch, self.train_loss, False, True)[1]
+                    gram = check_finite_terms(_gram(t, g), "training gradients", [term])  # type: ignore[arg-type]
+                scores.index_add_(1, points.index(term), gram, alpha=term.coefficient)
         if group:
             self.steps.add_scores(cache[self.test_key(group[0], 0)], group, scores)
         if scores is None:  # a rank without steps still joins the reduction
@@ -137,18 +138,19 @@ class TrajectoryForm:
         )
         group: list[Term] = []
         limit = self.steps.group_rows(0, dtype) if self.factored.sites is not None else 0
-        for _, term in bar:
-            batch = points.fetch(term.indices)
-            if group and (
-                term.checkpoint != group[0].checkpoint
-                or sum(len(g.indices) for g in group) + len(term.indices) > limit
-            ):
-                self.steps.add_self(group, scores)
-                group = []
-            if self.factored.applies([term], batch):
-                group.append(term)
-                continue
-            scores.index_add_(0, points.index(term), pair_dots([term], batch))
+        for t, term in bar:
+            with batch_context("train_dataset", f"of recorded step {t}"):
+                batch = points.fetch(term.indices)
+                if group and (
+                    term.checkpoint != group[0].checkpoint
+                    or sum(len(g.indices) for g in group) + len(term.indices) > limit
+                ):
+                    self.steps.add_self(group, scores)
+                    group = []
+                if self.factored.applies([term], batch):
+                    group.append(term)
+                    continue
+                scores.index_add_(0, points.index(term), pair_dots([term], batch))
         if group:
             self.steps.add_self(group, scores)
         return all_reduce_sum(scores)

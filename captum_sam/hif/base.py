@@ -21,7 +21,16 @@ from torch.utils.data import DataLoader
 from captum_sam import core as F
 from captum_sam._captum import IntermediateQuantitiesInfluenceFunction, KMostInfluentialResults
 from captum_sam.core.checkpoints import edited_copy
-from captum_sam.core.data import check_indices, fetch_batch, local_batches, progress, stream_topk
+from captum_sam.core.data import (
+    batch_context,
+    check_indices,
+    empty_batch,
+    empty_result,
+    fetch_batch,
+    local_batches,
+    progress,
+    stream_topk,
+)
 from captum_sam.core.distributed import all_reduce_sum, contiguous, gather_ordered
 from captum_sam.core.errors import require_inputs
 from captum_sam.core.store import (
@@ -218,6 +227,9 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
             ``KMostInfluentialResults`` with ``k``.
         """
         require_inputs(inputs)
+        if empty_batch(inputs):  # no test example: an empty result
+            dtype = self.operator.mean_grad[self.names[0]].dtype
+            return empty_result(self.n_train, k, aggregate, dtype)
         if k is None:
             return self._influence(inputs, show_progress, aggregate)
         return self._get_k_most_influential(inputs, k, proponents, show_progress, aggregate)
@@ -233,7 +245,10 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
             desc or "",
             total=_length(self.train_dataloader),
         )
-        blocks = [(i, q @ sides.train_rows(self, batch).T) for i, batch in bar]
+        blocks = []
+        for i, batch in bar:
+            with batch_context("train_dataset", i):
+                blocks.append((i, q @ sides.train_rows(self, batch).T))
         yield from gather_ordered(blocks)
 
     def _influence(  # type: ignore[override]
@@ -265,6 +280,8 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
         show_progress: bool = False,
     ) -> Tensor:
         r"""Self influence :math:`\nabla l_k(w^*)^\top A^{-1} r_k` of every example ``(n,)``."""
+        if empty_batch(inputs_dataset):
+            return torch.zeros(0, dtype=self.operator.mean_grad[self.names[0]].dtype)
         return sides.self_influence(self, inputs_dataset, show_progress)
 
     # ------------------------------------------------------------------ caching

@@ -28,7 +28,7 @@ from captum_sam.core.data import (
 from captum_sam.core.distributed import all_reduce_sum, all_reduce_tree
 from captum_sam.core.errors import ArgumentError
 from captum_sam.core.layers import linear
-from captum_sam.core.params import sample_wise_names, scope_names
+from captum_sam.core.params import check_layers, sample_wise_names, scope_names
 from captum_sam.core.projection import RandomProjection
 from captum_sam.hif.operator import CURVATURES, VARIANTS, SAMOperator
 from captum_sam.solvers import METHODS, SolverOptions
@@ -138,7 +138,7 @@ def prepare(
     n_hessian = dataset_size(est.hessian_dataloader)
     if n_hessian == 0:
         raise ValueError("`hessian_dataset` is empty")
-    est.layers = None if layers is None else list(layers)
+    est.layers = check_layers(layers)
     names = F.attributed_names(model, est.layers)
     if sample_wise_grads_per_batch:
         names = sample_wise_names(model, names)
@@ -164,7 +164,7 @@ def prepare(
     extra = {n: state.frozen[n] for n in extra_names}
     scope_loss = loss.bind({n: v for n, v in state.frozen.items() if n not in extra})
     local = (b for _, b in local_batches(est.train_dataloader, est.device))
-    total, count = F.grad_sum(scope_loss, {**state.params, **extra}, local)
+    total, count = F.grad_sum(scope_loss, {**state.params, **extra}, local, "train_dataset")
     all_reduce_tree(total)
     count = int(all_reduce_sum(torch.tensor([count], dtype=torch.float64))[0])
     mean_full = F.tree_scale(total, 1.0 / count)

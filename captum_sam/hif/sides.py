@@ -15,7 +15,14 @@ import torch
 from torch import Tensor
 
 from captum_sam import core as F
-from captum_sam.core.data import as_loader, local_batches, on_device, progress, validate_batch
+from captum_sam.core.data import (
+    as_loader,
+    batch_context,
+    local_batches,
+    on_device,
+    progress,
+    validate_batch,
+)
 from captum_sam.core.distributed import gather_ordered, is_distributed
 from captum_sam.core.errors import ArgumentError
 from captum_sam.hif.inverse import LowRankInverse
@@ -121,7 +128,8 @@ def quantities(est: Any, inputs: Any, aggregate: bool, show_progress: bool, test
     bar = progress(local_batches(data, est.device), show_progress, desc, total=_length(data))
     for i, batch in bar:
         validate_batch(loss, params, batch, "inputs_dataset", run_loss=i == 0)
-        rows_ = train_rows(est, batch)
+        with batch_context("inputs_dataset", i):
+            rows_ = train_rows(est, batch)
         parts.append((i, rows_.sum(dim=0, keepdim=True) if aggregate else rows_))
     gathered = gather_ordered(parts)
     if not gathered:
@@ -151,8 +159,9 @@ def self_influence(est: Any, inputs: Any, show_progress: bool) -> Tensor:
             inverse.solve(est.operator.mean_grad[est.names[0]].new_ones(est.operator.dim, 1))
     with est.operator.local_mode():  # each rank solves for its own batches
         for i, batch in bar:
-            q = test_rows(est, batch, est._loss, "self influence")
-            parts.append((i, (q * train_rows(est, batch).to(q)).sum(dim=1)))
+            with batch_context("train_dataset" if inputs is None else "inputs_dataset", i):
+                q = test_rows(est, batch, est._loss, "self influence")
+                parts.append((i, (q * train_rows(est, batch).to(q)).sum(dim=1)))
     out = gather_ordered(parts)
     if not out:
         raise ValueError("`inputs_dataset` is empty")
