@@ -1,14 +1,37 @@
-"""The ``captum-sam`` command."""
+"""The ``captum-sam`` command.
+
+Both subcommands refuse an ``--out`` directory that holds anything, unless
+``--overwrite`` is given; then they first remove only the files an earlier run of the
+same command wrote there and keep everything else. Errors print one line,
+``captum-sam: error: <message>``; set the environment variable ``CAPTUM_SAM_DEBUG=1``
+to get their traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 import torch
 
+from captum_sam.outdir import (
+    UsageError,
+    check_training_settings,
+    compare_layout,
+    error_message,
+    make_out_ready,
+    refuse_non_empty,
+    require_writable_dir,
+    train_layout,
+    usage_errors,
+)
+
 __all__ = ["main"]
+
+DEBUG_ENV = "CAPTUM_SAM_DEBUG"
+# --------------------------------------------------------------------------- commands
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
@@ -30,8 +53,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from captum_sam.models import build_model
     from captum_sam.training import train_sam
 
+    with usage_errors():
+        refuse_non_empty(args.out, args.overwrite)
+    check_training_settings(args.epochs, args.batch_size, args.lr, args.rho, args.weight_decay)
     data = load_digits_data(n_train=args.n_train, noise=args.noise, seed=args.seed)
     model = build_model(args.model, data.image_shape, data.num_classes, seed=args.seed)
+    make_out_ready(args.out, train_layout(), args.overwrite)
     result = train_sam(
         model,
         data.train,
@@ -44,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         record_dir=args.out,
         seed=args.seed,
         show_progress=True,
-        overwrite=True,
+        overwrite=args.overwrite,
     )
     train_acc = accuracy(model, data.train.tensors)
     print(
@@ -75,8 +102,6 @@ QUICK = dict(
 
 
 def _detect_dataset(data_dir: str) -> str:
-    import os
-
     for name, marker in (("mnist", "MNIST"), ("cifar10", "cifar-10-batches-py")):
         if os.path.isdir(os.path.join(data_dir, marker)):
             return name
@@ -119,6 +144,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         **({"methods": methods} if methods else {}),
         **settings,
     )
+    check_training_settings(
+        config.epochs, config.batch_size, config.lr, config.rho, config.weight_decay
+    )
+    with usage_errors():
+        refuse_non_empty(args.out, args.overwrite)
+        if args.cache_dir is not None:
+            require_writable_dir(args.cache_dir, "--cache-dir")
+    make_out_ready(args.out, compare_layout(), args.overwrite)
     results = run_compare(
         config, args.out, show_progress=not args.no_progress, cache_dir=args.cache_dir
     )
@@ -147,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model with SAM on digits and record it")
     _add_training_args(train)
     train.add_argument("--out", default="runs/train", help="record directory")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out: first remove the manifest and checkpoints an "
+        "earlier run wrote there (other files are kept)",
+    )
     train.set_defaults(func=cmd_train)
 
     from captum_sam.evaluation.compare import METHODS
@@ -192,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="torchvision MNIST or CIFAR-10 files already on disk (no download)",
     )
     cmp.add_argument("--out", default="runs/compare")
+    cmp.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out: first remove the report.md, results.json, plots, "
+        "fixed_point.pt and trajectory/ an earlier run wrote there (other files, and the "
+        "ground-truth cache, are kept)",
+    )
     cmp.add_argument("--cache-dir", default=None, help="ground-truth cache (default OUT/cache)")
     cmp.add_argument("--no-progress", action="store_true")
     cmp.set_defaults(func=cmd_compare)
@@ -199,13 +245,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``captum-sam`` command."""
+    """Entry point of the ``captum-sam`` command.
+
+    Returns:
+        The exit status: 0 on success; 2 when the command line cannot be carried out
+        as given (a bad value, a missing path, an ``--out`` that is not a directory, not
+        writable, or not empty without ``--overwrite``: all checked before any work);
+        1 when the run fails with another ``OSError`` (a full disk, say). Both print one
+        line ``captum-sam: error: <message>`` to stderr, or raise with the traceback when
+        the environment variable ``CAPTUM_SAM_DEBUG`` is set (not ``0``). Any other
+        exception is a bug and propagates with its traceback.
+    """
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"captum-sam: error: {err}", file=sys.stderr)
-        return 2
+    except (UsageError, ValueError, TypeError, OSError) as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"captum-sam: error: {error_message(err)}", file=sys.stderr)
+        runtime = isinstance(err, OSError) and not isinstance(err, FileNotFoundError)
+        return 1 if runtime else 2
 
 
 if __name__ == "__main__":
