@@ -6,13 +6,20 @@ permutation and, given ``record_dir``, records its trajectory with a
 recorded schedule step by step, optionally with some training examples left out
 (the ground truth that SAM-GIF approximates). The record directory format and its
 loading live in :mod:`captum_sam.trajectory`.
+
+Both check every step as strictly as the estimators read their losses
+(:func:`checked_losses`: one loss per example, trailing dimensions summed) and refuse
+a NaN or infinite loss, gradient or update, naming the step. Train/eval flags follow
+:func:`training_mode`: modules the user froze stay in eval mode and every module's
+own flag is restored afterwards, also when an error stops the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +30,8 @@ from torch.utils.data import Dataset
 from captum_sam.core import check_per_example_loss, to_device
 from captum_sam.core.checkpoints import checkpoints_load_func, model_device
 from captum_sam.core.data import fetch_batch
+from captum_sam.core.errors import ArgumentError
+from captum_sam.core.losses import _per_example
 from captum_sam.optim import SAM
 from captum_sam.trajectory import (
     Trajectory,
@@ -31,7 +40,7 @@ from captum_sam.trajectory import (
     load_trajectory,
 )
 
-__all__ = ["TrainResult", "train_sam", "replay_trajectory"]
+__all__ = ["TrainResult", "train_sam", "replay_trajectory", "checked_losses", "training_mode"]
 
 
 @dataclass
@@ -43,26 +52,161 @@ class TrainResult:
     record_dir: str | None
 
 
+def checked_losses(
+    loss_fn: Callable[[Any, Any], Tensor], outputs: Any, labels: Any, size: int
+) -> Tensor:
+    """Per-example losses ``(size,)`` of a batch, with the estimators' shape rule.
+
+    ``loss_fn(outputs, labels)`` must return shape ``(size,)`` or ``(size, ...)``
+    (trailing dimensions are summed, as
+    :meth:`~captum_sam.core.losses.FunctionalLoss.batch_losses` does). A loss that
+    returns the batch's mean or sum (a scalar) is refused: training would divide it by
+    the batch size a second time.
+
+    Args:
+        loss_fn: The per-example loss.
+        outputs: Model outputs for the batch.
+        labels: The batch's labels.
+        size: Number of examples in the batch.
+
+    Returns:
+        The per-example losses ``(size,)``.
+
+    Raises:
+        ArgumentError: (a ``ValueError``) the shape does not start with ``size``.
+    """
+    losses = loss_fn(outputs, labels)
+    try:
+        return _per_example(losses, size)
+    except ArgumentError:
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ArgumentError(
+            f"`loss_fn` returned {shape} for a batch of {size} examples; it must return one "
+            f"loss per example, shape ({size},) or ({size}, ...) (trailing dimensions are "
+            "summed): a loss returning the batch's mean or sum would be divided by the batch "
+            "size again. Use e.g. nn.CrossEntropyLoss(reduction='none')"
+        ) from None
+
+
+@contextlib.contextmanager
+def training_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in train mode, except what the user froze; restore every flag after.
+
+    The rule: a sub-module is *frozen* when it is in eval mode while its parent is in
+    train mode (e.g. a BatchNorm put in eval mode with ``model.bn.eval()`` so that its
+    running statistics stay fixed). Inside the context ``model.train()`` is called and
+    every frozen sub-module (with its own sub-modules) is put back in eval mode. A
+    model that is in eval mode as a whole has nothing frozen: all of it trains in
+    train mode. On exit, also after an exception, every module gets back its own
+    ``training`` flag as it was on entry.
+
+    Args:
+        model: The model.
+
+    Yields:
+        ``model``.
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    frozen = [
+        child
+        for parent in model.modules()
+        if parent.training
+        for child in parent.children()
+        if not child.training
+    ]
+    try:
+        model.train()
+        for module in frozen:
+            module.eval()
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def _all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (one device sync)."""
+    if not tensors:
+        return True
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
+def _restore_unperturbed(optimizer: SAM) -> None:
+    """Move the weights back from ``w + eps`` to ``w`` (what :meth:`SAM.second_step` does first)."""
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                state = optimizer.state.get(p)
+                if state and "old_p" in state:
+                    p.copy_(state.pop("old_p"))
+
+
 def _sam_step(
     model: nn.Module,
     optimizer: SAM,
     loss_fn: Callable[[Any, Any], Tensor],
     batch: tuple[Any, ...],
     weights: Tensor | None = None,
+    where: str = "this step",
 ) -> float:
-    """One SAM step on ``sum_i w_i l_i / |B|`` (weights default to one)."""
+    """One SAM step on ``sum_i w_i l_i / |B|`` (weights default to one).
+
+    :meth:`SAM.step` with both forward-backward passes checked: the losses
+    have one entry per example (:func:`checked_losses`), and the loss and the
+    gradients are finite. A failing check raises before the update, with the weights
+    back at :math:`w`; an update that makes the weights non-finite raises after it.
+
+    Args:
+        model: The model (trained in place).
+        optimizer: Its SAM optimizer.
+        loss_fn: Per-example loss.
+        batch: ``(features..., labels)`` on the model's device.
+        weights: Per-example weights ``(B,)`` (``None``: all one).
+        where: The step, for messages (e.g. ``"train_sam epoch 0, step 3"``).
+
+    Returns:
+        The loss at :math:`w`.
+
+    Raises:
+        ValueError: A check failed (the message names ``where``).
+    """
     size = batch[-1].shape[0]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    hint = (
+        "check the features and labels of this batch for NaN/inf, the loss function and "
+        "the learning rate"
+    )
+
+    points = iter(("at the weights w", "at the SAM-perturbed weights w + eps"))
 
     def closure() -> Tensor:
+        point = next(points, "in an extra closure call")
         optimizer.zero_grad()
-        losses = loss_fn(model(*batch[:-1]), batch[-1])
+        losses = checked_losses(loss_fn, model(*batch[:-1]), batch[-1], size)
         if weights is not None:
             losses = losses * weights
         loss = losses.sum() / size
+        if not bool(torch.isfinite(loss)):
+            raise ValueError(
+                f"the training loss is {float(loss.detach())} at {where} ({point}): {hint}"
+            )
         loss.backward()
+        if not _all_finite([p.grad for p in params if p.grad is not None]):
+            raise ValueError(f"the gradients contain NaN or inf at {where} ({point}): {hint}")
         return loss
 
-    return float(optimizer.step(closure).detach())
+    try:
+        loss = optimizer.step(closure)
+    except BaseException:
+        _restore_unperturbed(optimizer)  # a failure at w + eps: back to w, no update
+        raise
+    if not _all_finite([p.detach() for p in params]):
+        raise ValueError(
+            f"the update of {where} made the weights NaN or inf: the learning rate is "
+            "probably too large"
+        )
+    return float(loss.detach())
 
 
 def train_sam(
@@ -90,10 +234,18 @@ def train_sam(
     :math:`w_t` (Algorithm 1 of the paper). Batches come from a permutation drawn
     per epoch from a generator seeded with ``seed``, so a run is deterministic.
 
+    Every batch is checked: ``loss_fn`` must return one loss per example and the
+    loss, the gradients and the updated weights must be finite. Train/eval flags
+    follow :func:`training_mode`: the model trains in train mode except the
+    sub-modules the user froze (in eval mode inside a parent in train mode, e.g. a
+    BatchNorm whose running statistics must not move), which stay in eval mode; every
+    module's own flag is restored at the end, also when an error stops training.
+
     Args:
         model: Model to train (its parameters are updated).
         dataset: Map-style dataset of ``(features..., label)`` tuples.
-        loss_fn: Per-example loss (``reduction="none"``).
+        loss_fn: Per-example loss (``reduction="none"``): shape ``(B,)`` or
+            ``(B, ...)`` for a batch of ``B`` (trailing dimensions summed).
         epochs: Passes over the data.
         lr: Learning rate :math:`\eta`.
         rho: SAM radius.
@@ -111,6 +263,12 @@ def train_sam(
 
     Returns:
         The trained model, the mean loss per epoch and the record directory.
+
+    Raises:
+        ValueError: A bad argument; ``loss_fn`` does not return one loss per example;
+            a loss, gradient or update is NaN or infinite (the message names the epoch
+            and step; a failing loss or gradient check leaves the weights as they were
+            before that step).
     """
     from tqdm.auto import tqdm
 
@@ -147,11 +305,13 @@ def train_sam(
             overwrite=overwrite,
         )
     generator = torch.Generator().manual_seed(seed)
-    was_training = model.training
     epoch_losses: list[float] = []
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+    step = 0
+    with (
+        torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]),
+        training_mode(model),
+    ):
         torch.manual_seed(seed)
-        model.train()
         if recorder is not None:
             recorder.start()
         bar = tqdm(range(epochs), desc="SAM training", disable=not show_progress)
@@ -160,7 +320,9 @@ def train_sam(
             total = 0.0
             for idx in order.split(batch_size):
                 batch = to_device(fetch_batch(dataset, idx), device)
-                total += _sam_step(model, optimizer, loss_fn, batch) * len(idx)
+                where = f"train_sam epoch {epoch}, step {step}"
+                total += _sam_step(model, optimizer, loss_fn, batch, where=where) * len(idx)
+                step += 1
                 if recorder is not None:
                     recorder.record_step(idx, epoch=epoch)
             if recorder is not None and save_every is None:
@@ -169,7 +331,6 @@ def train_sam(
                 scheduler.step()
             epoch_losses.append(total / n)
             bar.set_postfix(loss=f"{epoch_losses[-1]:.4f}")
-    model.train(was_training)
     directory = recorder.finish() if recorder is not None else None
     return TrainResult(model=model, epoch_losses=epoch_losses, record_dir=directory)
 
@@ -190,16 +351,25 @@ def replay_trajectory(
     :math:`1/|B_t|` normalisation (MATH.md's leave-out convention), both in the
     SAM perturbation and in the update. The user's model is not modified.
 
+    Steps are checked as in :func:`train_sam`, and the copy trains under the same
+    :func:`training_mode` rule with the template's train/eval flags (a sub-module
+    frozen in the template stays frozen); the returned model has the template's flags.
+
     Args:
         model: A model with the recorded architecture (used as a template).
         dataset: The training set the trajectory indexes into.
-        loss_fn: Per-example loss.
+        loss_fn: Per-example loss, shape ``(B,)`` or ``(B, ...)``.
         record_dir: Record directory or a loaded :class:`Trajectory`.
         remove: Training indices to leave out (``None``: exact replay).
         show_progress: Progress bar over steps.
 
     Returns:
         A new model with the replayed final weights.
+
+    Raises:
+        ValueError: The trajectory does not fit ``dataset`` or ``remove``;
+            ``loss_fn`` does not return one loss per example; a loss, gradient or
+            update is NaN or infinite (the message names the step).
     """
     from tqdm.auto import tqdm
 
@@ -237,10 +407,13 @@ def replay_trajectory(
         **hyper,
     )
     seed = traj.seed if traj.seed is not None else 0
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+    steps = tqdm(traj.steps, desc="replaying SAM steps", disable=not show_progress)
+    with (
+        torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]),
+        training_mode(replica),
+    ):
         torch.manual_seed(seed)
-        replica.train()
-        for step in tqdm(traj.steps, desc="replaying SAM steps", disable=not show_progress):
+        for t, step in enumerate(steps):
             for group in optimizer.param_groups:
                 group["lr"], group["rho"], group["adaptive"] = step.lr, step.rho, step.adaptive
             idx = torch.tensor(step.indices)
@@ -248,6 +421,6 @@ def replay_trajectory(
             weights = None
             if remove is not None:
                 weights = (~removed[idx]).to(device=device, dtype=dtype)
-            _sam_step(replica, optimizer, loss_fn, batch, weights)
-    replica.train(model.training)
+            where = f"replay_trajectory step {t} (epoch {step.epoch}) of {traj.directory!r}"
+            _sam_step(replica, optimizer, loss_fn, batch, weights, where)
     return replica

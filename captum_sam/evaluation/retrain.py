@@ -17,6 +17,7 @@ weight 0, the :math:`1/n` or :math:`1/|B_t|` normalisation stays):
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,9 +28,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacfwd
 from torch.utils.data import Dataset
 
-from captum_sam.core import check_per_example_loss, sam_perturbation
+from captum_sam.core import check_per_example_loss, eval_mode, sam_perturbation
 from captum_sam.core.data import fetch_batch
-from captum_sam.training import replay_trajectory
+from captum_sam.training import checked_losses, replay_trajectory
 from captum_sam.trajectory import Trajectory
 
 __all__ = ["FixedPointResult", "sam_fixed_point", "retrain_loo", "RETRAIN_MODES"]
@@ -68,10 +69,17 @@ def sam_fixed_point(
 ) -> FixedPointResult:
     r"""Solve the full-batch SAM fixed point from ``model``'s weights (Newton).
 
+    The objective is evaluated with every module in eval mode (dropout off,
+    BatchNorm on its running statistics); afterwards every module of ``model`` gets
+    back its own train/eval flag (also after an error), and the returned copy has the
+    same flags.
+
     Args:
         model: Start point and architecture (not modified).
         dataset: Training set (held in memory as one batch).
-        loss_fn: Per-example loss.
+        loss_fn: Per-example loss: shape ``(n,)`` or ``(n, ...)`` for ``n`` examples
+            (trailing dimensions summed), checked as in
+            :func:`~captum_sam.training.checked_losses`.
         rho: SAM radius.
         weight_decay: :math:`\lambda`.
         adaptive: ASAM.
@@ -82,6 +90,10 @@ def sam_fixed_point(
     Returns:
         A new model at the fixed point, the final residual and the iterations.
         Warns when ``tol`` is not reached.
+
+    Raises:
+        ValueError: ``loss_fn`` does not return one loss per example, or the residual
+            :math:`F(w)` is NaN or infinite (the message names the Newton iteration).
     """
     check_per_example_loss(loss_fn)
     n = len(dataset)  # type: ignore[arg-type]
@@ -102,7 +114,14 @@ def sam_fixed_point(
 
     def objective(p: dict[str, Tensor]) -> Tensor:
         out = functional_call(model, (p, frozen), tuple(batch[:-1]))
-        return (weights * loss_fn(out, batch[-1])).sum() / n
+        return (weights * checked_losses(loss_fn, out, batch[-1], n)).sum() / n
+
+    def check_finite(norm: float, it: int) -> None:
+        if not math.isfinite(norm):
+            raise ValueError(
+                f"sam_fixed_point: the residual F(w) is {norm} at Newton iteration {it}: "
+                "check the training data for NaN/inf and the loss function"
+            )
 
     def residual(w: Tensor) -> Tensor:
         p = unflat(w)
@@ -110,12 +129,11 @@ def sam_fixed_point(
         g = grad(objective)({k: p[k] + eps[k] for k in p})
         return torch.cat([g[k].reshape(-1) for k in names]) + weight_decay * w
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         w = w0.clone()
         r = residual(w)
         norm, it = float(r.norm()), 0
+        check_finite(norm, it)
         while norm > tol and it < max_iter:
             jac = jacfwd(residual)(w)
             step = torch.linalg.lstsq(jac, r.unsqueeze(1)).solution.squeeze(1)
@@ -127,8 +145,7 @@ def sam_fixed_point(
                     break
                 t *= 0.5
             w, r, norm, it = trial, r_trial, float(r_trial.norm()), it + 1
-    finally:
-        model.train(was_training)
+            check_finite(norm, it)
     if norm > tol:
         warnings.warn(
             f"SAM fixed point not reached: residual {norm:.3e} > tol {tol:.1e} after {it} "
