@@ -105,17 +105,22 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     @torch.no_grad()
+    def restore(self) -> None:
+        """Move the weights back from ``w + eps`` to ``w`` (after :meth:`first_step`)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "old_p" in state:
+                    p.copy_(state.pop("old_p"))
+
+    @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore ``w`` and take the base optimizer's step with the current gradient.
 
         Args:
             zero_grad: Clear the gradients afterwards.
         """
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and "old_p" in state:
-                    p.copy_(state.pop("old_p"))
+        self.restore()
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()

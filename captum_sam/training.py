@@ -8,18 +8,18 @@ recorded schedule step by step, optionally with some training examples left out
 loading live in :mod:`captum_sam.trajectory`.
 
 Both check every step as strictly as the estimators read their losses
-(:func:`checked_losses`: one loss per example, trailing dimensions summed) and refuse
-a NaN or infinite loss, gradient or update, naming the step. Train/eval flags follow
-:func:`training_mode`: modules the user froze stay in eval mode and every module's
-own flag is restored afterwards, also when an error stops the run.
+(:func:`~captum_sam.core.losses.checked_losses`: one loss per example, trailing
+dimensions summed) and refuse a NaN or infinite loss, gradient or update, naming the
+step. Train/eval flags follow :func:`~captum_sam.core.params.training_mode`: modules
+the user froze stay in eval mode and every module's own flag is restored afterwards,
+also when an error stops the run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +30,8 @@ from torch.utils.data import Dataset
 from captum_sam.core import check_per_example_loss, to_device
 from captum_sam.core.checkpoints import checkpoints_load_func, model_device
 from captum_sam.core.data import fetch_batch
-from captum_sam.core.errors import ArgumentError
-from captum_sam.core.losses import _per_example
+from captum_sam.core.losses import checked_losses
+from captum_sam.core.params import training_mode
 from captum_sam.optim import SAM
 from captum_sam.trajectory import (
     Trajectory,
@@ -40,7 +40,7 @@ from captum_sam.trajectory import (
     load_trajectory,
 )
 
-__all__ = ["TrainResult", "train_sam", "replay_trajectory", "checked_losses", "training_mode"]
+__all__ = ["TrainResult", "train_sam", "replay_trajectory"]
 
 
 @dataclass
@@ -52,94 +52,12 @@ class TrainResult:
     record_dir: str | None
 
 
-def checked_losses(
-    loss_fn: Callable[[Any, Any], Tensor], outputs: Any, labels: Any, size: int
-) -> Tensor:
-    """Per-example losses ``(size,)`` of a batch, with the estimators' shape rule.
-
-    ``loss_fn(outputs, labels)`` must return shape ``(size,)`` or ``(size, ...)``
-    (trailing dimensions are summed, as
-    :meth:`~captum_sam.core.losses.FunctionalLoss.batch_losses` does). A loss that
-    returns the batch's mean or sum (a scalar) is refused: training would divide it by
-    the batch size a second time.
-
-    Args:
-        loss_fn: The per-example loss.
-        outputs: Model outputs for the batch.
-        labels: The batch's labels.
-        size: Number of examples in the batch.
-
-    Returns:
-        The per-example losses ``(size,)``.
-
-    Raises:
-        ArgumentError: (a ``ValueError``) the shape does not start with ``size``.
-    """
-    losses = loss_fn(outputs, labels)
-    try:
-        return _per_example(losses, size)
-    except ArgumentError:
-        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-        raise ArgumentError(
-            f"`loss_fn` returned {shape} for a batch of {size} examples; it must return one "
-            f"loss per example, shape ({size},) or ({size}, ...) (trailing dimensions are "
-            "summed): a loss returning the batch's mean or sum would be divided by the batch "
-            "size again. Use e.g. nn.CrossEntropyLoss(reduction='none')"
-        ) from None
-
-
-@contextlib.contextmanager
-def training_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in train mode, except what the user froze; restore every flag after.
-
-    The rule: a sub-module is *frozen* when it is in eval mode while its parent is in
-    train mode (e.g. a BatchNorm put in eval mode with ``model.bn.eval()`` so that its
-    running statistics stay fixed). Inside the context ``model.train()`` is called and
-    every frozen sub-module (with its own sub-modules) is put back in eval mode. A
-    model that is in eval mode as a whole has nothing frozen: all of it trains in
-    train mode. On exit, also after an exception, every module gets back its own
-    ``training`` flag as it was on entry.
-
-    Args:
-        model: The model.
-
-    Yields:
-        ``model``.
-    """
-    flags = [(module, module.training) for module in model.modules()]
-    frozen = [
-        child
-        for parent in model.modules()
-        if parent.training
-        for child in parent.children()
-        if not child.training
-    ]
-    try:
-        model.train()
-        for module in frozen:
-            module.eval()
-        yield model
-    finally:
-        for module, flag in flags:
-            module.training = flag
-
-
 def _all_finite(tensors: Sequence[Tensor]) -> bool:
     """Whether every entry of every tensor is finite (one device sync)."""
     if not tensors:
         return True
     flags = [torch.isfinite(t).all() for t in tensors]
     return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
-
-
-def _restore_unperturbed(optimizer: SAM) -> None:
-    """Move the weights back from ``w + eps`` to ``w`` (what :meth:`SAM.second_step` does first)."""
-    with torch.no_grad():
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                state = optimizer.state.get(p)
-                if state and "old_p" in state:
-                    p.copy_(state.pop("old_p"))
 
 
 def _sam_step(
@@ -152,9 +70,9 @@ def _sam_step(
 ) -> float:
     """One SAM step on ``sum_i w_i l_i / |B|`` (weights default to one).
 
-    :meth:`SAM.step` with both forward-backward passes checked: the losses
-    have one entry per example (:func:`checked_losses`), and the loss and the
-    gradients are finite. A failing check raises before the update, with the weights
+    :meth:`SAM.step` with both forward-backward passes checked: the losses have one
+    entry per example (:func:`~captum_sam.core.losses.checked_losses`), and the loss
+    and the gradients are finite. A failing check raises before the update, with the weights
     back at :math:`w`; an update that makes the weights non-finite raises after it.
 
     Args:
@@ -199,7 +117,7 @@ def _sam_step(
     try:
         loss = optimizer.step(closure)
     except BaseException:
-        _restore_unperturbed(optimizer)  # a failure at w + eps: back to w, no update
+        optimizer.restore()  # a failure at w + eps: back to w, no update
         raise
     if not _all_finite([p.detach() for p in params]):
         raise ValueError(
@@ -236,7 +154,7 @@ def train_sam(
 
     Every batch is checked: ``loss_fn`` must return one loss per example and the
     loss, the gradients and the updated weights must be finite. Train/eval flags
-    follow :func:`training_mode`: the model trains in train mode except the
+    follow :func:`~captum_sam.core.params.training_mode`: the model trains in train mode except the
     sub-modules the user froze (in eval mode inside a parent in train mode, e.g. a
     BatchNorm whose running statistics must not move), which stay in eval mode; every
     module's own flag is restored at the end, also when an error stops training.
@@ -352,8 +270,9 @@ def replay_trajectory(
     SAM perturbation and in the update. The user's model is not modified.
 
     Steps are checked as in :func:`train_sam`, and the copy trains under the same
-    :func:`training_mode` rule with the template's train/eval flags (a sub-module
-    frozen in the template stays frozen); the returned model has the template's flags.
+    :func:`~captum_sam.core.params.training_mode` rule with the template's train/eval
+    flags (a sub-module frozen in the template stays frozen); the returned model has the
+    template's flags.
 
     Args:
         model: A model with the recorded architecture (used as a template).

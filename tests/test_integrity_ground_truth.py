@@ -11,7 +11,7 @@ import torch
 
 from captum_sam import load_trajectory, replay_trajectory, train_sam
 from captum_sam.core.files import DirectoryLock, sha256_file
-from captum_sam.evaluation import ground_truth as gt_module
+from captum_sam.evaluation import truth_cache as gt_module
 from captum_sam.evaluation.ground_truth import GroundTruth
 from tests.helpers import assert_unchanged, ce_loss, linear_model, make_data, mlp_model, snapshot
 

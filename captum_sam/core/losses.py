@@ -35,6 +35,7 @@ __all__ = [
     "REDUCTIONS",
     "loss_reduction",
     "check_per_example_loss",
+    "checked_losses",
     "split_batch",
     "batch_size",
     "in_dims",
@@ -262,3 +263,39 @@ def in_dims(batch: Batch) -> tuple[Any, ...]:
 def to_device(batch: Batch, device: torch.device) -> tuple[Any, ...]:
     """Move the tensors of a batch to ``device``."""
     return tuple(x.to(device) if isinstance(x, Tensor) else x for x in batch)
+
+
+def checked_losses(
+    loss_fn: Callable[[Any, Any], Tensor], outputs: Any, labels: Any, size: int
+) -> Tensor:
+    """Per-example losses ``(size,)`` of a batch, with the estimators' shape rule.
+
+    ``loss_fn(outputs, labels)`` must return shape ``(size,)`` or ``(size, ...)``
+    (trailing dimensions are summed, as
+    :meth:`~captum_sam.core.losses.FunctionalLoss.batch_losses` does). A loss that
+    returns the batch's mean or sum (a scalar) is refused: training would divide it by
+    the batch size a second time.
+
+    Args:
+        loss_fn: The per-example loss.
+        outputs: Model outputs for the batch.
+        labels: The batch's labels.
+        size: Number of examples in the batch.
+
+    Returns:
+        The per-example losses ``(size,)``.
+
+    Raises:
+        ArgumentError: (a ``ValueError``) the shape does not start with ``size``.
+    """
+    losses = loss_fn(outputs, labels)
+    try:
+        return _per_example(losses, size)
+    except ArgumentError:
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ArgumentError(
+            f"`loss_fn` returned {shape} for a batch of {size} examples; it must return one "
+            f"loss per example, shape ({size},) or ({size}, ...) (trailing dimensions are "
+            "summed): a loss returning the batch's mean or sum would be divided by the batch "
+            "size again. Use e.g. nn.CrossEntropyLoss(reduction='none')"
+        ) from None

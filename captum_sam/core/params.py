@@ -21,6 +21,7 @@ __all__ = [
     "attributed_names",
     "detached_params",
     "eval_mode",
+    "training_mode",
     "flatten",
     "unflatten",
     "tree_add",
@@ -223,3 +224,39 @@ def check_layers(layers: Any) -> list[str] | None:
     if not layers or not all(isinstance(x, str) for x in layers):
         raise ArgumentError(f"`layers` should be a non-empty list of module names, got {layers!r}")
     return list(layers)
+
+
+@contextlib.contextmanager
+def training_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in train mode, except what the user froze; restore every flag after.
+
+    The rule: a sub-module is *frozen* when it is in eval mode while its parent is in
+    train mode (e.g. a BatchNorm put in eval mode with ``model.bn.eval()`` so that its
+    running statistics stay fixed). Inside the context ``model.train()`` is called and
+    every frozen sub-module (with its own sub-modules) is put back in eval mode. A
+    model that is in eval mode as a whole has nothing frozen: all of it trains in
+    train mode. On exit, also after an exception, every module gets back its own
+    ``training`` flag as it was on entry.
+
+    Args:
+        model: The model.
+
+    Yields:
+        ``model``.
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    frozen = [
+        child
+        for parent in model.modules()
+        if parent.training
+        for child in parent.children()
+        if not child.training
+    ]
+    try:
+        model.train()
+        for module in frozen:
+            module.eval()
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag

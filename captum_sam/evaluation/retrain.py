@@ -30,7 +30,8 @@ from torch.utils.data import Dataset
 
 from captum_sam.core import check_per_example_loss, eval_mode, sam_perturbation
 from captum_sam.core.data import fetch_batch
-from captum_sam.training import checked_losses, replay_trajectory
+from captum_sam.core.losses import checked_losses
+from captum_sam.training import replay_trajectory
 from captum_sam.trajectory import Trajectory
 
 __all__ = ["FixedPointResult", "sam_fixed_point", "retrain_loo", "RETRAIN_MODES"]
