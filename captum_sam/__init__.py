@@ -13,9 +13,10 @@ from captum_sam.gif import (
 )
 from captum_sam.hif import SAMArnoldiInfluenceFunction, SAMInfluenceFunction
 from captum_sam.optim import SAM
+from captum_sam.recorder import IndexedDataset, TrajectoryRecorder
 from captum_sam.solvers import ConvergenceWarning, SolverOptions
 from captum_sam.training import replay_trajectory, train_sam
-from captum_sam.trajectory import IndexedDataset, Trajectory, TrajectoryRecorder, load_trajectory
+from captum_sam.trajectory import Trajectory, load_trajectory
 
 __version__ = "0.1.0"
 

@@ -73,7 +73,7 @@ class CleanedDir:
 
 
 def train_layout() -> OutputLayout:
-    """What ``train`` writes: the files of :class:`~captum_sam.trajectory.TrajectoryRecorder`."""
+    """What ``train`` writes: the files of :class:`~captum_sam.TrajectoryRecorder`."""
     from captum_sam.trajectory import MANIFEST
 
     return OutputLayout(
@@ -110,7 +110,8 @@ def compare_layout() -> OutputLayout:
 
 def _manifest_checkpoints(directory: str) -> set[str]:
     """The checkpoint files a trajectory manifest in ``directory`` names (plain ``.pt`` names)."""
-    from captum_sam.trajectory import FORMAT, MANIFEST
+    from captum_sam.record_schema import FORMAT
+    from captum_sam.trajectory import MANIFEST
 
     try:
         with open(os.path.join(directory, MANIFEST), encoding="utf-8") as f:

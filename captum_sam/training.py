@@ -33,12 +33,8 @@ from captum_sam.core.data import fetch_batch
 from captum_sam.core.losses import checked_losses
 from captum_sam.core.params import training_mode
 from captum_sam.optim import SAM
-from captum_sam.trajectory import (
-    Trajectory,
-    TrajectoryRecorder,
-    _require_map_style,
-    load_trajectory,
-)
+from captum_sam.recorder import TrajectoryRecorder, _require_map_style
+from captum_sam.trajectory import Trajectory, load_trajectory
 
 __all__ = ["TrainResult", "train_sam", "replay_trajectory"]
 

@@ -15,7 +15,8 @@ from captum_sam import outdir, train_sam
 from captum_sam.cli import main
 from captum_sam.evaluation.ground_truth import GroundTruth
 from captum_sam.outdir import clean_out_dir, compare_layout, train_layout
-from captum_sam.trajectory import FORMAT, load_trajectory
+from captum_sam.record_schema import FORMAT
+from captum_sam.trajectory import load_trajectory
 from tests.helpers import ce_loss, make_data, mlp_model
 
 TRAIN = ["train", "--epochs", "2", "--n-train", "100"]
