@@ -245,3 +245,11 @@ def test_function_fingerprint_is_the_same_in_another_process():
     assert function_digest(torch.nn.CrossEntropyLoss(reduction="none")) != function_digest(
         torch.nn.CrossEntropyLoss(reduction="sum")
     )
+
+
+def test_fingerprinting_data_leaves_the_global_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    data_digest(Items([1.0, 2.0, 3.0]))
+    assert torch.equal(torch.rand(3), expected)

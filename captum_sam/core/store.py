@@ -107,8 +107,12 @@ def data_digest(dataset: Dataset | DataLoader, batch_size: int = 256) -> dict[st
             _hash_value(h, t)
     else:
         batches = loader if loader is not None else DataLoader(base, batch_size, shuffle=False)
-        for batch in batches:
-            _hash_value(h, batch)
+        state = torch.random.get_rng_state()  # opening a DataLoader draws a base seed
+        try:
+            for batch in batches:
+                _hash_value(h, batch)
+        finally:
+            torch.random.set_rng_state(state)
     out["sha256"] = h.hexdigest()
     return out
 
