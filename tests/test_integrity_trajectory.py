@@ -235,3 +235,19 @@ def test_a_non_numeric_learning_rate_names_the_file(tmp_path):
     torch.save({**model.state_dict(), "learning_rate": "abc"}, path)
     with pytest.raises(ValueError, match=r"lr\.pt.*learning_rate"):
         checkpoints_load_func(mlp_model(), str(path))
+
+
+def test_a_new_recording_removes_a_killed_runs_temporaries_and_only_its_files(tmp_path):
+    out = tmp_path / "run"
+    train_sam(mlp_model(), make_data(n=10), ce_loss(), 1, 0.3, 0.1, 5, record_dir=out)
+    (out / ".tmp-abc.part").write_bytes(b"partial")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        train_sam(mlp_model(), make_data(n=10), ce_loss(), 1, 0.3, 0.1, 5, record_dir=out)
+    train_sam(
+        mlp_model(), make_data(n=10), ce_loss(), 2, 0.3, 0.1, 5, record_dir=out, overwrite=True
+    )
+    assert not (out / ".tmp-abc.part").exists() and (out / "notes.txt").read_text() == "mine"
+    traj = load_trajectory(out)
+    files = {os.path.basename(c.path) for c in [traj.initial, *traj.checkpoints]}
+    assert {f for f in os.listdir(out) if f.endswith(".pt")} == files  # no old checkpoint left
