@@ -10,12 +10,21 @@ to get their traceback instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
 
-import torch
-
+from captum_sam.evaluation.config import (
+    CURVATURES,
+    DATASETS,
+    DIGITS_SIZE,
+    GROUND_TRUTHS,
+    METHODS,
+    MODEL_NAMES,
+    QUICK,
+    CompareConfig,
+)
 from captum_sam.outdir import (
     UsageError,
     check_training_settings,
@@ -28,37 +37,140 @@ from captum_sam.outdir import (
     usage_errors,
 )
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
 
 DEBUG_ENV = "CAPTUM_SAM_DEBUG"
-# --------------------------------------------------------------------------- commands
+ESTIMATOR_FAILED = 3  # exit status: the report was written, but an estimator failed
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(CompareConfig)}
+TRAIN_VAL = 300  # validation examples held out by `captum-sam train` (as compare does)
 
 
-def _add_training_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=("logreg", "mlp", "cnn"), default="logreg")
-    p.add_argument("--noise", type=float, default=0.0, help="fraction of training labels flipped")
-    p.add_argument("--n-train", type=int, default=1000)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=0.5)
-    p.add_argument("--rho", type=float, default=0.05)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--weight-decay", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Show each option's default, unless it has none or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or any(default is v for v in (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _parser(sub: argparse._SubParsersAction, name: str, **kw: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, formatter_class=_HelpFormatter, **kw)
+
+
+# --------------------------------------------------------------------------- train
+
+TRAIN_DESCRIPTION = f"""\
+Train a model with SAM on scikit-learn's bundled 8x8 digits ({DIGITS_SIZE} images, no
+download) and record its trajectory in --out: a manifest.json (learning rate, rho,
+which examples were in each batch, SHA-256 of every file) and one checkpoint per
+epoch. The recording is what SAMTracInCP.from_trajectory, SAMTracInCP(checkpoints=OUT)
+and the ground truth's schedule replay read. --n-train examples are used for
+training, {TRAIN_VAL} are held out for validation and the rest for the test accuracy printed
+at the end."""
+
+
+def _add_training_args(p: argparse.ArgumentParser, compare: bool) -> None:
+    d = DEFAULTS
+    p.add_argument(
+        "--model",
+        choices=MODEL_NAMES,
+        default=d["model"],
+        help="logreg: multinomial logistic regression (convex); mlp: one tanh hidden layer "
+        "of 32 units; cnn: one 8-channel 3x3 convolution, tanh, 2x2 average pooling and a "
+        "linear head",
+    )
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=d["noise"] if compare else 0.0,
+        help="fraction of training labels flipped to another class (the planted "
+        "mislabeled examples the detection metrics look for)",
+    )
+    if compare:
+        p.add_argument(
+            "--n-train",
+            type=int,
+            default=None,
+            help=f"training examples (default: {d['n_train']}; --quick: {QUICK['n_train']})",
+        )
+    else:
+        p.add_argument("--n-train", type=int, default=1000, help="training examples")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None if compare else d["epochs"],
+        help=f"SAM epochs (default: {d['epochs']}"
+        + (f"; --quick: {QUICK['epochs']})" if compare else ")"),
+    )
+    p.add_argument("--lr", type=float, default=d["lr"], help="SGD learning rate of SAM")
+    p.add_argument(
+        "--rho",
+        type=float,
+        default=d["rho"],
+        help="SAM radius rho (0 is plain SGD); the SAM-aware estimators use the same rho",
+    )
+    p.add_argument("--adaptive", action="store_true", help="ASAM: the perturbation scaled by |w|")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="SAM batch size")
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d["weight_decay"],
+        help="L2 weight decay (lambda/2 |w|^2 added to the loss; part of every estimator's "
+        "curvature)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=d["seed"], help="seed of the split, noise, init and batches"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out: first remove the files an earlier run of "
+        "this command wrote there (other files are kept, and named)",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (the step lines are still printed)",
+    )
+
+
+def _check_train_args(args: argparse.Namespace) -> None:
+    """What ``train`` would refuse, checked before torch is imported."""
+    check_training_settings(args.epochs, args.batch_size, args.lr, args.rho, args.weight_decay)
+    room = DIGITS_SIZE - TRAIN_VAL - 1
+    if not 1 <= args.n_train <= room:
+        raise ValueError(
+            f"--n-train must be in [1, {room}] ({DIGITS_SIZE} digits, {TRAIN_VAL} held out "
+            f"for validation, at least 1 for the test), got {args.n_train}"
+        )
+    if not 0 <= args.noise < 1:
+        raise ValueError(f"--noise is a fraction of labels, in [0, 1); got {args.noise}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a reference model with SAM on digits and record the trajectory."""
+    _check_train_args(args)
+    with usage_errors():
+        refuse_non_empty(args.out, args.overwrite)
+
+    import torch
+
     from captum_sam.data import load_digits_data
     from captum_sam.evaluation.metrics import accuracy
     from captum_sam.models import build_model
     from captum_sam.training import train_sam
 
-    with usage_errors():
-        refuse_non_empty(args.out, args.overwrite)
-    check_training_settings(args.epochs, args.batch_size, args.lr, args.rho, args.weight_decay)
-    data = load_digits_data(n_train=args.n_train, noise=args.noise, seed=args.seed)
+    data = load_digits_data(n_train=args.n_train, n_val=TRAIN_VAL, noise=args.noise, seed=args.seed)
     model = build_model(args.model, data.image_shape, data.num_classes, seed=args.seed)
     make_out_ready(args.out, train_layout(), args.overwrite)
+    print(
+        f"SAM training {args.model} on digits: {len(data.train)} examples "
+        f"({int(data.noisy.sum())} noisy labels), {args.epochs} epochs",
+        flush=True,
+    )
     result = train_sam(
         model,
         data.train,
@@ -70,17 +182,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         record_dir=args.out,
         seed=args.seed,
-        show_progress=True,
+        adaptive=args.adaptive,
+        show_progress=not args.no_progress,
         overwrite=args.overwrite,
     )
     train_acc = accuracy(model, data.train.tensors)
     print(
         f"data: digits, {len(data.train)} train ({int(data.noisy.sum())} noisy labels), "
-        f"{len(data.test)} test"
+        f"{len(data.val)} validation, {len(data.test)} test"
     )
     print(
-        f"model: {args.model}, SAM rho={args.rho}, {args.epochs} epochs, "
-        f"final loss {result.epoch_losses[-1]:.4f}"
+        f"model: {args.model}, SAM rho={args.rho}{' (ASAM)' if args.adaptive else ''}, "
+        f"{args.epochs} epochs, final loss {result.epoch_losses[-1]:.4f}"
     )
     print(f"train accuracy (given labels): {train_acc:.4f}")
     print(f"test accuracy: {accuracy(model, data.test.tensors):.4f}")
@@ -88,34 +201,132 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-QUICK = dict(
-    n_train=200,
-    n_val=100,
-    n_test=150,
-    epochs=10,
-    n_loo=12,
-    lds_subsets=6,
-    removal_fractions=(0.0, 0.1, 0.2),
-    trace_examples=3,
-    trace_k=3,
-)
+# --------------------------------------------------------------------------- compare
+
+COMPARE_DESCRIPTION = """\
+Train a model with SAM (recorded), attribute its training data with every estimator,
+SAM-aware and Captum's standard ones on the same model, retrain for real without the
+removed examples (the ground truth), then print one table and write report.md,
+results.json and four plots into --out.
+
+The default run (logistic regression on the bundled digits, 1000 training examples)
+takes about 9 minutes of CPU time on one core of a 2-core machine (3-4 minutes of wall
+time when the machine is idle); --quick (200 examples, 10 epochs) about 1.5 minutes of
+CPU time. Nothing is downloaded: MNIST or CIFAR-10 are used only from files already on
+disk (--data-dir)."""
+
+COMPARE_EPILOG = f"""\
+methods (--methods, comma-separated; default: all):
+{chr(10).join(f"  {name:<16}{text}" for name, text in METHODS.items())}
+
+exit status: 0 done; {ESTIMATOR_FAILED} report written but an estimator failed (its row says why);
+2 bad command line (checked before any work); 1 another I/O error.
+
+examples:
+  captum-sam compare --quick
+  captum-sam compare --model mlp --curvature both --out runs/mlp
+  captum-sam compare --dataset mnist --data-dir ~/data --model cnn --n-train 2000"""
 
 
-def _detect_dataset(data_dir: str) -> str:
-    for name, marker in (("mnist", "MNIST"), ("cifar10", "cifar-10-batches-py")):
-        if os.path.isdir(os.path.join(data_dir, marker)):
-            return name
-    raise FileNotFoundError(
-        f"--data-dir {data_dir!r} holds neither torchvision's MNIST ({data_dir}/MNIST/raw/...) "
-        f"nor CIFAR-10 ({data_dir}/cifar-10-batches-py/...); nothing is downloaded"
+def _add_compare_args(p: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"small settings for a first look: {QUICK['n_train']} training, "
+        f"{QUICK['n_test']} test examples, {QUICK['epochs']} epochs, {QUICK['n_loo']} "
+        f"leave-one-out and {QUICK['lds_subsets']} LDS retrainings",
+    )
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=d["dataset"],
+        help="digits: scikit-learn's bundled 8x8 digits; mnist or cifar10: torchvision's "
+        "files in --data-dir (detected from --data-dir when this is left at digits)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="a torchvision root holding MNIST/raw/... or cifar-10-batches-py/ (nothing is "
+        "downloaded)",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated estimators to compare (default: all; see below)",
+    )
+    p.add_argument(
+        "--curvature",
+        choices=CURVATURES,
+        default=d["curvature"],
+        help="curvature of the Hessian-based estimators: the Hessian, the Gauss-Newton "
+        "matrix (GGN), or both (one row each)",
+    )
+    p.add_argument(
+        "--damping",
+        type=float,
+        default=d["damping"],
+        help="added to the curvature's diagonal (beyond --weight-decay) before inverting",
+    )
+    p.add_argument(
+        "--ground-truth",
+        choices=GROUND_TRUTHS,
+        default=d["ground_truth"],
+        help="fixed_point: retrain to the full-batch SAM fixed point (convex models); "
+        "schedule: replay the recorded SAM batches without the removed examples; "
+        "auto: fixed_point for logreg, schedule otherwise",
+    )
+    p.add_argument(
+        "--n-val",
+        type=int,
+        default=None,
+        help=f"clean validation examples, used to rank mislabeled training data "
+        f"(default: {d['n_val']}; --quick: {QUICK['n_val']})",
+    )
+    p.add_argument(
+        "--n-test",
+        type=int,
+        default=None,
+        help=f"test examples (default: the rest of digits, 1000 for MNIST/CIFAR-10; "
+        f"--quick: {QUICK['n_test']})",
+    )
+    p.add_argument(
+        "--n-loo",
+        type=int,
+        default=None,
+        help=f"training examples removed one at a time and retrained without "
+        f"(default: {d['n_loo']}; --quick: {QUICK['n_loo']})",
+    )
+    p.add_argument(
+        "--lds-subsets",
+        type=int,
+        default=None,
+        help=f"random training subsets retrained on for the LDS (default: "
+        f"{d['lds_subsets']}; --quick: {QUICK['lds_subsets']})",
+    )
+    p.add_argument(
+        "--lds-fraction",
+        type=float,
+        default=d["lds_fraction"],
+        help="fraction of the training set each LDS subset keeps",
+    )
+    p.add_argument(
+        "--mislabel-by",
+        choices=("influence", "self"),
+        default=d["mislabel_by"],
+        help="rank suspected mislabeled examples by their (most negative) influence on the "
+        "validation set, or by self influence",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="ground-truth retraining cache, reused by later runs with the same settings "
+        "(default: OUT/cache)",
     )
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    """Run the side-by-side comparison and write the report."""
-    from captum_sam.evaluation.compare import CompareConfig, run_compare
-    from captum_sam.evaluation.report import format_table
-
+def _compare_config(args: argparse.Namespace) -> CompareConfig:
+    """The run's settings from the command line: every check before any work."""
     settings = dict(QUICK) if args.quick else {}
     for key in ("n_train", "n_val", "n_test", "epochs", "n_loo", "lds_subsets"):
         value = getattr(args, key)
@@ -147,12 +358,32 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_training_settings(
         config.epochs, config.batch_size, config.lr, config.rho, config.weight_decay
     )
+    return config
+
+
+def _detect_dataset(data_dir: str) -> str:
+    for name, marker in (("mnist", "MNIST"), ("cifar10", "cifar-10-batches-py")):
+        if os.path.isdir(os.path.join(data_dir, marker)):
+            return name
+    raise FileNotFoundError(
+        f"--data-dir {data_dir!r} holds neither torchvision's MNIST ({data_dir}/MNIST/raw/...) "
+        f"nor CIFAR-10 ({data_dir}/cifar-10-batches-py/...); nothing is downloaded"
+    )
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Run the side-by-side comparison and write the report."""
+    config = _compare_config(args)
     with usage_errors():
         refuse_non_empty(args.out, args.overwrite)
         if args.cache_dir is not None:
             require_writable_dir(args.cache_dir, "--cache-dir")
+
+    from captum_sam.evaluation import compare
+    from captum_sam.evaluation.report import findings, format_table
+
     make_out_ready(args.out, compare_layout(), args.overwrite)
-    results = run_compare(
+    results = compare.run_compare(
         config, args.out, show_progress=not args.no_progress, cache_dir=args.cache_dir
     )
     gt = results["ground_truth"]
@@ -163,83 +394,51 @@ def cmd_compare(args: argparse.Namespace) -> int:
         f"{results['accuracy']['trained']:.3f}"
     )
     print(format_table(results["methods"]))
+    notes = findings(results)
+    if notes:
+        print("\nworth a look (details in report.md):")
+        print("\n".join(f"- {note}" for note in notes))
     print(
         f"\nreport: {args.out}/report.md, results.json and plots "
         f"({results['seconds_total']:.0f} s in all)"
     )
-    return 0
+    failed = [r["label"] for r in results["methods"] if "error" in r]
+    return ESTIMATOR_FAILED if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``captum-sam``."""
+    """The argument parser of ``captum-sam`` (imports no torch)."""
     parser = argparse.ArgumentParser(
         prog="captum-sam",
-        description="Data attribution for SAM-trained models, side by side with Captum.",
+        description="Which training examples made a SAM-trained model behave as it does? "
+        "SAM-aware influence estimators side by side with Captum's, judged against real "
+        "retraining.",
+        epilog="Start with `captum-sam compare --quick`; `captum-sam COMMAND --help` lists "
+        "each command's options.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a model with SAM on digits and record it")
-    _add_training_args(train)
-    train.add_argument("--out", default="runs/train", help="record directory")
-    train.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="write into a non-empty --out: first remove the manifest and checkpoints an "
-        "earlier run wrote there (other files are kept)",
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = _parser(
+        sub,
+        "train",
+        help="train a model with SAM on digits and record its trajectory",
+        description=TRAIN_DESCRIPTION,
     )
+    _add_training_args(train, compare=False)
+    train.add_argument("--out", default="runs/train", help="directory of the recording")
     train.set_defaults(func=cmd_train)
 
-    from captum_sam.evaluation.compare import METHODS
-
-    cmp = sub.add_parser(
+    cmp = _parser(
+        sub,
         "compare",
         help="SAM-aware vs Captum estimators against real retraining, side by side",
-        description="Train with SAM (recorded), attribute with every estimator, retrain "
-        "for the ground truth, print one table and write report.md, results.json and plots.",
+        description=COMPARE_DESCRIPTION,
+        epilog=COMPARE_EPILOG,
     )
-    cmp.add_argument("--model", choices=("logreg", "mlp", "cnn"), default="logreg")
-    cmp.add_argument("--curvature", choices=("hessian", "ggn", "both"), default="hessian")
-    cmp.add_argument("--damping", type=float, default=0.0)
-    cmp.add_argument("--rho", type=float, default=0.05)
-    cmp.add_argument("--adaptive", action="store_true", help="ASAM")
-    cmp.add_argument("--noise", type=float, default=0.1)
-    cmp.add_argument("--n-train", type=int, default=None, help="default 1000 (quick: 200)")
-    cmp.add_argument("--n-val", type=int, default=None)
-    cmp.add_argument("--n-test", type=int, default=None)
-    cmp.add_argument("--epochs", type=int, default=None, help="default 30 (quick: 10)")
-    cmp.add_argument("--lr", type=float, default=0.5)
-    cmp.add_argument("--batch-size", type=int, default=64)
-    cmp.add_argument("--weight-decay", type=float, default=1e-3)
-    cmp.add_argument("--seed", type=int, default=0)
+    _add_training_args(cmp, compare=True)
+    _add_compare_args(cmp)
     cmp.add_argument(
-        "--methods", default=None, help="comma-separated subset of: " + ", ".join(METHODS)
+        "--out", default="runs/compare", help="directory of report.md, results.json and plots"
     )
-    cmp.add_argument(
-        "--ground-truth",
-        choices=("auto", "fixed_point", "schedule"),
-        default="auto",
-        help="auto: fixed_point for logreg, schedule otherwise",
-    )
-    cmp.add_argument("--n-loo", type=int, default=None, help="removed examples (default 40)")
-    cmp.add_argument("--lds-subsets", type=int, default=None, help="default 20")
-    cmp.add_argument("--lds-fraction", type=float, default=0.5)
-    cmp.add_argument("--mislabel-by", choices=("influence", "self"), default="influence")
-    cmp.add_argument("--quick", action="store_true", help="small settings, under a minute")
-    cmp.add_argument("--dataset", choices=("digits", "mnist", "cifar10"), default="digits")
-    cmp.add_argument(
-        "--data-dir",
-        default=None,
-        help="torchvision MNIST or CIFAR-10 files already on disk (no download)",
-    )
-    cmp.add_argument("--out", default="runs/compare")
-    cmp.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="write into a non-empty --out: first remove the report.md, results.json, plots, "
-        "fixed_point.pt and trajectory/ an earlier run wrote there (other files, and the "
-        "ground-truth cache, are kept)",
-    )
-    cmp.add_argument("--cache-dir", default=None, help="ground-truth cache (default OUT/cache)")
-    cmp.add_argument("--no-progress", action="store_true")
     cmp.set_defaults(func=cmd_compare)
     return parser
 
@@ -248,13 +447,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``captum-sam`` command.
 
     Returns:
-        The exit status: 0 on success; 2 when the command line cannot be carried out
-        as given (a bad value, a missing path, an ``--out`` that is not a directory, not
-        writable, or not empty without ``--overwrite``: all checked before any work);
-        1 when the run fails with another ``OSError`` (a full disk, say). Both print one
-        line ``captum-sam: error: <message>`` to stderr, or raise with the traceback when
-        the environment variable ``CAPTUM_SAM_DEBUG`` is set (not ``0``). Any other
-        exception is a bug and propagates with its traceback.
+        The exit status: 0 on success; 3 when ``compare`` wrote its report but an
+        estimator failed (its row and the report say why); 2 when the command line
+        cannot be carried out as given (a bad value, a missing path, an ``--out`` that is
+        not a directory, not writable, or not empty without ``--overwrite``: all checked
+        before any work); 1 when the run fails with another ``OSError`` (a full disk,
+        say). Errors print one line ``captum-sam: error: <message>`` to stderr, or raise
+        with the traceback when the environment variable ``CAPTUM_SAM_DEBUG`` is set
+        (not ``0``). Any other exception is a bug and propagates with its traceback.
     """
     args = build_parser().parse_args(argv)
     try:

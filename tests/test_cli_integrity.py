@@ -323,5 +323,5 @@ def test_bad_training_settings_stop_before_overwrite_removes_anything(tmp_path, 
     assert main([*TRAIN, "--lr", "0", "--out", str(out), "--overwrite"]) == 2
     assert "--lr must be > 0, got 0.0" in one_line_error(capsys)
     assert main([*COMPARE, "--epochs", "0", "--out", str(out), "--overwrite"]) == 2
-    assert "--epochs must be a positive integer, got 0" in one_line_error(capsys)
+    assert "`epochs` (--epochs) must be >= 1, got 0" in one_line_error(capsys)
     assert snapshot(out) == before

@@ -8,7 +8,7 @@ from captum_sam.applications.scores import (
     edit_model,
     influence_scores,
 )
-from captum_sam.applications.tracing import TraceResult, plot_trace, trace
+from captum_sam.applications.tracing import TraceResult, plot_trace, trace, trace_figure
 
 __all__ = [
     "DETECT_BY",
@@ -21,4 +21,5 @@ __all__ = [
     "influence_scores",
     "plot_trace",
     "trace",
+    "trace_figure",
 ]

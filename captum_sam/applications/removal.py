@@ -36,6 +36,7 @@ def harmful_removal_curve(
     noisy: Tensor | None = None,
     random_repeats: int = 1,
     seed: int = 0,
+    show_progress: bool = False,
 ) -> RemovalCurve:
     """The paper's Figure 2: remove the top x% by suspicion vs x% at random.
 
@@ -49,6 +50,8 @@ def harmful_removal_curve(
         noisy: Boolean mask of planted noisy labels, to report how many are found.
         random_repeats: Random removals averaged per fraction.
         seed: Seed of the random removals.
+        show_progress: A progress bar over the fractions (each retrains
+            ``1 + random_repeats`` times).
 
     Returns:
         A :class:`RemovalCurve`.
@@ -65,9 +68,13 @@ def harmful_removal_curve(
             cache[key] = float(retrain_accuracy(list(key)))
         return cache[key]
 
-    for f in fractions:
+    from tqdm.auto import tqdm
+
+    for f in fractions:  # checked before the first (slow) retraining
         if not 0 <= f < 1:
             raise ValueError(f"fractions must be in [0, 1), got {f}")
+    bar = tqdm(list(fractions), desc="harmful-data removal (retraining)", disable=not show_progress)
+    for f in bar:
         m = int(round(f * n))
         top = order[:m].tolist()
         curve.fractions.append(float(f))

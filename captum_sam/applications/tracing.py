@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from captum_sam.core.data import fetch_batch
 
-__all__ = ["TraceResult", "trace", "plot_trace"]
+__all__ = ["TraceResult", "trace", "trace_figure", "plot_trace"]
 
 
 @dataclass
@@ -65,6 +65,102 @@ def _image(x: Tensor, image_shape: Sequence[int] | None) -> Any:
     return ((img - lo) / (hi - lo if hi > lo else 1.0)).numpy()
 
 
+def _train_caption(
+    index: int, given: int, clean_labels: Tensor | None, noisy: Tensor | None, name: Any
+) -> str:
+    """``label 3`` when the trained-on label is the true one, else ``given 3 (true 5)``."""
+    if clean_labels is not None:
+        true = int(clean_labels[index])
+        return (
+            f"label {name(given)}" if true == given else f"given {name(given)} (true {name(true)})"
+        )
+    if noisy is not None:
+        return f"given {name(given)} (noisy)" if bool(noisy[index]) else f"label {name(given)}"
+    return f"given {name(given)}"
+
+
+def _caption(k: int, clean_labels: Tensor | None, noisy: Tensor | None) -> str:
+    """What the colours and the label wording of :func:`trace_figure` mean."""
+    colours = (
+        f"Green: the {k} most helpful training examples (highest influence scores); "
+        f"red: the {k} most harmful (most negative scores)."
+    )
+    if clean_labels is not None:
+        labels = (
+            '"given 3 (true 5)": trained on label 3, a planted wrong label whose true class '
+            'is 5; "label 3": given and true label agree.'
+        )
+    elif noisy is not None:
+        labels = '"given 3 (noisy)": trained on a planted wrong label 3; "label 3": a clean one.'
+    else:
+        labels = '"given": the label the model was trained on.'
+    return f"{colours} {labels}"
+
+
+def _draw_examples(
+    axes: Sequence[Any],
+    train_dataset: Dataset,
+    indices: Tensor,
+    scores: Tensor,
+    color: str,
+    image_shape: Sequence[int] | None,
+    caption: Callable[[int, int], str],
+) -> None:
+    """Training examples ``indices`` (k,) in ``axes``, titled in ``color``."""
+    batch = fetch_batch(train_dataset, indices.tolist())
+    images, labels = batch[0], batch[-1]
+    for ax, index, score, image, given in zip(axes, indices, scores, images, labels):
+        ax.imshow(_image(image, image_shape), cmap="gray")
+        ax.set_title(
+            f"{caption(int(index), int(given))}\n#{int(index)}, score {float(score):+.2g}",
+            fontsize=9,
+            color=color,
+        )
+        for spine in ax.spines.values():
+            spine.set(color=color, linewidth=2)
+
+
+def trace_figure(
+    result: TraceResult,
+    test_batch: tuple[Any, ...],
+    train_dataset: Dataset,
+    predictions: Tensor | None = None,
+    image_shape: Sequence[int] | None = None,
+    class_names: Sequence[str] | None = None,
+    noisy: Tensor | None = None,
+    title: str | None = None,
+    clean_labels: Tensor | None = None,
+) -> Any:
+    """The figure of :func:`plot_trace` (a matplotlib ``Figure``; same arguments)."""
+    from matplotlib.figure import Figure
+
+    n_test, k = result.helpful.shape
+    name = (lambda c: class_names[int(c)]) if class_names else (lambda c: str(int(c)))
+    fig = Figure(figsize=(1.7 * (1 + 2 * k), 2.0 * n_test + 1.4), layout="constrained")
+    axes = fig.subplots(n_test, 1 + 2 * k, squeeze=False)
+    x_test, y_test = test_batch[0], test_batch[-1]
+    caption = lambda index, given: _train_caption(index, given, clean_labels, noisy, name)  # noqa: E731
+    for i in range(n_test):
+        axes[i, 0].imshow(_image(x_test[i], image_shape), cmap="gray")
+        label = f"test: true {name(y_test[i])}"
+        if predictions is not None:
+            label += f",\npredicted {name(predictions[i])}"
+        axes[i, 0].set_title(label, fontsize=9, color="black")
+        helpful = (result.helpful[i], result.helpful_scores[i], "tab:green")
+        harmful = (result.harmful[i], result.harmful_scores[i], "tab:red")
+        _draw_examples(axes[i, 1 : 1 + k], train_dataset, *helpful, image_shape, caption)
+        _draw_examples(axes[i, 1 + k :], train_dataset, *harmful, image_shape, caption)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(
+        title or f"Test examples, their {k} most helpful and {k} most harmful training examples",
+        fontsize=10,
+    )
+    fig.supxlabel(_caption(k, clean_labels, noisy), fontsize=9, wrap=True)
+    return fig
+
+
 def plot_trace(
     result: TraceResult,
     test_batch: tuple[Any, ...],
@@ -75,67 +171,42 @@ def plot_trace(
     class_names: Sequence[str] | None = None,
     noisy: Tensor | None = None,
     title: str | None = None,
+    clean_labels: Tensor | None = None,
 ) -> str:
     """Draw one row per test example: the example, its helpful and harmful examples.
+
+    Training examples are captioned ``label 3`` when the label they were trained on is
+    the true one and ``given 3 (true 5)`` when it is a planted wrong label (needs
+    ``clean_labels``; with ``noisy`` alone: ``given 3 (noisy)``); test examples
+    ``true 3, predicted 5``. A caption under the grid says what green and red mean.
 
     Args:
         result: From :func:`trace`.
         test_batch: The traced batch; its first element holds the images.
-        train_dataset: The training set the indices refer to.
+        train_dataset: The training set the indices refer to (with the given labels).
         path: PNG file to write.
         predictions: Predicted classes of the test examples (shown in titles).
         image_shape: Shape to reshape flat inputs to, e.g. ``(1, 8, 8)``.
         class_names: Label names.
-        noisy: Boolean mask of training examples with a planted wrong label
-            (marked "noisy" in the titles).
+        noisy: Boolean mask ``(n_train,)`` of training examples with a planted wrong label.
         title: Figure title.
+        clean_labels: True labels ``(n_train,)`` of the training examples (e.g.
+            :attr:`~captum_sam.data.SplitData.clean_labels`), shown next to wrong ones.
 
     Returns:
         The path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n_test, k = result.helpful.shape
-    name = (lambda c: class_names[int(c)]) if class_names else (lambda c: str(int(c)))
-    cols = 1 + 2 * k
-    fig, axes = plt.subplots(
-        n_test, cols, figsize=(1.25 * cols, 1.55 * n_test + 0.6), squeeze=False
+    fig = trace_figure(
+        result,
+        test_batch,
+        train_dataset,
+        predictions=predictions,
+        image_shape=image_shape,
+        class_names=class_names,
+        noisy=noisy,
+        title=title,
+        clean_labels=clean_labels,
     )
-    x_test, y_test = test_batch[0], test_batch[-1]
-    for i in range(n_test):
-        ax = axes[i, 0]
-        ax.imshow(_image(x_test[i], image_shape), cmap="gray")
-        label = f"test y={name(y_test[i])}"
-        if predictions is not None:
-            label += f"\npred={name(predictions[i])}"
-        ax.set_title(label, fontsize=7, color="black")
-        for side, (idx, scores, color) in enumerate(
-            [
-                (result.helpful, result.helpful_scores, "tab:green"),
-                (result.harmful, result.harmful_scores, "tab:red"),
-            ]
-        ):
-            rows = fetch_batch(train_dataset, idx[i].tolist())
-            for j in range(k):
-                ax = axes[i, 1 + side * k + j]
-                ax.imshow(_image(rows[0][j], image_shape), cmap="gray")
-                tag = " noisy" if noisy is not None and bool(noisy[idx[i, j]]) else ""
-                ax.set_title(
-                    f"#{int(idx[i, j])} y={name(rows[-1][j])}{tag}\n{float(scores[i, j]):+.2g}",
-                    fontsize=6,
-                    color=color,
-                )
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(
-        title or f"test example | {k} most helpful (green) | {k} most harmful (red)", fontsize=9
-    )
-    fig.tight_layout()
     path = os.fspath(path)
     fig.savefig(path, dpi=130)
-    plt.close(fig)
     return path

@@ -12,6 +12,7 @@ This package re-exports the functional API of its modules
 projection, distributed, layers) are imported by path.
 """
 
+from captum_sam.core import _quiet  # noqa: F401  (first: see its docstring)
 from captum_sam.core.curvature import ggn_vp, hvp
 from captum_sam.core.grads import (
     grad_sum,

@@ -4,22 +4,28 @@
 point, or by replaying the recorded schedule) with an on-disk cache;
 :func:`loo_scores` and :func:`lds_scores` score an estimator against it;
 :mod:`captum_sam.evaluation.metrics` holds the metrics and
-:mod:`captum_sam.evaluation.compare` the side-by-side comparison.
+:mod:`captum_sam.evaluation.compare` the side-by-side comparison. The names below are
+imported on first use, so that :mod:`captum_sam.evaluation.config` (the command's
+settings) loads without torch.
 """
 
-from captum_sam.evaluation.ground_truth import (
-    GroundTruth,
-    RetrainResults,
-    lds_scores,
-    loo_scores,
-    random_subsets,
-)
-from captum_sam.evaluation.retrain import (
-    RETRAIN_MODES,
-    FixedPointResult,
-    retrain_loo,
-    sam_fixed_point,
-)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from captum_sam._lazy import lazy_names
+
+_WHERE = {
+    "RETRAIN_MODES": "captum_sam.evaluation.retrain",
+    "FixedPointResult": "captum_sam.evaluation.retrain",
+    "GroundTruth": "captum_sam.evaluation.ground_truth",
+    "RetrainResults": "captum_sam.evaluation.ground_truth",
+    "lds_scores": "captum_sam.evaluation.ground_truth",
+    "loo_scores": "captum_sam.evaluation.ground_truth",
+    "random_subsets": "captum_sam.evaluation.ground_truth",
+    "retrain_loo": "captum_sam.evaluation.retrain",
+    "sam_fixed_point": "captum_sam.evaluation.retrain",
+}
 
 __all__ = [
     "RETRAIN_MODES",
@@ -32,3 +38,21 @@ __all__ = [
     "retrain_loo",
     "sam_fixed_point",
 ]
+
+
+__getattr__, __dir__ = lazy_names(__name__, globals(), _WHERE)
+
+if TYPE_CHECKING:
+    from captum_sam.evaluation.ground_truth import (
+        GroundTruth,
+        RetrainResults,
+        lds_scores,
+        loo_scores,
+        random_subsets,
+    )
+    from captum_sam.evaluation.retrain import (
+        RETRAIN_MODES,
+        FixedPointResult,
+        retrain_loo,
+        sam_fixed_point,
+    )

@@ -10,17 +10,20 @@ ground truth. :func:`run_compare` returns the results and writes ``report.md``,
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+import traceback
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from captum_sam.applications import detect_mislabeled, harmful_removal_curve
-from captum_sam.evaluation.ground_truth import GroundTruth, random_subsets
+from captum_sam.applications.removal import RemovalCurve
+from captum_sam.evaluation.ground_truth import GroundTruth, RetrainResults, random_subsets
 from captum_sam.evaluation.metrics import (
     accuracy,
     detection_auc,
@@ -41,7 +44,7 @@ from captum_sam.evaluation.setup import (
 )
 from captum_sam.models import build_model
 from captum_sam.training import train_sam
-from captum_sam.trajectory import load_trajectory
+from captum_sam.trajectory import Trajectory, load_trajectory
 
 __all__ = ["METHODS", "CompareConfig", "run_compare", "format_table"]
 
@@ -51,20 +54,46 @@ def _say(show: bool, text: str) -> None:
         print(text, flush=True)
 
 
+def _fmt(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+
+@dataclass
+class _Truth:
+    """What real retraining gave, shared by every estimator's metrics."""
+
+    loo_idx: list[int]
+    loo_actual: Tensor  # change of the summed test loss per removed example
+    masks: Tensor  # LDS subsets, True = kept
+    lds_losses: Tensor
+    edit_set: list[int]
+    edit: RetrainResults  # the edit set retrained away under the run's ground truth
+    edit_schedule: RetrainResults  # ... and by replaying the recorded schedule
+    retrain_seconds: float
+
+
 def run_compare(
     config: CompareConfig,
     out: str | os.PathLike[str],
     show_progress: bool = True,
     cache_dir: str | None = None,
+    verbose: bool = True,
 ) -> dict[str, Any]:
     """Run the whole comparison and write its report into ``out``.
+
+    An estimator that raises is reported in its row (``"error"``: the exception's type
+    and message; ``"traceback"`` in ``results.json``) and the run goes on with the
+    others; the report lists it. The warnings an estimator emits are kept in its row
+    (``"warnings"``) instead of being printed between progress bars.
 
     Args:
         config: The settings.
         out: Output directory (created).
-        show_progress: Progress bars and step messages.
+        show_progress: Progress bars (tqdm) inside every step.
         cache_dir: Where ground-truth retrainings are cached (default
             ``out/cache``); a second run with the same settings reuses them.
+        verbose: The step lines (``[1/5] ...``) and one line per estimator, printed
+            whatever ``show_progress`` says.
 
     Returns:
         The content of ``results.json``.
@@ -74,15 +103,57 @@ def run_compare(
     os.makedirs(out, exist_ok=True)
     cache_dir = cache_dir or os.path.join(out, "cache")
     torch.manual_seed(cfg.seed)
-    loss = torch.nn.CrossEntropyLoss(reduction="none")
     started = time.perf_counter()
+    ctx, traj, fixed_point_residual = _train(cfg, out, show_progress, verbose)
+    _say(verbose, f"[2/5] ground truth: retraining ({cfg.resolved_ground_truth})")
+    gt, truth = _ground_truth(ctx, traj, cache_dir, show_progress)
 
-    # ------------------------------------------------------------- model
+    rows_to_run = cfg.rows()
+    _say(verbose, f"[3/5] attribution with {len(rows_to_run)} estimators")
+    rows: list[dict[str, Any]] = []
+    scores: dict[str, dict[str, Any]] = {}
+    for i, (label, method, curvature) in enumerate(rows_to_run, 1):
+        _say(verbose, f"      ({i}/{len(rows_to_run)}) {label}: {METHODS[method]}")
+        start = time.perf_counter()
+        try:
+            row, scores[label] = _attribute(ctx, truth, label, method, curvature, show_progress)
+        except Exception as err:  # one estimator's failure must not lose the others' rows
+            row = _failed_row(label, method, curvature, err, time.perf_counter() - start)
+            _say(
+                verbose, f"      {label:<26} FAILED after {row['runtime_s']:.1f} s: {row['error']}"
+            )
+        else:
+            _say(
+                verbose,
+                f"      {label:<26} {row['runtime_s']:7.2f} s  LOO pearson "
+                f"{row['loo_pearson']:+.3f}  LDS {row['lds']:+.3f}  "
+                f"AUC {_fmt(row['mislabel_auc'])}",
+            )
+        rows.append(row)
+
+    removal = _removal(ctx, gt, rows, scores, show_progress, verbose)
+    _say(verbose, "[5/5] writing the report")
+    results = _results(ctx, truth, rows, removal, fixed_point_residual)
+    results["seconds_total"] = time.perf_counter() - started
+    ok = [r for r in rows if "error" not in r]
+    _plots(out, ctx, ok, scores, truth.loo_idx, truth.loo_actual, removal, ctx.base)
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, default=float)
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
+        f.write(_report(results))
+    return results
+
+
+def _train(
+    cfg: CompareConfig, out: str, show_progress: bool, verbose: bool
+) -> tuple[Context, Trajectory, float | None]:
+    """Step 1: SAM training (recorded) and, for ``fixed_point``, the SAM fixed point."""
+    loss = torch.nn.CrossEntropyLoss(reduction="none")
     data = load_data(cfg)
     model = build_model(cfg.model, data.image_shape, data.num_classes, seed=cfg.seed)
     record_dir = os.path.join(out, "trajectory")
     _say(
-        show_progress,
+        verbose,
         f"[1/5] SAM training {cfg.model} on {data.name} "
         f"({len(data.train)} examples, {int(data.noisy.sum())} planted noisy labels)",
     )
@@ -102,14 +173,15 @@ def run_compare(
         overwrite=True,
     )
     traj = load_trajectory(record_dir)
-    mode = cfg.resolved_ground_truth
-    if mode == "fixed_point":
+    residual: float | None = None
+    if cfg.resolved_ground_truth == "fixed_point":
+        _say(verbose, "      Newton to the full-batch SAM fixed point (the attribution point)")
         fp = sam_fixed_point(model, data.train, loss, cfg.rho, cfg.weight_decay, cfg.adaptive)
         base, base_ckpt = fp.model, os.path.join(out, "fixed_point.pt")
         torch.save({"model_state": base.state_dict(), "learning_rate": 1.0}, base_ckpt)
-        fixed_point_residual: float | None = fp.residual
+        residual = fp.residual
     else:
-        base, base_ckpt, fixed_point_residual = model, traj.final.path, None
+        base, base_ckpt = model, traj.final.path
     ctx = Context(
         cfg,
         data,
@@ -122,12 +194,18 @@ def run_compare(
         data.val.tensors,
         [c.path for c in traj.checkpoints],
     )
+    return ctx, traj, residual
 
-    # ------------------------------------------------------------- ground truth
-    _say(show_progress, f"[2/5] ground truth: retraining ({mode})")
+
+def _ground_truth(
+    ctx: Context, traj: Trajectory, cache_dir: str, show_progress: bool
+) -> tuple[GroundTruth, _Truth]:
+    """Step 2: leave-one-out, LDS-subset and edit-set retraining."""
+    cfg, data, loss = ctx.config, ctx.data, ctx.loss
+    mode = cfg.resolved_ground_truth
     n = len(data.train)
     gt = GroundTruth(
-        base,
+        ctx.base,
         data.train,
         loss,
         mode,
@@ -138,10 +216,9 @@ def run_compare(
         cache_dir=cache_dir,
     )
     g = torch.Generator().manual_seed(cfg.seed + 7)
-    loo_idx = torch.randperm(n, generator=g)[: min(cfg.n_loo, n)].tolist()
-    base_losses = loss(base.eval()(ctx.test[0]), ctx.test[1]).detach()
+    loo_idx = torch.randperm(n, generator=g)[: cfg.n_loo].tolist()
+    base_losses = loss(ctx.base.eval()(ctx.test[0]), ctx.test[1]).detach()
     loo = gt.evaluate([[k] for k in loo_idx], ctx.test, show_progress, "LOO retraining")
-    loo_actual = loo.losses.sum(dim=1) - base_losses.sum()
     masks = random_subsets(n, cfg.lds_fraction, cfg.lds_subsets, cfg.seed + 11)
     lds_gt = gt.evaluate(
         [torch.nonzero(~m).flatten().tolist() for m in masks],
@@ -154,30 +231,48 @@ def run_compare(
         if int(data.noisy.sum())
         else torch.randperm(n, generator=g)[: max(1, n // 20)].tolist()
     )
-    edit_gt = gt.evaluate([edit_set], ctx.test, False)
+    edit = gt.evaluate([edit_set], ctx.test, show_progress, "edit-set retraining")
     schedule_gt = (
         gt
         if mode == "schedule"
-        else GroundTruth(model, data.train, loss, "schedule", trajectory=traj, cache_dir=cache_dir)
+        else GroundTruth(
+            ctx.model, data.train, loss, "schedule", trajectory=traj, cache_dir=cache_dir
+        )
     )
-    edit_gt_schedule = schedule_gt.evaluate([edit_set], ctx.test, False)
-    retrain_seconds = float(loo.seconds.mean())
+    edit_schedule = schedule_gt.evaluate(
+        [edit_set], ctx.test, show_progress, "edit-set retraining (schedule)"
+    )
+    truth = _Truth(
+        loo_idx=loo_idx,
+        loo_actual=loo.losses.sum(dim=1) - base_losses.sum(),
+        masks=masks,
+        lds_losses=lds_gt.losses,
+        edit_set=edit_set,
+        edit=edit,
+        edit_schedule=edit_schedule,
+        retrain_seconds=float(loo.seconds.mean()),
+    )
+    return gt, truth
 
-    # ------------------------------------------------------------- estimators
-    _say(show_progress, f"[3/5] attribution with {len(cfg.rows())} estimators")
-    rows: list[dict[str, Any]] = []
-    scores: dict[str, dict[str, Any]] = {}
-    for label, method, curvature in cfg.rows():
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            est = build_estimator(ctx, method, curvature)
-            s_test = est.influence(ctx.test, show_progress=False).detach()
+
+def _attribute(
+    ctx: Context,
+    truth: _Truth,
+    label: str,
+    method: str,
+    curvature: str | None,
+    show_progress: bool,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Step 3 for one estimator: its row of metrics and its scores."""
+    cfg = ctx.config
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est = build_estimator(ctx, method, curvature, show_progress=show_progress)
+        s_test = est.influence(ctx.test, show_progress=show_progress).detach()
         runtime = time.perf_counter() - start
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            ranking = detect_mislabeled(est, ctx.val, by="influence")
-            self_scores = est.self_influence().detach().reshape(-1)
+        ranking = detect_mislabeled(est, ctx.val, by="influence", show_progress=show_progress)
+        self_scores = est.self_influence(show_progress=show_progress).detach().reshape(-1)
         row = _row_metrics(
             cfg,
             label,
@@ -186,99 +281,124 @@ def run_compare(
             s_test,
             ranking.suspicion,
             self_scores,
-            data.noisy,
-            loo_idx,
-            loo_actual,
-            masks,
-            lds_gt.losses,
+            ctx.data.noisy,
+            truth.loo_idx,
+            truth.loo_actual,
+            truth.masks,
+            truth.lds_losses,
         )
         row["runtime_s"] = runtime
-        row["speedup_vs_retraining"] = retrain_seconds * n / runtime
+        row["speedup_vs_retraining"] = truth.retrain_seconds * len(ctx.data.train) / runtime
         if hasattr(est, "edited_model"):
-            edited = est.edited_model(edit_set)
-            ref = edit_gt_schedule if method.startswith("sam-gif") else edit_gt
-            origin = model if method.startswith("sam-gif") else base
-            em = editing_metrics(
-                list(edited.parameters()),
-                [ref.params[0]],
-                list(origin.parameters()),
-                (
-                    accuracy(edited, ctx.test),
-                    float(ref.accuracies[0]),
-                    accuracy(origin, ctx.test),
-                ),
-            )
-            row.update(
-                {
-                    "edit_accuracy": em.edited_accuracy,
-                    "retrained_accuracy": em.retrained_accuracy,
-                    "original_accuracy": em.original_accuracy,
-                    "edit_relative_distance": em.relative_distance,
-                }
-            )
-        rows.append(row)
-        scores[label] = {
-            "test": s_test,
-            "suspicion": ranking.suspicion,
-            "self": self_scores,
-            "estimator": est,
-        }
-        _say(
-            show_progress,
-            f"      {label:<26} {runtime:7.2f} s  LOO pearson "
-            f"{row['loo_pearson']:+.3f}  LDS {row['lds']:+.3f}  AUC {row['mislabel_auc']:.3f}",
-        )
+            row.update(_edit_metrics(ctx, truth, est, method))
+    row["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
+    entry = {"test": s_test, "suspicion": ranking.suspicion, "self": self_scores, "estimator": est}
+    return row, entry
 
-    # ------------------------------------------------------------- applications
-    primary = rows[0]["method"] if rows else None
-    removal = None
-    if int(data.noisy.sum()) and primary is not None:
-        _say(show_progress, f"[4/5] harmful-data removal curve with {rows[0]['label']}")
 
-        def retrain_acc(idx: list[int]) -> float:
-            return float(gt.evaluate([idx], ctx.test, False).accuracies[0])
+def _edit_metrics(ctx: Context, truth: _Truth, est: Any, method: str) -> dict[str, float]:
+    """Edit the model to forget the edit set; compare with really retraining without it."""
+    trajectory_form = method.startswith("sam-gif")
+    edited = est.edited_model(truth.edit_set)
+    ref = truth.edit_schedule if trajectory_form else truth.edit
+    origin = ctx.model if trajectory_form else ctx.base
+    em = editing_metrics(
+        list(edited.parameters()),
+        [ref.params[0]],
+        list(origin.parameters()),
+        (accuracy(edited, ctx.test), float(ref.accuracies[0]), accuracy(origin, ctx.test)),
+    )
+    return {
+        "edit_accuracy": em.edited_accuracy,
+        "retrained_accuracy": em.retrained_accuracy,
+        "original_accuracy": em.original_accuracy,
+        "edit_relative_distance": em.relative_distance,
+    }
 
-        key = "suspicion" if cfg.mislabel_by == "influence" else "self"
-        removal = harmful_removal_curve(
-            scores[rows[0]["label"]][key],
-            retrain_acc,
-            cfg.removal_fractions,
-            data.noisy,
-            seed=cfg.seed,
-        )
-    _say(show_progress, "[5/5] writing the report")
-    results = {
+
+def _failed_row(
+    label: str, method: str, curvature: str | None, err: Exception, seconds: float
+) -> dict[str, Any]:
+    """The row of an estimator that raised: its reason instead of metrics."""
+    reason = " ".join(str(err).split()) or "(no message)"
+    return {
+        "label": label,
+        "method": method,
+        "curvature": curvature,
+        "description": METHODS[method],
+        "error": f"{type(err).__name__}: {reason}",
+        "traceback": "".join(traceback.format_exception(err)),
+        "runtime_s": seconds,
+    }
+
+
+def _removal(
+    ctx: Context,
+    gt: GroundTruth,
+    rows: list[dict[str, Any]],
+    scores: dict[str, dict[str, Any]],
+    show_progress: bool,
+    verbose: bool,
+) -> RemovalCurve | None:
+    """Step 4: retrain without the top-ranked "harmful" examples vs random ones."""
+    cfg, noisy = ctx.config, ctx.data.noisy
+    first = next((r for r in rows if "error" not in r), None)
+    if not int(noisy.sum()) or first is None:
+        reason = "no planted noisy labels (--noise 0)" if first else "every estimator failed"
+        _say(verbose, f"[4/5] harmful-data removal curve skipped: {reason}")
+        return None
+    _say(verbose, f"[4/5] harmful-data removal curve with {first['label']}")
+
+    def retrain_acc(idx: list[int]) -> float:
+        return float(gt.evaluate([idx], ctx.test, False).accuracies[0])
+
+    key = "suspicion" if cfg.mislabel_by == "influence" else "self"
+    return harmful_removal_curve(
+        scores[first["label"]][key],
+        retrain_acc,
+        cfg.removal_fractions,
+        noisy,
+        seed=cfg.seed,
+        show_progress=show_progress,
+    )
+
+
+def _results(
+    ctx: Context,
+    truth: _Truth,
+    rows: list[dict[str, Any]],
+    removal: RemovalCurve | None,
+    fixed_point_residual: float | None,
+) -> dict[str, Any]:
+    """The content of ``results.json`` (without the total time)."""
+    cfg, data = ctx.config, ctx.data
+    first = next((r for r in rows if "error" not in r), None)
+    return {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "ground_truth": {
-            "mode": mode,
+            "mode": cfg.resolved_ground_truth,
             "fixed_point_residual": fixed_point_residual,
-            "retrain_seconds_mean": retrain_seconds,
-            "n_loo": len(loo_idx),
-            "lds_subsets": int(masks.shape[0]),
-            "edit_set_size": len(edit_set),
-            "retrained_accuracy": float(edit_gt.accuracies[0]),
+            "retrain_seconds_mean": truth.retrain_seconds,
+            "n_loo": len(truth.loo_idx),
+            "lds_subsets": int(truth.masks.shape[0]),
+            "edit_set_size": len(truth.edit_set),
+            "retrained_accuracy": float(truth.edit.accuracies[0]),
         },
         "data": {
             "name": data.name,
-            "n_train": n,
+            "n_train": len(data.train),
             "n_val": len(data.val),
             "n_test": len(data.test),
             "noisy": int(data.noisy.sum()),
         },
         "accuracy": {
-            "trained": accuracy(model, ctx.test),
-            "attribution_point": accuracy(base, ctx.test),
+            "trained": accuracy(ctx.model, ctx.test),
+            "attribution_point": accuracy(ctx.base, ctx.test),
         },
         "methods": rows,
         "removal_curve": asdict(removal) if removal is not None else None,
-        "seconds_total": time.perf_counter() - started,
+        "removal_ranked_by": first["label"] if removal is not None and first else None,
     }
-    _plots(out, ctx, rows, scores, loo_idx, loo_actual, removal, base)
-    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, default=float)
-    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
-        f.write(_report(results))
-    return results
 
 
 def _row_metrics(

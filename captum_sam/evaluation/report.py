@@ -1,30 +1,33 @@
 """The report of ``captum-sam compare``: the results table, ``report.md`` and the plots.
 
 :func:`format_table` renders one row of metrics per estimator (markdown or plain
-text); the private helpers write ``report.md`` from the results dictionary that
+text), :func:`findings` says in words what a reader should look out for; the private
+helpers write ``report.md`` from the results dictionary that
 :func:`~captum_sam.evaluation.compare.run_compare` builds, and the PNG plots (LOO
 scatter, mislabel recall, harmful-data removal and the trace of misclassified test
-examples).
+examples, drawn by :mod:`captum_sam.evaluation.figures`). A row with an ``"error"`` key
+is an estimator that failed: it has no metrics and no scores.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from captum_sam.applications import plot_trace, trace
+from captum_sam.applications.tracing import trace, trace_figure
+from captum_sam.evaluation.findings import findings, removal_ranked_by, succeeded
 from captum_sam.evaluation.metrics import recall_curve
 
 if TYPE_CHECKING:
     from captum_sam.evaluation.setup import Context
 
-__all__ = ["format_table"]
+__all__ = ["format_table", "findings"]
 
 COLUMNS = [
     ("method", "label", "{}"),
@@ -39,29 +42,44 @@ COLUMNS = [
     ("runtime s", "runtime_s", "{:.2f}"),
     ("vs retraining", "speedup_vs_retraining", "{:.0f}x"),
 ]
+# columns a failed estimator still has a value for, or that make no sense for it
+_KEPT_WHEN_FAILED = {"label", "runtime_s"}
+_NA_WHEN_FAILED = {"speedup_vs_retraining"}
+RANKED_BY = {
+    "influence": "most negative influence on the validation loss",
+    "self": "highest self influence",
+}
+RETRAINED = {
+    "fixed_point": "to the full-batch SAM fixed point",
+    "schedule": "by replaying the recorded SAM schedule",
+}
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _cell(row: dict[str, Any], key: str | None, fmt: str) -> str:
+    failed = "error" in row
+    if failed and key not in _KEPT_WHEN_FAILED:
+        return "n/a" if key in _NA_WHEN_FAILED else "failed"
+    if key is None:
+        if "edit_accuracy" not in row:
+            return "n/a"
+        return f"{row['edit_accuracy']:.3f} ({row['retrained_accuracy']:.3f})"
+    value = row.get(key)
+    return "n/a" if _missing(value) else fmt.format(value)
 
 
 def format_table(rows: Sequence[dict[str, Any]], markdown: bool = True) -> str:
-    """The comparison table, one method per row."""
+    """The comparison table, one method per row.
+
+    A failed estimator's row (one with an ``"error"`` key) reads "failed" in its metric
+    cells; a metric that was not computed (None or NaN, e.g. the mislabel metrics with no
+    planted noisy labels) reads "n/a".
+    """
     header = [c[0] for c in COLUMNS]
-    body = []
-    for r in rows:
-        cells = []
-        for _, key, fmt in COLUMNS:
-            if key is None:
-                cells.append(
-                    f"{r['edit_accuracy']:.3f} ({r['retrained_accuracy']:.3f})"
-                    if "edit_accuracy" in r
-                    else "n/a"
-                )
-            else:
-                value = r.get(key)
-                cells.append(
-                    "n/a"
-                    if value is None or (isinstance(value, float) and np.isnan(value))
-                    else fmt.format(value)
-                )
-        body.append(cells)
+    body = [[_cell(r, key, fmt) for _, key, fmt in COLUMNS] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
@@ -71,11 +89,6 @@ def format_table(rows: Sequence[dict[str, Any]], markdown: bool = True) -> str:
 def _report(results: dict[str, Any]) -> str:
     cfg, gt, data = results["config"], results["ground_truth"], results["data"]
     mode = gt["mode"]
-    ranked_by = (
-        "most negative validation influence score"
-        if cfg["mislabel_by"] == "influence"
-        else "highest self influence"
-    )
     truth = (
         "retraining to the full-batch SAM fixed point (Newton, residual "
         f"{gt['fixed_point_residual']:.1e}) from the trained weights; the Hessian-based "
@@ -83,6 +96,7 @@ def _report(results: dict[str, Any]) -> str:
         if mode == "fixed_point"
         else "replaying the recorded SAM schedule without the removed examples"
     )
+    warnings_found = findings(results) or ["Nothing flagged."]
     lines = [
         "# captum-sam compare",
         "",
@@ -96,22 +110,62 @@ def _report(results: dict[str, Any]) -> str:
         "",
         format_table(results["methods"]),
         "",
+        "## What to look out for",
+        "",
+        *[f"- {text}" for text in warnings_found],
+        "",
+        *_failed_section(results["methods"]),
+        *_columns_section(results),
+        *_removal_section(results),
+    ]
+    return "\n".join(lines)
+
+
+def _failed_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+    failed = [r for r in rows if "error" in r]
+    if not failed:
+        return []
+    return [
+        "## Estimators that failed",
+        "",
+        *[
+            f"- `{r['label']}` ({r['description']}), after {r['runtime_s']:.1f} s: {r['error']}"
+            for r in failed
+        ],
+        "",
+        'They have no metrics ("failed" in the table) and no plots; '
+        "`results.json` keeps each one's traceback.",
+        "",
+    ]
+
+
+def _columns_section(results: dict[str, Any]) -> list[str]:
+    cfg, gt = results["config"], results["ground_truth"]
+    forgotten = (
+        f"the {gt['edit_set_size']} noisy examples"
+        if results["data"]["noisy"]
+        else f"{gt['edit_set_size']} random training examples"
+    )
+    return [
         "## Columns",
         "",
         f"- **LOO Pearson / Spearman**: correlation, over {gt['n_loo']} removed training "
         "examples, between the predicted change of the summed test loss (the sum of the "
-        "method's influence scores over the test set) and the actual change after retraining.",
+        "method's influence scores over the test set) and the actual change after retraining. "
+        "The correlations ignore the scale, and methods predict on very different scales: "
+        "`loo_scatter.png` gives each method's fitted slope (1 = same scale as the actual "
+        "change).",
         f"- **LDS**: linear datamodeling score over {gt['lds_subsets']} random subsets of "
         f"{cfg['lds_fraction']:.0%} of the training set: per test example, the Spearman "
         "correlation between the predicted and the actual test loss of the model retrained "
         "on the subset, averaged over test examples.",
         f"- **mislabel AUC, recall@10% / 40%**: ranking training examples by "
-        f"{ranked_by}, "
-        "the area under the ROC curve for the planted noisy labels, and the fraction of them "
-        "found after examining the top 10% / 40% of the training set. **AUC self-infl.**: "
-        "the same AUC when ranking by self influence instead.",
-        f"- **edit acc (retrained)**: test accuracy of the model edited to forget the "
-        f"{gt['edit_set_size']} noisy examples without retraining, and in parentheses of the "
+        f"{RANKED_BY[cfg['mislabel_by']]}, the area under the ROC curve for the planted noisy "
+        "labels, and the fraction of them found after examining the top 10% / 40% of the "
+        "training set. **AUC self-infl.**: the same AUC when ranking by self influence "
+        "instead. n/a: no planted noisy labels.",
+        f"- **edit acc (retrained)**: test accuracy of the model edited to forget {forgotten} "
+        "without retraining, and in parentheses of the "
         "model really retrained without them (SAM-GIF against the replayed schedule, the "
         "others against the ground truth above). n/a: the estimator cannot edit.",
         "- **runtime s**: set-up plus influence of every training example on every test "
@@ -122,25 +176,46 @@ def _report(results: dict[str, Any]) -> str:
         "",
         *[f"- `{r['label']}`: {r['description']}" for r in results["methods"]],
         "",
-        "Plots: `loo_scatter.png`, `mislabel_recall.png`, `harmful_removal.png`, `trace.png`.",
+        _plots_line(results),
         "",
     ]
+
+
+def _plots_line(results: dict[str, Any]) -> str:
+    """The plots :func:`_plots` wrote for these results."""
+    if not succeeded(results["methods"]):
+        return "No plots: every estimator failed."
+    names = ["loo_scatter.png"]
+    if results["data"]["noisy"]:
+        names.append("mislabel_recall.png")
     if results.get("removal_curve"):
-        rc = results["removal_curve"]
-        lines += [
-            "## Harmful-data removal (retrained)",
-            "",
-            "| removed | accuracy (top harmful) | accuracy (random) | noisy labels found |",
-            "|---|---|---|---|",
-        ]
-        for i, f in enumerate(rc["fractions"]):
-            found = rc["noisy_found"][i] if rc["noisy_found"] else float("nan")
-            lines.append(
-                f"| {f:.0%} | {rc['accuracy_top'][i]:.3f} | "
-                f"{rc['accuracy_random'][i]:.3f} | {found:.2f} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
+        names.append("harmful_removal.png")
+    return "Plots: " + ", ".join(f"`{n}`" for n in [*names, "trace.png"]) + "."
+
+
+def _removal_section(results: dict[str, Any]) -> list[str]:
+    rc = results.get("removal_curve")
+    if not rc:
+        return []
+    lines = [
+        "## Harmful-data removal (retrained)",
+        "",
+        f"Ranked by `{removal_ranked_by(results)}`: {RANKED_BY[results['config']['mislabel_by']]}.",
+        "",
+        "| removed | accuracy (top harmful) | accuracy (random) | noisy labels found |",
+        "|---|---|---|---|",
+    ]
+    for i, f in enumerate(rc["fractions"]):
+        found = rc["noisy_found"][i] if rc["noisy_found"] else float("nan")
+        lines.append(
+            f"| {f:.0%} | {rc['accuracy_top'][i]:.3f} | "
+            f"{rc['accuracy_random'][i]:.3f} | {found:.2f} |"
+        )
+    return [*lines, ""]
+
+
+def _save(fig: Any, path: str) -> None:
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def _plots(
@@ -153,93 +228,62 @@ def _plots(
     removal: Any,
     base: nn.Module,
 ) -> None:
-    import matplotlib
+    """Write the PNG plots of the estimators that succeeded (none if every one failed)."""
+    from captum_sam.evaluation import figures  # matplotlib is an optional dependency
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not rows:
+    done = [r for r in succeeded(rows) if r["label"] in scores]
+    if not done:
         return
-    cols = min(4, len(rows))
-    nrows = (len(rows) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.0 * nrows), squeeze=False)
-    for ax, row in zip(axes.ravel(), rows):
-        pred = scores[row["label"]]["test"].sum(dim=0)[loo_idx].cpu().numpy()
-        ax.scatter(loo_actual.cpu().numpy(), pred, s=10)
-        ax.set_title(f"{row['label']}\nPearson {row['loo_pearson']:+.2f}", fontsize=8)
-        ax.set_xlabel("actual change of test loss", fontsize=7)
-        ax.set_ylabel("predicted", fontsize=7)
-        ax.tick_params(labelsize=6)
-    for ax in axes.ravel()[len(rows) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "loo_scatter.png"), dpi=120)
-    plt.close(fig)
-
-    noisy = ctx.data.noisy
+    cfg, noisy = ctx.config, ctx.data.noisy
+    panels = [
+        (r["label"], scores[r["label"]]["test"].sum(dim=0)[loo_idx].cpu().numpy(), r["loo_pearson"])
+        for r in done
+    ]
+    retrained = RETRAINED[cfg.resolved_ground_truth]
+    fig = figures.loo_scatter_figure(panels, loo_actual.cpu().numpy(), retrained)
+    _save(fig, os.path.join(out, "loo_scatter.png"))
+    ranked_by = RANKED_BY[cfg.mislabel_by]
     if int(noisy.sum()):
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for row in rows:
-            by = (
-                scores[row["label"]]["suspicion"]
-                if ctx.config.mislabel_by == "influence"
-                else scores[row["label"]]["self"]
+        key = "suspicion" if cfg.mislabel_by == "influence" else "self"
+        by = {r["label"]: scores[r["label"]][key] for r in done}
+        curves = [
+            (
+                f"{r['label']} ({_cell(r, 'mislabel_auc', '{:.2f}')})",
+                *recall_curve(by[r["label"]], noisy),
             )
-            x, y = recall_curve(by, noisy)
-            ax.plot(x, y, label=f"{row['label']} (AUC {row['mislabel_auc']:.2f})", lw=1.2)
-        ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="random")
-        ax.set_xlabel("fraction of training data examined")
-        ax.set_ylabel("fraction of noisy labels found")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "mislabel_recall.png"), dpi=120)
-        plt.close(fig)
-
+            for r in done
+        ]
+        fig = figures.mislabel_recall_figure(curves, ranked_by)
+        _save(fig, os.path.join(out, "mislabel_recall.png"))
     if removal is not None:
-        fig, ax1 = plt.subplots(figsize=(5, 4))
-        ax1.plot(
-            removal.fractions,
-            removal.accuracy_top,
-            "o-",
-            label=f"remove top harmful ({rows[0]['label']})",
-        )
-        ax1.plot(removal.fractions, removal.accuracy_random, "s--", label="remove at random")
-        ax1.set_xlabel("fraction of training data removed")
-        ax1.set_ylabel("test accuracy after retraining")
-        ax2 = ax1.twinx()
-        ax2.plot(
-            removal.fractions,
-            removal.noisy_found,
-            "^:",
-            color="tab:green",
-            label="noisy labels found",
-        )
-        ax2.set_ylabel("fraction of noisy labels removed")
-        h1, l1 = ax1.get_legend_handles_labels()
-        h2, l2 = ax2.get_legend_handles_labels()
-        ax1.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower right")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "harmful_removal.png"), dpi=120)
-        plt.close(fig)
+        share = float(noisy.double().mean())
+        fig = figures.removal_figure(removal, done[0]["label"], ranked_by, share)
+        _save(fig, os.path.join(out, "harmful_removal.png"))
+    _trace_plot(out, ctx, done[0]["label"], scores[done[0]["label"]]["estimator"], base)
 
-    est = scores[rows[0]["label"]]["estimator"]
+
+def _trace_plot(out: str, ctx: Context, label: str, estimator: Any, base: nn.Module) -> None:
+    """``trace.png``: misclassified test examples with the training examples behind them."""
     x, y = ctx.test
     with torch.no_grad():
         pred = base.eval()(x).argmax(dim=1)
     wrong = torch.nonzero(pred != y).flatten()[: ctx.config.trace_examples]
+    shown = "misclassified test examples"
     if len(wrong) == 0:
         wrong = torch.arange(min(ctx.config.trace_examples, len(y)))
+        shown = "test examples (none is misclassified)"
     batch = (x[wrong], y[wrong])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        result = trace(est, batch, k=ctx.config.trace_k)
-    plot_trace(
+        result = trace(estimator, batch, k=ctx.config.trace_k)
+    fig = trace_figure(
         result,
         batch,
         ctx.data.train,
-        os.path.join(out, "trace.png"),
         predictions=pred[wrong],
-        noisy=noisy,
-        title=f"{rows[0]['label']}: misclassified test digits, helpful (green) and "
-        "harmful (red) training examples",
+        noisy=ctx.data.noisy,
+        clean_labels=ctx.data.clean_labels,
+        title=f"{label}: {shown}, each followed by the training examples it ranks most "
+        "helpful (green) and most harmful (red)",
     )
+    _save(fig, os.path.join(out, "trace.png"))

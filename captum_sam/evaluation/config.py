@@ -1,0 +1,203 @@
+"""The settings of ``captum-sam compare``, checked before any work (no torch imported).
+
+:class:`CompareConfig` holds and validates every setting, so that a bad command line
+is refused in well under a second, before the data are loaded or training starts;
+:data:`METHODS` names the estimators a run can compare and :data:`QUICK` the small
+settings of ``--quick``. Errors name both the field and its command-line flag.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+__all__ = [
+    "METHODS",
+    "HESSIAN_FAMILY",
+    "GROUND_TRUTHS",
+    "DATASETS",
+    "MODEL_NAMES",
+    "CURVATURES",
+    "DIGITS_SIZE",
+    "QUICK",
+    "CompareConfig",
+]
+
+METHODS: dict[str, str] = {
+    "sam-gif": "SAM-GIF, trajectory form: real batch membership and learning rates",
+    "sam-gif-ckpt": "SAM-GIF, checkpoint form on the epoch checkpoints (eta_c/|B| each)",
+    "sam-hif-fast": "SAM-HIF(Fast), Theorem 4.3",
+    "sam-hif": "SAM-HIF, Theorem 4.5 (non-symmetric)",
+    "sam-hif-exact": "SAM-HIF(exact), the full first-order derivative (docs/math.rst)",
+    "if": "plain influence function at the same weights (Koh & Liang)",
+    "captum-tracincp": "Captum TracInCP on the same epoch checkpoints",
+    "captum-arnoldi": "Captum ArnoldiInfluenceFunction at the same weights",
+}
+HESSIAN_FAMILY = {
+    "sam-hif-fast": "fast",
+    "sam-hif": "full",
+    "sam-hif-exact": "exact",
+    "if": "plain",
+}
+GROUND_TRUTHS = ("auto", "fixed_point", "schedule")
+DATASETS = ("digits", "mnist", "cifar10")
+MODEL_NAMES = ("logreg", "mlp", "cnn")  # the names of captum_sam.models.MODELS
+CURVATURES = ("hessian", "ggn", "both")
+DIGITS_SIZE = 1797  # images in scikit-learn's bundled digits
+
+QUICK = dict(
+    n_train=200,
+    n_val=100,
+    n_test=150,
+    epochs=10,
+    n_loo=12,
+    lds_subsets=6,
+    removal_fractions=(0.0, 0.1, 0.2),
+    trace_examples=3,
+    trace_k=3,
+)
+
+
+def _name(field: str) -> str:
+    """``field`` as the error names it: the attribute and its ``captum-sam`` flag."""
+    return f"`{field}` (--{field.replace('_', '-')})"
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Settings of one comparison (validated on construction, before any work)."""
+
+    model: str = "logreg"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    n_train: int = 1000
+    n_val: int = 300
+    n_test: int | None = None
+    noise: float = 0.1
+    rho: float = 0.05
+    adaptive: bool = False
+    epochs: int = 30
+    lr: float = 0.5
+    batch_size: int = 64
+    weight_decay: float = 1e-3
+    damping: float = 0.0
+    curvature: str = "hessian"
+    ground_truth: str = "auto"
+    n_loo: int = 40
+    lds_subsets: int = 20
+    lds_fraction: float = 0.5
+    removal_fractions: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
+    mislabel_by: str = "influence"
+    methods: tuple[str, ...] = tuple(METHODS)
+    seed: int = 0
+    trace_examples: int = 4
+    trace_k: int = 4
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        self._check_numbers()
+        self._check_sizes()
+        if self.ground_truth == "fixed_point" and self.model != "logreg":
+            warnings.warn(
+                "the fixed-point ground truth assumes a convex model (logreg)", stacklevel=3
+            )
+
+    def _check_choices(self) -> None:
+        for field, valid in (
+            ("model", MODEL_NAMES),
+            ("dataset", DATASETS),
+            ("curvature", CURVATURES),
+            ("ground_truth", GROUND_TRUTHS),
+            ("mislabel_by", ("influence", "self")),
+        ):
+            if getattr(self, field) not in valid:
+                raise ValueError(
+                    f"{_name(field)} must be one of {', '.join(valid)}; "
+                    f"got {getattr(self, field)!r}"
+                )
+        if self.dataset != "digits" and self.data_dir is None:
+            raise ValueError(f"dataset {self.dataset!r} needs --data-dir with its files")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(
+                f"unknown method(s) {unknown}; valid methods are: {', '.join(METHODS)}"
+            )
+
+    def _check_numbers(self) -> None:
+        for field in ("n_train", "n_val", "epochs", "batch_size", "trace_examples", "trace_k"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{_name(field)} must be >= 1, got {getattr(self, field)}")
+        if self.n_test is not None and self.n_test < 1:
+            raise ValueError(f"{_name('n_test')} must be >= 1, got {self.n_test}")
+        for field in ("rho", "damping", "weight_decay", "noise", "lr"):
+            value = getattr(self, field)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{_name(field)} must be a finite number >= 0, got {value}")
+        if self.lr == 0:
+            raise ValueError(f"{_name('lr')} must be > 0")
+        if not self.noise < 1:
+            raise ValueError(f"{_name('noise')} is a fraction of labels, in [0, 1)")
+        if not 0 < self.lds_fraction < 1:
+            raise ValueError(f"{_name('lds_fraction')} must be in (0, 1), got {self.lds_fraction}")
+        if self.lds_subsets < 3:
+            raise ValueError(f"{_name('lds_subsets')} must be >= 3 (a rank correlation over them)")
+        if self.n_loo < 3:
+            raise ValueError(f"{_name('n_loo')} must be >= 3 (a correlation over them)")
+        if any(not 0 <= f < 1 for f in self.removal_fractions):
+            raise ValueError(f"removal fractions must be in [0, 1), got {self.removal_fractions}")
+
+    def _check_sizes(self) -> None:
+        n = self.n_train
+        if self.n_loo > n:
+            raise ValueError(
+                f"{_name('n_loo')} = {self.n_loo} removes more examples than "
+                f"{_name('n_train')} = {n} holds; lower --n-loo or raise --n-train"
+            )
+        if round(self.lds_fraction * n) < 1 or round(self.lds_fraction * n) >= n:
+            raise ValueError(
+                f"LDS subsets of {self.lds_fraction:.0%} of {n} training examples keep "
+                f"{round(self.lds_fraction * n)}: raise --n-train or change --lds-fraction"
+            )
+        noisy = round(self.noise * n)
+        if self.noise > 0 and noisy < 1:
+            raise ValueError(
+                f"{_name('noise')} = {self.noise} of {_name('n_train')} = {n} plants no noisy "
+                "label, and the mislabel metrics (AUC, recall, the removal curve) need at "
+                f"least one: use --noise >= {1 / n:.3g} or more training examples (or "
+                "--noise 0 to skip those metrics)"
+            )
+        smallest = min((f for f in self.removal_fractions if f > 0), default=None)
+        if smallest is not None and self.noise > 0 and round(smallest * n) < 1:
+            raise ValueError(
+                f"the removal curve's first step removes {smallest:.0%} of {n} training "
+                "examples, none at all: raise --n-train"
+            )
+        if self.dataset == "digits":
+            test = "1 (the rest)" if self.n_test is None else str(self.n_test)
+            used = n + self.n_val + (self.n_test or 1)
+            if used > DIGITS_SIZE:
+                raise ValueError(
+                    f"n_train + n_val + n_test = {n} + {self.n_val} + {test} = {used} exceeds "
+                    f"the {DIGITS_SIZE} images of digits: lower --n-train, --n-val or --n-test"
+                )
+
+    @property
+    def resolved_ground_truth(self) -> str:
+        """``fixed_point`` for the convex logistic regression, else ``schedule``."""
+        if self.ground_truth != "auto":
+            return self.ground_truth
+        return "fixed_point" if self.model == "logreg" else "schedule"
+
+    def rows(self) -> list[tuple[str, str, str | None]]:
+        """``(row label, method, curvature)`` for every table row."""
+        curvatures = ["hessian", "ggn"] if self.curvature == "both" else [self.curvature]
+        out: list[tuple[str, str, str | None]] = []
+        for m in self.methods:
+            if m in HESSIAN_FAMILY:
+                for c in curvatures:
+                    label = m if len(curvatures) == 1 else f"{m} [{c}]"
+                    out.append((label, m, c))
+            else:
+                out.append((m, m, None))
+        return out
