@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -358,6 +359,11 @@ def _compare_config(args: argparse.Namespace) -> CompareConfig:
     check_training_settings(
         config.epochs, config.batch_size, config.lr, config.rho, config.weight_decay
     )
+    if config.dataset != "digits" and importlib.util.find_spec("torchvision") is None:
+        raise UsageError(
+            f"--dataset {config.dataset} reads torchvision's files, and torchvision is not "
+            "installed: pip install 'captum-sam[vision]' (a torchvision matching your torch)"
+        )
     return config
 
 
@@ -397,13 +403,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     notes = findings(results)
     if notes:
         print("\nworth a look (details in report.md):")
-        print("\n".join(f"- {note}" for note in notes))
+        print("\n".join(f"- {_first_sentence(note)}" for note in notes))
     print(
         f"\nreport: {args.out}/report.md, results.json and plots "
         f"({results['seconds_total']:.0f} s in all)"
     )
     failed = [r["label"] for r in results["methods"] if "error" in r]
     return ESTIMATOR_FAILED if failed else 0
+
+
+def _first_sentence(text: str) -> str:
+    """The first sentence of a finding (report.md has the rest: numbers and reasons)."""
+    head, sep, _ = text.partition(". ")
+    return head + "." if sep else text
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -262,7 +262,7 @@ def replay_trajectory(
     Starts from the recorded initial weights, rebuilds the base optimizer with its
     recorded hyperparameters and replays every step with its recorded batch and
     learning rate. Removed examples get weight 0 while the batch keeps its
-    :math:`1/|B_t|` normalisation (MATH.md's leave-out convention), both in the
+    :math:`1/|B_t|` normalisation (the leave-out convention of docs/math.rst), both in the
     SAM perturbation and in the update. The user's model is not modified.
 
     Steps are checked as in :func:`train_sam`, and the copy trains under the same

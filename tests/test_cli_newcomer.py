@@ -194,3 +194,23 @@ def test_progress_bars_cover_every_long_step(tmp_path, capsys):
     ):
         assert bar in err, bar
     assert "torch.jit.script" not in err
+
+
+def test_forward_ad_prints_no_torch_jit_deprecation_notice():
+    # in a fresh interpreter: torch loads the decompositions (and warns) only once
+    code = (
+        "import warnings\n"
+        "import torch\n"
+        "import captum_sam.core\n"
+        "from torch.func import grad, jvp\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    f = lambda w: (w ** 3).sum()\n"
+        "    w = torch.ones(3, dtype=torch.float64)\n"
+        "    print(jvp(grad(f), (w,), (w,))[1].tolist())\n"
+        "print([str(c.message) for c in caught if 'jit' in str(c.message)])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[6.0, 6.0, 6.0]", "[]"]
+    assert "torch.jit.script" not in done.stderr

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 
 import pytest
@@ -84,6 +85,10 @@ def test_compare_refuses_unknown_methods_and_missing_data(tmp_path, capsys):
         )
         == 2
     )
-    assert "train-images-idx3-ubyte" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    if importlib.util.find_spec("torchvision") is None:  # a CPU-only install without it
+        assert "torchvision is not installed: pip install 'captum-sam[vision]'" in err
+    else:
+        assert "train-images-idx3-ubyte" in err
     with pytest.raises(ValueError, match="needs --data-dir"):
         CompareConfig(dataset="cifar10")

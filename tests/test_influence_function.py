@@ -76,7 +76,7 @@ def make(run, **kw):
 
 
 class Dense:
-    """MATH.md's formulas with torch.func.hessian / jacrev on flat float64 vectors.
+    """The formulas of docs/math.rst with torch.func.hessian / jacrev on flat float64 vectors.
 
     With ``layers``, the perturbation runs over every parameter (``scope="trainable"``,
     the training's) or over the attributed ones (``"attributed"``); curvature, J and

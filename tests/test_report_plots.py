@@ -445,3 +445,28 @@ def test_findings_leave_results_unchanged():
     assert res == before and not any(
         isinstance(v, float) and math.isnan(v) for r in res["methods"] for v in r.values()
     )
+
+
+def test_findings_ignore_a_gap_below_one_test_example():
+    # 200 test examples: 0.004 is less than one example, the noise of averaged random draws
+    rc = {"fractions": [0.0, 0.1, 0.2], "accuracy_top": [0.8, 0.796, 0.79],
+          "accuracy_random": [0.8, 0.8, 0.793], "noisy_found": [0.0, 0.5, 0.9]}  # fmt: skip
+    assert findings(results(removal=rc)) == []
+    rc["accuracy_top"][2] = 0.783  # now 2 test examples below random at 20%
+    (text,) = findings(results(removal=rc))
+    assert "20% removed: 0.783 against 0.793" in text and "10% removed" not in text
+
+
+def test_a_hessian_edit_off_a_minimum_names_the_indefinite_hessian():
+    edits = {"edit_accuracy": 0.2, "retrained_accuracy": 0.9, "original_accuracy": 0.85}
+    rows = [
+        ok_row("if [hessian]", curvature="hessian", **edits),
+        ok_row("if [ggn]", curvature="ggn", **edits),
+    ]
+    res = results(rows)
+    res["ground_truth"]["mode"] = "schedule"  # a network on its SGD trajectory
+    hessian, ggn = findings(res)
+    assert "indefinite" in hessian and "--curvature ggn" in hessian
+    assert "indefinite" not in ggn
+    res["ground_truth"]["mode"] = "fixed_point"  # at a minimum the reason does not apply
+    assert all("indefinite" not in text for text in findings(res))

@@ -46,7 +46,7 @@ from captum_sam.models import build_model
 from captum_sam.training import train_sam
 from captum_sam.trajectory import Trajectory, load_trajectory
 
-__all__ = ["METHODS", "CompareConfig", "run_compare", "format_table"]
+__all__ = ["run_compare", "format_table"]  # the settings: evaluation.config
 
 
 def _say(show: bool, text: str) -> None:
@@ -358,6 +358,7 @@ def _removal(
         retrain_acc,
         cfg.removal_fractions,
         noisy,
+        random_repeats=cfg.removal_repeats,
         seed=cfg.seed,
         show_progress=show_progress,
     )

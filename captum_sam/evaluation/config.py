@@ -88,6 +88,7 @@ class CompareConfig:
     lds_subsets: int = 20
     lds_fraction: float = 0.5
     removal_fractions: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
+    removal_repeats: int = 3  # random removals averaged per fraction (one is too noisy)
     mislabel_by: str = "influence"
     methods: tuple[str, ...] = tuple(METHODS)
     seed: int = 0
@@ -125,7 +126,15 @@ class CompareConfig:
             )
 
     def _check_numbers(self) -> None:
-        for field in ("n_train", "n_val", "epochs", "batch_size", "trace_examples", "trace_k"):
+        for field in (
+            "n_train",
+            "n_val",
+            "epochs",
+            "batch_size",
+            "trace_examples",
+            "trace_k",
+            "removal_repeats",
+        ):
             if getattr(self, field) < 1:
                 raise ValueError(f"{_name(field)} must be >= 1, got {getattr(self, field)}")
         if self.n_test is not None and self.n_test < 1:

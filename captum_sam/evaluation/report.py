@@ -94,7 +94,8 @@ def _report(results: dict[str, Any]) -> str:
         f"{gt['fixed_point_residual']:.1e}) from the trained weights; the Hessian-based "
         "estimators are evaluated at that fixed point"
         if mode == "fixed_point"
-        else "replaying the recorded SAM schedule without the removed examples"
+        else "replaying the recorded SAM schedule (same batches, learning rates and rho) with "
+        "the removed examples weighted 0, each batch still divided by its full size |B_t|"
     )
     warnings_found = findings(results) or ["Nothing flagged."]
     lines = [
@@ -201,6 +202,8 @@ def _removal_section(results: dict[str, Any]) -> list[str]:
         "## Harmful-data removal (retrained)",
         "",
         f"Ranked by `{removal_ranked_by(results)}`: {RANKED_BY[results['config']['mislabel_by']]}.",
+        f"Random removal: the mean over {results['config'].get('removal_repeats', 1)} random "
+        "draws of as many examples.",
         "",
         "| removed | accuracy (top harmful) | accuracy (random) | noisy labels found |",
         "|---|---|---|---|",

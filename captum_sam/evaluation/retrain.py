@@ -1,6 +1,6 @@
 r"""Ground truth: real SAM retraining without some training examples.
 
-Two modes, both keeping MATH.md's leave-out convention (the removed examples get
+Two modes, both keeping the leave-out convention of docs/math.rst (the removed examples get
 weight 0, the :math:`1/n` or :math:`1/|B_t|` normalisation stays):
 
 * ``"fixed_point"`` (convex models): solve the full-batch SAM fixed-point equation
