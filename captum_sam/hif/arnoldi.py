@@ -123,7 +123,8 @@ class SAMArnoldiInfluenceFunction(SAMInfluenceBase):
         damping: :math:`d`, enters as :math:`n d`.
         variant: ``"fast"`` (default) or ``"plain"``: the Arnoldi iteration needs a
             symmetric :math:`A`.
-        curvature: ``"hessian"`` or ``"ggn"``.
+        curvature: ``"hessian"`` or ``"ggn"`` (K-FAC's eigenpairs are exact: use
+            :class:`~captum_sam.SAMInfluenceFunction` for ``"kfac"``/``"ekfac"``).
         rescale_hessian: Scale a ``hessian_dataset``'s curvature by ``n/m``.
         perturbation_scope: See :class:`~captum_sam.SAMInfluenceFunction`.
 
@@ -166,6 +167,12 @@ class SAMArnoldiInfluenceFunction(SAMInfluenceBase):
             raise ValueError(
                 f"`variant` must be 'fast' or 'plain' for the Arnoldi iteration (a "
                 f"symmetric A), got {variant!r}; use SAMInfluenceFunction for {variant!r}"
+            )
+        if curvature in ("kfac", "ekfac"):
+            raise ArgumentError(
+                f"curvature={curvature!r} gives A's eigenpairs exactly (in each layer's "
+                "Kronecker eigenbasis), no Arnoldi iteration needed: use "
+                f"SAMInfluenceFunction(curvature={curvature!r}, projection_dim=...)"
             )
         if isinstance(arnoldi_dim, bool) or not isinstance(arnoldi_dim, int) or arnoldi_dim < 1:
             raise ValueError(f"`arnoldi_dim` must be a positive int, got {arnoldi_dim!r}")

@@ -41,8 +41,9 @@ from captum_sam.core.store import (
     projection_setting,
     save_quantities,
 )
-from captum_sam.hif import dense, sides
+from captum_sam.hif import dense, kfac_solve, sides
 from captum_sam.hif.inverse import LowRankInverse, SolvedInverse
+from captum_sam.hif.operator import KRONECKER
 from captum_sam.hif.setup import check_number, prepare, resolve_checkpoint
 from captum_sam.hif.setup import solver_options as make_solver_options
 
@@ -58,7 +59,7 @@ and the checkpoint)."""
 
 SAM_ARGUMENTS = (
     "rho", "adaptive", "weight_decay", "damping", "variant", "curvature", "solver",
-    "solver_options", "rescale_hessian", "perturbation_scope", "factorize",
+    "solver_options", "rescale_hessian", "perturbation_scope", "factorize", "factors_dir",
 )  # fmt: skip
 """SAM's own arguments (a twin passes those it has)."""
 
@@ -96,18 +97,24 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
         self.variant, self.curvature = sam["variant"], sam["curvature"]
         self.adaptive = sam["adaptive"]
         self.solver_options = make_solver_options(sam.get("solver_options"))
+        damping = sam["damping"]  # None: 0 for hessian/ggn, the per-layer heuristic for K-FAC
         self.operator = prepare(
             self, captum["train_dataset"], captum["layers"], captum["hessian_dataset"],
             captum["sample_wise_grads_per_batch"], sam["variant"], sam["curvature"],
             sam.get("solver", "auto"), sam["rho"], sam["adaptive"],
-            {"weight_decay": sam["weight_decay"], "damping": sam["damping"],
+            {"weight_decay": sam["weight_decay"], "damping": 0.0 if damping is None else damping,
              "hessian_reg": captum["hessian_reg"]},
             sam["rescale_hessian"], sam.get("sketch", (None, "gaussian", 0)),
             sam.get("factorize", True), self.solver_options,
             sam.get("perturbation_scope", "trainable"),
         )  # fmt: skip
         self.rho = self.operator.rho
-        self.weight_decay, self.damping = float(sam["weight_decay"]), float(sam["damping"])
+        self.weight_decay = float(sam["weight_decay"])
+        kronecker = self.curvature in KRONECKER
+        self.damping = None if damping is None and kronecker else float(damping or 0.0)
+        self.damping_used: float | dict[str, float] = self.damping  # type: ignore[assignment]
+        if kronecker:
+            kfac_solve.attach(self, self.damping, sam.get("factors_dir"))
         self._cache = None
         self._dense = None
 

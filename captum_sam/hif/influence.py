@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from captum_sam import core as F
 from captum_sam.core.checkpoints import checkpoints_load_func
 from captum_sam.core.errors import ArgumentError
-from captum_sam.hif import dense, sides
+from captum_sam.hif import dense, kfac_solve, sides
 from captum_sam.hif.base import CAPTUM_ARGUMENTS, SAM_ARGUMENTS, SAMInfluenceBase, pick
 from captum_sam.hif.inverse import LowRankInverse, SolvedInverse
 from captum_sam.solvers import InverseOperator, SolverOptions
@@ -140,7 +140,7 @@ class SAMInfluenceFunction(SAMInfluenceBase):
         rho: float = 0.05,
         adaptive: bool = False,
         weight_decay: float = 0.0,
-        damping: float = 0.0,
+        damping: float | None = None,
         variant: str = "fast",
         curvature: str = "hessian",
         solver: str = "auto",
@@ -151,6 +151,7 @@ class SAMInfluenceFunction(SAMInfluenceBase):
         sketch: str = "gaussian",
         sketch_seed: int = 0,
         factorize: bool = True,
+        factors_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         arguments = dict(locals())
         sam = pick(arguments, SAM_ARGUMENTS)
@@ -170,9 +171,18 @@ class SAMInfluenceFunction(SAMInfluenceBase):
         ``None`` it solves exactly with LU factors instead.
         """
         op = self.operator
+        kronecker = op.kronecker is not None
+        if kronecker and solver == "lissa":
+            raise ArgumentError(
+                f"solver='lissa' samples minibatch curvature products, which "
+                f"curvature={self.curvature!r} (fitted once) does not have: use solver='auto'"
+            )
+        if kronecker and solver == "auto" and op.symmetric:  # exact, in the eigenbasis
+            self.method, self._dense = "kronecker", None
+            return self._kronecker_inverse()
         decompose = self.projection_dim is not None or self.hessian_inverse_tol is not None
         if solver == "auto":
-            small = op.dim <= self.solver_options.dense_max_dim
+            small = op.dim <= self.solver_options.dense_max_dim and not kronecker
             solver = (
                 "dense"
                 if self.projection_dim is not None or small
@@ -201,6 +211,14 @@ class SAMInfluenceFunction(SAMInfluenceBase):
                 self._he_right = op.dense_he @ low.right  # type: ignore[operator]
             return self._to_projection_device(low)
         exact = self.variant == "exact"
+        if kronecker and not op.symmetric and solver in ("gmres", "bicgstab"):
+            pre = self._kronecker_inverse().inverse.solve  # (K_e + r I)^{-1}
+            like = op.mean_grad[op.names[0]]
+            solved = kfac_solve.PreconditionedSolver(
+                op.matvec, op.rmatvec, pre, op.dim, solver, self.solver_options, like.dtype,
+                self.device,
+            )  # fmt: skip
+            return SolvedInverse(solved, F.check_finite)  # type: ignore[arg-type]
         inverse = InverseOperator(
             op.matvec, op.dim, method=solver, symmetric=op.symmetric,
             rmatvec=None if op.symmetric else op.rmatvec,
@@ -210,3 +228,22 @@ class SAMInfluenceFunction(SAMInfluenceBase):
             device=self.device, dense_builder=lambda: dense.factored_matrix(op, keep_he=exact),
         )  # fmt: skip
         return SolvedInverse(inverse, F.check_finite)
+
+    def _kronecker_inverse(self) -> LowRankInverse | SolvedInverse:
+        r""":math:`(K + r I)^{-1}` at :math:`A`'s point (the preconditioner of full/exact).
+
+        With ``projection_dim`` (symmetric variants), Captum's top eigen-directions of
+        :math:`K + r I` above ``hessian_inverse_tol``; otherwise the inverse in the
+        Kronecker eigenbasis, eigenvalues at or below ``hessian_inverse_tol`` dropped.
+        """
+        op = self.operator
+        curvature = op.kronecker["params" if self.variant == "plain" else "perturbed"]
+        shift = self.kronecker_shift
+        if self.projection_dim is not None and op.symmetric:
+            low = kfac_solve.kronecker_low_rank(
+                curvature, shift, self.projection_dim, self.hessian_inverse_tol
+            )
+            return self._to_projection_device(low)
+        tol = self.hessian_inverse_tol if op.symmetric else None
+        exact = kfac_solve.KroneckerInverse(curvature, shift, tol)
+        return SolvedInverse(exact, F.check_finite)  # type: ignore[arg-type]

@@ -15,6 +15,12 @@ With the summed training loss :math:`S`, :math:`H_e` its curvature at
 * ``plain``: :math:`A = H_0 + r I`;  ``fast``: :math:`A = H_e + r I`;
 * ``full`` / ``exact``: :math:`A = H_e (I + J) + r I` with
   :math:`J = d\epsilon/dw` (not symmetric).
+
+With ``curvature="kfac"``/``"ekfac"`` every curvature product (:math:`H_e`, and the
+:math:`H_0` inside :math:`J`) is the fitted block-diagonal Kronecker-factored matrix
+(:class:`~captum_sam.hif.kfac.KroneckerCurvature`, no pass over the data); blocks
+between attributed and other parameters are zero, so :math:`J`'s norm term has no
+contribution from the rows of ``extra`` parameters.
 """
 
 from __future__ import annotations
@@ -33,10 +39,11 @@ from captum_sam import core as F
 from captum_sam.core.data import fetch_batch, local_batches, on_device
 from captum_sam.core.distributed import all_reduce_sum, is_distributed
 
-__all__ = ["SAMOperator", "VARIANTS", "CURVATURES", "SYMMETRIC"]
+__all__ = ["SAMOperator", "VARIANTS", "CURVATURES", "SYMMETRIC", "KRONECKER"]
 
 VARIANTS = ("fast", "full", "exact", "plain")
-CURVATURES = ("hessian", "ggn")
+CURVATURES = ("hessian", "ggn", "kfac", "ekfac")
+KRONECKER = ("kfac", "ekfac")
 SYMMETRIC = ("fast", "plain")
 
 
@@ -52,9 +59,10 @@ class SAMOperator:
         rho: SAM radius.
         adaptive: ASAM.
         variant: One of :data:`VARIANTS`.
-        curvature: ``"hessian"`` or ``"ggn"``.
+        curvature: One of :data:`CURVATURES`.
         n_train: :math:`n`.
-        regulariser: :math:`r`, added as :math:`r I`.
+        regulariser: :math:`r`, added as :math:`r I` (a ``(P, 1)`` tensor: one value per
+            coordinate, e.g. K-FAC's per-layer damping).
         hessian_data: Batches of the curvature.
         hessian_scale: Factor on every curvature product (1, or ``n/m`` when a
             ``hessian_dataset`` of ``m`` examples is rescaled).
@@ -65,6 +73,8 @@ class SAMOperator:
         extra: Perturbed but not attributed parameters at :math:`w^*` (the rest of the
             perturbation's scope; empty when the attributed parameters are all of it).
         extra_grad: :math:`g_0` on ``extra``.
+        kronecker: With ``curvature="kfac"``/``"ekfac"``, the fitted curvatures by
+            point: ``{"params": ..., "perturbed": ...}`` (those the variant needs).
 
     The perturbation is the training's, over the scope (attributed and ``extra``):
     its norm involves the full :math:`g_0`, and it moves ``extra`` too
@@ -82,7 +92,7 @@ class SAMOperator:
     variant: str
     curvature: str
     n_train: int
-    regulariser: float
+    regulariser: float | Tensor
     hessian_data: Any
     hessian_scale: float
     sample_size: int
@@ -95,6 +105,7 @@ class SAMOperator:
     _ggn_checked: bool | None = None
     extra: F.Params = field(default_factory=dict)
     extra_grad: F.Params = field(default_factory=dict)
+    kronecker: dict[str, Any] | None = None
     eps: F.Params = field(init=False)
     eps_extra: F.Params = field(init=False)
     perturbed: F.Params = field(init=False)
@@ -202,6 +213,10 @@ class SAMOperator:
         """Curvature of the summed loss at ``point`` times ``columns`` (``(P, m)``)."""
         if self.columns_bar is not None:
             self.columns_bar.update(columns.shape[1])
+        if self.kronecker is not None:  # fitted, scale included: no data
+            return self.kronecker["perturbed" if point is self.perturbed else "params"].product(
+                columns
+            )
         product = F.hvp if self.curvature == "hessian" else F.ggn_vp
         out = scale * self.flat(
             product(
@@ -237,7 +252,7 @@ class SAMOperator:
 
     def jvp_eps(self, columns: Tensor, batches: Iterable[Any], scale: float) -> Tensor:
         r""":math:`J v = d\epsilon_A/dw_A\, v` for every column."""
-        if not self.extra:
+        if not self.extra or self.kronecker is not None:  # no curvature rows of extra
             hess_l = self.curvature_product(self.params, columns, batches, scale) / self.n_train
             return self.jvp_eps_given(columns, hess_l)
         rows, extra = self._scope_product(columns, batches, scale)
@@ -293,7 +308,7 @@ class SAMOperator:
 
         dw, dg = vmap(one)(self.tree(columns))
         dw = {n: dw[n] for n in self.names}
-        if not self.extra:
+        if not self.extra or self.kronecker is not None:  # block-diagonal: H[A, extra] = 0
             hess_dg = self.curvature_product(self.params, self.flat(dg), batches, scale)
             return self.flat(dw) + hess_dg / self.n_train
         # H_L[A, scope] dg: the scope's curvature at w*, attributed rows

@@ -171,7 +171,7 @@ def self_influence(est: Any, inputs: Any, show_progress: bool) -> Tensor:
 def inverse_setting(est: Any) -> list[Any]:
     """What a low-rank inverse depends on beyond the right-hand sides (for cache keys)."""
     return [
-        est.variant, est.curvature, est.weight_decay, est.damping, est.hessian_reg,
+        est.variant, est.curvature, est.weight_decay, est.damping_used, est.hessian_reg,
         est.hessian_inverse_tol, est.projection_dim, est.hessian_scale,
     ]  # fmt: skip
 

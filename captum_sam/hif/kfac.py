@@ -1,0 +1,280 @@
+r"""K-FAC and EK-FAC: block-diagonal Kronecker-factored curvature of the summed loss.
+
+Each site :math:`l` (an ``nn.Linear`` or ``nn.Conv2d`` of
+:mod:`~captum_sam.hif.kron_sites`, its weight and bias as one ``(d_out, width)``
+matrix) is one diagonal block; blocks of different layers, and of attributed and
+non-attributed parameters, are zero. Over the curvature data, with layer inputs
+:math:`a_{it}` (a constant 1 appended when the bias is attributed) and
+pseudo-gradients :math:`d_{cit}` (one per column of a square root of the loss Hessian
+in the model output):
+
+.. math::
+
+   A_l = \sum_{i,t} a_{it} a_{it}^\top, \qquad
+   S_l = \sum_{i,c,t} d_{cit} d_{cit}^\top, \qquad
+   N_l = \sum_i T_i ,
+
+and with the eigendecompositions :math:`A_l = Q_A \operatorname{diag}(\alpha) Q_A^\top`,
+:math:`S_l = Q_S \operatorname{diag}(\sigma) Q_S^\top`, the block is
+:math:`K_l = (Q_S \otimes Q_A) \operatorname{diag}(\Lambda) (Q_S \otimes Q_A)^\top`, where
+
+* K-FAC: :math:`\Lambda_{jk} = \sigma_j \alpha_k / N_l`, i.e.
+  :math:`K_l = S_l \otimes A_l / N_l`;
+* EK-FAC: :math:`\Lambda_{jk} = \sum_{i,c} \bigl((Q_S^\top G_{ic} Q_A)_{jk}\bigr)^2`
+  with :math:`G_{ic} = \sum_t d_{cit} a_{it}^\top`, the exact diagonal of the
+  Gauss-Newton block in the Kronecker eigenbasis.
+
+Both equal the layer's generalised Gauss-Newton block when it sees one example at one
+position (:math:`K_l = \sum_c d_c d_c^\top \otimes a a^\top`). Everything is on the
+*summed* loss scale (times ``scale``, e.g. :math:`n/m` for a rescaled Hessian set).
+Products and inverses then cost two small matrix products per block:
+:math:`K_l V = Q_S [\Lambda \odot (Q_S^\top V Q_A)] Q_A^\top`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from captum_sam import core as F
+from captum_sam.core.distributed import all_reduce_sum
+from captum_sam.hif.kron_sites import KroneckerSite, site_factors
+
+__all__ = ["KINDS", "KroneckerFactors", "KroneckerCurvature", "fit_kronecker", "empty_factors"]
+
+KINDS = ("kfac", "ekfac")
+"""The Kronecker-factored curvatures."""
+
+_CHUNK_ELEMENTS = 1 << 24  # entries of one chunk of rotated per-example gradients
+
+
+@dataclass
+class KroneckerFactors:
+    """The raw sums of one site: ``A (width, width)``, ``S (d_out, d_out)``, ``N`` rows."""
+
+    a: Tensor
+    s: Tensor
+    count: Tensor  # () number of (example, position) rows summed in A
+
+
+def empty_factors(site: KroneckerSite, like: Tensor) -> KroneckerFactors:
+    """Zero sums for ``site`` with the dtype and device of ``like``."""
+    return KroneckerFactors(
+        like.new_zeros(site.width, site.width),
+        like.new_zeros(site.d_out, site.d_out),
+        like.new_zeros(()),
+    )
+
+
+@dataclass
+class KroneckerCurvature:
+    r"""Block-diagonal Kronecker-factored curvature of the attributed parameters.
+
+    Attributes:
+        kind: ``"kfac"`` or ``"ekfac"``.
+        sites: One per block.
+        like: Attributed parameters (names, order and shapes of flat ``(P, m)`` columns).
+        factors: The sums of each block (:class:`KroneckerFactors`).
+        qs: Eigenvectors of each :math:`S_l`, ``(d_out, d_out)``.
+        qa: Eigenvectors of each :math:`A_l`, ``(width, width)``.
+        values: Each block's eigenvalues :math:`\Lambda` ``(d_out, width)`` in the basis
+            ``qs[:, j] (x) qa[:, k]``, scale included.
+    """
+
+    kind: str
+    sites: list[KroneckerSite]
+    like: F.Params
+    factors: list[KroneckerFactors]
+    qs: list[Tensor]
+    qa: list[Tensor]
+    values: list[Tensor]
+
+    # ------------------------------------------------------------------ layout
+
+    def split(self, columns: Tensor) -> list[Tensor]:
+        """Flat ``(P, m)`` columns as one ``(m, d_out, width)`` matrix per block."""
+        tree = F.unflatten(columns.T, self.like, batch_dims=1)
+        return [site.to_matrix(tree) for site in self.sites]
+
+    def join(self, matrices: Sequence[Tensor]) -> Tensor:
+        """Inverse of :meth:`split`: ``(P, m)``."""
+        tree: F.Params = {}
+        for site, matrix in zip(self.sites, matrices):
+            tree.update(site.from_matrix(matrix, self.like))
+        return F.flatten(tree, list(self.like), batch_dims=1).T
+
+    def _apply(self, columns: Tensor, scale: Callable[[int, Tensor], Tensor]) -> Tensor:
+        """``Q_S [scale(l, Lambda_l) * (Q_S^T V Q_A)] Q_A^T`` per block, on ``(P, m)``."""
+        out = []
+        for i, v in enumerate(self.split(columns)):
+            qs, qa = self.qs[i].to(v), self.qa[i].to(v)
+            rotated = qs.T @ v @ qa
+            out.append(qs @ (scale(i, self.values[i].to(v)) * rotated) @ qa.T)
+        return self.join(out)
+
+    # ------------------------------------------------------------------ products
+
+    @property
+    def dim(self) -> int:
+        """Number of attributed coordinates ``P``."""
+        return sum(v.numel() for v in self.like.values())
+
+    def product(self, columns: Tensor) -> Tensor:
+        """:math:`K` times ``(P, m)`` columns."""
+        return self._apply(columns, lambda i, lam: lam)
+
+    def solve(self, columns: Tensor, shift: Tensor, tol: float | None = None) -> Tensor:
+        r""":math:`(K + r I)^{-1}` times ``(P, m)`` columns, exactly, in the eigenbasis.
+
+        Args:
+            columns: ``(P, m)``.
+            shift: The regulariser :math:`r_l` of each block, ``(blocks,)``.
+            tol: Eigenvalues :math:`\Lambda + r_l` at or below ``tol`` are dropped
+                (their inverse taken as 0, Captum's ``hessian_inverse_tol``); ``None``
+                drops exact zeros only.
+        """
+
+        def inverse(i: int, lam: Tensor) -> Tensor:
+            total = lam + shift[i].to(lam)
+            keep = total != 0 if tol is None else total > tol
+            return torch.where(keep, 1 / torch.where(keep, total, 1.0), 0.0)
+
+        return self._apply(columns, inverse)
+
+    def matrix(self) -> Tensor:
+        """:math:`K` as a dense ``(P, P)`` matrix (for checks on small models)."""
+        ref = self.values[0]
+        return self.product(torch.eye(self.dim, dtype=ref.dtype, device=ref.device))
+
+    def mean_eigenvalues(self) -> Tensor:
+        """The mean eigenvalue of each block, ``trace(K_l) / (d_out width)``, ``(blocks,)``."""
+        return torch.stack([v.mean() for v in self.values])
+
+    def eigenpairs(self, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Every eigenvalue of :math:`K + r`: ``(values (P,), block (P,), position (P,))``.
+
+        ``position`` indexes the block's ``(d_out, width)`` eigenvalue matrix, flattened.
+        """
+        values = [lam.flatten() + shift[i].to(lam) for i, lam in enumerate(self.values)]
+        blocks = [torch.full_like(v, i, dtype=torch.long) for i, v in enumerate(values)]
+        positions = [torch.arange(len(v), device=v.device) for v in values]
+        return torch.cat(values), torch.cat(blocks), torch.cat(positions)
+
+    def eigenvectors(self, blocks: Tensor, positions: Tensor) -> Tensor:
+        """The eigenvectors ``(P, k)`` named by :meth:`eigenpairs`' block and position."""
+        ref = self.values[0]
+        out = ref.new_zeros(self.dim, len(blocks))
+        for i, site in enumerate(self.sites):
+            chosen = torch.nonzero(blocks == i).flatten()
+            if len(chosen) == 0:
+                continue
+            rows, cols = divmod(positions[chosen], site.width)
+            matrices = self.qs[i][:, rows].T.unsqueeze(2) * self.qa[i][:, cols].T.unsqueeze(1)
+            full = [ref.new_zeros(len(chosen), s.d_out, s.width) for s in self.sites]
+            full[i] = matrices
+            out[:, chosen] = self.join(full)
+        return out
+
+
+def _accumulate_covariances(
+    factors: list[KroneckerFactors],
+    batch_factors: list[tuple[Tensor, Tensor]],
+    sites: Sequence[KroneckerSite],
+) -> None:
+    for f, site, (a, d) in zip(factors, sites, batch_factors):
+        cols = site.columns(a).flatten(0, 1)  # (B T, width)
+        f.a += cols.T @ cols
+        flat = d.reshape(-1, d.shape[-1])  # (C B T, d_out)
+        f.s += flat.T @ flat
+        f.count += cols.shape[0]
+
+
+def _accumulate_diagonal(
+    total: Tensor, qs: Tensor, qa: Tensor, site: KroneckerSite, a: Tensor, d: Tensor
+) -> None:
+    r"""Add :math:`\sum_{i,c} ((Q_S^T G_{ic} Q_A)_{jk})^2` of one batch to ``total``."""
+    rot_a = site.columns(a) @ qa  # (B, T, width)
+    rot_d = d @ qs  # (C, B, T, d_out)
+    if rot_a.shape[1] == 1:  # one position: (d_o a_k)^2 = d_o^2 a_k^2, G is never formed
+        total += torch.einsum("cbo,bk->ok", rot_d[:, :, 0].square(), rot_a[:, 0].square())
+        return
+    count, size = rot_d.shape[0], rot_d.shape[1]
+    step = max(1, _CHUNK_ELEMENTS // (count * site.d_out * site.width))
+    for start in range(0, size, step):
+        rows = slice(start, start + step)
+        g = torch.einsum("cbto,btk->cbok", rot_d[:, rows], rot_a[rows])
+        total += g.square().sum((0, 1))
+
+
+def fit_kronecker(
+    floss: F.FunctionalLoss,
+    params: F.Params,
+    batches: Callable[[], Iterable[F.Batch]],
+    sites: list[KroneckerSite],
+    kind: str,
+    scale: float = 1.0,
+    reduce: bool = False,
+    progress: Callable[[Iterable[Any], str], Iterable[Any]] | None = None,
+) -> tuple[KroneckerCurvature, float]:
+    """Fit K-FAC or EK-FAC at ``params`` over the curvature data.
+
+    One pass for the factors (:math:`A_l`, :math:`S_l`, :math:`N_l`), then for EK-FAC a
+    second pass for the corrected eigenvalues. The first batch is checked: its factored
+    gradients must equal ``autograd``'s (see :func:`~captum_sam.hif.kron_sites.site_factors`).
+
+    Args:
+        floss: Model and loss, bound to the non-attributed parameters at this point.
+        params: Attributed parameters (the point).
+        batches: ``() -> iterable`` of this process's curvature batches (called per pass).
+        sites: From :func:`~captum_sam.hif.kron_sites.kronecker_sites`, covering every
+            attributed parameter.
+        kind: ``"kfac"`` or ``"ekfac"``.
+        scale: Factor on the curvature (the Hessian set's rescaling).
+        reduce: Sum the factors over the ranks of a process group.
+        progress: ``(iterable, description) -> iterable`` (a progress bar), or ``None``.
+
+    Returns:
+        The curvature and the most negative relative eigenvalue of the loss Hessians
+        in the model output (0 when none is negative; see
+        :func:`~captum_sam.hif.kron_sites.output_hessian_roots`).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}")
+    wrap = progress or (lambda it, desc: it)
+    ref = next(iter(params.values()))
+    factors = [empty_factors(site, ref) for site in sites]
+    worst, first = 0.0, True
+    passes = 2 if kind == "ekfac" else 1
+    for batch in wrap(batches(), f"{kind.upper()} factors (pass 1 of {passes})"):
+        found, low = site_factors(floss, params, batch, sites, check=first)
+        first, worst = False, min(worst, low)
+        _accumulate_covariances(factors, found, sites)
+    if reduce:
+        for f in factors:
+            all_reduce_sum(f.a), all_reduce_sum(f.s), all_reduce_sum(f.count)
+    qs, qa, values = [], [], []
+    for f in factors:
+        alpha, q_a = torch.linalg.eigh(f.a)
+        sigma, q_s = torch.linalg.eigh(f.s)
+        qs.append(q_s.contiguous())  # eigh's are column-major; a reloaded cache is not
+        qa.append(q_a.contiguous())
+        count = f.count.clamp_min(1)
+        values.append(scale * sigma.clamp_min(0).unsqueeze(1) * alpha.clamp_min(0) / count)
+    if kind == "ekfac":
+        values = [torch.zeros_like(v) for v in values]
+        for batch in wrap(batches(), "EKFAC eigenvalue correction (pass 2 of 2)"):
+            found, _ = site_factors(floss, params, batch, sites)
+            for i, (site, (a, d)) in enumerate(zip(sites, found)):
+                _accumulate_diagonal(values[i], qs[i], qa[i], site, a, d)
+        if reduce:
+            for v in values:
+                all_reduce_sum(v)
+        values = [scale * v for v in values]
+    covered = {n for site in sites for n in (site.weight, site.bias) if n is not None}
+    if covered != set(params):
+        raise ValueError(f"the sites cover {sorted(covered)}, not the parameters {list(params)}")
+    return KroneckerCurvature(kind, list(sites), dict(params), factors, qs, qa, values), worst
