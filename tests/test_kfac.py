@@ -1,0 +1,383 @@
+"""K-FAC / EK-FAC curvature against independent dense references on tiny float64 models.
+
+The reference builds every per-example quantity with a plain ``torch.autograd`` loop
+(layer inputs, convolution patches by explicit slicing, pseudo-gradients from the
+square root of the closed-form softmax cross-entropy Hessian ``diag(p) - p p^T``),
+forms the factors and ``torch.kron`` densely, and never calls the library's K-FAC code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as nnf
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from captum_sam.hif.arnoldi import SAMArnoldiInfluenceFunction
+from captum_sam.hif.influence import SAMInfluenceFunction
+from tests.helpers import DTYPE, assert_unchanged, ce_loss, make_data, save_checkpoint, snapshot
+
+RHO, DAMPING = 0.5, 0.01
+
+
+# --------------------------------------------------------------------------- models
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(DTYPE)
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(2)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3)
+    ).to(DTYPE)
+
+
+def data(kind: str, n: int) -> tuple[TensorDataset, tuple[torch.Tensor, torch.Tensor]]:
+    x, y = make_data(n=n + 3, d=16 if kind == "cnn" else 5, seed=4).tensors
+    if kind == "cnn":
+        x = x.reshape(-1, 1, 4, 4)
+    return TensorDataset(x[:n], y[:n]), (x[n:], y[n:])
+
+
+@pytest.fixture(scope="module", params=["mlp", "cnn"])
+def setup(request, tmp_path_factory):
+    model = mlp() if request.param == "mlp" else cnn()
+    train, test = data(request.param, 10 if request.param == "mlp" else 8)
+    ckpt = save_checkpoint(model, tmp_path_factory.mktemp("kfac") / "w.pt")
+    return dict(kind=request.param, model=model, train=train, test=test, ckpt=ckpt)
+
+
+def make(s, **kw):
+    args = dict(
+        checkpoint=s["ckpt"], loss_fn=ce_loss(), batch_size=4, rho=RHO, damping=DAMPING,
+        curvature="kfac", projection_dim=None, hessian_reg=0.0, hessian_inverse_tol=None,
+    )  # fmt: skip
+    args.update(kw)
+    return SAMInfluenceFunction(s["model"], s["train"], **args)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def layers(model):
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def rows(module, x_in, grad_out):
+    """Inputs ``(T, width)`` (with the bias 1) and output gradients ``(T, d_out)`` per position."""
+    if isinstance(module, nn.Linear):
+        a, d = x_in.reshape(1, -1), grad_out.reshape(1, -1)
+    else:
+        (kh, kw), (sh, sw), (ph, pw) = module.kernel_size, module.stride, module.padding
+        xp = nnf.pad(x_in, (pw, pw, ph, ph))[0]
+        a, d = [], []
+        for r in range(grad_out.shape[2]):
+            for c in range(grad_out.shape[3]):
+                a.append(xp[:, r * sh : r * sh + kh, c * sw : c * sw + kw].reshape(-1))
+                d.append(grad_out[0, :, r, c])
+        a, d = torch.stack(a), torch.stack(d)
+    return torch.cat([a, a.new_ones(len(a), 1)], dim=1), d
+
+
+def per_example(model, x, y):
+    """Per layer: rows of A ``[(T, width)]``, pseudo-gradients ``[(C, T, d_out)]`` and
+    ``G_ic (C, d_out, width)`` per example; checks ``G_ic`` against ``autograd``."""
+    mods = layers(model)
+    out = {id(m): {"a": [], "d": [], "g": []} for m in mods}
+    for i in range(len(x)):
+        seen = {}
+        hooks = [
+            m.register_forward_hook(lambda m, a, o, seen=seen: seen.__setitem__(id(m), (a[0], o)))
+            for m in mods
+        ]
+        logits = model(x[i : i + 1])
+        for h in hooks:
+            h.remove()
+        p = logits[0].softmax(0).detach()
+        values, vectors = torch.linalg.eigh(torch.diag(p) - torch.outer(p, p))
+        roots = vectors * values.clamp_min(0).sqrt()  # (C, C), column c is q_c
+        per_c = {id(m): ([], []) for m in mods}
+        for c in range(roots.shape[1]):
+            targets = [seen[id(m)][1] for m in mods]
+            params = [t for m in mods for t in (m.weight, m.bias)]
+            grads = torch.autograd.grad(
+                (logits[0] * roots[:, c]).sum(), targets + params, retain_graph=True
+            )
+            for k, m in enumerate(mods):
+                a, d = rows(m, seen[id(m)][0].detach(), grads[k])
+                g = d.T @ a
+                wg, bg = grads[len(mods) + 2 * k], grads[len(mods) + 2 * k + 1]
+                true = torch.cat([wg.reshape(len(bg), -1), bg.unsqueeze(1)], dim=1)
+                torch.testing.assert_close(g, true, rtol=1e-12, atol=1e-13)
+                per_c[id(m)][0].append(d)
+                per_c[id(m)][1].append(g)
+                if c == 0:
+                    out[id(m)]["a"].append(a)
+        for m in mods:
+            out[id(m)]["d"].append(torch.stack(per_c[id(m)][0]))
+            out[id(m)]["g"].append(torch.stack(per_c[id(m)][1]))
+    return [out[id(m)] for m in mods]
+
+
+def to_param_order(model, blocks):
+    """Block-diagonal ``(P, P)`` in ``named_parameters`` order from per-layer
+    ``(d_out width, d_out width)`` blocks in row-major ``[W | b]`` order."""
+    mods = layers(model)
+    sizes = [p.numel() for p in model.parameters()]
+    out = torch.zeros(sum(sizes), sum(sizes), dtype=DTYPE)
+    offset = 0
+    for m, block in zip(mods, blocks):
+        d_out, d_in = m.weight.shape[0], m.weight[0].numel()
+        idx = []
+        for o in range(d_out):
+            idx += [offset + o * d_in + k for k in range(d_in)]
+            idx.append(offset + d_out * d_in + o)
+        idx = torch.tensor(idx)
+        out[idx[:, None], idx[None, :]] = block
+        offset += m.weight.numel() + m.bias.numel()
+    return out
+
+
+def reference(model, x, y, kind):
+    """Dense K-FAC or EK-FAC of the summed loss ``(P, P)``, and its per-layer blocks."""
+    blocks = []
+    for layer in per_example(model, x, y):
+        a = torch.cat(layer["a"])  # (sum_i T_i, width)
+        d = torch.cat([dc.reshape(-1, dc.shape[-1]) for dc in layer["d"]])
+        big_a, big_s = a.T @ a, d.T @ d
+        if kind == "kfac":
+            blocks.append(torch.kron(big_s, big_a) / len(a))
+        else:
+            _, qs = torch.linalg.eigh(big_s)
+            _, qa = torch.linalg.eigh(big_a)
+            q = torch.kron(qs, qa)
+            vecs = torch.cat([g.reshape(g.shape[0], -1) for g in layer["g"]])  # (n C, P_l)
+            lam = (vecs @ q).square().sum(0)
+            blocks.append(q @ torch.diag(lam) @ q.T)
+    return to_param_order(model, blocks), blocks
+
+
+def perturbed_copy(model, x, y, rho=RHO):
+    """The model at ``w* + eps*``, eps from the mean training gradient (all parameters)."""
+    import copy
+
+    moved = copy.deepcopy(model)
+    params = list(moved.parameters())
+    grads = torch.autograd.grad(nnf.cross_entropy(moved(x), y), params)
+    norm = torch.sqrt(sum(g.square().sum() for g in grads))
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.add_(rho * g / (norm + 1e-12))
+    return moved, torch.cat([g.reshape(-1) for g in grads])
+
+
+def grads(model, x, y):
+    """Per-example loss gradients ``(P, n)``."""
+    cols = []
+    for i in range(len(x)):
+        g = torch.autograd.grad(
+            nnf.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), list(model.parameters())
+        )
+        cols.append(torch.cat([t.reshape(-1) for t in g]))
+    return torch.stack(cols, dim=1)
+
+
+def close(a, b, tol=1e-10):
+    scale = float(b.abs().max())
+    assert float((a - b).abs().max()) <= tol * scale, float((a - b).abs().max()) / scale
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+def test_factors_product_inverse_and_scores_match_dense_reference(setup, curvature):
+    """fast: K at w*+eps* (not at w*), its dense product and inverse, and the scores."""
+    est = make(setup, curvature=curvature)
+    x, y = setup["train"].tensors
+    moved, _ = perturbed_copy(setup["model"], x, y)
+    k_e, _ = reference(moved, x, y, curvature)
+    k_0, _ = reference(setup["model"], x, y, curvature)
+    fitted = est.operator.kronecker["perturbed"].matrix()
+    close(fitted, k_e)
+    assert float((k_e - k_0).abs().max()) > 1e-4 * float(k_e.abs().max())  # the point matters
+    n, p = len(x), k_e.shape[0]
+    a = k_e + n * DAMPING * torch.eye(p, dtype=DTYPE)
+    close(est.matrix(), a)
+    close(est.inverse.inverse.solve(torch.eye(p, dtype=DTYPE)), torch.linalg.inv(a))
+    assert est.method == "kronecker"
+    xt, yt = setup["test"]
+    expected = grads(setup["model"], xt, yt).T @ torch.linalg.solve(a, grads(moved, x, y))
+    close(est.influence((xt, yt)), expected)
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+def test_plain_fits_at_w_star_and_rho_zero_makes_fast_plain(setup, curvature):
+    est = make(setup, curvature=curvature, variant="plain")
+    x, y = setup["train"].tensors
+    k_0, _ = reference(setup["model"], x, y, curvature)
+    assert list(est.operator.kronecker) == ["params"]
+    close(est.operator.kronecker["params"].matrix(), k_0)
+    xt, yt = setup["test"]
+    plain = est.influence((xt, yt))
+    fast = make(setup, curvature=curvature, rho=0.0).influence((xt, yt))
+    close(fast, plain, 1e-12)
+
+
+def test_ekfac_diagonal_and_one_example_equals_ggn(setup):
+    """EK-FAC's eigenvalues are the sorted dense mean of (Q^T vec G)^2; with one example the
+    Linear blocks equal the exact GGN blocks (one position per layer)."""
+    est = make(setup, curvature="ekfac", variant="plain")
+    x, y = setup["train"].tensors
+    _, blocks = reference(setup["model"], x, y, "ekfac")
+    fitted = est.operator.kronecker["params"]
+    for block, values in zip(blocks, fitted.values):
+        close(torch.sort(values.flatten()).values, torch.linalg.eigvalsh(block))
+    if setup["kind"] != "mlp":
+        return
+    one = TensorDataset(x[:1], y[:1])
+    est1 = make(setup, curvature="ekfac", variant="plain", hessian_dataset=one)
+    ggn = torch.zeros_like(est1.operator.kronecker["params"].matrix())
+    # exact GGN of the one example: sum_c g_c g_c^T with g_c the pseudo-gradient, all params
+    model = setup["model"]
+    logits = model(x[:1])
+    p = logits[0].softmax(0).detach()
+    values, vectors = torch.linalg.eigh(torch.diag(p) - torch.outer(p, p))
+    for c in range(3):
+        q = vectors[:, c] * values[c].clamp_min(0).sqrt()
+        g = torch.autograd.grad((logits[0] * q).sum(), list(model.parameters()), retain_graph=True)
+        v = torch.cat([t.reshape(-1) for t in g])
+        ggn += torch.outer(v, v)
+    mask = torch.zeros_like(ggn, dtype=torch.bool)  # block-diagonal by layer
+    mask[:24, :24] = mask[24:, 24:] = True
+    close(est1.operator.kronecker["params"].matrix(), ggn * mask)
+
+
+@pytest.mark.parametrize("variant", ["full", "exact"])
+def test_full_and_exact_gmres_equal_dense_solve(setup, variant):
+    est = make(setup, variant=variant, solver="gmres", solver_options={"tol": 1e-13})
+    x, y = setup["train"].tensors
+    n = len(x)
+    moved, g0 = perturbed_copy(setup["model"], x, y)
+    k_e, _ = reference(moved, x, y, "kfac")
+    k_0, _ = reference(setup["model"], x, y, "kfac")
+    eye = torch.eye(k_e.shape[0], dtype=DTYPE)
+    u = g0 / g0.norm()
+    jac = RHO / (n * (g0.norm() + 1e-12)) * (eye - torch.outer(u, u)) @ k_0  # H_0 -> K_0
+    a = k_e @ (eye + jac) + n * DAMPING * eye
+    columns = torch.cat([est.operator.matvec(eye[:, j : j + 1]) for j in range(len(eye))], 1)
+    close(columns, a)
+    rhs = grads(moved, x, y)
+    if variant == "exact":
+        rhs = rhs + k_e @ (RHO / (n * g0.norm()) * (eye - torch.outer(u, u))) @ grads(
+            setup["model"], x, y
+        )
+    xt, yt = setup["test"]
+    expected = grads(setup["model"], xt, yt).T @ torch.linalg.solve(a, rhs)
+    close(est.influence((xt, yt)), expected, 1e-9)
+    assert float(est.last_residual.max()) < 1e-11
+
+
+def test_damping_none_is_a_tenth_of_each_layers_mean_eigenvalue(setup):
+    est = make(setup, curvature="ekfac", damping=None)
+    x, y = setup["train"].tensors
+    moved, _ = perturbed_copy(setup["model"], x, y)
+    _, blocks = reference(moved, x, y, "ekfac")
+    n = len(x)
+    names = [name for name, m in setup["model"].named_modules() if m in layers(setup["model"])]
+    expected = {name: 0.1 * float(torch.trace(b)) / len(b) / n for name, b in zip(names, blocks)}
+    assert est.damping is None and est.damping_used.keys() == expected.keys()
+    for name in names:
+        assert est.damping_used[name] == pytest.approx(expected[name], rel=1e-10)
+    shifted = [
+        b + n * expected[nm] * torch.eye(len(b), dtype=DTYPE) for nm, b in zip(names, blocks)
+    ]
+    close(est.matrix(), to_param_order(setup["model"], shifted))
+    ggn = make(setup, curvature="ggn", damping=None, solver="dense")
+    assert ggn.damping == 0.0 and ggn.damping_used == 0.0
+    torch.testing.assert_close(
+        ggn.matrix(),
+        make(setup, curvature="ggn", damping=0.0, solver="dense").matrix(),
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_factors_dir_reloads_identically_and_refuses_tampering(setup, tmp_path, monkeypatch):
+    xt, yt = setup["test"]
+    first = make(setup, variant="full", factors_dir=tmp_path).influence((xt, yt))
+    names = sorted(os.listdir(tmp_path))
+    assert names[0].startswith("kfac-params-") and "kfac-perturbed.json" in names
+    from captum_sam.hif import kfac_solve
+
+    def refuse(*args, **kw):
+        raise AssertionError("refitted although cached")
+
+    monkeypatch.setattr(kfac_solve, "fit_kronecker", refuse)
+    again = make(setup, variant="full", factors_dir=tmp_path).influence((xt, yt))
+    assert torch.equal(first, again)
+    with pytest.raises(ValueError, match="stale K-FAC factors.*rho"):
+        make(setup, variant="full", rho=0.2, factors_dir=tmp_path)
+    manifest = tmp_path / "kfac-perturbed.json"
+    data = tmp_path / json.loads(manifest.read_text())["file"]
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"{data.name}.*SHA-256"):
+        make(setup, factors_dir=tmp_path)
+    content = json.loads(manifest.read_text())
+    content["dtype"] = "int"
+    manifest.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match="kfac-perturbed.json.*field dtype"):
+        make(setup, factors_dir=tmp_path)
+
+
+def test_unsupported_parameters_arnoldi_and_bad_arguments(setup, tmp_path):
+    from tests.helpers import bn_model
+
+    x, y = make_data(n=12, seed=1).tensors
+    model = bn_model()
+    ckpt = save_checkpoint(model, tmp_path / "bn.pt")
+    kw = dict(checkpoint=ckpt, loss_fn=ce_loss(), batch_size=4, curvature="kfac",
+              projection_dim=None, hessian_inverse_tol=None)  # fmt: skip
+    with pytest.raises(ValueError, match=r"'bn.weight'.*BatchNorm1d.*layers="):
+        SAMInfluenceFunction(model, TensorDataset(x, y), **kw)
+    est = SAMInfluenceFunction(model, TensorDataset(x, y), layers=["fc1", "fc2"], **kw)
+    assert [s.name for s in est.operator.kronecker["perturbed"].sites] == ["fc1", "fc2"]
+    with pytest.raises(ValueError, match="no Arnoldi iteration needed"):
+        SAMArnoldiInfluenceFunction(setup["model"], setup["train"], checkpoint=setup["ckpt"],
+                                    loss_fn=ce_loss(), curvature="kfac")  # fmt: skip
+    with pytest.raises(ValueError, match="`damping`"):
+        make(setup, damping=-1.0)
+    with pytest.raises(ValueError, match="`damping`"):
+        make(setup, damping="x")
+    with pytest.raises(TypeError, match="`factors_dir`"):
+        make(setup, factors_dir=3)
+    with pytest.raises(ValueError, match="`curvature`"):
+        make(setup, curvature="kfc")
+    with pytest.raises(ValueError, match="solver='lissa'"):
+        make(setup, solver="lissa").influence(setup["test"])
+
+
+def test_user_model_unchanged(setup):
+    model = setup["model"]
+    mode = model.training
+    model.train()
+    model[0].bias.requires_grad_(False)  # not attributed: a weight-only site
+    before = snapshot(model)
+    try:
+        est = make(setup, variant="exact", curvature="ekfac", solver="bicgstab")
+        assert [s.bias for s in est.operator.kronecker["perturbed"].sites][0] is None
+        est.influence(setup["test"])
+        est.self_influence(setup["train"])
+        assert_unchanged(model, before)
+    finally:
+        model[0].bias.requires_grad_(True)
+        model.train(mode)
