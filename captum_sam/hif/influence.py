@@ -83,11 +83,21 @@ class SAMInfluenceFunction(SAMInfluenceBase):
         adaptive: ASAM.
         weight_decay: :math:`\lambda` of the training objective (enters as
             :math:`n\lambda`).
-        damping: Extra :math:`d`, added as :math:`n d I`.
+        damping: Extra :math:`d`, added as :math:`n d I`. ``None`` (default): 0 for
+            ``"hessian"``/``"ggn"``; for ``"kfac"``/``"ekfac"`` each layer's
+            :math:`n d_l` is 0.1 times the mean eigenvalue of its curvature block
+            (kronfluence's rule). ``damping_used`` reports the value(s) used.
         variant: ``"fast"`` (default: symmetric, so Captum's symmetric embeddings
             hold), ``"full"`` (the paper's SAM-HIF), ``"exact"`` or ``"plain"``.
-        curvature: ``"hessian"`` or ``"ggn"`` (generalised Gauss-Newton, positive
-            semi-definite).
+        curvature: ``"hessian"``, ``"ggn"`` (generalised Gauss-Newton, positive
+            semi-definite), or its block-diagonal Kronecker-factored approximations
+            ``"kfac"`` and ``"ekfac"`` (eigenvalue-corrected), fitted once per point
+            (:math:`w^*+\epsilon^*` for ``fast``/``full``/``exact``, :math:`w^*` for
+            ``plain`` and for :math:`J`) for ``nn.Linear`` and ``nn.Conv2d`` layers only:
+            any other attributed parameter raises ``ValueError`` (attribute supported
+            layers with ``layers``). ``fast``/``plain`` are then inverted exactly per
+            layer; ``full``/``exact`` use GMRES preconditioned by the K-FAC inverse
+            (``projection_dim=None``). See :mod:`captum_sam.hif.kfac`.
         solver: ``"auto"`` (``"dense"`` when ``projection_dim`` is set or ``P`` is
             small, else ``"cg"``/``"gmres"``), ``"dense"`` (Captum's decomposition),
             or an iterative solver of :data:`captum_sam.solvers.METHODS` (solves
@@ -107,6 +117,11 @@ class SAMInfluenceFunction(SAMInfluenceBase):
         sketch_seed: Seed of the sketch.
         factorize: With ``curvature="ggn"`` and ``nn.Linear`` models, form GGN
             matrices from layer factors (checked against ``ggn_vp`` first).
+        factors_dir: With ``"kfac"``/``"ekfac"``, a directory caching the fitted
+            factors and eigendecompositions (one file and verified manifest per kind
+            and point, :mod:`captum_sam.hif.kfac_store`): reused when they match the
+            checkpoint, data and settings, refused with an error naming the file and
+            field when stale or tampered. ``None``: no cache.
 
     Where the gradients are taken: test gradients at :math:`w^*`; the curvature of
     ``fast``/``full``/``exact`` and their training gradients :math:`b_k` at
