@@ -261,7 +261,8 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
         choices=CURVATURES,
         default=d["curvature"],
         help="curvature of the Hessian-based estimators: the Hessian, the Gauss-Newton "
-        "matrix (GGN), or both (one row each)",
+        "matrix (GGN), its K-FAC or EK-FAC approximation (nn.Linear/nn.Conv2d layers), or "
+        "both Hessian and GGN (one row each)",
     )
     p.add_argument(
         "--damping",

@@ -381,3 +381,25 @@ def test_user_model_unchanged(setup):
     finally:
         model[0].bias.requires_grad_(True)
         model.train(mode)
+
+
+def test_compare_cli_accepts_kfac_and_builds_a_kfac_estimator(setup):
+    from types import SimpleNamespace
+
+    from captum_sam.cli import _compare_config, build_parser
+    from captum_sam.evaluation.setup import build_estimator
+
+    parser = build_parser()
+    args = parser.parse_args(["compare", "--curvature", "ekfac", "--out", "unused"])
+    config = _compare_config(args)
+    assert ("sam-hif", "sam-hif", "ekfac") in config.rows()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["compare", "--curvature", "kfc", "--out", "unused"])
+    if setup["kind"] != "mlp":
+        return
+    ctx = SimpleNamespace(
+        config=config, data=SimpleNamespace(train=setup["train"]), base=setup["model"],
+        base_ckpt=setup["ckpt"], loss=ce_loss(),
+    )  # fmt: skip
+    est = build_estimator(ctx, "sam-hif-fast", "ekfac")
+    assert est.curvature == "ekfac" and list(est.operator.kronecker) == ["perturbed"]

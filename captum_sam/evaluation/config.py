@@ -43,7 +43,7 @@ HESSIAN_FAMILY = {
 GROUND_TRUTHS = ("auto", "fixed_point", "schedule")
 DATASETS = ("digits", "mnist", "cifar10")
 MODEL_NAMES = ("logreg", "mlp", "cnn")  # the names of captum_sam.models.MODELS
-CURVATURES = ("hessian", "ggn", "both")
+CURVATURES = ("hessian", "ggn", "kfac", "ekfac", "both")  # both: hessian and ggn
 DIGITS_SIZE = 1797  # images in scikit-learn's bundled digits
 
 QUICK = dict(
