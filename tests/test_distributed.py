@@ -89,6 +89,14 @@ def compute(run_dir):
             out[f"hif_{name}_self"] = hif.self_influence()
             out[f"hif_{name}_top"] = hif.influence(test, k=2).indices
             out[f"hif_{name}_factored"] = torch.tensor(float(bool(hif.operator._ggn_checked)))
+    for curvature, variant in [("ekfac", "fast"), ("kfac", "full")]:  # factors summed over ranks
+        kfac = SAMInfluenceFunction(
+            model, train, run_dir, loss_fn=ce_loss(), batch_size=4, rho=0.1, damping=None,
+            variant=variant, curvature=curvature, projection_dim=None, hessian_reg=0.0,
+            hessian_inverse_tol=None, solver_options={"tol": 1e-11},
+        )  # fmt: skip
+        out[f"{curvature}_{variant}"] = kfac.influence(test)
+        out[f"{curvature}_{variant}_damping"] = torch.tensor(list(kfac.damping_used.values()))
     return out
 
 
