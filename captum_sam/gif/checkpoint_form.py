@@ -3,7 +3,8 @@ r"""Checkpoint-form SAM-GIF (Captum's ``TracInCP``): scores summed over checkpoi
 :math:`\mathrm{score}(z, z_k) = \sum_c \eta_c \nabla l(z; w_c)\cdot\nabla l_k(w_c+\epsilon_c)`.
 Training batches are streamed (this rank's share under ``torch.distributed``); the
 test side is computed once per call. Every checkpoint of a batch is evaluated in one
-stacked ``vmap`` call, or on the factored path for ``nn.Linear`` models.
+stacked ``vmap`` call, or on the factored path when every attributed parameter sits
+in a layer site (``nn.Linear``, ``nn.Conv2d``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor
 from captum_sam import core as F
 from captum_sam.core.data import batch_context, local_batches, progress
 from captum_sam.core.distributed import all_reduce_sum, gather_ordered
-from captum_sam.core.layers import linear
+from captum_sam.core.layers import products
 from captum_sam.gif.factored_grads import FactoredGradients
 from captum_sam.gif.points import WeightPoints
 from captum_sam.gif.terms import Term, check_finite_terms
@@ -144,14 +145,16 @@ class CheckpointForm:
                 usable = False
                 break
             with batch_context("train_dataset", i):
-                fs = [linear.linear_factors(floss, p, batch, factored.sites) for p, floss in losses]
-            size = len(fs[0][0][0])
+                raw = [factored.factors(floss, p, batch) for p, floss in losses]
+            size = products.row_count(raw[0])
+            for k, f in enumerate(raw):
+                for n, g in products.factor_grad_sum(f, factored.sites).items():  # type: ignore[arg-type]
+                    total[n][k] += g
+            fs = [factored.represent(f) for f in raw]  # what the second pass needs
+            del raw
             if not stored and _nbytes(fs) * n_train / size > MERGE_BUDGET_BYTES:
                 usable = False
                 break
-            for k, f in enumerate(fs):
-                for n, g in linear.factor_grad_sum(f, factored.sites).items():
-                    total[n][k] += g
             count += size
             stored.append((i, batch, fs))
         # every rank takes the same path (a rank may have no batch to decide on)
@@ -185,5 +188,10 @@ def _length(data: Any) -> int | None:
         return None
 
 
-def _nbytes(factors: list[linear.Factors]) -> int:
-    return sum(t.numel() * t.element_size() for f in factors for pair in f for t in pair)
+def _nbytes(reps: list[Any]) -> int:
+    """Bytes held by per-term representations (entries or projected rows)."""
+    total = 0
+    for rep in reps:
+        tensors = [rep] if isinstance(rep, Tensor) else [t for e in rep for t in e]
+        total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return total

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from captum_sam import core as F
 from captum_sam.core.checkpoints import CheckpointLoader, edited_copy, model_device
 from captum_sam.core.data import as_loader, on_device, ordered_dataset, validate_batch
-from captum_sam.core.layers import linear
+from captum_sam.core.layers import sites as layer_sites
 from captum_sam.core.params import check_layers, sample_wise_names, scope_names
 from captum_sam.core.projection import RandomProjection
 from captum_sam.core.store import CachedQuantities
@@ -221,7 +221,7 @@ def build_engines(
     vmap = VmapGradients(points, projector, o.test_at_perturbed, device)
     factored = FactoredGradients(
         points,
-        linear.linear_sites(scratch, names) if o.factorize else None,
+        layer_sites.layer_sites(scratch, names) if o.factorize else None,
         train_loss,
         test_loss,
         projector is None and o.perturbation != "example",
