@@ -96,7 +96,7 @@ def test_conv_factors_give_the_per_example_gradients(conv):
     applied = products.factor_apply(moved, rows, found)
     torch.testing.assert_close(applied, flat[:2] @ flat_q.T, rtol=1e-10, atol=1e-12)
     summed = products.factor_grad_sum(moved, found)
-    for j, n in enumerate(names):
+    for n in names:
         want = loop_grads(model_q, [n], x, y)[n].sum(0)
         torch.testing.assert_close(summed[n], want, rtol=1e-10, atol=1e-12)
 
@@ -117,9 +117,22 @@ def test_layer_projection_from_factors_equals_projecting_formed_gradients():
     flat = torch.cat([ref[n].flatten(1) for n in names], 1)
     got = proj.project_factors(factors, [(s.weight, s.bias) for s in found])
     torch.testing.assert_close(got, proj(flat), rtol=1e-10, atol=1e-12)
-    # the projection is the explicit Kronecker map: rows of R applied to the flat gradient
-    R = torch.stack([proj(e) for e in torch.eye(flat.shape[1], dtype=DTYPE)], 1)
-    torch.testing.assert_close(proj(flat), flat @ R.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(proj(flat), kronecker(proj, layers, ref), rtol=1e-10, atol=1e-12)
+
+
+def kronecker(proj, layers, grads):
+    """The definition: per layer ``P_out^T [W, b] P_in`` of every row, flattened, in order."""
+    blocks = []
+    for i, (w, b, d_out, d_in) in enumerate(layers):
+        parts = [] if w is None else [grads[w].reshape(-1, d_out, d_in)]
+        parts += [] if b is None else [grads[b].reshape(-1, d_out, 1)]
+        g = torch.cat(parts, -1)
+        p_out, p_in = (proj.side(i, j, DTYPE, torch.device("cpu")) for j in (0, 1))
+        p_out = torch.eye(g.shape[1], dtype=DTYPE) if p_out is None else p_out
+        p_in = torch.eye(g.shape[2], dtype=DTYPE) if p_in is None else p_in
+        assert p_out.shape[1] * p_in.shape[1] <= proj.dim
+        blocks.append((p_out.T @ g @ p_in).flatten(1))
+    return torch.cat(blocks, 1)
 
 
 # ---------------------------------------------------------------- SAM-GIF on CNNs
@@ -185,13 +198,20 @@ def checkpoints(model, tmp_path, count=2):
     return paths, rates
 
 
-def brute_scores(model, path_rates, train, test, rho, layers):
+def flatten(grads, names):
+    """``{name: (n, *shape)}`` as ``(n, P)`` rows in the order of ``names``."""
+    return torch.cat([grads[n].flatten(1) for n in names], 1)
+
+
+def brute_scores(model, path_rates, train, test, rho, layers, project=None):
     """Influence ``(n_test, n_train)`` and self influence ``(n_train,)``, autograd loops only.
 
     Per checkpoint: the SAM perturbation from the mean training gradient over every
     trainable parameter (``rho g / (||g|| + 1e-12)``), test gradients at ``w``,
     training gradients at ``w + eps`` with respect to the attributed parameters.
+    ``project(grads, names)``: rows ``(n, D)`` from gradients (default: flattened).
     """
+    project = project or flatten
     (x, y), (xt, yt) = train, test
     influence, self_infl = 0, 0
     for path, lr in path_rates:
@@ -204,13 +224,12 @@ def brute_scores(model, path_rates, train, test, rho, layers):
         mean = ce_loss()(m(x), y).mean()
         g = torch.autograd.grad(mean, [params[n] for n in every])
         norm = torch.norm(torch.stack([t.norm() for t in g]))
-        flat = lambda grads: torch.cat([grads[n].flatten(1) for n in names], 1)  # noqa: E731
-        test_w = flat(loop_grads(m, names, xt, yt))
-        train_w = flat(loop_grads(m, names, x, y))
+        test_w = project(loop_grads(m, names, xt, yt), names)
+        train_w = project(loop_grads(m, names, x, y), names)
         with torch.no_grad():
             for n, t in zip(every, g):
                 params[n].add_(rho * t / (norm + 1e-12))
-        train_moved = flat(loop_grads(m, names, x, y))
+        train_moved = project(loop_grads(m, names, x, y), names)
         influence = influence + lr * test_w @ train_moved.T
         self_infl = self_infl + lr * (train_w * train_moved).sum(1)
     return influence, self_infl
@@ -281,3 +300,32 @@ def test_cnn_aggregate_and_top_k_equal_the_vmap_path(tmp_path, kw):
     top, want = fast.influence((xt, yt), k=3), slow.influence((xt, yt), k=3)
     assert torch.equal(top.indices, want.indices)
     assert fast.engines.factored.sites is not None
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.2])
+def test_cnn_projection_is_the_per_layer_kronecker_projection(tmp_path, rho):
+    x, y = cnn_data(10, 4)
+    xt, yt = cnn_data(3, 5)
+    model = built(DeepCNN(), x.float())
+    paths, rates = checkpoints(model, tmp_path)
+
+    def make(**f):
+        return SAMTracInCP(
+            model, TensorDataset(x, y), paths, loss_fn=ce_loss(), batch_size=4, rho=rho,
+            projection_dim=40, projection_seed=2, **f,
+        )  # fmt: skip
+
+    fast, slow = make(), make(factorize=False)
+    names = F.attributed_names(model)
+    found = sites.layer_sites(model, names)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    layers = [(s.weight, s.bias, s.d_out, s.d_in) for s in found]
+    proj = LayerProjection(sizes, layers, 40, seed=2)
+    ref_influence, ref_self = brute_scores(
+        model, zip(paths, rates), (x, y), (xt, yt), rho, None,
+        project=lambda grads, _: kronecker(proj, layers, grads),
+    )  # fmt: skip
+    for est in (fast, slow):
+        torch.testing.assert_close(est.influence((xt, yt)), ref_influence, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(est.self_influence(), ref_self, rtol=1e-10, atol=1e-10)
+    assert fast.engines.factored.projector is not None and fast.engines.factored._checked
