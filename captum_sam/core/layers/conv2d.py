@@ -58,18 +58,34 @@ class Conv2dType(LayerType):
         )
 
     def inputs(self, module: nn.Module, x: Tensor) -> Tensor:
-        """Unfolded patches ``(B, H' W', C_in kh kw)`` of a ``(B, C_in, H, W)`` input."""
+        """Patches ``(B, H' W', C_in kh kw)`` of a ``(B, C_in, H, W)`` input.
+
+        The same numbers as :func:`torch.nn.functional.unfold`, built from ``kh kw``
+        strided slices of the padded input (one copy each) instead of ``im2col``,
+        which is several times slower on CPUs. The result is a transposed view of a
+        contiguous ``(B, C_in kh kw, H' W')`` tensor (what the batched products want).
+        """
         if x.dim() != 4:
             raise Unsupported("a convolution sees an input without a batch dimension")
         left, right, top, bottom = conv_padding(module)  # type: ignore[arg-type]
-        if left == right and top == bottom:
-            pad = (top, left)
-        else:  # asymmetric ("same" with an even kernel): pad first
-            x, pad = nnf.pad(x, (left, right, top, bottom)), (0, 0)
-        patches = nnf.unfold(
-            x, module.kernel_size, dilation=module.dilation, padding=pad, stride=module.stride
-        )
-        return patches.mT
+        if left or right or top or bottom:
+            x = nnf.pad(x, (left, right, top, bottom))
+        (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+        rows = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
+        cols = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+        out = x.new_empty(x.shape[0], x.shape[1], kh * kw, rows, cols)
+        for i in range(kh):
+            for j in range(kw):
+                top_i, left_j = i * dh, j * dw
+                out[:, :, i * kw + j].copy_(
+                    x[
+                        :,
+                        :,
+                        top_i : top_i + sh * (rows - 1) + 1 : sh,
+                        left_j : left_j + sw * (cols - 1) + 1 : sw,
+                    ]
+                )
+        return out.reshape(x.shape[0], -1, rows * cols).mT
 
     def outputs(self, module: nn.Module, y: Tensor) -> Tensor:
         """``(B, C_out, H', W')`` -> ``(B, H' W', C_out)``."""
