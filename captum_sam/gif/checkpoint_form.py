@@ -147,10 +147,12 @@ class CheckpointForm:
             with batch_context("train_dataset", i):
                 raw = [factored.factors(floss, p, batch) for p, floss in losses]
             size = products.row_count(raw[0])
-            for k, f in enumerate(raw):
-                for n, g in products.factor_grad_sum(f, factored.sites).items():  # type: ignore[arg-type]
-                    total[n][k] += g
             fs = [factored.represent(f) for f in raw]  # what the second pass needs
+            for k, (f, kept) in enumerate(zip(raw, fs)):
+                # formed entries sum faster than raw factors (projected rows cannot)
+                summable = f if isinstance(kept, Tensor) else kept
+                for n, g in products.factor_grad_sum(summable, factored.sites).items():  # type: ignore[arg-type]
+                    total[n][k] += g
             del raw
             if not stored and _nbytes(fs) * n_train / size > MERGE_BUDGET_BYTES:
                 usable = False
