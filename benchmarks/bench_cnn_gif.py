@@ -92,6 +92,10 @@ def measure(spec: dict) -> dict:
             )  # fmt: skip
         return est.self_influence() if spec["what"] == "self" else est.influence(test.tensors)
 
+    if "merge_budget" in spec:  # how many bytes merged self influence may keep
+        from captum_sam.gif import checkpoint_form
+
+        checkpoint_form.MERGE_BUDGET_BYTES = spec["merge_budget"]
     # warm-up on a few examples with another estimator: lazy imports, allocator
     call(TensorDataset(*train[:bs]), TensorDataset(*test[:2]))
     before = rss_mb()
@@ -133,6 +137,10 @@ def main() -> None:
     )  # fmt: skip
     who = [
         ("SAMTracInCP rho=0.05", dict(who="ours", rho=0.05)),
+        (
+            "SAMTracInCP rho=0.05, MERGE_BUDGET_BYTES=0 (3 passes)",
+            dict(who="ours", rho=0.05, merge_budget=0),
+        ),
         ("SAMTracInCP rho=0", dict(who="ours", rho=0.0)),
         (
             f"SAMTracInCP rho=0.05 projection_dim={args.projection_dim}",
@@ -145,6 +153,8 @@ def main() -> None:
     results = {}
     for what in ("self", "influence"):
         for label, spec in who:
+            if what == "influence" and "merge_budget" in spec:
+                continue  # self influence only
             results[what, label] = run({**base, **spec, "what": what})
             r = results[what, label]
             print(

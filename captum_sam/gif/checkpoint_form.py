@@ -27,7 +27,7 @@ from captum_sam.gif.vmap_grads import VmapGradients
 
 __all__ = ["CheckpointForm", "MERGE_BUDGET_BYTES"]
 
-# factors at w kept between the two passes of merged self influence, at most
+# factors at w kept between the two passes of merged self influence, at most (else 3 passes)
 MERGE_BUDGET_BYTES = 1 << 30
 
 
@@ -111,13 +111,15 @@ class CheckpointForm:
     def merged_self_influence(
         self, train: Any, n_train: int, show_progress: bool, name: str
     ) -> Tensor | None:
-        """Self influence of the training set in two factored passes, or ``None``.
+        """Self influence of the training set on the factored path, or ``None``.
 
         Applies when the perturbation is the mean gradient over the training set (the
-        attributed parameters being the whole scope), not yet known, and the factors
-        at ``w`` of every local example fit in :data:`MERGE_BUDGET_BYTES`: the first
-        pass yields both the perturbation gradient and the factors at ``w``, so self
-        influence costs two passes per checkpoint instead of three.
+        attributed parameters being the whole scope) and not yet known. The first
+        pass takes the perturbation gradient from the layer factors at ``w`` (no
+        ``vmap``); when the kept factors of every local example fit in
+        :data:`MERGE_BUDGET_BYTES` they are kept, so self influence costs two passes
+        per checkpoint, otherwise the second pass recomputes them (three passes,
+        memory of one batch).
         """
         terms, points, factored = self.terms, self.points, self.factored
         if (
@@ -139,9 +141,9 @@ class CheckpointForm:
             f"Using {name} to compute self influence. Pass 1 of 2, processing batch",
             total=_length(train),
         )
-        usable = True
+        usable, keep = True, True
         for i, batch in batches:
-            if not stored and not factored.applies(terms, batch):
+            if not count and not factored.applies(terms, batch):
                 usable = False
                 break
             with batch_context("train_dataset", i):
@@ -154,18 +156,19 @@ class CheckpointForm:
                 for n, g in products.factor_grad_sum(summable, factored.sites).items():  # type: ignore[arg-type]
                     total[n][k] += g
             del raw
-            if not stored and _nbytes(fs) * n_train / size > MERGE_BUDGET_BYTES:
-                usable = False
-                break
+            if not count and _nbytes(fs) * n_train / size > MERGE_BUDGET_BYTES:
+                keep = False  # sums only; the second pass recomputes the factors at w
             count += size
-            stored.append((i, batch, fs))
+            if keep:
+                stored.append((i, batch, fs))
         # every rank takes the same path (a rank may have no batch to decide on)
         refused = all_reduce_sum(torch.tensor([0.0 if usable else 1.0], dtype=torch.float64))
         if refused[0] > 0:
             return None
         points.store_dataset_eps(terms, total, count, "train_dataset")
+        again = ((i, b, None) for i, b in local_batches(train, self.device))
         second = progress(
-            stored,
+            stored if keep else again,
             show_progress,
             f"Using {name} to compute self influence. Processing batch",
         )
