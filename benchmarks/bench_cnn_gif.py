@@ -7,9 +7,11 @@ Conv2d(3, 32, 3, padding=1)-ReLU-MaxPool2d(2)-Flatten-Linear(8192, 10) in float3
 ``--checkpoints`` checkpoints (random weights; timing does not depend on training).
 Each measurement runs in a fresh process, so its peak resident memory
 (``ru_maxrss``) is its own; "added" is the peak minus the resident memory just before
-the timed call. Before the timed call each process runs the same call once on one
-batch with a separate estimator (lazy imports, first allocations), so the time is
-that of the computation; a fresh estimator is then built and timed (nothing cached).
+the timed call. CPU seconds (user + system, all threads) are reported next to wall
+seconds: on a machine shared with other work they move much less. Before the timed
+call each process runs the same call once on one batch with a separate estimator
+(lazy imports, first allocations), so the time is that of the computation; a fresh
+estimator is then built and timed (nothing cached).
 Ratios are Captum's time over ours, measured side by side in this run.
 """
 
@@ -66,6 +68,12 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def cpu_seconds() -> float:
+    """User and system CPU time of this process (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(spec: dict) -> dict:
     """Run one measurement in this process: ``{"seconds", "peak_mb", "added_mb", "scores"}``."""
     from captum.influence import TracInCP
@@ -99,13 +107,14 @@ def measure(spec: dict) -> dict:
     # warm-up on a few examples with another estimator: lazy imports, allocator
     call(TensorDataset(*train[:bs]), TensorDataset(*test[:2]))
     before = rss_mb()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     scores = call(train, test)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     peak = rss_mb()
     return dict(
-        seconds=seconds, peak_mb=peak, added_mb=peak - before, scores=scores.double().tolist()
-    )
+        seconds=seconds, cpu=cpu, peak_mb=peak, added_mb=peak - before,
+        scores=scores.double().tolist(),
+    )  # fmt: skip
 
 
 def run(spec: dict) -> dict:
@@ -173,10 +182,14 @@ def main() -> None:
         rows.append(
             (
                 what, label, f"{r['seconds']:.1f}", f"{ref['seconds'] / r['seconds']:.2f}x",
+                f"{r['cpu']:.1f}", f"{ref['cpu'] / r['cpu']:.2f}x",
                 f"{r['peak_mb']:.0f}", f"{r['added_mb']:.0f}",
             )
         )  # fmt: skip
-    header = ("call", "path", "s", "speed-up vs hooks", "peak MB", "added MB")
+    header = (
+        "call", "path", "wall s", "wall vs hooks", "CPU s", "CPU vs hooks", "peak MB",
+        "added MB",
+    )  # fmt: skip
     print(table(rows, header))
     for what in ("self", "influence"):
         ours = torch.tensor(results[what, "SAMTracInCP rho=0"]["scores"])

@@ -329,3 +329,29 @@ def test_cnn_projection_is_the_per_layer_kronecker_projection(tmp_path, rho):
         torch.testing.assert_close(est.influence((xt, yt)), ref_influence, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(est.self_influence(), ref_self, rtol=1e-10, atol=1e-10)
     assert fast.engines.factored.projector is not None and fast.engines.factored._checked
+
+
+@pytest.mark.parametrize("perturbation", ["dataset", "batch"])
+def test_cnn_trajectory_form_factored_equals_vmap(tmp_path, perturbation):
+    """The recorded steps of a CNN, scored together on the factored path."""
+    from captum_sam import train_sam
+
+    x, y = cnn_data(14, 6)
+    xt, yt = cnn_data(3, 7)
+    model = built(DeepCNN(), x.float())
+    train = TensorDataset(x, y)
+    record = tmp_path / "run"
+    train_sam(model, train, ce_loss(), epochs=2, lr=0.1, rho=0.1, batch_size=5, record_dir=record)
+
+    def make(**f):
+        return SAMTracInCP.from_trajectory(
+            model, train, record, loss_fn=ce_loss(), perturbation=perturbation, **f
+        )
+
+    fast, slow = make(), make(factorize=False)
+    torch.testing.assert_close(fast.self_influence(), slow.self_influence(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        fast.influence((xt, yt)), slow.influence((xt, yt)), rtol=1e-10, atol=1e-12
+    )
+    factored = fast.engines.factored
+    assert factored.sites is not None and factored._checked and all(factored._checked.values())

@@ -10,10 +10,12 @@ vector, a convolution's unfolded patch) and :math:`d_{it} = \partial l_i/\partia
 y_{it}` the gradient of the loss in the layer output there. :func:`layer_factors`
 collects ``(a, d)`` of shapes ``(B, T, d_in)`` and ``(B, T, d_out)`` for every site
 from one batched forward pass (hooks record the inputs) and one backward pass to the
-layer outputs; :func:`site_grads` forms per-example gradients from them. Everything
-else (per-example inner products, projections, the GGN) is written once against this
-contract in :mod:`~captum_sam.core.layers.products` and
-:mod:`~captum_sam.core.projection`.
+layer outputs; :func:`site_grads` forms per-example gradients from them. The
+per-example inner products and the per-layer projection are written once against this
+contract (:mod:`~captum_sam.core.layers.products`,
+:class:`~captum_sam.core.projection.LayerProjection`); the factored Gauss-Newton
+matrix of SAM-HIF (:mod:`~captum_sam.core.layers.linear_ggn`) still takes linear
+sites only.
 
 Each layer type lives in its own module (:mod:`~captum_sam.core.layers.linear`,
 :mod:`~captum_sam.core.layers.conv2d`) as a :class:`LayerType` registered with
