@@ -3,7 +3,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from captum_sam import load_trajectory, train_sam
-from captum_sam.core.projection import RandomProjection
+from captum_sam.core.layers.sites import layer_sites
+from captum_sam.core.projection import LayerProjection, RandomProjection
 from captum_sam.gif.tracincp import SAMTracInCP
 from captum_sam.hif.influence import SAMInfluenceFunction
 from tests.helpers import DTYPE, ce_loss, make_data, mlp_model
@@ -86,7 +87,18 @@ def test_projected_scores_equal_projected_quantities(run, form):
         )
 
     full, projected = make(), make(**kw)
-    proj = RandomProjection({n: p.numel() for n, p in run["model"].named_parameters()}, 8, seed=1)
+    sizes = {n: p.numel() for n, p in run["model"].named_parameters()}
+    if form == "hif-exact":
+        proj = RandomProjection(sizes, 8, seed=1)
+    else:  # SAM-GIF projects nn.Linear / nn.Conv2d gradients per layer (Kronecker)
+        found = layer_sites(run["model"], list(sizes))
+        layers = [(s.weight, s.bias, s.d_out, s.d_in) for s in found]
+        proj = LayerProjection(sizes, layers, 8, seed=1)
+        assert projected.engines.factored.projector is not None  # projected from factors
+        slow = make(factorize=False, **kw)  # formed gradients, then projected: same numbers
+        torch.testing.assert_close(
+            slow.influence(run["test"]), projected.influence(run["test"]), rtol=1e-10, atol=1e-12
+        )
     if form == "hif-exact":
         q = full.compute_intermediate_quantities(run["test"], test=True)
         r = full.compute_intermediate_quantities(run["train"].tensors)

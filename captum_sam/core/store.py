@@ -147,7 +147,12 @@ def function_digest(fn: Any) -> list[Any]:
 
 def projection_setting(projector: Any) -> list[Any] | None:
     """The part of a fingerprint that describes a random projection (or its absence)."""
-    return None if projector is None else [projector.dim, projector.kind, projector.seed]
+    if projector is None:
+        return None
+    setting = [projector.dim, projector.kind, projector.seed]
+    if type(projector).__name__ == "LayerProjection":  # per-layer Kronecker: other numbers
+        setting.append("per-layer")
+    return setting
 
 
 # --------------------------------------------------------------------------- saving

@@ -3,7 +3,8 @@ r"""Checkpoint-form SAM-GIF (Captum's ``TracInCP``): scores summed over checkpoi
 :math:`\mathrm{score}(z, z_k) = \sum_c \eta_c \nabla l(z; w_c)\cdot\nabla l_k(w_c+\epsilon_c)`.
 Training batches are streamed (this rank's share under ``torch.distributed``); the
 test side is computed once per call. Every checkpoint of a batch is evaluated in one
-stacked ``vmap`` call, or on the factored path for ``nn.Linear`` models.
+stacked ``vmap`` call, or on the factored path when every attributed parameter sits
+in a layer site (``nn.Linear``, ``nn.Conv2d``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor
 from captum_sam import core as F
 from captum_sam.core.data import batch_context, local_batches, progress
 from captum_sam.core.distributed import all_reduce_sum, gather_ordered
-from captum_sam.core.layers import linear
+from captum_sam.core.layers import products
 from captum_sam.gif.factored_grads import FactoredGradients
 from captum_sam.gif.points import WeightPoints
 from captum_sam.gif.terms import Term, check_finite_terms
@@ -26,7 +27,7 @@ from captum_sam.gif.vmap_grads import VmapGradients
 
 __all__ = ["CheckpointForm", "MERGE_BUDGET_BYTES"]
 
-# factors at w kept between the two passes of merged self influence, at most
+# factors at w kept between the two passes of merged self influence, at most (else 3 passes)
 MERGE_BUDGET_BYTES = 1 << 30
 
 
@@ -110,13 +111,15 @@ class CheckpointForm:
     def merged_self_influence(
         self, train: Any, n_train: int, show_progress: bool, name: str
     ) -> Tensor | None:
-        """Self influence of the training set in two factored passes, or ``None``.
+        """Self influence of the training set on the factored path, or ``None``.
 
         Applies when the perturbation is the mean gradient over the training set (the
-        attributed parameters being the whole scope), not yet known, and the factors
-        at ``w`` of every local example fit in :data:`MERGE_BUDGET_BYTES`: the first
-        pass yields both the perturbation gradient and the factors at ``w``, so self
-        influence costs two passes per checkpoint instead of three.
+        attributed parameters being the whole scope) and not yet known. The first
+        pass takes the perturbation gradient from the layer factors at ``w`` (no
+        ``vmap``); when the kept factors of every local example fit in
+        :data:`MERGE_BUDGET_BYTES` they are kept, so self influence costs two passes
+        per checkpoint, otherwise the second pass recomputes them (three passes,
+        memory of one batch).
         """
         terms, points, factored = self.terms, self.points, self.factored
         if (
@@ -138,29 +141,34 @@ class CheckpointForm:
             f"Using {name} to compute self influence. Pass 1 of 2, processing batch",
             total=_length(train),
         )
-        usable = True
+        usable, keep = True, True
         for i, batch in batches:
-            if not stored and not factored.applies(terms, batch):
+            if not count and not factored.applies(terms, batch):
                 usable = False
                 break
             with batch_context("train_dataset", i):
-                fs = [linear.linear_factors(floss, p, batch, factored.sites) for p, floss in losses]
-            size = len(fs[0][0][0])
-            if not stored and _nbytes(fs) * n_train / size > MERGE_BUDGET_BYTES:
-                usable = False
-                break
-            for k, f in enumerate(fs):
-                for n, g in linear.factor_grad_sum(f, factored.sites).items():
+                raw = [factored.factors(floss, p, batch) for p, floss in losses]
+            size = products.row_count(raw[0])
+            fs = [factored.represent(f) for f in raw]  # what the second pass needs
+            for k, (f, kept) in enumerate(zip(raw, fs)):
+                # formed entries sum faster than raw factors (projected rows cannot)
+                summable = f if isinstance(kept, Tensor) else kept
+                for n, g in products.factor_grad_sum(summable, factored.sites).items():  # type: ignore[arg-type]
                     total[n][k] += g
+            del raw
+            if not count and _nbytes(fs) * n_train / size > MERGE_BUDGET_BYTES:
+                keep = False  # sums only; the second pass recomputes the factors at w
             count += size
-            stored.append((i, batch, fs))
+            if keep:
+                stored.append((i, batch, fs))
         # every rank takes the same path (a rank may have no batch to decide on)
         refused = all_reduce_sum(torch.tensor([0.0 if usable else 1.0], dtype=torch.float64))
         if refused[0] > 0:
             return None
         points.store_dataset_eps(terms, total, count, "train_dataset")
+        again = ((i, b, None) for i, b in local_batches(train, self.device))
         second = progress(
-            stored,
+            stored if keep else again,
             show_progress,
             f"Using {name} to compute self influence. Processing batch",
         )
@@ -185,5 +193,10 @@ def _length(data: Any) -> int | None:
         return None
 
 
-def _nbytes(factors: list[linear.Factors]) -> int:
-    return sum(t.numel() * t.element_size() for f in factors for pair in f for t in pair)
+def _nbytes(reps: list[Any]) -> int:
+    """Bytes held by per-term representations (entries or projected rows)."""
+    total = 0
+    for rep in reps:
+        tensors = [rep] if isinstance(rep, Tensor) else [t for e in rep for t in e]
+        total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return total

@@ -1,11 +1,20 @@
-r"""SAM-GIF's per-example inner products from layer factors, without forming gradients.
+r"""SAM-GIF's per-example products from layer factors, without ``vmap`` over autograd.
 
-For models whose attributed parameters are all ``nn.Linear`` weights and biases,
-:math:`\nabla l_k(w) \cdot \nabla l_k(w + \epsilon)` and test-train products are
-computed from layer inputs and output gradients (:mod:`captum_sam.core.layers.linear`):
-two batched forward/backward passes per checkpoint and no ``batch x P`` matrix. The
-path is used only after a numerical check against ``vmap`` on the first batch
-(models whose examples interact fall back to :class:`~captum_sam.gif.vmap_grads.VmapGradients`).
+For models whose attributed parameters all sit in layer sites (``nn.Linear``,
+``nn.Conv2d``; :mod:`captum_sam.core.layers.sites`), the products
+:math:`\nabla l_k(w) \cdot \nabla l_k(w + \epsilon)` and test-train products come from
+layer inputs and output gradients: one batched forward/backward pass per weight point
+and batch, then per layer the cheaper of ghost products and gradients formed by one
+batched matmul (:mod:`captum_sam.core.layers.products`), or, with a projection, the
+per-layer Kronecker projection computed from the factors
+(:class:`~captum_sam.core.projection.LayerProjection`). The path is used only after a
+numerical check against ``vmap`` on the first batch (models whose examples interact,
+e.g. BatchNorm in train mode, fall back to
+:class:`~captum_sam.gif.vmap_grads.VmapGradients`).
+
+A batch's gradients at one weight point are held in one of three *representations*:
+raw factors (one ``(a, d)`` pair per site), compact entries (factors where ghost
+products are cheaper, formed gradients elsewhere) or projected rows ``(B, D)``.
 """
 
 from __future__ import annotations
@@ -19,11 +28,15 @@ from torch import Tensor
 
 from captum_sam import core as F
 from captum_sam.core.data import on_device, validate_batch
-from captum_sam.core.layers import linear
+from captum_sam.core.layers import products, sites
+from captum_sam.core.projection import LayerProjection
 from captum_sam.gif.points import WeightPoints
 from captum_sam.gif.terms import Term, check_finite_terms
 
-__all__ = ["FactoredGradients"]
+__all__ = ["FactoredGradients", "Rep"]
+
+Rep = list[products.Entry] | Tensor
+"""A batch's gradients at one weight point: per-site entries, or projected rows ``(B, D)``."""
 
 
 @dataclass
@@ -32,23 +45,25 @@ class FactoredGradients:
 
     Args:
         points: Stacked weights and perturbations.
-        sites: The linear layers holding the attributed parameters (``None``: the
-            path does not apply).
+        sites: The layer sites holding the attributed parameters (``None``: the path
+            does not apply).
         train_loss: The training loss (the model structure is the private copy).
         test_loss: The test loss.
         usable_with: Whether the estimator's settings allow the path at all (no
-            projection, no per-example perturbation).
+            per-example perturbation).
         test_at_perturbed: Test side at ``w + eps``.
         device: Where the model lives.
+        projector: The estimator's projection, or ``None``.
     """
 
     points: WeightPoints
-    sites: list[linear.LinearSite] | None
+    sites: list[sites.Site] | None
     train_loss: F.FunctionalLoss
     test_loss: F.FunctionalLoss
     usable_with: bool
     test_at_perturbed: bool
     device: torch.device
+    projector: LayerProjection | None = None
     _checked: dict[Any, bool] = field(default_factory=dict)  # loss function -> path valid
     _term_losses: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
@@ -64,7 +79,7 @@ class FactoredGradients:
         if key not in self._checked:
             state = self.points.state(terms[0].checkpoint)
             floss = loss.bind(state.frozen)
-            self._checked[key] = linear.matches_vmap(floss, state.params, batch, self.sites)
+            self._checked[key] = sites.matches_vmap(floss, state.params, batch, self.sites)
         return self._checked[key]
 
     def term_losses(
@@ -84,28 +99,77 @@ class FactoredGradients:
             ]
         return self._term_losses[key]
 
-    def _moved_loss(
-        self, floss: F.FunctionalLoss, eps: F.Params, k: int | None
-    ) -> F.FunctionalLoss:
+    def moved_loss(self, floss: F.FunctionalLoss, eps: F.Params) -> F.FunctionalLoss:
         """``floss`` with its perturbed non-attributed parameters moved by ``eps``."""
         extra = self.points.extra
         if not extra:
             return floss
-        pick = (lambda v: v) if k is None else (lambda v: v[k])
-        return floss.bind(
-            {n: v + pick(eps[n]) if n in extra else v for n, v in floss.frozen.items()}
-        )
+        return floss.bind({n: v + eps[n] if n in extra else v for n, v in floss.frozen.items()})
+
+    def factors(self, floss: F.FunctionalLoss, params: F.Params, batch: Any) -> sites.Factors:
+        """Raw factors of a batch at ``params`` (one forward/backward pass)."""
+        return sites.layer_factors(floss, params, batch, self.sites)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ representations
+
+    def represent(self, f: Sequence[products.Entry], pairs_per_row: float = 1.0) -> Rep:
+        """Raw factors as compact entries, or projected rows ``(B, D)`` with a projection.
+
+        ``pairs_per_row``: how many products each row will enter (see
+        :func:`~captum_sam.core.layers.products.prefers_formed`).
+        """
+        if self.projector is None:
+            return products.compact(f, self.sites, pairs_per_row)  # type: ignore[arg-type]
+        keys = [(s.weight, s.bias) for s in self.sites]  # type: ignore[union-attr]
+        return self.projector.project_factors(f, keys)  # type: ignore[arg-type]
+
+    def shrink(self, f: Sequence[products.Entry]) -> list[products.Entry]:
+        """Factors to keep for later: compact without a projection, raw with one.
+
+        (Raw factors still give gradient sums, which a perturbation may need.)
+        """
+        if self.projector is None:
+            return products.compact(f, self.sites)  # type: ignore[arg-type]
+        return list(f)
+
+    def dots(self, x: Rep, y: Rep) -> Tensor:
+        """Per-example inner products ``(B,)`` of two representations of the same rows."""
+        if self.projector is not None:
+            x, y = (r if isinstance(r, Tensor) else self.represent(r) for r in (x, y))
+            return torch.linalg.vector_norm(x, dim=1).square() if x is y else (x * y).sum(1)
+        return products.factor_dots(x, y, self.sites)  # type: ignore[arg-type]
+
+    def cross(self, x: Rep, y: Rep) -> Tensor:
+        """Inner products ``(m, B)`` of every row of ``x`` with every row of ``y``."""
+        if self.projector is not None:
+            x, y = (r if isinstance(r, Tensor) else self.represent(r) for r in (x, y))
+            return x @ y.T
+        return products.factor_cross(x, y, self.sites)  # type: ignore[arg-type]
+
+    def row_floats(self, terms: Sequence[Term], batch: tuple[Any, ...]) -> tuple[int, int]:
+        """Numbers per example of raw factors and of the kept representation.
+
+        From one example of ``batch`` at the first term's weights.
+        """
+        ((p, floss),) = self.term_losses(terms[:1])
+        f = self.factors(floss, p, sites.head(batch, 1))
+        kept = self.represent(f)
+        raw = products.entry_floats(f)
+        return raw, kept.numel() if isinstance(kept, Tensor) else products.entry_floats(kept)
+
+    # ------------------------------------------------------------------ per term
 
     def train_factors(
         self,
         terms: Sequence[Term],
         batch: tuple[Any, ...],
         need_w: bool,
-        own: list[linear.Factors] | None = None,
-    ) -> list[tuple[linear.Factors | None, linear.Factors]]:
-        """Per term: factors at ``w`` (if ``need_w`` or needed) and at ``w + eps``.
+        own: list[Rep] | None = None,
+    ) -> list[tuple[Any, sites.Factors]]:
+        """Per term: factors at ``w`` (if ``need_w`` or needed) and raw ones at ``w + eps``.
 
-        ``own``: factors at ``w`` if already known.
+        ``own``: representations at ``w`` if already known (returned in place of the
+        factors at ``w``).
         """
         points = self.points
         shortcut = self.points.perturbation == "batch" and not points.extra
@@ -114,97 +178,138 @@ class FactoredGradients:
         for k, (term, (p, floss)) in enumerate(zip(terms, self.term_losses(terms))):
             at_w = None if own is None else own[k]
             if at_w is None and (need_w or eps is None or term.rho == 0):
-                at_w = linear.linear_factors(floss, p, batch, self.sites)
+                at_w = self.factors(floss, p, batch)
             if term.rho == 0:
                 moved = at_w
             else:
                 if eps is not None:
                     e = {n: v[k] for n, v in eps.items()}
-                    mloss = self._moved_loss(floss, e, None)
+                    mloss = self.moved_loss(floss, e)
                 else:  # "batch": the mean gradient of the recorded batch, from ``at_w``
-                    g = linear.factor_grad_sum(at_w, self.sites)  # type: ignore[arg-type]
-                    g = F.tree_scale(g, 1.0 / at_w[0][0].shape[0])  # type: ignore[index]
+                    g = products.factor_grad_sum(at_w, self.sites)  # type: ignore[arg-type]
+                    g = F.tree_scale(g, 1.0 / products.row_count(at_w))  # type: ignore[arg-type]
                     check_finite_terms(g, "gradients of a recorded batch", [term])
                     e = F.sam_perturbation(p, g, term.rho, term.adaptive)
                     mloss = floss
                 shifted = {n: p[n] + e[n] for n in p}
-                moved = linear.linear_factors(mloss, shifted, batch, self.sites)
+                moved = self.factors(mloss, shifted, batch)
             out.append((at_w, moved))
-        return out  # type: ignore[return-value]
+        return out
 
     def pair_dots(
-        self,
-        terms: Sequence[Term],
-        batch: tuple[Any, ...],
-        own: list[linear.Factors] | None = None,
+        self, terms: Sequence[Term], batch: tuple[Any, ...], own: list[Rep] | None = None
     ) -> Tensor:
-        """``sum_k c_k test_k(x) . train_k(x)`` for every example; ``own``: factors at ``w``."""
+        """``sum_k c_k test_k(x) . train_k(x)`` for every example; ``own``: reps at ``w``."""
         coef = self.points.coefficients(terms)
         total = None
         pairs = self.train_factors(terms, batch, not self.test_at_perturbed, own)
         for k, (at_w, moved) in enumerate(pairs):
             test = moved if self.test_at_perturbed else at_w
-            dots = coef[k] * linear.factor_dots(test, moved, self.sites)  # type: ignore[arg-type]
+            dots = coef[k] * self.dots(test, moved)
             total = dots if total is None else total + dots
         return check_finite_terms(total, "gradients", terms)
 
     def test_factors(
         self, terms: Sequence[Term], inputs: Iterable[tuple[Any, ...]], aggregate: bool
-    ) -> list[linear.Factors] | None:
-        """Per term, the test side as factors of all test rows; ``None`` if not possible.
+    ) -> list[Rep] | None:
+        """Per term, the test side of all test rows (summed with ``aggregate``), or ``None``.
 
-        Possible without aggregation, with test gradients at one point per checkpoint
-        and a single position per example in every layer (then a test-train score
-        costs ``d_in + d_out`` per layer instead of ``d_in * d_out``).
+        ``None`` when the test gradients change with every recorded step
+        (``test_at_perturbed`` with the ``"batch"`` perturbation) or the path does
+        not apply. Each site is kept as factors or formed, whichever makes the
+        test-train products cheaper (:func:`~captum_sam.core.layers.products.prefers_formed`
+        with the number of test rows per training row).
         """
         points = self.points
-        if aggregate or (self.test_at_perturbed and points.perturbation == "batch"):
+        if self.test_at_perturbed and points.perturbation == "batch":
             return None
         eps = points.eps(terms) if self.test_at_perturbed else None
         losses = self.term_losses(terms, self.test_loss)
-        parts: list[list[linear.Factors]] = [[] for _ in terms]
+        parts: list[list[Rep]] = [[] for _ in terms]
+        rows = 1.0
         for i, b in enumerate(on_device(inputs, self.device)):
             p0, floss0 = losses[0]
             validate_batch(floss0, p0, b, "inputs", run_loss=i == 0)
-            if i == 0 and not (self.applies(terms, b) and self.applies(terms, b, test=True)):
-                return None
+            if i == 0:
+                if not (self.applies(terms, b) and self.applies(terms, b, test=True)):
+                    return None
+                rows = 1.0 if aggregate else float(len(b[-1]))
             for k, (p, floss) in enumerate(losses):
                 if eps is None:
                     at, mloss = p, floss
                 else:
                     e = {n: v[k] for n, v in eps.items()}
-                    at, mloss = {n: p[n] + e[n] for n in p}, self._moved_loss(floss, e, None)
-                f = linear.linear_factors(mloss, at, b, self.sites)
-                if any(a.shape[1] != 1 for a, _ in f):
-                    return None
-                parts[k].append(f)
+                    at, mloss = {n: p[n] + e[n] for n in p}, self.moved_loss(floss, e)
+                f = self.factors(mloss, at, b)
+                if aggregate and self.projector is None:
+                    g = products.factor_grad_sum(f, self.sites)  # type: ignore[arg-type]
+                    parts[k].append(_formed_sum(g, self.sites))  # type: ignore[arg-type]
+                    continue
+                rep = self.represent(f, rows)
+                parts[k].append(rep.sum(0, keepdim=True) if aggregate else rep)  # type: ignore[union-attr]
         if not parts[0]:
             raise ValueError("`inputs` is empty")
-        out = [linear.concat_factors(p) for p in parts]
-        for f in out:
-            check_finite_terms([t for pair in f for t in pair], "test gradients", terms)
+        out: list[Rep] = []
+        for p in parts:
+            if isinstance(p[0], Tensor):
+                joined = torch.cat(p)  # type: ignore[arg-type]
+                out.append(joined.sum(0, keepdim=True) if aggregate else joined)
+            else:
+                joined = products.concat_factors(p, self.sites)  # type: ignore[arg-type]
+                out.append(_summed(joined) if aggregate else joined)
+        for rep in out:
+            check_finite_terms(_tensors(rep), "test gradients", terms)
         return out
 
     def apply(self, tests: F.Params, terms: Sequence[Term], batch: tuple[Any, ...]) -> Tensor:
-        """``(m, batch)`` scores of formed test rows ``(K, m, numel)`` with factored training."""
+        """``(m, batch)`` scores of formed test rows ``(K, m, numel)`` with factored training.
+
+        With a projection the test rows are projected: ``{"projected": (K, m, D)}``.
+        """
         total = None
         for k, (_, moved) in enumerate(self.train_factors(terms, batch, need_w=False)):
-            rows = {n: v[k] for n, v in tests.items()}
-            gram = linear.factor_apply(moved, rows, self.sites)  # type: ignore[arg-type]
+            if self.projector is not None:
+                gram = tests["projected"][k] @ self.represent(moved).T  # type: ignore[union-attr]
+            else:
+                rows = {n: v[k] for n, v in tests.items()}
+                gram = products.factor_apply(moved, rows, self.sites)  # type: ignore[arg-type]
             total = gram if total is None else total + gram
         return check_finite_terms(total, "training gradients", terms)
 
     def gram(
-        self,
-        tests: list[linear.Factors],
-        terms: Sequence[Term],
-        batch: tuple[Any, ...],
-        coef: Tensor | None,
+        self, tests: list[Rep], terms: Sequence[Term], batch: tuple[Any, ...], coef: Tensor | None
     ) -> Tensor:
         """``(n_test, batch)`` scores ``sum_k coef_k test_k . train_k`` from factors."""
         total = None
         for k, (_, moved) in enumerate(self.train_factors(terms, batch, need_w=False)):
-            gram = linear.factor_cross(tests[k], moved, self.sites)  # type: ignore[arg-type]
+            gram = self.cross(tests[k], moved)
             gram = gram if coef is None else coef[k] * gram
             total = gram if total is None else total + gram
         return check_finite_terms(total, "training gradients", terms)
+
+
+def rep_rows(rep: Rep) -> int:
+    """Number of rows of a representation."""
+    return int(rep.shape[0]) if isinstance(rep, Tensor) else products.row_count(rep)
+
+
+def _tensors(rep: Rep) -> list[Tensor]:
+    if isinstance(rep, Tensor):
+        return [rep]
+    return [x for e in rep for x in e if x is not None]
+
+
+def _formed_sum(grad: F.Params, site_list: Sequence[sites.Site]) -> list[products.Entry]:
+    """A gradient dict as one formed row per site."""
+    return [
+        products.Formed(
+            None if s.weight is None else grad[s.weight].reshape(1, s.d_out, s.d_in),
+            None if s.bias is None else grad[s.bias].reshape(1, s.d_out),
+        )
+        for s in site_list
+    ]
+
+
+def _summed(entries: list[products.Entry]) -> list[products.Entry]:
+    """Formed rows summed to one row."""
+    return products.map_rows(entries, lambda x: x.sum(0, keepdim=True))

@@ -4,20 +4,20 @@ Recorded steps are small batches; scoring them one by one costs a forward/backwa
 pass each. :class:`FactoredSteps` scores the steps that share a checkpoint in few
 large passes: one pass at ``w`` over the union of their examples, then the passes at
 ``w + eps`` of steps with the same ``rho`` stacked into one ``vmap``
-(:func:`~captum_sam.core.layers.linear.linear_factors_stacked`).
+(:func:`~captum_sam.core.layers.sites.layer_factors_stacked`).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from torch.func import vmap
 
-from captum_sam.core.layers import linear
+from captum_sam.core.layers import products, sites
 from captum_sam.gif.factored_grads import FactoredGradients
 from captum_sam.gif.terms import Term, check_finite_terms
 
@@ -38,34 +38,43 @@ class FactoredSteps:
 
     factored: FactoredGradients
     batch_size: int
+    _row_floats: int | None = field(default=None, init=False)
 
     @property
     def points(self):  # noqa: D102 - shorthand
         return self.factored.points
 
-    def group_rows(self, n_test: int, dtype: torch.dtype) -> int:
-        """Training rows of recorded steps scored together within :data:`GROUP_BUDGET_BYTES`."""
-        sites = self.factored.sites or []
-        width = sum(sum(s.module.weight.shape) for s in sites)
-        per_row = (2 * width + n_test) * torch.finfo(dtype).bits // 8
+    def group_rows(self, n_test: int, dtype: torch.dtype, terms: Sequence[Term]) -> int:
+        """Training rows of recorded steps scored together within :data:`GROUP_BUDGET_BYTES`.
+
+        Per row: its raw factors at ``w`` and at ``w + eps`` (measured on one example
+        of the first step: a convolution keeps one row per output position) and its
+        ``n_test`` scores.
+        """
+        if self._row_floats is None:
+            first = terms[0]
+            self._row_floats = self.factored.row_floats(
+                [first], self.points.fetch(first.indices[:1])
+            )[0]
+        per_row = (2 * self._row_floats + n_test) * torch.finfo(dtype).bits // 8
         return max(1, GROUP_BUDGET_BYTES // per_row)
 
-    def _union_factors(self, terms: Sequence[Term], index: Tensor) -> linear.Factors:
+    def _union_factors(self, terms: Sequence[Term], index: Tensor) -> sites.Factors:
         """Factors at ``w`` of the rows ``index`` (one pass over their distinct examples)."""
         ((p, floss),) = self.factored.term_losses(terms[:1])  # the steps share the checkpoint
         union, where = torch.unique(index, return_inverse=True)
         chunks = union.split(self.batch_size)
-        found = linear.concat_factors(
+        found = products.concat_factors(
             [
-                linear.linear_factors(floss, p, self.points.fetch(c.tolist()), self.factored.sites)
+                sites.layer_factors(floss, p, self.points.fetch(c.tolist()), self.factored.sites)
                 for c in chunks
             ]
         )
-        return [(a[where], d[where]) for a, d in found]
+        return [(a[where], d[where]) for a, d in found]  # type: ignore[misc]
 
     def step_factors(
         self, terms: Sequence[Term], need_w: bool
-    ) -> tuple[list[Term], Tensor, linear.Factors | None, linear.Factors]:
+    ) -> tuple[list[Term], Tensor, sites.Factors | None, sites.Factors]:
         """Factors of recorded steps that share a checkpoint, in few large passes.
 
         With the ``"batch"`` perturbation (or ``need_w``, or a step with ``rho = 0``)
@@ -81,7 +90,7 @@ class FactoredSteps:
             indices concatenated in that order, and the factors of those rows at ``w``
             (``None`` when not computed) and at ``w + eps``.
         """
-        points, sites = self.points, self.factored.sites
+        points, site_list = self.points, self.factored.sites
         ((p, floss),) = self.factored.term_losses(terms[:1])
         terms = sorted(terms, key=lambda t: (t.rho, t.adaptive))
         index = torch.tensor([i for t in terms for i in t.indices], device=points.device)
@@ -100,11 +109,12 @@ class FactoredSteps:
             if points.extra and points.perturbation == "batch":
                 # each step moves the non-attributed parameters its own way: step by step
                 moved.append(
-                    linear.concat_factors(
+                    products.concat_factors(
                         [
                             self.factored.train_factors([t], points.fetch(t.indices), False)[0][1]
                             for t in run
-                        ]
+                        ],
+                        site_list,
                     )
                 )
                 continue
@@ -120,7 +130,7 @@ class FactoredSteps:
             mloss = floss
             if points.perturbation == "dataset":  # one perturbation per checkpoint
                 shared = {n: v[0] for n, v in points.eps(run[:1]).items()}  # type: ignore[union-attr]
-                mloss = self.factored._moved_loss(floss, shared, None)
+                mloss = self.factored.moved_loss(floss, shared)
                 e = {n: shared[n].expand(len(run), *shared[n].shape) for n in p}
             else:  # the mean gradient of each recorded batch
                 own = [
@@ -133,7 +143,7 @@ class FactoredSteps:
                 count = torch.tensor(sizes, dtype=p[next(iter(p))].dtype, device=points.device)
                 g = {
                     n: v / count.view(-1, *[1] * (v.dim() - 1))
-                    for n, v in linear.factor_grad_sum(own, sites).items()  # type: ignore[arg-type]
+                    for n, v in products.factor_grad_sum(own, site_list).items()  # type: ignore[arg-type]
                 }
                 batch_grads.extend(v.reshape(-1) for v in g.values())
                 e = vmap(points.sam(run), in_dims=(None, 0))(p, g)
@@ -141,7 +151,13 @@ class FactoredSteps:
             fill = [
                 i for t in run for i in [*t.indices, *[t.indices[0]] * (width - len(t.indices))]
             ]
-            f = linear.linear_factors_stacked(mloss, shifted, points.fetch(fill), sites, len(run))
+            f = sites.layer_factors_stacked(
+                mloss,
+                shifted,
+                points.fetch(fill),
+                site_list,
+                len(run),  # type: ignore[arg-type]
+            )
             moved.append(
                 [
                     tuple(x.flatten(0, 1)[kept] if padded else x.flatten(0, 1) for x in pair)
@@ -150,7 +166,7 @@ class FactoredSteps:
             )
         if batch_grads:  # one check for the group (NaN would reach the scores anyway)
             check_finite_terms(torch.cat(batch_grads), "gradients of a recorded batch", terms)
-        return terms, index, at_w, linear.concat_factors(moved)
+        return terms, index, at_w, products.concat_factors(moved, site_list)
 
     def step_coefficients(self, terms: Sequence[Term]) -> Tensor:
         """Each step's coefficient, repeated for each of its examples."""
@@ -159,15 +175,13 @@ class FactoredSteps:
             torch.tensor([len(t.indices) for t in terms], device=coef.device)
         )
 
-    def add_scores(
-        self, tests: list[linear.Factors], terms: Sequence[Term], scores: Tensor
-    ) -> None:
+    def add_scores(self, tests: list[sites.Factors], terms: Sequence[Term], scores: Tensor) -> None:
         """Add the scores of recorded steps at one checkpoint to ``(n_test, n)`` ``scores``.
 
         ``tests``: the test factors of that checkpoint (a one-element list).
         """
         terms, index, _, moved = self.step_factors(terms, need_w=False)
-        gram = linear.factor_cross(tests[0], moved, self.factored.sites)
+        gram = self.factored.cross(tests[0], moved)
         gram.mul_(self.step_coefficients(terms))
         scores.index_add_(1, index, check_finite_terms(gram, "training gradients", terms))
 
@@ -176,7 +190,7 @@ class FactoredSteps:
         test_moved = self.factored.test_at_perturbed
         terms, index, at_w, moved = self.step_factors(terms, need_w=not test_moved)
         test = moved if test_moved else at_w
-        dots = linear.factor_dots(test, moved, self.factored.sites)  # type: ignore[arg-type]
+        dots = self.factored.dots(test, moved)  # type: ignore[arg-type]
         dots = dots * self.step_coefficients(terms)
         scores.index_add_(0, index, check_finite_terms(dots, "gradients", terms))
 

@@ -133,6 +133,10 @@ class WeightPoints:
         if self.perturbation == "dataset" and key in self._dataset_eps:
             return self._dataset_eps[key]
         full, rest = self._scoped(*self.stack(terms))
+        if self.perturbation == "dataset" and all(t.rho == 0 for t in terms):
+            # rho = 0 moves nothing: no pass over the perturbation data
+            self._dataset_eps[key] = {n: torch.zeros_like(v) for n, v in full.items()}
+            return self._dataset_eps[key]
         if self.perturbation == "dataset":
             local = (b for _, b in local_batches(self.perturbation_data, self.device))
             g, count = F.stacked_grad_sum(self.loss, full, rest, local, self.perturbation_name)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from captum_sam import core as F
 from captum_sam.core.data import as_loader, check_indices, local_batches, progress
 from captum_sam.core.distributed import all_reduce_sum, contiguous, gather_ordered, rank_and_world
-from captum_sam.core.projection import RandomProjection
+from captum_sam.core.projection import LayerProjection, RandomProjection
 from captum_sam.core.store import (
     data_digest,
     file_digest,
@@ -67,7 +67,7 @@ class GIFQuantities:
     train_dataloader: Any
     train_data: Dataset
     batch_size: int | None
-    projector: RandomProjection | None
+    projector: RandomProjection | LayerProjection | None
     n_train: int
 
     @property

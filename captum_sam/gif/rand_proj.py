@@ -30,7 +30,7 @@ from captum_sam._captum import AnnoyNearestNeighbors, KMostInfluentialResults, N
 from captum_sam.core.checkpoints import checkpoints_load_func
 from captum_sam.core.data import as_loader, on_device, validate_batch
 from captum_sam.core.errors import require_inputs
-from captum_sam.core.layers import linear
+from captum_sam.core.layers import sites
 from captum_sam.gif.fast import SAMTracInCPFast
 from captum_sam.gif.terms import check_finite_terms
 
@@ -170,7 +170,7 @@ class SAMTracInCPFastRandProj(SAMTracInCPFast):
                 pairs = [moved for _, moved in e.factored.train_factors(e.terms, batch, False)]
             else:
                 pairs = [
-                    linear.linear_factors(floss, p, batch, e.factored.sites)
+                    sites.layer_factors(floss, p, batch, e.factored.sites)  # type: ignore[arg-type]
                     for p, floss in e.factored.term_losses(e.terms, loss)
                 ]
             coef = e.points.coefficients(e.terms).sqrt()
@@ -179,7 +179,7 @@ class SAMTracInCPFastRandProj(SAMTracInCPFast):
             raise ValueError("`inputs` is empty")
         return check_finite_terms(torch.cat(rows), "final-layer gradients", e.terms)
 
-    def _embed(self, factors: linear.Factors, root_lr: Tensor) -> Tensor:
+    def _embed(self, factors: sites.Factors, root_lr: Tensor) -> Tensor:
         ((a, d),) = factors
         if a.shape[1] != 1:
             raise ValueError(

@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader, Dataset
 from captum_sam import core as F
 from captum_sam.core.checkpoints import CheckpointLoader, edited_copy, model_device
 from captum_sam.core.data import as_loader, on_device, ordered_dataset, validate_batch
-from captum_sam.core.layers import linear
+from captum_sam.core.layers import sites as layer_sites
 from captum_sam.core.params import check_layers, sample_wise_names, scope_names
-from captum_sam.core.projection import RandomProjection
+from captum_sam.core.projection import LayerProjection, RandomProjection
 from captum_sam.core.store import CachedQuantities
 from captum_sam.gif.checkpoint_form import CheckpointForm
 from captum_sam.gif.factored_grads import FactoredGradients
@@ -213,20 +213,18 @@ def build_engines(
         "train_dataset" if o.perturbation_dataset is None else "perturbation_dataset",
     )
     sizes = {n: p.numel() for n, p in zip(names, loader.scratch_params(names))}
-    projector = (
-        None
-        if o.projection_dim is None
-        else RandomProjection(sizes, o.projection_dim, o.projection, o.projection_seed)
-    )
+    projector = make_projector(scratch, names, sizes, o)
     vmap = VmapGradients(points, projector, o.test_at_perturbed, device)
+    on_sites = isinstance(projector, LayerProjection) and not projector.rest
     factored = FactoredGradients(
         points,
-        linear.linear_sites(scratch, names) if o.factorize else None,
+        layer_sites.layer_sites(scratch, names) if o.factorize else None,
         train_loss,
         test_loss,
-        projector is None and o.perturbation != "example",
+        (projector is None or on_sites) and o.perturbation != "example",
         o.test_at_perturbed,
         device,
+        projector if on_sites else None,  # type: ignore[arg-type]
     )
     form = CheckpointForm(terms, points, vmap, factored, train_loss, test_loss, device)
     traj_form = None
@@ -259,6 +257,28 @@ def build_engines(
     )  # fmt: skip
     _validate_first_batch(engines, est.train_dataloader, train_loss)
     return engines
+
+
+def make_projector(
+    model: Any, names: list[str], sizes: dict[str, int], o: GIFOptions
+) -> LayerProjection | RandomProjection | None:
+    """The estimator's random projection: per layer site where there are sites.
+
+    Parameters of ``nn.Linear`` / ``nn.Conv2d`` layers get a Kronecker projection per
+    layer (:class:`~captum_sam.core.projection.LayerProjection`, computable from the
+    layer factors without forming gradients); the rest, or every parameter of a
+    model without sites, a dense :class:`~captum_sam.core.projection.RandomProjection`.
+    Both preserve inner products in expectation, with at most ``projection_dim``
+    coordinates. The choice depends on the model only, never on ``factorize``: the
+    scores are the same on both paths.
+    """
+    if o.projection_dim is None:
+        return None
+    found = layer_sites.layer_sites(model, names, complete=False)
+    if not found:
+        return RandomProjection(sizes, o.projection_dim, o.projection, o.projection_seed)
+    layers = [(s.weight, s.bias, s.d_out, s.d_in) for s in found]  # type: ignore[union-attr]
+    return LayerProjection(sizes, layers, o.projection_dim, o.projection, o.projection_seed)
 
 
 def _validate_first_batch(e: GIFEngines, train: Any, loss: F.FunctionalLoss) -> None:

@@ -72,16 +72,23 @@ class SAMTracInCP(SAMTracInBase):
             parameters: an approximation that avoids the full gradient of a large
             frozen backbone).
         test_at_perturbed: Take the test gradient at the perturbed weights too.
-        projection_dim: If given, every gradient is projected to this many
+        projection_dim: If given, every gradient is projected to at most this many
             dimensions per checkpoint by a seeded random projection that preserves
-            inner products in expectation (as Captum's ``TracInCPFastRandProj``'s
-            ``projection_dim``): scores become unbiased estimates with relative
-            error about ``1/sqrt(projection_dim)``.
+            inner products in expectation (Captum's ``TracInCP`` has no such
+            argument; the purpose is that of ``TracInCPFastRandProj``'s): scores
+            become unbiased estimates with relative error about
+            ``1/sqrt(projection_dim)``. Parameters of ``nn.Linear`` / ``nn.Conv2d``
+            layers are projected per layer by a Kronecker product
+            :math:`P_{out}^\top [W, b] P_{in}` (TRAK / LoGra style), computed from
+            layer inputs and output gradients without forming per-example
+            gradients; other parameters by a dense Gaussian (or Rademacher) matrix
+            (:func:`~captum_sam.gif.setup.make_projector`).
         projection: ``"gaussian"`` or ``"rademacher"``.
         projection_seed: Seed of the projection.
-        factorize: Allow the factored path for ``nn.Linear`` models (per-example
-            inner products from layer inputs and output gradients; checked against
-            ``vmap`` first). The scores are the same either way.
+        factorize: Allow the factored path when every attributed parameter sits
+            in an ``nn.Linear`` or ``nn.Conv2d`` layer (per-example products from
+            layer inputs and output gradients; checked against ``vmap`` first). The
+            scores are the same either way.
 
     Where the gradients are taken: test gradients at :math:`w_c`, training gradients
     at :math:`w_c + \epsilon_c` with :math:`\epsilon_c` over ``perturbation_scope``;

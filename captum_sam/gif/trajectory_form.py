@@ -20,7 +20,7 @@ from torch import Tensor
 from captum_sam import core as F
 from captum_sam.core.data import batch_context, progress
 from captum_sam.core.distributed import all_reduce_sum, contiguous
-from captum_sam.gif.factored_grads import FactoredGradients
+from captum_sam.gif.factored_grads import FactoredGradients, rep_rows
 from captum_sam.gif.factored_steps import FactoredSteps
 from captum_sam.gif.points import WeightPoints
 from captum_sam.gif.terms import Term, check_finite_terms
@@ -100,9 +100,9 @@ class TrajectoryForm:
                     )
                 t = cache[key]
                 if scores is None:
-                    rows = t[0][0][0].shape[0] if factored_path else next(iter(t.values())).shape[1]
+                    rows = rep_rows(t[0]) if factored_path else next(iter(t.values())).shape[1]
                     scores = torch.zeros(rows, self.n_train, dtype=dtype, device=points.device)
-                    limit = self.steps.group_rows(rows, dtype) if factored_path else 0
+                    limit = self.steps.group_rows(rows, dtype, [term]) if factored_path else 0
                 if factored_path:
                     if group and sum(len(g.indices) for g in group) + len(term.indices) > limit:
                         self.steps.add_scores(t, group, scores)
@@ -137,7 +137,7 @@ class TrajectoryForm:
             f"Using {name} to compute self influence. Processing recorded step",
         )
         group: list[Term] = []
-        limit = self.steps.group_rows(0, dtype) if self.factored.sites is not None else 0
+        limit = 0
         for t, term in bar:
             with batch_context("train_dataset", f"of recorded step {t}"):
                 batch = points.fetch(term.indices)
@@ -148,6 +148,7 @@ class TrajectoryForm:
                     self.steps.add_self(group, scores)
                     group = []
                 if self.factored.applies([term], batch):
+                    limit = limit or self.steps.group_rows(0, dtype, [term])
                     group.append(term)
                     continue
                 scores.index_add_(0, points.index(term), pair_dots([term], batch))

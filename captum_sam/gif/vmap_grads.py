@@ -19,7 +19,7 @@ from torch.func import vmap
 
 from captum_sam import core as F
 from captum_sam.core.data import on_device, validate_batch
-from captum_sam.core.projection import RandomProjection
+from captum_sam.core.projection import LayerProjection, RandomProjection
 from captum_sam.gif.points import WeightPoints
 from captum_sam.gif.terms import Term, check_finite_terms
 
@@ -38,7 +38,7 @@ class VmapGradients:
     """
 
     points: WeightPoints
-    projector: RandomProjection | None
+    projector: RandomProjection | LayerProjection | None
     test_at_perturbed: bool
     device: torch.device
 

@@ -6,7 +6,7 @@ the output in the layer's output, :math:`a_{il}` the layer input), so the GGN
 :math:`G = \sum_i J_i^\top H_{out,i} J_i` is assembled from one forward pass with
 hooks and one matrix product over the data per pair of layers
 (:func:`linear_ggn`), instead of :math:`P` curvature-vector products. The layer
-sites and the hooks are those of :mod:`captum_sam.factored`; the same conditions
+sites and the hooks are those of :mod:`captum_sam.core.layers.sites`; the same conditions
 hold (every attributed parameter in an ``nn.Linear`` called once per forward, no
 coupling across the batch), checked numerically by :func:`ggn_matches`.
 """
@@ -20,15 +20,10 @@ import torch
 from torch import Tensor
 
 from captum_sam import core as F
-from captum_sam.core.layers.linear import (
-    LinearSite,
-    Unsupported,
-    _agrees,
-    _grads_to,
-    _head,
-    _recording,
-    _single_calls,
-)
+from captum_sam.core.layers.linear import LinearSite, Unsupported, _single_calls
+from captum_sam.core.layers.sites import _grads_to, _recording
+from captum_sam.core.layers.sites import agrees as _agrees
+from captum_sam.core.layers.sites import head as _head
 from captum_sam.core.losses import split_batch
 
 __all__ = ["linear_ggn", "ggn_pieces", "ggn_product", "ggn_matches", "MAX_OUTPUTS"]

@@ -1,0 +1,357 @@
+"""``nn.Conv2d`` layer sites and SAM-GIF's factored path on CNNs, against autograd loops.
+
+Every reference here is a plain ``torch.autograd.grad`` loop over single examples
+(no hooks, no ``vmap``, no factors), so a wrong unfold order, padding or product
+would show.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from captum_sam import core as F
+from captum_sam.core.layers import products, sites
+from captum_sam.core.projection import LayerProjection
+from captum_sam.gif.tracincp import SAMTracInCP
+from tests.helpers import DTYPE, assert_unchanged, ce_loss, save_checkpoint, snapshot
+
+CONVS = {
+    "plain": dict(in_channels=3, out_channels=4, kernel_size=3),
+    "pad-stride": dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding=1),
+    "dilation-rect": dict(
+        in_channels=3, out_channels=5, kernel_size=(3, 2), dilation=(1, 2), padding=(2, 1)
+    ),
+    "no-bias": dict(in_channels=3, out_channels=4, kernel_size=2, stride=(1, 2), bias=False),
+    "same-even": dict(in_channels=3, out_channels=4, kernel_size=(2, 4), padding="same"),
+    "valid": dict(in_channels=3, out_channels=2, kernel_size=1, padding="valid"),
+}
+
+
+class ConvNet(nn.Module):
+    """One convolution under test, then a linear head (every parameter a site)."""
+
+    def __init__(self, conv: dict) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(**conv)
+        self.head = nn.LazyLinear(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+def built(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    model(x[:1])  # materialise lazy layers
+    return model.to(DTYPE)
+
+
+def loop_grads(model, names, x, y):
+    """Per-example gradients ``{name: (n, *shape)}`` by one autograd call per example."""
+    params = dict(model.named_parameters())
+    rows = []
+    for i in range(len(y)):
+        loss = ce_loss()(model(x[i : i + 1]), y[i : i + 1]).sum()
+        rows.append(torch.autograd.grad(loss, [params[n] for n in names]))
+    return {n: torch.stack([r[j] for r in rows]) for j, n in enumerate(names)}
+
+
+@pytest.mark.parametrize("conv", list(CONVS))
+def test_conv_factors_give_the_per_example_gradients(conv):
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 7, 9, dtype=DTYPE)
+    y = torch.randint(0, 3, (5,))
+    model = built(ConvNet(CONVS[conv]), x.float())
+    names = F.attributed_names(model)
+    found = sites.layer_sites(model, names)
+    assert found is not None and [s.kind for s in found] == ["conv2d", "linear"]
+    params, frozen = F.detached_params(model, names)
+    floss = F.FunctionalLoss(model, ce_loss(), frozen)
+    factors = sites.layer_factors(floss, params, (x, y), found)
+    got = {}
+    for site, (a, d) in zip(found, factors):
+        got.update(sites.site_grads(a, d, site))
+    ref = loop_grads(model, names, x, y)
+    assert set(got) == set(ref)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12)
+    assert sites.matches_vmap(floss, params, (x, y), found)
+
+    # every product, on factors and on formed gradients, against the formed loop gradients
+    flat = torch.cat([ref[n].flatten(1) for n in names], 1)
+    q = {n: v + 0.05 * torch.randn_like(v) for n, v in params.items()}
+    moved = sites.layer_factors(floss, q, (x, y), found)
+    model_q = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in model_q.named_parameters():
+            p.copy_(q[n])
+    flat_q = torch.cat([v.flatten(1) for v in loop_grads(model_q, names, x, y).values()], 1)
+    for left in (factors, products.compact(factors, found)):
+        dots = products.factor_dots(left, moved, found)
+        torch.testing.assert_close(dots, (flat * flat_q).sum(1), rtol=1e-10, atol=1e-12)
+        cross = products.factor_cross(left, moved, found)
+        torch.testing.assert_close(cross, flat @ flat_q.T, rtol=1e-10, atol=1e-12)
+    rows = {n: ref[n][:2].flatten(1) for n in names}
+    applied = products.factor_apply(moved, rows, found)
+    torch.testing.assert_close(applied, flat[:2] @ flat_q.T, rtol=1e-10, atol=1e-12)
+    summed = products.factor_grad_sum(moved, found)
+    for n in names:
+        want = loop_grads(model_q, [n], x, y)[n].sum(0)
+        torch.testing.assert_close(summed[n], want, rtol=1e-10, atol=1e-12)
+
+
+def test_layer_projection_from_factors_equals_projecting_formed_gradients():
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 3, 6, 6, dtype=DTYPE), torch.randint(0, 3, (4,))
+    model = built(ConvNet(CONVS["pad-stride"]), x.float())
+    names = F.attributed_names(model)
+    found = sites.layer_sites(model, names)
+    params, frozen = F.detached_params(model, names)
+    factors = sites.layer_factors(F.FunctionalLoss(model, ce_loss(), frozen), params, (x, y), found)
+    sizes = {n: p.numel() for n, p in params.items()}
+    layers = [(s.weight, s.bias, s.d_out, s.d_in) for s in found]
+    proj = LayerProjection(sizes, layers, 24, seed=3)
+    assert proj.dim <= 24
+    ref = loop_grads(model, names, x, y)
+    flat = torch.cat([ref[n].flatten(1) for n in names], 1)
+    got = proj.project_factors(factors, [(s.weight, s.bias) for s in found])
+    torch.testing.assert_close(got, proj(flat), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(proj(flat), kronecker(proj, layers, ref), rtol=1e-10, atol=1e-12)
+
+
+def kronecker(proj, layers, grads):
+    """The definition: per layer ``P_out^T [W, b] P_in`` of every row, flattened, in order."""
+    blocks = []
+    for i, (w, b, d_out, d_in) in enumerate(layers):
+        parts = [] if w is None else [grads[w].reshape(-1, d_out, d_in)]
+        parts += [] if b is None else [grads[b].reshape(-1, d_out, 1)]
+        g = torch.cat(parts, -1)
+        p_out, p_in = (proj.side(i, j, DTYPE, torch.device("cpu")) for j in (0, 1))
+        p_out = torch.eye(g.shape[1], dtype=DTYPE) if p_out is None else p_out
+        p_in = torch.eye(g.shape[2], dtype=DTYPE) if p_in is None else p_in
+        assert p_out.shape[1] * p_in.shape[1] <= proj.dim
+        blocks.append((p_out.T @ g @ p_in).flatten(1))
+    return torch.cat(blocks, 1)
+
+
+# ---------------------------------------------------------------- SAM-GIF on CNNs
+
+
+class SmallCNN(nn.Sequential):
+    """Conv2d-ReLU-MaxPool-Flatten-Linear."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64, 3),
+        )
+
+
+class DeepCNN(nn.Sequential):
+    """Several convolutions: stride, padding, dilation, no bias, ``"same"``."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False),
+            nn.Tanh(),
+            nn.Conv2d(4, 5, (3, 2), dilation=(1, 2), padding=(2, 1)),
+            nn.ReLU(),
+            nn.Conv2d(5, 3, 2, padding="same"),
+            nn.Flatten(),
+            nn.LazyLinear(3),
+        )
+
+
+class GroupedCNN(nn.Sequential):
+    """A grouped convolution (not a site) and a BatchNorm: the whole model falls back."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.Conv2d(4, 4, 3, groups=2),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.LazyLinear(3),
+        )
+
+
+def checkpoints(model, tmp_path, count=2):
+    """``count`` checkpoints of ``model`` (weights moved a little each time), their rates."""
+    model = copy.deepcopy(model)
+    paths, rates = [], []
+    g = torch.Generator().manual_seed(5)
+    for c in range(count):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):  # non-trivial running statistics
+                    m.running_mean.uniform_(-0.5, 0.5, generator=g)
+                    m.running_var.uniform_(0.5, 2.0, generator=g)
+        rates.append(0.1 * (c + 1))
+        paths.append(save_checkpoint(model, tmp_path / f"c{c}.pt", rates[-1]))
+    return paths, rates
+
+
+def flatten(grads, names):
+    """``{name: (n, *shape)}`` as ``(n, P)`` rows in the order of ``names``."""
+    return torch.cat([grads[n].flatten(1) for n in names], 1)
+
+
+def brute_scores(model, path_rates, train, test, rho, layers, project=None):
+    """Influence ``(n_test, n_train)`` and self influence ``(n_train,)``, autograd loops only.
+
+    Per checkpoint: the SAM perturbation from the mean training gradient over every
+    trainable parameter (``rho g / (||g|| + 1e-12)``), test gradients at ``w``,
+    training gradients at ``w + eps`` with respect to the attributed parameters.
+    ``project(grads, names)``: rows ``(n, D)`` from gradients (default: flattened).
+    """
+    project = project or flatten
+    (x, y), (xt, yt) = train, test
+    influence, self_infl = 0, 0
+    for path, lr in path_rates:
+        m = copy.deepcopy(model)
+        m.load_state_dict(torch.load(path)["model_state"])
+        m.eval()
+        every = [n for n, p in m.named_parameters() if p.requires_grad]
+        names = every if layers is None else [n for n in every if n.rsplit(".", 1)[0] in layers]
+        params = dict(m.named_parameters())
+        mean = ce_loss()(m(x), y).mean()
+        g = torch.autograd.grad(mean, [params[n] for n in every])
+        norm = torch.norm(torch.stack([t.norm() for t in g]))
+        test_w = project(loop_grads(m, names, xt, yt), names)
+        train_w = project(loop_grads(m, names, x, y), names)
+        with torch.no_grad():
+            for n, t in zip(every, g):
+                params[n].add_(rho * t / (norm + 1e-12))
+        train_moved = project(loop_grads(m, names, x, y), names)
+        influence = influence + lr * test_w @ train_moved.T
+        self_infl = self_infl + lr * (train_w * train_moved).sum(1)
+    return influence, self_infl
+
+
+def cnn_data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g, dtype=DTYPE), torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.2])
+@pytest.mark.parametrize(
+    "net,layers",
+    [
+        ("small", None),
+        ("small", ["0"]),
+        ("deep", None),
+        ("deep", ["2", "6"]),
+        ("grouped", None),  # falls back to vmap as a whole
+        ("grouped", ["0", "5"]),  # the sites alone are attributed: factored
+    ],
+)
+def test_sam_tracincp_on_cnns_equals_autograd_loops(tmp_path, net, layers, rho):
+    torch.manual_seed(0)
+    x, y = cnn_data(12, 0)
+    xt, yt = cnn_data(4, 1)
+    model = {"small": SmallCNN, "deep": DeepCNN, "grouped": GroupedCNN}[net]()
+    model = built(model, x.float())
+    before = snapshot(model)
+    paths, rates = checkpoints(model, tmp_path)
+    est = SAMTracInCP(
+        model, TensorDataset(x, y), paths, loss_fn=ce_loss(), batch_size=5, rho=rho, layers=layers
+    )
+    influence, self_infl = est.influence((xt, yt)), est.self_influence()
+    ref_influence, ref_self = brute_scores(model, zip(paths, rates), (x, y), (xt, yt), rho, layers)
+    torch.testing.assert_close(influence, ref_influence, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(self_infl, ref_self, rtol=1e-10, atol=1e-10)
+    factored = est.engines.factored
+    if net == "grouped" and layers is None:
+        assert factored.sites is None  # BatchNorm and grouped weights: vmap for all
+    else:
+        assert factored.sites is not None and any(s.kind == "conv2d" for s in factored.sites)
+        assert factored._checked and all(factored._checked.values())  # it really ran
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("kw", [dict(rho=0.2), dict(rho=0.2, test_at_perturbed=True)])
+def test_cnn_aggregate_and_top_k_equal_the_vmap_path(tmp_path, kw):
+    x, y = cnn_data(10, 2)
+    xt, yt = cnn_data(3, 3)
+    model = built(DeepCNN(), x.float())
+    paths, _ = checkpoints(model, tmp_path)
+
+    def make(**f):
+        return SAMTracInCP(
+            model, TensorDataset(x, y), paths, loss_fn=ce_loss(), batch_size=4, **kw, **f
+        )
+
+    fast, slow = make(), make(factorize=False)
+    for aggregate in (False, True):
+        torch.testing.assert_close(
+            fast.influence((xt, yt), aggregate=aggregate),
+            slow.influence((xt, yt), aggregate=aggregate),
+            rtol=1e-10,
+            atol=1e-12,
+        )
+    torch.testing.assert_close(fast.self_influence(), slow.self_influence(), rtol=1e-10, atol=1e-12)
+    top, want = fast.influence((xt, yt), k=3), slow.influence((xt, yt), k=3)
+    assert torch.equal(top.indices, want.indices)
+    assert fast.engines.factored.sites is not None
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.2])
+def test_cnn_projection_is_the_per_layer_kronecker_projection(tmp_path, rho):
+    x, y = cnn_data(10, 4)
+    xt, yt = cnn_data(3, 5)
+    model = built(DeepCNN(), x.float())
+    paths, rates = checkpoints(model, tmp_path)
+
+    def make(**f):
+        return SAMTracInCP(
+            model, TensorDataset(x, y), paths, loss_fn=ce_loss(), batch_size=4, rho=rho,
+            projection_dim=40, projection_seed=2, **f,
+        )  # fmt: skip
+
+    fast, slow = make(), make(factorize=False)
+    names = F.attributed_names(model)
+    found = sites.layer_sites(model, names)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    layers = [(s.weight, s.bias, s.d_out, s.d_in) for s in found]
+    proj = LayerProjection(sizes, layers, 40, seed=2)
+    ref_influence, ref_self = brute_scores(
+        model, zip(paths, rates), (x, y), (xt, yt), rho, None,
+        project=lambda grads, _: kronecker(proj, layers, grads),
+    )  # fmt: skip
+    for est in (fast, slow):
+        torch.testing.assert_close(est.influence((xt, yt)), ref_influence, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(est.self_influence(), ref_self, rtol=1e-10, atol=1e-10)
+    assert fast.engines.factored.projector is not None and fast.engines.factored._checked
+
+
+@pytest.mark.parametrize("perturbation", ["dataset", "batch"])
+def test_cnn_trajectory_form_factored_equals_vmap(tmp_path, perturbation):
+    """The recorded steps of a CNN, scored together on the factored path."""
+    from captum_sam import train_sam
+
+    x, y = cnn_data(14, 6)
+    xt, yt = cnn_data(3, 7)
+    model = built(DeepCNN(), x.float())
+    train = TensorDataset(x, y)
+    record = tmp_path / "run"
+    train_sam(model, train, ce_loss(), epochs=2, lr=0.1, rho=0.1, batch_size=5, record_dir=record)
+
+    def make(**f):
+        return SAMTracInCP.from_trajectory(
+            model, train, record, loss_fn=ce_loss(), perturbation=perturbation, **f
+        )
+
+    fast, slow = make(), make(factorize=False)
+    torch.testing.assert_close(fast.self_influence(), slow.self_influence(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        fast.influence((xt, yt)), slow.influence((xt, yt)), rtol=1e-10, atol=1e-12
+    )
+    factored = fast.engines.factored
+    assert factored.sites is not None and factored._checked and all(factored._checked.values())
