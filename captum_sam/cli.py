@@ -24,7 +24,11 @@ from captum_sam.evaluation.config import (
     METHODS,
     MODEL_NAMES,
     QUICK,
+    SYNTHETIC_CIFAR_SIZE,
     CompareConfig,
+    check_model_data,
+    default_lr,
+    default_n_test,
 )
 from captum_sam.outdir import (
     UsageError,
@@ -64,24 +68,44 @@ def _parser(sub: argparse._SubParsersAction, name: str, **kw: str) -> argparse.A
 # --------------------------------------------------------------------------- train
 
 TRAIN_DESCRIPTION = f"""\
-Train a model with SAM on scikit-learn's bundled 8x8 digits ({DIGITS_SIZE} images, no
-download) and record its trajectory in --out: a manifest.json (learning rate, rho,
-which examples were in each batch, SHA-256 of every file) and one checkpoint per
-epoch. The recording is what SAMTracInCP.from_trajectory, SAMTracInCP(checkpoints=OUT)
-and the ground truth's schedule replay read. --n-train examples are used for
-training, {TRAIN_VAL} are held out for validation and the rest for the test accuracy printed
-at the end."""
+Train a model with SAM (on scikit-learn's bundled 8x8 digits unless --dataset says
+otherwise; nothing is downloaded) and record its trajectory in --out: a manifest.json
+(learning rate, rho, which examples were in each batch, SHA-256 of every file) and one
+checkpoint per epoch. The recording is what SAMTracInCP.from_trajectory,
+SAMTracInCP(checkpoints=OUT) and the ground truth's schedule replay read. --n-train
+examples are used for training, {TRAIN_VAL} are held out for validation and the rest of
+digits ({default_n_test("synthetic-cifar")} generated synthetic-cifar examples, 1000 of
+MNIST/CIFAR-10) for the test accuracy printed at the end.
+
+examples:
+  captum-sam train --model mlp --out runs/mlp
+  captum-sam train --model convnet --dataset synthetic-cifar --epochs 5 --out runs/convnet"""
+
+MODEL_HELP = (
+    "logreg: multinomial logistic regression (convex); mlp: one tanh hidden layer of 32 "
+    "units; cnn: one 8-channel 3x3 convolution, tanh, 2x2 average pooling and a linear "
+    "head; convnet: one 32-channel 3x3 convolution, ReLU, 2x2 max-pooling and a linear "
+    "head (83k parameters on 32x32 colour images); resnet18: ResNet-18 with a 32x32 "
+    "stem and BatchNorm (11.2M parameters, trained in float32; not on digits, and slow "
+    "on a CPU: each epoch over 1000 images takes minutes)"
+)
+DATASET_HELP = (
+    "digits: scikit-learn's bundled 8x8 digits; synthetic-cifar: generated 3x32x32 "
+    f"images of 10 classes (at most {SYNTHETIC_CIFAR_SIZE} in all, no files needed); mnist "
+    "or cifar10: torchvision's files in --data-dir (detected from --data-dir when this "
+    "is left at digits)"
+)
 
 
 def _add_training_args(p: argparse.ArgumentParser, compare: bool) -> None:
     d = DEFAULTS
+    p.add_argument("--model", choices=MODEL_NAMES, default=d["model"], help=MODEL_HELP)
+    p.add_argument("--dataset", choices=DATASETS, default=d["dataset"], help=DATASET_HELP)
     p.add_argument(
-        "--model",
-        choices=MODEL_NAMES,
-        default=d["model"],
-        help="logreg: multinomial logistic regression (convex); mlp: one tanh hidden layer "
-        "of 32 units; cnn: one 8-channel 3x3 convolution, tanh, 2x2 average pooling and a "
-        "linear head",
+        "--data-dir",
+        default=None,
+        help="a torchvision root holding MNIST/raw/... or cifar-10-batches-py/ (nothing is "
+        "downloaded)",
     )
     p.add_argument(
         "--noise",
@@ -106,7 +130,13 @@ def _add_training_args(p: argparse.ArgumentParser, compare: bool) -> None:
         help=f"SAM epochs (default: {d['epochs']}"
         + (f"; --quick: {QUICK['epochs']})" if compare else ")"),
     )
-    p.add_argument("--lr", type=float, default=d["lr"], help="SGD learning rate of SAM")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"SGD learning rate of SAM (default: {default_lr('mlp')}; "
+        f"{default_lr('convnet')} for convnet and resnet18)",
+    )
     p.add_argument(
         "--rho",
         type=float,
@@ -138,37 +168,67 @@ def _add_training_args(p: argparse.ArgumentParser, compare: bool) -> None:
     )
 
 
-def _check_train_args(args: argparse.Namespace) -> None:
-    """What ``train`` would refuse, checked before torch is imported."""
-    check_training_settings(args.epochs, args.batch_size, args.lr, args.rho, args.weight_decay)
-    room = DIGITS_SIZE - TRAIN_VAL - 1
-    if not 1 <= args.n_train <= room:
-        raise ValueError(
-            f"--n-train must be in [1, {room}] ({DIGITS_SIZE} digits, {TRAIN_VAL} held out "
-            f"for validation, at least 1 for the test), got {args.n_train}"
+def _dataset(args: argparse.Namespace) -> str:
+    """``--dataset``, detected from ``--data-dir`` when left at digits; checked with the model.
+
+    A missing torchvision, needed by MNIST and CIFAR-10 alone, is a usage error.
+    """
+    dataset = args.dataset
+    if args.data_dir is not None and dataset == "digits":
+        dataset = _detect_dataset(args.data_dir)
+    check_model_data(args.model, dataset, args.data_dir)
+    if dataset in ("mnist", "cifar10") and importlib.util.find_spec("torchvision") is None:
+        raise UsageError(
+            f"--dataset {dataset} reads torchvision's files, and torchvision is not "
+            "installed: pip install 'captum-sam[vision]' (a torchvision matching your torch)"
         )
+    return dataset
+
+
+def _check_train_args(args: argparse.Namespace) -> str:
+    """What ``train`` would refuse, checked before torch is imported; the data set's name."""
+    if args.lr is None:
+        args.lr = default_lr(args.model)
+    check_training_settings(args.epochs, args.batch_size, args.lr, args.rho, args.weight_decay)
+    dataset = _dataset(args)
+    totals = {"digits": (DIGITS_SIZE, 1), "synthetic-cifar": (SYNTHETIC_CIFAR_SIZE, 200)}
+    if dataset in totals:
+        total, test = totals[dataset]
+        room = total - TRAIN_VAL - test
+        if not 1 <= args.n_train <= room:
+            raise ValueError(
+                f"--n-train must be in [1, {room}] ({total} {dataset} images, {TRAIN_VAL} "
+                f"held out for validation, {'at least 1' if test == 1 else test} for the "
+                f"test), got {args.n_train}"
+            )
+    elif args.n_train < 1:
+        raise ValueError(f"--n-train must be >= 1, got {args.n_train}")
     if not 0 <= args.noise < 1:
         raise ValueError(f"--noise is a fraction of labels, in [0, 1); got {args.noise}")
+    return dataset
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train a reference model with SAM on digits and record the trajectory."""
-    _check_train_args(args)
+    """Train a reference model with SAM and record the trajectory."""
+    dataset = _check_train_args(args)
     with usage_errors():
         refuse_non_empty(args.out, args.overwrite)
 
     import torch
 
-    from captum_sam.data import load_digits_data
+    from captum_sam.data import load_dataset
     from captum_sam.evaluation.metrics import accuracy
-    from captum_sam.models import build_model
+    from captum_sam.models import build_model, training_dtype
     from captum_sam.training import train_sam
 
-    data = load_digits_data(n_train=args.n_train, n_val=TRAIN_VAL, noise=args.noise, seed=args.seed)
-    model = build_model(args.model, data.image_shape, data.num_classes, seed=args.seed)
+    dtype = training_dtype(args.model)
+    data = load_dataset(
+        dataset, args.data_dir, args.n_train, TRAIN_VAL, None, args.noise, args.seed, dtype
+    )
+    model = build_model(args.model, data.image_shape, data.num_classes, seed=args.seed, dtype=dtype)
     make_out_ready(args.out, train_layout(), args.overwrite)
     print(
-        f"SAM training {args.model} on digits: {len(data.train)} examples "
+        f"SAM training {args.model} on {dataset}: {len(data.train)} examples "
         f"({int(data.noisy.sum())} noisy labels), {args.epochs} epochs",
         flush=True,
     )
@@ -189,7 +249,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     train_acc = accuracy(model, data.train.tensors)
     print(
-        f"data: digits, {len(data.train)} train ({int(data.noisy.sum())} noisy labels), "
+        f"data: {dataset}, {len(data.train)} train ({int(data.noisy.sum())} noisy labels), "
         f"{len(data.val)} validation, {len(data.test)} test"
     )
     print(
@@ -217,7 +277,7 @@ CPU time. Nothing is downloaded: MNIST or CIFAR-10 are used only from files alre
 disk (--data-dir)."""
 
 COMPARE_EPILOG = f"""\
-methods (--methods, comma-separated; default: all):
+methods (--methods, comma-separated; default: all, fewer on a CNN):
 {chr(10).join(f"  {name:<16}{text}" for name, text in METHODS.items())}
 
 exit status: 0 done; {ESTIMATOR_FAILED} report written but an estimator failed (its row says why);
@@ -226,7 +286,14 @@ exit status: 0 done; {ESTIMATOR_FAILED} report written but an estimator failed (
 examples:
   captum-sam compare --quick
   captum-sam compare --model mlp --curvature both --out runs/mlp
-  captum-sam compare --dataset mnist --data-dir ~/data --model cnn --n-train 2000"""
+  captum-sam compare --dataset mnist --data-dir ~/data --model cnn --n-train 2000
+  captum-sam compare --model convnet --dataset synthetic-cifar --quick
+
+CNNs (convnet, resnet18) run sam-gif, sam-gif-ckpt and captum-tracincp by default: a
+dense P x P curvature does not fit, so the Hessian rows (sam-hif*, if) solve with
+conjugate gradients or GMRES, one system per example, and they and captum-arnoldi
+took over 10 minutes on 60 training examples of convnet (name them in --methods to
+run them anyway)."""
 
 
 def _add_compare_args(p: argparse.ArgumentParser) -> None:
@@ -239,22 +306,10 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
         f"leave-one-out and {QUICK['lds_subsets']} LDS retrainings",
     )
     p.add_argument(
-        "--dataset",
-        choices=DATASETS,
-        default=d["dataset"],
-        help="digits: scikit-learn's bundled 8x8 digits; mnist or cifar10: torchvision's "
-        "files in --data-dir (detected from --data-dir when this is left at digits)",
-    )
-    p.add_argument(
-        "--data-dir",
-        default=None,
-        help="a torchvision root holding MNIST/raw/... or cifar-10-batches-py/ (nothing is "
-        "downloaded)",
-    )
-    p.add_argument(
         "--methods",
         default=None,
-        help="comma-separated estimators to compare (default: all; see below)",
+        help="comma-separated estimators to compare (default: all; on convnet and resnet18 "
+        "sam-gif, sam-gif-ckpt, captum-tracincp; see below)",
     )
     p.add_argument(
         "--curvature",
@@ -289,7 +344,8 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
         "--n-test",
         type=int,
         default=None,
-        help=f"test examples (default: the rest of digits, 1000 for MNIST/CIFAR-10; "
+        help=f"test examples (default: the rest of digits, 200 of synthetic-cifar, 1000 of "
+        f"MNIST/CIFAR-10; "
         f"--quick: {QUICK['n_test']})",
     )
     p.add_argument(
@@ -335,9 +391,7 @@ def _compare_config(args: argparse.Namespace) -> CompareConfig:
         if value is not None:
             settings[key] = value
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
-    dataset = args.dataset
-    if args.data_dir is not None and dataset == "digits":
-        dataset = _detect_dataset(args.data_dir)
+    dataset = _dataset(args)
     config = CompareConfig(
         model=args.model,
         dataset=dataset,
@@ -360,11 +414,6 @@ def _compare_config(args: argparse.Namespace) -> CompareConfig:
     check_training_settings(
         config.epochs, config.batch_size, config.lr, config.rho, config.weight_decay
     )
-    if config.dataset != "digits" and importlib.util.find_spec("torchvision") is None:
-        raise UsageError(
-            f"--dataset {config.dataset} reads torchvision's files, and torchvision is not "
-            "installed: pip install 'captum-sam[vision]' (a torchvision matching your torch)"
-        )
     return config
 
 
@@ -433,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = _parser(
         sub,
         "train",
-        help="train a model with SAM on digits and record its trajectory",
+        help="train a model with SAM and record its trajectory",
         description=TRAIN_DESCRIPTION,
     )
     _add_training_args(train, compare=False)

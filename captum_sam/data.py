@@ -1,7 +1,10 @@
-"""Data sets that need no download: scikit-learn's digits, and planted label noise.
+"""Data sets that need no download: scikit-learn's digits, a generated CIFAR-shaped set.
 
-Torchvision's MNIST and CIFAR-10 are supported from files already on disk
-(:func:`load_torchvision`); nothing is ever downloaded.
+:func:`load_digits_data` splits scikit-learn's bundled 8x8 digits;
+:func:`load_synthetic_cifar` generates a learnable stand-in for CIFAR-10 (3x32x32
+images, 10 classes) from a seed; :func:`plant_label_noise` flips a fraction of the
+training labels. Torchvision's MNIST and CIFAR-10 are supported from files already on
+disk (:func:`load_torchvision`); nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -13,7 +16,18 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-__all__ = ["SplitData", "load_digits_data", "plant_label_noise", "load_torchvision"]
+__all__ = [
+    "SplitData",
+    "load_digits_data",
+    "load_synthetic_cifar",
+    "plant_label_noise",
+    "load_torchvision",
+    "load_dataset",
+    "SYNTHETIC_CIFAR_SIZE",
+]
+
+SYNTHETIC_CIFAR_SIZE = 10_000
+"""Most examples :func:`load_synthetic_cifar` generates for one split (train + val + test)."""
 
 
 @dataclass
@@ -136,6 +150,85 @@ def load_digits_data(
     return _assemble((x[tr], y[tr]), (x[va], y[va]), (x[te], y[te]), noise, seed, 10, "digits")
 
 
+def load_synthetic_cifar(
+    n_train: int = 1000,
+    n_val: int = 300,
+    n_test: int = 1000,
+    noise: float = 0.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> SplitData:
+    r"""A generated, learnable stand-in for CIFAR-10: 3x32x32 images of 10 classes.
+
+    Each class :math:`c` has a smooth colour template :math:`T_c` (a random 4x4 grid
+    per channel, bilinearly upsampled to 32x32, unit standard deviation), the same for
+    every seed. An example of class :math:`y` is
+
+    .. math::
+        x = \operatorname{clip}_{[0, 1]}\big(0.5 + 0.15\,(a\, \operatorname{shift}_{d}(T_y)
+            + D + 0.5\, \xi)\big)
+
+    with a contrast :math:`a \sim U(0.5, 1.5)`, a circular shift :math:`d` of up to
+    3 pixels in each direction, a smooth class-independent distractor :math:`D`
+    (drawn like a template) and white noise :math:`\xi`. A linear model learns it in
+    part; a convolutional network, which can undo the shifts, learns it better. The
+    classes are balanced within each split; train, validation and test are drawn from
+    separate streams of the seed, so the test set does not depend on ``n_train``.
+    Nothing is downloaded and torchvision is not needed.
+
+    Args:
+        n_train: Training examples.
+        n_val: Validation examples.
+        n_test: Test examples.
+        noise: Fraction of training labels flipped to another class.
+        seed: Seed of the examples and of the noise (the templates are fixed).
+        dtype: Floating dtype of the features, shape ``(n, 3, 32, 32)``.
+
+    Raises:
+        ValueError: A size below 1, or more than :data:`SYNTHETIC_CIFAR_SIZE` examples
+            in all.
+    """
+    sizes = {"n_train": n_train, "n_val": n_val, "n_test": n_test}
+    _check_sizes(sizes, SYNTHETIC_CIFAR_SIZE, "synthetic-cifar")
+    templates = _smooth_fields(10, torch.Generator().manual_seed(20240315))
+    splits = [
+        _synthetic_examples(templates, n, torch.Generator().manual_seed(seed + 1_000_003 * k))
+        for k, n in enumerate(sizes.values())
+    ]
+    (x_tr, y_tr), val, test = [(x.to(dtype), y) for x, y in splits]
+    return _assemble((x_tr, y_tr), val, test, noise, seed, 10, "synthetic-cifar")
+
+
+def _smooth_fields(n: int, generator: torch.Generator) -> Tensor:
+    """``(n, 3, 32, 32)`` random fields, smooth at a scale of 8 pixels, unit std each."""
+    coarse = torch.randn(n, 3, 4, 4, generator=generator, dtype=torch.float64)
+    fields = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear")
+    fields = fields - fields.mean(dim=(1, 2, 3), keepdim=True)
+    return fields / fields.std(dim=(1, 2, 3), keepdim=True)
+
+
+def _synthetic_examples(
+    templates: Tensor, n: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """``n`` examples of :func:`load_synthetic_cifar`: float64 images and balanced labels."""
+    labels = (torch.arange(n) % templates.shape[0])[torch.randperm(n, generator=generator)]
+    contrast = 0.5 + torch.rand(n, 1, 1, 1, generator=generator, dtype=torch.float64)
+    shift = torch.randint(-3, 4, (2, n), generator=generator)
+    pixels = torch.arange(32)
+    rows = (pixels - shift[0, :, None]) % 32  # (n, 32)
+    cols = (pixels - shift[1, :, None]) % 32
+    shifted = templates[
+        labels[:, None, None, None],
+        torch.arange(3)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
+    distractor = _smooth_fields(n, generator)
+    white = torch.randn(n, 3, 32, 32, generator=generator, dtype=torch.float64)
+    images = 0.5 + 0.15 * (contrast * shifted + distractor + 0.5 * white)
+    return images.clamp(0.0, 1.0), labels
+
+
 def load_torchvision(
     name: str,
     data_dir: str | os.PathLike[str],
@@ -199,3 +292,41 @@ def load_torchvision(
     return _assemble(
         (x_tr[tr], y_tr[tr]), (x_tr[va], y_tr[va]), (x_te[te], y_te[te]), noise, seed, 10, name
     )
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    n_train: int = 1000,
+    n_val: int = 300,
+    n_test: int | None = None,
+    noise: float = 0.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> SplitData:
+    """One of the data sets of ``captum-sam`` by name (what ``--dataset`` selects).
+
+    Args:
+        name: ``"digits"`` (:func:`load_digits_data`), ``"synthetic-cifar"``
+            (:func:`load_synthetic_cifar`), ``"mnist"`` or ``"cifar10"``
+            (:func:`load_torchvision`, from ``data_dir``).
+        data_dir: The torchvision root of ``"mnist"`` and ``"cifar10"``.
+        n_train: Training examples.
+        n_val: Validation examples.
+        n_test: Test examples; ``None``: the rest of digits, 200 of synthetic-cifar,
+            1000 of MNIST/CIFAR-10.
+        noise: Fraction of training labels flipped.
+        seed: Seed of the split (or the generated examples) and of the noise.
+        dtype: Floating dtype of the features.
+    """
+    if name == "digits":
+        return load_digits_data(n_train, n_val, n_test, noise, seed, dtype)
+    if name == "synthetic-cifar":
+        n_test = 200 if n_test is None else n_test
+        return load_synthetic_cifar(n_train, n_val, n_test, noise, seed, dtype)
+    if name in ("mnist", "cifar10"):
+        if data_dir is None:
+            raise ValueError(f"dataset {name!r} needs `data_dir`, the folder of its files")
+        n_test = 1000 if n_test is None else n_test
+        return load_torchvision(name, data_dir, n_train, n_val, n_test, noise, seed, dtype)
+    raise ValueError(f"`name` must be one of digits, synthetic-cifar, mnist, cifar10; got {name!r}")

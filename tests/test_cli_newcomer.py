@@ -214,3 +214,54 @@ def test_forward_ad_prints_no_torch_jit_deprecation_notice():
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == ["[6.0, 6.0, 6.0]", "[]"]
     assert "torch.jit.script" not in done.stderr
+
+
+def test_cnn_runs_default_to_the_rows_that_scale_and_the_cnn_learning_rate():
+    from captum_sam.evaluation.config import CNN_METHODS, METHODS
+
+    config = CompareConfig(model="convnet", dataset="synthetic-cifar")
+    assert config.methods == CNN_METHODS and config.lr == 0.1
+    assert not set(config.methods) & {"sam-hif-fast", "sam-hif", "sam-hif-exact", "if"}
+    assert CompareConfig(model="mlp").methods == tuple(METHODS)
+    assert CompareConfig(model="mlp").lr == 0.5
+    chosen = CompareConfig(model="convnet", dataset="synthetic-cifar", methods=("if",), lr=0.3)
+    assert chosen.methods == ("if",) and chosen.lr == 0.3
+    assert config.resolved_n_test == 200
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "resnet18"], "--model resnet18 is made for 32x32 images"),
+        (["--dataset", "mnist"], "needs --data-dir"),
+        (
+            ["--dataset", "synthetic-cifar", "--n-train", "9000", "--n-val", "900"],
+            "exceeds the 10000 examples synthetic-cifar generates",
+        ),
+    ],
+)
+def test_compare_refuses_cnn_settings_that_do_not_fit(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(compare_module, "run_compare", lambda *a, **k: pytest.fail("work began"))
+    assert main(["compare", *argv, "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_tiny_compare_on_a_convnet(tmp_path, capsys):
+    out = tmp_path / "cnn"
+    argv = [*TINY[:-2], "--model", "convnet", "--dataset", "synthetic-cifar", "--epochs", "1"]
+    assert main([*argv, "--n-test", "10", "--no-progress", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"] == {
+        "name": "synthetic-cifar",
+        "n_train": 60,
+        "n_val": 40,
+        "n_test": 10,
+        "noisy": 6,
+    }
+    labels = [r["label"] for r in results["methods"]]
+    assert labels == ["sam-gif", "sam-gif-ckpt", "captum-tracincp"]
+    for row in results["methods"]:
+        assert "error" not in row and -1 <= row["loo_pearson"] <= 1
+    assert results["config"]["lr"] == 0.1
+    assert "convnet on synthetic-cifar" in capsys.readouterr().out

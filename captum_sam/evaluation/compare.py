@@ -42,7 +42,7 @@ from captum_sam.evaluation.setup import (
     build_estimator,
     load_data,
 )
-from captum_sam.models import build_model
+from captum_sam.models import build_model, training_dtype
 from captum_sam.training import train_sam
 from captum_sam.trajectory import Trajectory, load_trajectory
 
@@ -150,7 +150,13 @@ def _train(
     """Step 1: SAM training (recorded) and, for ``fixed_point``, the SAM fixed point."""
     loss = torch.nn.CrossEntropyLoss(reduction="none")
     data = load_data(cfg)
-    model = build_model(cfg.model, data.image_shape, data.num_classes, seed=cfg.seed)
+    model = build_model(
+        cfg.model,
+        data.image_shape,
+        data.num_classes,
+        seed=cfg.seed,
+        dtype=training_dtype(cfg.model),
+    )
     record_dir = os.path.join(out, "trajectory")
     _say(
         verbose,

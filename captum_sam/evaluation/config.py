@@ -20,7 +20,14 @@ __all__ = [
     "MODEL_NAMES",
     "CURVATURES",
     "DIGITS_SIZE",
+    "SYNTHETIC_CIFAR_SIZE",
+    "IMAGE_SHAPES",
     "QUICK",
+    "check_model_data",
+    "default_n_test",
+    "default_lr",
+    "default_methods",
+    "CNN_MODELS",
     "CompareConfig",
 ]
 
@@ -41,10 +48,83 @@ HESSIAN_FAMILY = {
     "if": "plain",
 }
 GROUND_TRUTHS = ("auto", "fixed_point", "schedule")
-DATASETS = ("digits", "mnist", "cifar10")
-MODEL_NAMES = ("logreg", "mlp", "cnn")  # the names of captum_sam.models.MODELS
+DATASETS = ("digits", "synthetic-cifar", "mnist", "cifar10")
+MODEL_NAMES = ("logreg", "mlp", "cnn", "convnet", "resnet18")  # captum_sam.models.MODELS
 CURVATURES = ("hessian", "ggn", "kfac", "ekfac", "both")  # both: hessian and ggn
 DIGITS_SIZE = 1797  # images in scikit-learn's bundled digits
+SYNTHETIC_CIFAR_SIZE = 10_000  # captum_sam.data.SYNTHETIC_CIFAR_SIZE
+IMAGE_SHAPES = {
+    "digits": (1, 8, 8),
+    "synthetic-cifar": (3, 32, 32),
+    "mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+}
+"""``(channels, height, width)`` of one image of each data set."""
+ON_DISK = ("mnist", "cifar10")  # read from torchvision's files in --data-dir
+
+
+CNN_MODELS = ("convnet", "resnet18")
+CNN_METHODS = ("sam-gif", "sam-gif-ckpt", "captum-tracincp")
+
+
+def default_methods(model: str) -> tuple[str, ...]:
+    r"""The rows of a run without ``--methods``: all of :data:`METHODS`, fewer on a CNN.
+
+    On ``convnet`` (83k parameters) and ``resnet18`` (11.2M) a dense :math:`P \times P`
+    curvature cannot be formed, and the Hessian rows (``sam-hif*``, ``if``) fall back to
+    an iterative solver (conjugate gradients, GMRES), one system per test, validation
+    and training example; they and Captum's Arnoldi (200 Hessian-vector products over
+    the data) did not finish within 10 minutes on 60 training examples of convnet on
+    2 CPU cores, where the three gradient rows took 3-4 s each. So the default on a CNN
+    is the gradient rows :data:`CNN_METHODS`; the others still run when named in
+    ``--methods``.
+    """
+    return CNN_METHODS if model in CNN_MODELS else tuple(METHODS)
+
+
+def default_lr(model: str) -> float:
+    """SAM's learning rate when ``--lr`` is not given: 0.1 for the ReLU CNNs, else 0.5.
+
+    At 0.5 the ReLU networks (``convnet``, ``resnet18``) diverge or die on
+    synthetic-cifar (``convnet``: chance accuracy after 10 epochs; at 0.1, 91% test
+    accuracy after 5 epochs on 500 examples).
+    """
+    return 0.1 if model in CNN_MODELS else 0.5
+
+
+def default_n_test(dataset: str) -> int | None:
+    """Test examples when ``--n-test`` is not given: the rest of digits, else 1000.
+
+    ``synthetic-cifar`` takes 200, so that attributing every test example stays cheap
+    on a CPU (the Hessian rows solve one system per test example on a CNN).
+    """
+    return {"digits": None, "synthetic-cifar": 200}.get(dataset, 1000)
+
+
+def check_model_data(model: str, dataset: str, data_dir: str | None) -> None:
+    """Refuse a model and data set that do not go together, before any work.
+
+    ``resnet18`` (its stem made for 32x32 images, 11 million parameters) is refused on
+    the 8x8 digits; MNIST and CIFAR-10 need their files in ``--data-dir``.
+
+    Raises:
+        ValueError: The message names the flags and what would work.
+    """
+    for field, value, valid in (("model", model, MODEL_NAMES), ("dataset", dataset, DATASETS)):
+        if value not in valid:
+            raise ValueError(f"{_name(field)} must be one of {', '.join(valid)}; got {value!r}")
+    if dataset in ON_DISK and data_dir is None:
+        raise ValueError(
+            f"dataset {dataset!r} needs --data-dir with its files (or use --dataset "
+            "synthetic-cifar, generated, no files needed)"
+        )
+    if model == "resnet18" and dataset == "digits":
+        raise ValueError(
+            "--model resnet18 is made for 32x32 images (11 million parameters) and the "
+            "digits are 8x8 with 1797 images: use --dataset synthetic-cifar, cifar10 or "
+            "mnist, or a small model (logreg, mlp, cnn, convnet) on digits"
+        )
+
 
 QUICK = dict(
     n_train=200,
@@ -78,7 +158,7 @@ class CompareConfig:
     rho: float = 0.05
     adaptive: bool = False
     epochs: int = 30
-    lr: float = 0.5
+    lr: float | None = None  # None: default_lr(model)
     batch_size: int = 64
     weight_decay: float = 1e-3
     damping: float = 0.0
@@ -90,12 +170,16 @@ class CompareConfig:
     removal_fractions: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
     removal_repeats: int = 3  # random removals averaged per fraction (one is too noisy)
     mislabel_by: str = "influence"
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] | None = None  # None: default_methods(model)
     seed: int = 0
     trace_examples: int = 4
     trace_k: int = 4
 
     def __post_init__(self) -> None:
+        if self.lr is None:
+            object.__setattr__(self, "lr", default_lr(self.model))
+        if self.methods is None:
+            object.__setattr__(self, "methods", default_methods(self.model))
         self._check_choices()
         self._check_numbers()
         self._check_sizes()
@@ -117,8 +201,7 @@ class CompareConfig:
                     f"{_name(field)} must be one of {', '.join(valid)}; "
                     f"got {getattr(self, field)!r}"
                 )
-        if self.dataset != "digits" and self.data_dir is None:
-            raise ValueError(f"dataset {self.dataset!r} needs --data-dir with its files")
+        check_model_data(self.model, self.dataset, self.data_dir)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(
@@ -190,6 +273,20 @@ class CompareConfig:
                     f"n_train + n_val + n_test = {n} + {self.n_val} + {test} = {used} exceeds "
                     f"the {DIGITS_SIZE} images of digits: lower --n-train, --n-val or --n-test"
                 )
+        if self.dataset == "synthetic-cifar":
+            test = self.resolved_n_test
+            used = n + self.n_val + test  # type: ignore[operator]
+            if used > SYNTHETIC_CIFAR_SIZE:
+                raise ValueError(
+                    f"n_train + n_val + n_test = {n} + {self.n_val} + {test} = {used} exceeds "
+                    f"the {SYNTHETIC_CIFAR_SIZE} examples synthetic-cifar generates: lower "
+                    "--n-train, --n-val or --n-test"
+                )
+
+    @property
+    def resolved_n_test(self) -> int | None:
+        """``n_test``, or the data set's default (``None``: the rest of digits)."""
+        return default_n_test(self.dataset) if self.n_test is None else self.n_test
 
     @property
     def resolved_ground_truth(self) -> str:

@@ -19,10 +19,11 @@ from torch import Tensor, nn
 
 from captum_sam._captum import ArnoldiInfluenceFunction, TracInCP
 from captum_sam.core.checkpoints import checkpoints_load_func
-from captum_sam.data import SplitData, load_digits_data, load_torchvision
+from captum_sam.data import SplitData, load_dataset
 from captum_sam.evaluation.config import HESSIAN_FAMILY, METHODS, CompareConfig
 from captum_sam.gif.tracincp import SAMTracInCP
 from captum_sam.hif.influence import SAMInfluenceFunction
+from captum_sam.models import training_dtype
 
 __all__ = ["METHODS", "HESSIAN_FAMILY", "CompareConfig", "Context", "load_data", "build_estimator"]
 
@@ -44,17 +45,16 @@ class Context:
 
 
 def load_data(cfg: CompareConfig) -> SplitData:
-    """The bundled digits, or a torchvision dataset read from ``cfg.data_dir``."""
-    if cfg.dataset == "digits":
-        return load_digits_data(cfg.n_train, cfg.n_val, cfg.n_test, cfg.noise, cfg.seed)
-    return load_torchvision(
+    """The run's data (:func:`~captum_sam.data.load_dataset`), in the model's dtype."""
+    return load_dataset(
         cfg.dataset,
         cfg.data_dir,
         cfg.n_train,
-        cfg.n_val,  # type: ignore[arg-type]
-        cfg.n_test or 1000,
+        cfg.n_val,
+        cfg.resolved_n_test,
         cfg.noise,
         cfg.seed,
+        training_dtype(cfg.model),
     )
 
 
