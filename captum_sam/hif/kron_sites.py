@@ -32,13 +32,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as nnf
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from captum_sam import core as F
 from captum_sam.core.curvature import second_order
 from captum_sam.core.errors import ArgumentError
+from captum_sam.core.layers.conv2d import CONV2D
+from captum_sam.core.layers.linear import LINEAR
+from captum_sam.core.layers.sites import LayerType
 from captum_sam.core.losses import split_batch
 
 __all__ = ["KroneckerSite", "kronecker_sites", "site_factors", "output_hessian_roots"]
@@ -56,7 +58,8 @@ class KroneckerSite:
     Its parameters, as one ``(d_out, width)`` matrix: the weight reshaped to
     ``(d_out, d_in)`` (a convolution's ``(out, in, kh, kw)`` to ``(out, in kh kw)``, the
     order of :func:`~torch.nn.functional.unfold`'s patches), then the bias as one more
-    column (a weight on a constant input 1).
+    column (a weight on a constant input 1). Its input and output rows are cut by the
+    shared layer types of :mod:`captum_sam.core.layers` (the same rows SAM-GIF uses).
     """
 
     name: str
@@ -117,27 +120,21 @@ class KroneckerSite:
                 f"K-FAC: layer {self.name!r} sees an input of shape {tuple(x.shape)}, not a "
                 f"batch of {size} examples first: attribute other layers with `layers=`"
             )
-        if isinstance(module, nn.Conv2d):
-            if x.dim() != 4:
-                raise ArgumentError(
-                    f"K-FAC: convolution {self.name!r} needs (B, C, H, W) inputs, got "
-                    f"{tuple(x.shape)}"
-                )
-            padding = module.padding
-            if isinstance(padding, str):  # "same" / "valid": pad as the module does
-                x = nnf.pad(x, module._reversed_padding_repeated_twice)
-                padding = 0
-            patches = nnf.unfold(
-                x, module.kernel_size, module.dilation, padding, module.stride
-            )  # (B, d_in, L)
-            return patches.transpose(1, 2)
-        return x.reshape(size, -1, x.shape[-1])
+        if isinstance(module, nn.Conv2d) and x.dim() != 4:
+            raise ArgumentError(
+                f"K-FAC: convolution {self.name!r} needs (B, C, H, W) inputs, got {tuple(x.shape)}"
+            )
+        return self.layer_type.inputs(module, x)
 
     def output_grads(self, d: Tensor, size: int) -> Tensor:
         """Gradients ``(C, *output shape)`` in the layer output as ``(C, B, T, d_out)``."""
-        if isinstance(self.module, nn.Conv2d):
-            return d.flatten(3).transpose(2, 3)
-        return d.reshape(d.shape[0], size, -1, d.shape[-1])
+        rows = self.layer_type.outputs(self.module, d.flatten(0, 1))  # (C B, T, d_out)
+        return rows.reshape(d.shape[0], size, *rows.shape[1:])
+
+    @property
+    def layer_type(self) -> LayerType:
+        """The shared layer interface (:mod:`captum_sam.core.layers`) that cuts its rows."""
+        return CONV2D if isinstance(self.module, nn.Conv2d) else LINEAR
 
 
 def _unsupported(name: str, module: nn.Module) -> str | None:
