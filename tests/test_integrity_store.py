@@ -107,6 +107,60 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path)
     assert not os.path.exists(os.path.join(tmp_path, LOCK))
 
 
+needs_flock = pytest.mark.skipif(os.name != "posix", reason="kernel-released locks need flock")
+
+
+@needs_flock
+def test_a_lock_file_naming_a_live_but_unrelated_process_is_taken_over(tmp_path):
+    # A killed writer's pid can be reused by another process: the file then names a live
+    # pid, but nobody holds the lock, so a new writer must not be refused.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with open(os.path.join(tmp_path, LOCK), "w") as f:
+            json.dump({"host": os.uname().nodename, "pid": sleeper.pid}, f)
+        want = save(tmp_path, seed=5)
+        torch.testing.assert_close(open_quantities(tmp_path, FP).load(), want)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+CONTENDER = textwrap.dedent(
+    """
+    import os, sys, time
+    from captum_sam.core.files import DirectoryLock
+    directory, mark, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    done = 0
+    while done < rounds:
+        try:
+            with DirectoryLock(directory, "contender"):
+                fd = os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # fails if shared
+                time.sleep(0.002)
+                os.close(fd)
+                os.remove(mark)
+            done += 1
+        except ValueError:
+            time.sleep(0.001)
+    """
+)
+
+
+@needs_flock
+def test_contending_writers_never_hold_the_lock_together(tmp_path):
+    directory, mark = str(tmp_path / "d"), str(tmp_path / "inside")
+    os.makedirs(directory)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(os.path.join(directory, LOCK), "w") as f:  # a dead writer's lock to take over
+        json.dump({"host": os.uname().nodename, "pid": dead.pid}, f)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CONTENDER, directory, mark, "25"]) for _ in range(4)
+    ]
+    codes = [p.wait(timeout=120) for p in procs]
+    assert codes == [0, 0, 0, 0]  # a FileExistsError on the mark means two held the lock
+    assert not os.path.exists(os.path.join(directory, LOCK))
+
+
 def test_an_interrupted_save_leaves_the_old_cache_intact(tmp_path):
     want = save(tmp_path)
 

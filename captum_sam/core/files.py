@@ -7,8 +7,9 @@ ground-truth caches) goes through these helpers:
   renames it, so a reader never sees a partial file and a killed writer leaves the old
   one in place;
 * :func:`sha256_file` hashes a file's bytes (recorded in manifests, checked on load);
-* :class:`DirectoryLock` refuses a second writer of the same directory (a lock file
-  created with ``O_EXCL``; a lock left by a process that no longer runs is taken over);
+* :class:`DirectoryLock` refuses a second writer of the same directory (an ``flock``
+  on a lock file, released by the kernel when its holder dies; ``O_EXCL`` creation
+  where ``fcntl`` is missing);
 * :func:`read_json` and :func:`torch_load` read a file or raise ``ValueError`` naming
   it; :func:`torch_load` checks the sizes the archive declares before inflating
   anything (a small compressed file cannot expand to gigabytes) and never runs pickled
@@ -29,6 +30,11 @@ from types import TracebackType
 from typing import Any
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover (Windows)
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "atomic_write",
@@ -102,7 +108,16 @@ def _alive(pid: int) -> bool:
 
 
 class DirectoryLock:
-    """Exclusive write access to a directory, through a lock file created with ``O_EXCL``.
+    """Exclusive write access to a directory, through a lock file in it.
+
+    Where the platform has ``fcntl`` (Linux, macOS) the lock is an exclusive
+    ``flock`` on the file: the kernel releases it when the holder exits or is killed,
+    so a dead writer never blocks the next one, and a holder's process id reused by an
+    unrelated process does not either. The file names its holder (host, pid) for
+    messages; on release it is removed while still locked, and a taker checks that the
+    file it locked is still the one in the directory, so two writers never hold two
+    different files. Elsewhere the file is created with ``O_EXCL`` and a lock whose
+    process is gone (on this host) is replaced.
 
     Args:
         directory: The directory (created if needed).
@@ -110,13 +125,13 @@ class DirectoryLock:
 
     Raises:
         ValueError: Another live process holds the lock (the message names the lock
-            file and the holder). A lock whose process is gone (on this host) is
-            replaced.
+            file and the holder).
     """
 
     def __init__(self, directory: str, what: str) -> None:
         self.directory, self.what = directory, what
         self.path = os.path.join(directory, LOCK)
+        self._fd: int | None = None
         self._held = False
 
     def _holder(self) -> tuple[str, int] | None:
@@ -127,9 +142,38 @@ class DirectoryLock:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def _refuse(self) -> ValueError:
+        return ValueError(
+            f"{self.what} in {self.directory!r} is being written by another process "
+            f"(lock file {self.path!r}, holder {self._holder()}); wait for it to finish, or "
+            "remove the lock file if that process no longer exists"
+        )
+
     def __enter__(self) -> DirectoryLock:
         os.makedirs(self.directory, exist_ok=True)
-        me = json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
+        me = json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode()
+        if fcntl is None:
+            return self._enter_exclusive_create(me)
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise self._refuse() from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:  # released (removed) between our open and lock
+                same = False
+            if same:
+                break
+            os.close(fd)  # we locked a file its holder had just removed: take the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, me)
+        self._fd, self._held = fd, True
+        return self
+
+    def _enter_exclusive_create(self, me: bytes) -> DirectoryLock:
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -139,16 +183,12 @@ class DirectoryLock:
                 if same_host and not _alive(holder[1]):  # left by a killed writer
                     os.remove(self.path)
                     continue
-                raise ValueError(
-                    f"{self.what} in {self.directory!r} is being written by another process "
-                    f"(lock file {self.path!r}, holder {holder}); wait for it to finish, or "
-                    "remove the lock file if that process no longer exists"
-                ) from None
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(me)
+                raise self._refuse() from None
+            os.write(fd, me)
+            os.close(fd)
             self._held = True
             return self
-        raise ValueError(f"could not take the lock {self.path!r}")  # pragma: no cover
+        raise self._refuse()  # pragma: no cover
 
     def __exit__(
         self,
@@ -157,8 +197,10 @@ class DirectoryLock:
         trace: TracebackType | None,
     ) -> None:
         if self._held and os.path.exists(self.path):
-            os.remove(self.path)
-        self._held = False
+            os.remove(self.path)  # still locked: a waiter that opened it retries
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd, self._held = None, False
 
 
 def read_json(path: str, what: str) -> Any:
