@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import TensorDataset
 
 from captum_sam import SAMTracInCP, train_sam
@@ -50,7 +51,7 @@ def forward(model: nn.Module, state: dict, x: torch.Tensor, bn: object) -> torch
     h = x
     for name, layer in model.named_children():
         local = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        if isinstance(layer, _BatchNorm):
             w, b = local["weight"], local["bias"]
             if bn == "train":
                 h = nnf.batch_norm(h, None, None, w, b, True, 0.0, layer.eps)
@@ -70,7 +71,7 @@ def batch_stats(model: nn.Module, state: dict, x: torch.Tensor) -> dict:
     with torch.no_grad():
         for name, layer in model.named_children():
             local = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
-            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            if isinstance(layer, _BatchNorm):
                 dims = [0] + list(range(2, h.dim()))
                 out[name] = (h.mean(dims), h.var(dims, unbiased=False))
                 h = nnf.batch_norm(h, None, None, local["weight"], local["bias"], True, 0.0, 1e-5)
@@ -119,7 +120,16 @@ def reference(model, traj, data, test, mode: str) -> tuple[torch.Tensor, torch.T
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def run(request, tmp_path_factory):
-    make_model, make = MODELS[request.param]
+    return _record(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def lin(tmp_path_factory):
+    return _record("linear", tmp_path_factory)
+
+
+def _record(kind, tmp_path_factory):
+    make_model, make = MODELS[kind]
     data = make()
     model = make_model()
     out = tmp_path_factory.mktemp("bn") / "run"
@@ -146,21 +156,21 @@ def test_influence_and_self_influence_match_the_reference(run, mode):
     torch.testing.assert_close(est.self_influence(), ref_self, rtol=1e-9, atol=1e-12)
 
 
-def test_eval_is_the_default_and_batch_differs(run):
-    default = estimator(run).influence(run["test"])
-    torch.testing.assert_close(estimator(run, batchnorm="eval").influence(run["test"]), default)
-    batch = estimator(run, batchnorm="batch").influence(run["test"])
+def test_eval_is_the_default_and_batch_differs(lin):
+    default = estimator(lin).influence(lin["test"])
+    torch.testing.assert_close(estimator(lin, batchnorm="eval").influence(lin["test"]), default)
+    batch = estimator(lin, batchnorm="batch").influence(lin["test"])
     assert (batch - default).abs().max() > 1e-3 * default.abs().max()
 
 
-def test_batch_gradients_sum_to_the_constant_statistics_batch_gradient(run):
+def test_batch_gradients_sum_to_the_constant_statistics_batch_gradient(lin):
     """Per-example batch-mode gradients of a step sum to the batch loss's, statistics fixed."""
-    est = estimator(run, batchnorm="batch", perturbation="batch")
-    e, model, traj = est.engines, run["model"], run["traj"]
+    est = estimator(lin, batchnorm="batch", perturbation="batch")
+    e, model, traj = est.engines, lin["model"], lin["traj"]
     term = e.terms[0]
     batch = e.points.fetch(term.indices)
     g = e.vmap.grads([term], batch, e.quantities.train_loss, False, True)[1]
-    summed = torch.cat([g[n][0] for n, _ in run["model"].named_parameters()], dim=1)
+    summed = torch.cat([g[n][0] for n, _ in lin["model"].named_parameters()], dim=1)
     w, _ = read_checkpoint(term.checkpoint)
     names = [n for n, _ in model.named_parameters()]
     x, y = batch
@@ -178,9 +188,9 @@ def test_batch_gradients_sum_to_the_constant_statistics_batch_gradient(run):
     torch.testing.assert_close(summed.sum(0), want, rtol=1e-9, atol=1e-12)
 
 
-def test_editing_and_test_at_perturbed_use_batch_statistics_on_the_training_side(run):
-    est = estimator(run, batchnorm="batch", test_at_perturbed=True)
-    scores = est.influence((run["data"].tensors[0], run["data"].tensors[1]))
+def test_editing_and_test_at_perturbed_use_batch_statistics_on_the_training_side(lin):
+    est = estimator(lin, batchnorm="batch", test_at_perturbed=True)
+    scores = est.influence((lin["data"].tensors[0], lin["data"].tensors[1]))
     # self influence is the diagonal of train-vs-train influence in every mode
     torch.testing.assert_close(est.self_influence(), scores.diagonal(), rtol=1e-9, atol=1e-12)
     change = est.parameter_change([0, 1, 2], flat=True)
@@ -197,14 +207,14 @@ def _model_state(model):
 
 
 @pytest.mark.parametrize("train_mode", [True, False])
-def test_the_users_model_keeps_its_mode_and_buffers(run, train_mode):
-    model = run["model"]
+def test_the_users_model_keeps_its_mode_and_buffers(lin, train_mode):
+    model = lin["model"]
     model.train(train_mode)
     flags, state = _model_state(model)
-    est = estimator(run, batchnorm="batch", batchnorm_tolerance=1e-9)
+    est = estimator(lin, batchnorm="batch", batchnorm_tolerance=1e-9)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        est.influence(run["test"])
+        est.influence(lin["test"])
         est.self_influence()
     after_flags, after = _model_state(model)
     assert after_flags == flags
@@ -213,16 +223,16 @@ def test_the_users_model_keeps_its_mode_and_buffers(run, train_mode):
     # the private copy too: eval mode, tracking on, buffers as loaded
     scratch = est.engines.loader.scratch
     assert not any(m.training for m in scratch.modules())
-    assert all(m.track_running_stats for m in scratch.modules() if isinstance(m, nn.BatchNorm2d))
+    assert all(m.track_running_stats for m in scratch.modules() if isinstance(m, _BatchNorm))
 
 
-def test_warning_fires_above_the_tolerance_and_not_below(run):
+def test_warning_fires_above_the_tolerance_and_not_below(lin):
     with pytest.warns(UserWarning, match=r"BatchNorm: at checkpoint .*relative difference"):
-        estimator(run, batchnorm_tolerance=1e-9)
+        estimator(lin, batchnorm_tolerance=1e-9)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        estimator(run, batchnorm_tolerance=1e6)
-        estimator(run, batchnorm_tolerance=None)
+        estimator(lin, batchnorm_tolerance=1e6)
+        estimator(lin, batchnorm_tolerance=None)
 
 
 def test_warning_reports_the_measured_gap(tmp_path):
@@ -255,24 +265,24 @@ def test_no_warning_without_batchnorm(tmp_path):
         SAMTracInCP(model, data, [path], loss_fn=ce_loss(), batchnorm_tolerance=1e-12)
 
 
-def test_errors_name_the_argument(run, tmp_path):
-    path = save_checkpoint(run["model"], tmp_path / "c.pt")
+def test_errors_name_the_argument(lin, tmp_path):
+    path = save_checkpoint(lin["model"], tmp_path / "c.pt")
     with pytest.raises(ValueError, match="batchnorm='batch'.*trajectory"):
-        SAMTracInCP(run["model"], run["data"], [path], loss_fn=ce_loss(), batchnorm="batch")
+        SAMTracInCP(lin["model"], lin["data"], [path], loss_fn=ce_loss(), batchnorm="batch")
     with pytest.raises(ValueError, match="`batchnorm` must be one of"):
-        estimator(run, batchnorm="train")
+        estimator(lin, batchnorm="train")
     with pytest.raises(ValueError, match="batchnorm='batch'.*perturbation='example'"):
-        estimator(run, batchnorm="batch", perturbation="example")
+        estimator(lin, batchnorm="batch", perturbation="example")
     with pytest.raises(ValueError, match="`batchnorm_tolerance`"):
-        estimator(run, batchnorm_tolerance=-1.0)
+        estimator(lin, batchnorm_tolerance=-1.0)
     with pytest.raises(TypeError, match="`batchnorm_tolerance`"):
-        estimator(run, batchnorm_tolerance="0.1")
-    untracked = copy.deepcopy(run["model"])
+        estimator(lin, batchnorm_tolerance="0.1")
+    untracked = copy.deepcopy(lin["model"])
     untracked.bn.track_running_stats = False
     untracked.bn.running_mean = untracked.bn.running_var = None
     with pytest.raises(ValueError, match="track_running_stats=False"):
         SAMTracInCP.from_trajectory(
-            untracked, run["data"], run["traj"], loss_fn=ce_loss(), batchnorm="batch",
+            untracked, lin["data"], lin["traj"], loss_fn=ce_loss(), batchnorm="batch",
             batchnorm_tolerance=None,
             checkpoints_load_func=lambda m, p: 0.2,
         )  # fmt: skip
