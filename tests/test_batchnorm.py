@@ -86,7 +86,19 @@ def grad_of(model, state, names, x, y, bn) -> torch.Tensor:
     return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(params.values()))])
 
 
-def reference(model, traj, data, test, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def dataset_grad(model, state, names, x, y, bn, size: int = 5) -> torch.Tensor:
+    """Mean gradient over the loader batches of ``size`` (each with its own statistics)."""
+    total = 0
+    for i in range(0, len(y), size):
+        total = total + grad_of(model, state, names, x[i : i + size], y[i : i + size], bn) * len(
+            y[i : i + size]
+        )
+    return total / len(y)
+
+
+def reference(
+    model, traj, data, test, mode: str, perturbation: str = "batch"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(influence (n_test, n_train), self influence (n_train,))`` by loops over examples."""
     names = [n for n, p in model.named_parameters()]
     x, y = data.tensors
@@ -101,7 +113,11 @@ def reference(model, traj, data, test, mode: str) -> tuple[torch.Tensor, torch.T
             s = traj.steps[t]
             idx = torch.tensor(s.indices)
             xb, yb = x[idx], y[idx]
-            g = grad_of(model, w, names, xb, yb, "train" if mode == "batch" else "eval")
+            bn = "train" if mode == "batch" else "eval"
+            if perturbation == "dataset":
+                g = dataset_grad(model, w, names, x, y, bn)
+            else:
+                g = grad_of(model, w, names, xb, yb, bn)
             g = g / (g.norm() + 1e-12) * s.rho
             moved, offset = dict(w), 0
             for n in names:
@@ -153,6 +169,15 @@ def test_influence_and_self_influence_match_the_reference(run, mode):
     est = estimator(run, batchnorm=mode)
     ref_scores, ref_self = reference(run["model"], run["traj"], run["data"], run["test"], mode)
     torch.testing.assert_close(est.influence(run["test"]), ref_scores, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(est.self_influence(), ref_self, rtol=1e-9, atol=1e-12)
+
+
+def test_dataset_perturbation_uses_each_batchs_train_mode_gradient(lin):
+    est = estimator(lin, batchnorm="batch", perturbation="dataset")
+    ref_scores, ref_self = reference(
+        lin["model"], lin["traj"], lin["data"], lin["test"], "batch", "dataset"
+    )
+    torch.testing.assert_close(est.influence(lin["test"]), ref_scores, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(est.self_influence(), ref_self, rtol=1e-9, atol=1e-12)
 
 
@@ -286,3 +311,15 @@ def test_errors_name_the_argument(lin, tmp_path):
             batchnorm_tolerance=None,
             checkpoints_load_func=lambda m, p: 0.2,
         )  # fmt: skip
+
+
+def test_a_frozen_batchnorm_keeps_its_running_statistics(lin):
+    """Eval mode inside a parent in train mode: trained on running statistics, kept so."""
+    model = copy.deepcopy(lin["model"])
+    model.train()
+    model.bn.eval()
+    run = {**lin, "model": model}
+    frozen = estimator(run, batchnorm="batch").influence(lin["test"])
+    torch.testing.assert_close(frozen, estimator(run, batchnorm="eval").influence(lin["test"]))
+    model.eval()  # a model in eval mode as a whole has nothing frozen
+    assert (estimator(run, batchnorm="batch").influence(lin["test"]) - frozen).abs().max() > 1e-6
