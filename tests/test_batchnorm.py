@@ -323,3 +323,28 @@ def test_a_frozen_batchnorm_keeps_its_running_statistics(lin):
     torch.testing.assert_close(frozen, estimator(run, batchnorm="eval").influence(lin["test"]))
     model.eval()  # a model in eval mode as a whole has nothing frozen
     assert (estimator(run, batchnorm="batch").influence(lin["test"]) - frozen).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("cls", ["SAMInfluenceFunction", "SAMArnoldiInfluenceFunction"])
+def test_the_hessian_family_warns_and_refuses_batch(tmp_path, cls):
+    import captum_sam
+
+    model, data = bn_model(), make_data(n=16, seed=1)
+    with torch.no_grad():
+        model.bn.running_mean.fill_(5.0)
+    path = save_checkpoint(model, tmp_path / "c.pt")
+    twin = getattr(captum_sam, cls)
+    flags, state = _model_state(model)
+    kw = dict(loss_fn=ce_loss(), batch_size=8, projection_dim=4)
+    with pytest.warns(UserWarning, match=r"BatchNorm: at checkpoint 'c.pt'.*relative difference"):
+        twin(model, data, path, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        twin(model, data, path, batchnorm_tolerance=None, **kw)
+    with pytest.raises(ValueError, match="batchnorm='batch'.*from_trajectory"):
+        twin(model, data, path, batchnorm="batch", **kw)
+    with pytest.raises(ValueError, match="`batchnorm` must be one of"):
+        twin(model, data, path, batchnorm="running", **kw)
+    assert _model_state(model)[0] == flags
+    for k, v in _model_state(model)[1].items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
