@@ -9,7 +9,9 @@ differentiated, what training backpropagated for that example):
 
 * eval: running statistics (``batchnorm="eval"``),
 * batch: the recorded batch's statistics held constant (``batchnorm="batch"``), as the
-  estimator computes it (checked against autograd).
+  estimator computes it (checked against autograd);
+
+and the same cosines for the sums over the whole recorded batch.
 
 Usage: ``python benchmarks/bench_batchnorm.py [--n 320] [--epochs 3] [--examples 8]``.
 """
@@ -124,6 +126,26 @@ def main() -> None:
                 f"example {k}: cos(eval, train) {cos['eval']:.3f}  cos(batch, train) "
                 f"{cos['batch']:.3f}  |estimator - autograd| / |autograd| (batch) {rel:.1e}"
             )
+        # the batch sums: train mode's batch gradient against the two modes' sums
+        sums = {}
+        for mode, floss, frozen in (
+            ("train", train_loss, fr),
+            ("eval", e.quantities.train_loss, fr),
+            ("batch", e.quantities.train_loss, batch_fr),
+        ):
+            leaves = {n: v.detach().clone().requires_grad_(True) for n, v in w.items()}
+            out = floss.bind(frozen).outputs(leaves, (x,))
+            total = nnf.cross_entropy(out, y, reduction="sum")
+            g = torch.autograd.grad(total, list(leaves.values()))
+            sums[mode] = torch.cat([t.reshape(-1) for t in g])
+        batch_cos = {
+            m: float(nnf.cosine_similarity(sums[m], sums["train"], dim=0))
+            for m in ("eval", "batch")
+        }
+        print(
+            f"batch sums (all {len(y)} examples): cos(eval, train) {batch_cos['eval']:.3f}, "
+            f"cos(batch, train) {batch_cos['batch']:.3f}"
+        )
         mean = [sum(r[i] for r in rows) / len(rows) for i in range(3)]
         print(
             f"\nmean over {len(rows)} examples of a recorded batch of {len(y)} at "
