@@ -23,7 +23,8 @@ from torch import Tensor
 
 from captum_sam.applications import detect_mislabeled, harmful_removal_curve
 from captum_sam.applications.removal import RemovalCurve
-from captum_sam.evaluation.ground_truth import GroundTruth, RetrainResults, random_subsets
+from captum_sam.evaluation.config import PROTOCOLS
+from captum_sam.evaluation.ground_truth import GroundTruth, RetrainResults
 from captum_sam.evaluation.metrics import (
     accuracy,
     detection_auc,
@@ -42,6 +43,7 @@ from captum_sam.evaluation.setup import (
     build_estimator,
     load_data,
 )
+from captum_sam.evaluation.subsets import random_subsets
 from captum_sam.models import build_model, training_dtype
 from captum_sam.training import train_sam
 from captum_sam.trajectory import Trajectory, load_trajectory
@@ -180,7 +182,7 @@ def _train(
     )
     traj = load_trajectory(record_dir)
     residual: float | None = None
-    if cfg.resolved_ground_truth == "fixed_point":
+    if cfg.resolved_ground_truth.startswith("fixed_point"):
         _say(verbose, "      Newton to the full-batch SAM fixed point (the attribution point)")
         fp = sam_fixed_point(model, data.train, loss, cfg.rho, cfg.weight_decay, cfg.adaptive)
         base, base_ckpt = fp.model, os.path.join(out, "fixed_point.pt")
@@ -220,12 +222,15 @@ def _ground_truth(
         adaptive=cfg.adaptive,
         trajectory=traj,
         cache_dir=cache_dir,
+        seeds=cfg.gt_seeds,
     )
     g = torch.Generator().manual_seed(cfg.seed + 7)
     loo_idx = torch.randperm(n, generator=g)[: cfg.n_loo].tolist()
     base_losses = loss(ctx.base.eval()(ctx.test[0]), ctx.test[1]).detach()
     loo = gt.evaluate([[k] for k in loo_idx], ctx.test, show_progress, "LOO retraining")
-    masks = random_subsets(n, cfg.lds_fraction, cfg.lds_subsets, cfg.seed + 11)
+    masks = random_subsets(
+        n, cfg.lds_subsets, sampler=cfg.lds_sampler, fraction=cfg.lds_fraction, seed=cfg.seed + 11
+    )
     lds_gt = gt.evaluate(
         [torch.nonzero(~m).flatten().tolist() for m in masks],
         ctx.test,
@@ -240,7 +245,7 @@ def _ground_truth(
     edit = gt.evaluate([edit_set], ctx.test, show_progress, "edit-set retraining")
     schedule_gt = (
         gt
-        if mode == "schedule"
+        if mode.startswith("schedule")  # SAM-GIF's edits: against the run's replay convention
         else GroundTruth(
             ctx.model, data.train, loss, "schedule", trajectory=traj, cache_dir=cache_dir
         )
@@ -384,6 +389,9 @@ def _results(
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "ground_truth": {
             "mode": cfg.resolved_ground_truth,
+            "protocol": PROTOCOLS[cfg.resolved_ground_truth],
+            "seeds": list(cfg.gt_seeds) if cfg.resolved_ground_truth == "fresh" else None,
+            "lds_sampler": cfg.lds_sampler,
             "fixed_point_residual": fixed_point_residual,
             "retrain_seconds_mean": truth.retrain_seconds,
             "n_loo": len(truth.loo_idx),
