@@ -102,6 +102,8 @@ class CheckpointForm:
         if self.vmap.test_at_perturbed:
             train = self.vmap.grads(terms, batch, self.train_loss, False, True)[1]
             test = train
+            if self.vmap.batch_stats is not None:  # test side on the running statistics
+                test = self.vmap.test_side(terms, batch, self.train_loss)
         else:
             test, train = self.vmap.grads(terms, batch, self.train_loss, True, True)
         coef = self.points.coefficients(terms)

@@ -164,7 +164,9 @@ class GIFQuantities:
         ).hexdigest()
         pdata = self.points.perturbation_data
         custom = pdata is not self.train_dataloader
+        extra = {} if self.vmap.batch_stats is None else {"batchnorm": "batch"}
         return {
+            **extra,
             "estimator": estimator,
             "form": "trajectory" if self.trajectory else "checkpoint",
             "checkpoints": [file_digest(c) for c in ckpts],

@@ -22,6 +22,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from captum_sam import core as F
+from captum_sam.core.batchnorm import (
+    BatchStatistics,
+    batchnorm_layers,
+    check_batchnorm,
+    warn_on_batchnorm_gap,
+)
 from captum_sam.core.checkpoints import CheckpointLoader, edited_copy, model_device
 from captum_sam.core.data import as_loader, on_device, ordered_dataset, validate_batch
 from captum_sam.core.layers import sites as layer_sites
@@ -59,9 +65,12 @@ class GIFOptions:
     projection: str = "gaussian"
     projection_seed: int = 0
     factorize: bool = True
+    batchnorm: str = "eval"
+    batchnorm_tolerance: float | None = 0.1
 
     def __post_init__(self) -> None:
         _check_flags(test_at_perturbed=self.test_at_perturbed, factorize=self.factorize)
+        check_batchnorm(self.batchnorm, self.batchnorm_tolerance)
 
 
 @dataclass
@@ -172,6 +181,17 @@ def build_engines(
     if isinstance(train_dataset, Dataset) and not isinstance(train_dataset, DataLoader):
         if not isinstance(est.batch_size, int) or isinstance(est.batch_size, bool):
             raise ValueError("`batch_size` must be an int when `train_dataset` is a Dataset")
+    if o.batchnorm == "batch" and trajectory is None:
+        raise ValueError(
+            "batchnorm='batch' takes each training gradient with the BatchNorm statistics "
+            "of the batch the example was trained in, which only a recorded trajectory "
+            "knows: use SAMTracInCP.from_trajectory, or batchnorm='eval'"
+        )
+    if o.batchnorm == "batch" and o.perturbation == "example":
+        raise ValueError(
+            "batchnorm='batch' is not supported with perturbation='example' (every example "
+            "would move the batch's statistics): use perturbation='batch' or 'dataset'"
+        )
     model = est.model
     est.sample_wise_grads_per_batch = sample_wise_grads_per_batch
     est.reduction_type = F.loss_reduction(est.loss_fn, "loss_fn", sample_wise_grads_per_batch)
@@ -187,7 +207,9 @@ def build_engines(
     est.layer_modules = None if est.layers is None else [modules[n] for n in est.layers]
     loader = CheckpointLoader(model, names, est.checkpoints_load_func)
     scratch = loader.scratch  # every functional call and hook runs on this private copy
+    bn_layers = batchnorm_layers(scratch)  # before eval(): frozen layers are read from flags
     scratch.eval()  # attribution runs the model in eval mode
+    stats = BatchStatistics(bn_layers) if o.batchnorm == "batch" else None
     train_loss = F.FunctionalLoss(scratch, est.loss_fn, {}, est.reduction_type)
     test_loss = F.FunctionalLoss(scratch, est.test_loss_fn, {}, est.test_reduction_type)
     train_data = ordered_dataset(train_dataset)
@@ -205,7 +227,7 @@ def build_engines(
         loader,
         names,
         scope_names(model, names, o.perturbation_scope),
-        train_loss,
+        train_loss if stats is None else stats.train_loss(train_loss),  # eps as trained
         o.perturbation,
         pdata,
         train_data,
@@ -214,11 +236,12 @@ def build_engines(
     )
     sizes = {n: p.numel() for n, p in zip(names, loader.scratch_params(names))}
     projector = make_projector(scratch, names, sizes, o)
-    vmap = VmapGradients(points, projector, o.test_at_perturbed, device)
+    vmap = VmapGradients(points, projector, o.test_at_perturbed, device, stats)
     on_sites = isinstance(projector, LayerProjection) and not projector.rest
     factored = FactoredGradients(
         points,
-        layer_sites.layer_sites(scratch, names) if o.factorize else None,
+        # the factored path has no batch statistics: batchnorm="batch" forms gradients
+        layer_sites.layer_sites(scratch, names) if o.factorize and stats is None else None,
         train_loss,
         test_loss,
         (projector is None or on_sites) and o.perturbation != "example",
@@ -256,7 +279,40 @@ def build_engines(
         quantities, final_checkpoint,
     )  # fmt: skip
     _validate_first_batch(engines, est.train_dataloader, train_loss)
+    if o.batchnorm_tolerance is not None and bn_layers:
+        _check_batchnorm_gap(engines, BatchStatistics(bn_layers), train_loss, est, o)
     return engines
+
+
+BATCHNORM_CHECK_BATCHES = 4
+"""Training batches per checkpoint on which eval- and train-mode losses are compared."""
+
+
+def _check_batchnorm_gap(
+    e: GIFEngines, stats: BatchStatistics, loss: F.FunctionalLoss, est: Any, o: GIFOptions
+) -> None:
+    """Warn at every checkpoint whose eval-mode loss is far from its train-mode loss.
+
+    Trajectory form: the first recorded batches of the steps at the checkpoint;
+    checkpoint form: the first batches of ``train_dataset`` (as loaded). At most
+    :data:`BATCHNORM_CHECK_BATCHES` forward passes per mode and checkpoint.
+    """
+    loaded = (
+        []
+        if e.trajectory is not None
+        else list(zip(range(BATCHNORM_CHECK_BATCHES), on_device(est.train_dataloader, e.device)))
+    )
+    for ckpt in dict.fromkeys(t.checkpoint for t in e.terms):
+        if e.trajectory is not None:
+            steps = [t.indices for t in e.terms if t.checkpoint == ckpt]
+            batches = [e.points.fetch(i) for i in steps[:BATCHNORM_CHECK_BATCHES]]
+        else:
+            batches = [b for _, b in loaded]
+        state = e.loader(ckpt)
+        warn_on_batchnorm_gap(
+            stats, loss.bind(state.frozen), state.params, batches, o.batchnorm_tolerance,
+            ckpt, o.batchnorm,
+        )  # fmt: skip
 
 
 def make_projector(

@@ -89,6 +89,16 @@ class SAMTracInCP(SAMTracInBase):
             in an ``nn.Linear`` or ``nn.Conv2d`` layer (per-example products from
             layer inputs and output gradients; checked against ``vmap`` first). The
             scores are the same either way.
+        batchnorm: ``"eval"`` (every gradient with the BatchNorm running statistics,
+            the default) or ``"batch"`` (training gradients with the statistics of the
+            recorded batch the example was trained in, at the weights where the
+            gradient is taken, held constant; test gradients keep the running
+            statistics). ``"batch"`` needs the trajectory form
+            (:meth:`from_trajectory`): the checkpoint form raises ``ValueError``.
+        batchnorm_tolerance: For models with BatchNorm: warn (``UserWarning``) at every
+            checkpoint where the mean loss in eval mode and in train mode (batch
+            statistics) differ by more than this fraction, on up to four training
+            batches; ``None`` skips the check.
 
     Where the gradients are taken: test gradients at :math:`w_c`, training gradients
     at :math:`w_c + \epsilon_c` with :math:`\epsilon_c` over ``perturbation_scope``;
@@ -122,6 +132,8 @@ class SAMTracInCP(SAMTracInBase):
         projection: str = "gaussian",
         projection_seed: int = 0,
         factorize: bool = True,
+        batchnorm: str = "eval",
+        batchnorm_tolerance: float | None = 0.1,
     ) -> None:
         self._captum_init(
             model, train_dataset, checkpoints,
@@ -131,7 +143,8 @@ class SAMTracInCP(SAMTracInBase):
         )  # fmt: skip
         options = GIFOptions(
             perturbation, perturbation_dataset, perturbation_scope, test_at_perturbed,
-            projection_dim, projection, projection_seed, factorize,
+            projection_dim, projection, projection_seed, factorize, batchnorm,
+            batchnorm_tolerance,
         )  # fmt: skip
         self._engines = build_engines(
             self, train_dataset, layers, sample_wise_grads_per_batch, options, PERTURBATIONS,
@@ -159,6 +172,8 @@ class SAMTracInCP(SAMTracInBase):
         projection: str = "gaussian",
         projection_seed: int = 0,
         factorize: bool = True,
+        batchnorm: str = "eval",
+        batchnorm_tolerance: float | None = 0.1,
         allow_incomplete: bool = False,
     ) -> SAMTracInCP:
         r"""SAM-GIF in trajectory form, from a recorded run.
@@ -188,6 +203,11 @@ class SAMTracInCP(SAMTracInBase):
             projection: See the class.
             projection_seed: See the class.
             factorize: See the class.
+            batchnorm: ``"eval"`` or ``"batch"`` (see the class): with ``"batch"``
+                the gradient of step :math:`t` at :math:`w_t + \epsilon_t` normalises
+                with the statistics of :math:`B_t` at :math:`w_t + \epsilon_t`, and
+                :math:`\epsilon_t` comes from the recorded batch's train-mode gradient.
+            batchnorm_tolerance: See the class.
             allow_incomplete: Score the recorded prefix of a run that did not finish
                 (with a warning); by default an incomplete trajectory is refused.
 
@@ -211,7 +231,8 @@ class SAMTracInCP(SAMTracInBase):
         self.trajectory = traj
         options = GIFOptions(
             perturbation, perturbation_dataset, perturbation_scope, test_at_perturbed,
-            projection_dim, projection, projection_seed, factorize,
+            projection_dim, projection, projection_seed, factorize, batchnorm,
+            batchnorm_tolerance,
         )  # fmt: skip
         self._engines = build_engines(
             self, train_dataset, layers, sample_wise_grads_per_batch, options,

@@ -18,6 +18,7 @@ import torch
 from torch.func import vmap
 
 from captum_sam import core as F
+from captum_sam.core.batchnorm import BatchStatistics
 from captum_sam.core.data import on_device, validate_batch
 from captum_sam.core.projection import LayerProjection, RandomProjection
 from captum_sam.gif.points import WeightPoints
@@ -35,12 +36,16 @@ class VmapGradients:
         projector: Random projection of every gradient, or ``None``.
         test_at_perturbed: Test-side gradients at ``w + eps`` instead of ``w``.
         device: Where the model lives.
+        batch_stats: With ``batchnorm="batch"``: training-side gradients at ``w + eps``
+            use the BatchNorm statistics of the term's recorded batch at those weights,
+            as constants (:mod:`captum_sam.core.batchnorm`); ``None``: running statistics.
     """
 
     points: WeightPoints
     projector: RandomProjection | LayerProjection | None
     test_at_perturbed: bool
     device: torch.device
+    batch_stats: BatchStatistics | None = None
 
     def grads(
         self,
@@ -50,17 +55,26 @@ class VmapGradients:
         at_w: bool,
         at_perturbed: bool,
         project: bool = True,
+        train: bool = True,
     ) -> tuple[F.Params | None, F.Params | None]:
-        """Per-example gradients at ``w`` and/or at ``w + eps`` for every term."""
+        """Per-example gradients at ``w`` and/or at ``w + eps`` for every term.
+
+        ``train``: the gradients at ``w + eps`` are the training side (with
+        ``batch_stats``, on the recorded batch's BatchNorm statistics); ``False`` for a
+        test side taken at the perturbed weights. Gradients at ``w`` are test sides.
+        """
         points = self.points
         params, frozen = points.stack(terms)
-        if at_w and at_perturbed and all(t.rho == 0 for t in terms):
+        with_stats = self.batch_stats is not None and train
+        if at_w and at_perturbed and all(t.rho == 0 for t in terms) and not with_stats:
             same = self.grads(terms, batch, loss, True, False, project)[0]  # eps = 0
             return same, same
         own = pert = None
         eps = points.eps(terms) if at_perturbed else None
         if eps is not None and at_w:  # both in one call: 2K weight sets
             moved, moved_frozen = points.moved(terms, eps)
+            if with_stats:
+                moved_frozen = self._batch_frozen(terms, loss, moved, moved_frozen)
             both = F.stacked_per_example_grads(
                 loss,
                 {n: torch.cat([params[n], moved[n]]) for n in params},
@@ -70,7 +84,10 @@ class VmapGradients:
             k = len(terms)
             own, pert = {n: v[:k] for n, v in both.items()}, {n: v[k:] for n, v in both.items()}
         elif eps is not None:
-            pert = F.stacked_per_example_grads(loss, *points.moved(terms, eps), batch)
+            moved, moved_frozen = points.moved(terms, eps)
+            if with_stats:
+                moved_frozen = self._batch_frozen(terms, loss, moved, moved_frozen)
+            pert = F.stacked_per_example_grads(loss, moved, moved_frozen, batch)
         else:
             own = F.stacked_per_example_grads(loss, params, frozen, batch)
             if at_perturbed:  # each example's own perturbation
@@ -79,6 +96,18 @@ class VmapGradients:
         if self.projector is None or not project:
             return out
         return tuple(None if g is None else {"projected": self.projector(g)} for g in out)  # type: ignore[return-value]
+
+    def _batch_frozen(
+        self, terms: Sequence[Term], loss: F.FunctionalLoss, params: F.Params, frozen: F.Params
+    ) -> F.Params:
+        """``frozen`` with the running buffers replaced by the recorded batch's statistics."""
+        indices = terms[0].indices
+        if indices is None or any(t.indices != indices for t in terms):
+            raise ValueError(
+                "batchnorm='batch' needs the recorded batch of every term (trajectory form)"
+            )
+        full = self.points.fetch(indices)  # the whole recorded batch, not a slice of it
+        return self.batch_stats.stacked_frozen(loss, params, frozen, full)  # type: ignore[union-attr]
 
     def _own_perturbation(
         self, terms: Sequence[Term], batch: tuple[Any, ...], loss: F.FunctionalLoss, own: F.Params
@@ -106,7 +135,7 @@ class VmapGradients:
     ) -> F.Params:
         """Test-side gradients of a batch (at ``w``, or ``w + eps`` if so configured)."""
         if self.test_at_perturbed:
-            return self.grads(terms, batch, loss, False, True)[1]  # type: ignore[return-value]
+            return self.grads(terms, batch, loss, False, True, train=False)[1]  # type: ignore[return-value]
         return self.grads(terms, batch, loss, True, False)[0]  # type: ignore[return-value]
 
     def test_matrix(

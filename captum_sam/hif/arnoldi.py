@@ -127,6 +127,8 @@ class SAMArnoldiInfluenceFunction(SAMInfluenceBase):
             :class:`~captum_sam.SAMInfluenceFunction` for ``"kfac"``/``"ekfac"``).
         rescale_hessian: Scale a ``hessian_dataset``'s curvature by ``n/m``.
         perturbation_scope: See :class:`~captum_sam.SAMInfluenceFunction`.
+        batchnorm: See :class:`~captum_sam.SAMInfluenceFunction`.
+        batchnorm_tolerance: See :class:`~captum_sam.SAMInfluenceFunction`.
 
     Where the gradients are taken: as :class:`~captum_sam.SAMInfluenceFunction` (with
     ``layers``, at the full perturbed point, derivatives with respect to the attributed
@@ -162,6 +164,8 @@ class SAMArnoldiInfluenceFunction(SAMInfluenceBase):
         curvature: str = "hessian",
         rescale_hessian: bool = False,
         perturbation_scope: str = "trainable",
+        batchnorm: str = "eval",
+        batchnorm_tolerance: float | None = 0.1,
     ) -> None:
         if variant not in ("fast", "plain"):
             raise ValueError(

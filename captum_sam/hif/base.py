@@ -60,6 +60,7 @@ and the checkpoint)."""
 SAM_ARGUMENTS = (
     "rho", "adaptive", "weight_decay", "damping", "variant", "curvature", "solver",
     "solver_options", "rescale_hessian", "perturbation_scope", "factorize", "factors_dir",
+    "batchnorm", "batchnorm_tolerance",
 )  # fmt: skip
 """SAM's own arguments (a twin passes those it has)."""
 
@@ -107,6 +108,7 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
             sam["rescale_hessian"], sam.get("sketch", (None, "gaussian", 0)),
             sam.get("factorize", True), self.solver_options,
             sam.get("perturbation_scope", "trainable"),
+            (sam.get("batchnorm", "eval"), sam.get("batchnorm_tolerance", 0.1)),
         )  # fmt: skip
         self.rho = self.operator.rho
         self.weight_decay = float(sam["weight_decay"])

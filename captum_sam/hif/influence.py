@@ -122,6 +122,14 @@ class SAMInfluenceFunction(SAMInfluenceBase):
             and point, :mod:`captum_sam.hif.kfac_store`): reused when they match the
             checkpoint, data and settings, refused with an error naming the file and
             field when stale or tampered. ``None``: no cache.
+        batchnorm: ``"eval"`` only (running statistics; see BatchNorm in the mathematics page):
+            ``"batch"`` needs recorded batches, which only
+            :meth:`SAMTracInCP.from_trajectory <captum_sam.SAMTracInCP.from_trajectory>`
+            has, and raises ``ValueError`` here.
+        batchnorm_tolerance: For a model with BatchNorm, warn when the mean loss at the
+            checkpoint in eval mode and in train mode (batch statistics, first four
+            batches of ``train_dataset``) differ by more than this fraction; ``None``
+            skips the check.
 
     Where the gradients are taken: test gradients at :math:`w^*`; the curvature of
     ``fast``/``full``/``exact`` and their training gradients :math:`b_k` at
@@ -167,6 +175,8 @@ class SAMInfluenceFunction(SAMInfluenceBase):
         sketch_seed: int = 0,
         factorize: bool = True,
         factors_dir: str | os.PathLike[str] | None = None,
+        batchnorm: str = "eval",
+        batchnorm_tolerance: float | None = 0.1,
     ) -> None:
         arguments = dict(locals())
         sam = pick(arguments, SAM_ARGUMENTS)

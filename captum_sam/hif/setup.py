@@ -17,6 +17,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from captum_sam import core as F
+from captum_sam.core.batchnorm import (
+    BatchStatistics,
+    batchnorm_layers,
+    check_batchnorm,
+    warn_on_batchnorm_gap,
+)
 from captum_sam.core.checkpoints import CheckpointLoader, model_device
 from captum_sam.core.data import (
     dataset_size,
@@ -99,11 +105,21 @@ def prepare(
     factorize: Any,
     options: SolverOptions,
     perturbation_scope: str = "trainable",
+    batchnorm: tuple[Any, Any] = ("eval", 0.1),
 ) -> SAMOperator:
     """Validate, set Captum's attributes on ``est``, and build its operator.
 
-    ``regularisers``: ``weight_decay``, ``damping`` and ``hessian_reg``.
+    ``regularisers``: ``weight_decay``, ``damping`` and ``hessian_reg``;
+    ``batchnorm``: ``(batchnorm, batchnorm_tolerance)``.
     """
+    check_batchnorm(*batchnorm)
+    if batchnorm[0] == "batch":
+        raise ValueError(
+            "batchnorm='batch' is defined for the trajectory form of SAM-GIF only "
+            "(SAMTracInCP.from_trajectory), where each example has the recorded batch it "
+            "was trained in; the Hessian family works at the final weights with no batch "
+            "record: use batchnorm='eval'"
+        )
     if variant not in VARIANTS:
         raise ValueError(f"`variant` must be one of {VARIANTS}, got {variant!r}")
     if curvature not in CURVATURES:
@@ -149,6 +165,7 @@ def prepare(
     loader = CheckpointLoader(model, names, est.checkpoints_load_func)
     state = loader(est.checkpoint)
     scratch = loader.scratch  # every functional call and hook runs on this private copy
+    bn_layers = batchnorm_layers(scratch)  # before eval(): frozen layers are read from flags
     scratch.eval()  # attribution runs the model in eval mode
     est.loader = loader
     loss = F.FunctionalLoss(scratch, est.loss_fn, state.frozen, est.reduction_type)
@@ -158,6 +175,12 @@ def prepare(
     )
     first = next(iter(on_device(est.train_dataloader, est.device)))
     validate_batch(loss, state.params, first, "train_dataset")
+    if batchnorm[1] is not None and bn_layers:  # eval- against train-mode loss at w*
+        batches = [b for _, b in zip(range(4), on_device(est.train_dataloader, est.device))]
+        warn_on_batchnorm_gap(
+            BatchStatistics(bn_layers), loss, state.params, batches, batchnorm[1],
+            est.checkpoint, "eval",
+        )  # fmt: skip
     # the perturbation's gradient runs over its whole scope (the training's)
     est.perturbation_scope = perturbation_scope
     extra_names = [n for n in scope_names(model, names, perturbation_scope) if n not in names]
