@@ -105,7 +105,7 @@ class UnrolledReplay:
 
     def batch(self, t: int) -> tuple[Any, ...]:
         """The recorded batch of step ``t`` on the model's device."""
-        return to_device(fetch_batch(self.train_data, self.trajectory.steps[t].indices), self.device)
+        return self.batch_of(self.trajectory.steps[t].indices)
 
     def step_fn(self, t: int, batch: tuple[Any, ...], normalise: str) -> Callable[..., State]:
         """``(state, a) -> next state`` of recorded step ``t`` under a normalisation."""
@@ -193,15 +193,21 @@ class UnrolledReplay:
 
     # ------------------------------------------------------------------ adjoint
 
-    def test_gradients(self, batch: tuple[Any, ...], aggregate: bool) -> Params:
-        """Test-loss gradients at :math:`w_T`: ``(m, *shape)`` per name (``m = 1`` aggregated)."""
+    def batch_of(self, indices: Sequence[int]) -> tuple[Any, ...]:
+        """Training examples ``indices`` as one batch on the model's device."""
+        return to_device(fetch_batch(self.train_data, list(indices)), self.device)
+
+    def gradients(
+        self, batch: tuple[Any, ...], loss: FunctionalLoss, aggregate: bool = False
+    ) -> Params:
+        """Loss gradients at :math:`w_T`: ``(m, *shape)`` per name (``m = 1`` aggregated)."""
         w = self.final()
         if aggregate:
-            g = grad(lambda p: self.test_loss.summed_loss(p, batch))(w)
+            g = grad(lambda p: loss.summed_loss(p, batch))(w)
             return {n: v.unsqueeze(0) for n, v in g.items()}
 
         def one(p: Params, *example: Any) -> Tensor:
-            return self.test_loss.example_loss(p, example[:-1], example[-1])
+            return loss.example_loss(p, example[:-1], example[-1])
 
         return vmap(grad(one), in_dims=(None, *[0] * len(batch)))(w, *batch)
 
@@ -254,7 +260,7 @@ class UnrolledReplay:
                 tuple(x[i : i + chunk] for x in batch) for i in range(0, n, chunk)
             ]  # fmt: skip
             for part in parts:
-                cot = self.test_gradients(part, aggregate)
+                cot = self.gradients(part, self.test_loss, aggregate)
                 rows.append(-self.adjoint(cot, normalise, show_progress))
         if not rows:
             raise ValueError("`inputs` is empty")
