@@ -21,6 +21,7 @@ _WHERE = {
     "SAMTracInCP": "captum_sam.gif",
     "SAMTracInCPFast": "captum_sam.gif",
     "SAMTracInCPFastRandProj": "captum_sam.gif",
+    "SAMUnrolledGIF": "captum_sam.gif",
     "SAMInfluenceFunction": "captum_sam.hif",
     "SAMArnoldiInfluenceFunction": "captum_sam.hif",
     "ExactNearestNeighbors": "captum_sam.gif",
@@ -42,6 +43,7 @@ __all__ = [
     "SAMTracInCP",
     "SAMTracInCPFast",
     "SAMTracInCPFastRandProj",
+    "SAMUnrolledGIF",
     "SAMInfluenceFunction",
     "SAMArnoldiInfluenceFunction",
     "ExactNearestNeighbors",
@@ -68,6 +70,7 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the names eagerly
         SAMTracInCP,
         SAMTracInCPFast,
         SAMTracInCPFastRandProj,
+        SAMUnrolledGIF,
     )
     from captum_sam.hif import SAMArnoldiInfluenceFunction, SAMInfluenceFunction
     from captum_sam.optim import SAM

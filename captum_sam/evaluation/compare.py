@@ -48,6 +48,10 @@ from captum_sam.models import build_model, training_dtype
 from captum_sam.training import train_sam
 from captum_sam.trajectory import Trajectory, load_trajectory
 
+# removal convention of the "schedule" ground truth (replay_trajectory: removed examples
+# weighted 0, batches still divided by |B_t|); SAM-GIF's linearised edit uses the same
+SCHEDULE_REMOVAL = "zero_weight"
+
 __all__ = ["run_compare", "format_table"]  # the settings: evaluation.config
 
 
@@ -310,7 +314,13 @@ def _attribute(
 def _edit_metrics(ctx: Context, truth: _Truth, est: Any, method: str) -> dict[str, float]:
     """Edit the model to forget the edit set; compare with really retraining without it."""
     trajectory_form = method.startswith("sam-gif")
-    edited = est.edited_model(truth.edit_set)
+    # the recorded-trajectory estimator edits by the linearised replay, under the removal
+    # convention of the schedule ground truth it is compared with
+    edited = (
+        est.edited_model(truth.edit_set, method="linearised", removal=SCHEDULE_REMOVAL)
+        if method == "sam-gif"
+        else est.edited_model(truth.edit_set)
+    )
     ref = truth.edit_schedule if trajectory_form else truth.edit
     origin = ctx.model if trajectory_form else ctx.base
     em = editing_metrics(
