@@ -475,9 +475,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     gt = results["ground_truth"]
     print()
     print(
-        f"{args.model} on {results['data']['name']}, ground truth: {gt['mode']} retraining, "
-        f"{PROTOCOLS[gt['mode']]} "
-        f"({gt['retrain_seconds_mean']:.2f} s each); test accuracy "
+        f"{args.model} on {results['data']['name']}, ground truth `{gt['mode']}`: "
+        f"{PROTOCOLS[gt['mode']]} ({gt['retrain_seconds_mean']:.2f} s per retraining); "
+        "test accuracy "
         f"{results['accuracy']['trained']:.3f}"
     )
     print(format_table(results["methods"]))
