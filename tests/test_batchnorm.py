@@ -97,17 +97,21 @@ def dataset_grad(model, state, names, x, y, bn, size: int = 5) -> torch.Tensor:
 
 
 def reference(
-    model, traj, data, test, mode: str, perturbation: str = "batch"
+    model, traj, data, test, mode: str, perturbation: str = "batch", attributed=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(influence (n_test, n_train), self influence (n_train,))`` by loops over examples."""
+    """``(influence (n_test, n_train), self influence (n_train,))`` by loops over examples.
+
+    The perturbation runs over every parameter; gradients over ``attributed`` (all).
+    """
     names = [n for n, p in model.named_parameters()]
+    chosen = names if attributed is None else attributed
     x, y = data.tensors
     scores = torch.zeros(len(test[1]), len(y), dtype=DTYPE)
     selfs = torch.zeros(len(y), dtype=DTYPE)
     for ckpt, steps in traj.segments():
         w, _ = read_checkpoint(ckpt.path)
         tests = torch.stack(
-            [grad_of(model, w, names, tx[None], ty[None], "eval") for tx, ty in zip(*test)]
+            [grad_of(model, w, chosen, tx[None], ty[None], "eval") for tx, ty in zip(*test)]
         )
         for t in steps:
             s = traj.steps[t]
@@ -127,8 +131,8 @@ def reference(
             bn = batch_stats(model, moved, xb) if mode == "batch" else "eval"
             coef = s.lr / len(s.indices)
             for k, i in enumerate(s.indices):
-                train = grad_of(model, moved, names, xb[k : k + 1], yb[k : k + 1], bn)
-                own = grad_of(model, w, names, xb[k : k + 1], yb[k : k + 1], "eval")
+                train = grad_of(model, moved, chosen, xb[k : k + 1], yb[k : k + 1], bn)
+                own = grad_of(model, w, chosen, xb[k : k + 1], yb[k : k + 1], "eval")
                 selfs[i] += coef * own @ train
                 scores[:, i] += coef * tests @ train
     return scores, selfs
@@ -177,6 +181,18 @@ def test_dataset_perturbation_uses_each_batchs_train_mode_gradient(lin):
     ref_scores, ref_self = reference(
         lin["model"], lin["traj"], lin["data"], lin["test"], "batch", "dataset"
     )
+    torch.testing.assert_close(est.influence(lin["test"]), ref_scores, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(est.self_influence(), ref_self, rtol=1e-9, atol=1e-12)
+
+
+def test_layers_attribute_a_subset_with_batch_statistics(lin):
+    """``layers=["fc2"]`` (a factored site otherwise): the vmap path, batch statistics."""
+    est = estimator(lin, batchnorm="batch", layers=["fc2"])
+    assert est.engines.factored.sites is None
+    ref_scores, ref_self = reference(
+        lin["model"], lin["traj"], lin["data"], lin["test"], "batch",
+        attributed=["fc2.weight", "fc2.bias"],
+    )  # fmt: skip
     torch.testing.assert_close(est.influence(lin["test"]), ref_scores, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(est.self_influence(), ref_self, rtol=1e-9, atol=1e-12)
 
