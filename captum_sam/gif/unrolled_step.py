@@ -54,7 +54,9 @@ def sgd_settings(optimizer: dict[str, Any]) -> SGDSettings:
     """
     base = optimizer.get("base", "")
     if base != "torch.optim.sgd.SGD":
-        raise ValueError(f"the unrolled replay supports SGD base optimizers, the record used {base!r}")
+        raise ValueError(
+            f"the unrolled replay supports SGD base optimizers, the record used {base!r}"
+        )
     hyper = dict(optimizer.get("hyperparameters", {}))
     if hyper.get("maximize", False):
         raise ValueError("the recorded SGD optimizer maximised: not supported")
