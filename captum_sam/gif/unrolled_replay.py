@@ -178,7 +178,7 @@ class UnrolledReplay:
             dtype = states[t]["w"][self.names[0]].dtype
             ones = torch.ones(len(idx), dtype=dtype, device=self.device)
             step = self.step_fn(t, batch, removal)
-            new, delta = jvp(lambda s: step(s, ones), (states[t],), (delta,))
+            new, delta = jvp(step, (states[t], ones), (delta, torch.zeros_like(ones)))
             if bool(mask.any()):
                 a = ones - strength * mask.to(dtype)
                 if removal == "renormalise" and not float(a.sum()) > 0:
@@ -211,9 +211,7 @@ class UnrolledReplay:
 
         return vmap(grad(one), in_dims=(None, *[0] * len(batch)))(w, *batch)
 
-    def adjoint(
-        self, cotangent: Params, normalise: str, show_progress: bool = False
-    ) -> Tensor:
+    def adjoint(self, cotangent: Params, normalise: str, show_progress: bool = False) -> Tensor:
         r"""``(m, n_train)`` derivatives :math:`\partial L_j / \partial a_k` of ``m`` losses.
 
         Args:
@@ -248,7 +246,7 @@ class UnrolledReplay:
         chunk: int,
         show_progress: bool = False,
     ) -> Tensor:
-        r"""``(n_test, n_train)`` influence :math:`-\partial L(z) / \partial a_k` (positive: helpful).
+        r"""``(n_test, n_train)`` scores :math:`-\partial L(z) / \partial a_k` (positive: helpful).
 
         Test examples are swept ``chunk`` at a time (one adjoint pass per chunk).
         """

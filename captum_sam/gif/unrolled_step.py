@@ -29,7 +29,7 @@ from captum_sam.core.losses import FunctionalLoss
 from captum_sam.core.params import Params
 from captum_sam.core.sam import sam_perturbation
 
-__all__ = ["REMOVALS", "SGDSettings", "sam_sgd_step", "sgd_settings"]
+__all__ = ["REMOVALS", "SGDSettings", "sam_sgd_step", "sgd_settings", "zero_state"]
 
 REMOVALS = ("renormalise", "zero_weight")
 
@@ -54,7 +54,9 @@ def sgd_settings(optimizer: dict[str, Any]) -> SGDSettings:
     """
     base = optimizer.get("base", "")
     if base != "torch.optim.sgd.SGD":
-        raise ValueError(f"the unrolled replay supports SGD base optimizers, the record used {base!r}")
+        raise ValueError(
+            f"the unrolled replay supports SGD base optimizers, the record used {base!r}"
+        )
     hyper = dict(optimizer.get("hyperparameters", {}))
     if hyper.get("maximize", False):
         raise ValueError("the recorded SGD optimizer maximised: not supported")
@@ -112,13 +114,14 @@ def sam_sgd_step(
     eps = sam_perturbation(w, g0, rho, adaptive)
     g = batch_gradient(loss, {n: w[n] + eps[n] for n in w}, batch, a, norm)
     d = {n: g[n] + sgd.weight_decay * w[n] for n in w} if sgd.weight_decay else g
-    out: State = {}
+    buf = None
     if sgd.momentum:
         mu, damp = sgd.momentum, sgd.dampening
         buf = d if first else {n: mu * state["buf"][n] + (1 - damp) * d[n] for n in w}
         d = {n: d[n] + mu * buf[n] for n in w} if sgd.nesterov else buf
+    out: State = {"w": {n: w[n] - lr * d[n] for n in w}}  # key order as the input's
+    if buf is not None:
         out["buf"] = buf
-    out["w"] = {n: w[n] - lr * d[n] for n in w}
     return out
 
 
