@@ -109,7 +109,8 @@ def _edit_reason(row: dict[str, Any], results: dict[str, Any]) -> str:
     text = (
         f"Likely reasons: the forgotten set is large relative to the training set ({size} of "
         f"{n} examples, {size / n:.0%}), beyond the range where the first-order (Newton) step "
-        f"is accurate, or the damping ({results['config']['damping']:g}) is too small."
+        f"is accurate, or the damping ({row.get('damping', results['config']['damping'])}) "
+        "is too small."
     )
     if row.get("curvature") == "hessian" and results["ground_truth"]["mode"] != "fixed_point":
         text += (
