@@ -185,3 +185,27 @@ def test_bad_damping_names_the_argument(run, bad):
         make(run, variant="plain", damping=bad)
     with pytest.raises(ValueError, match="`damping`"):
         make(run, SAMArnoldiInfluenceFunction, variant="plain", damping=bad)
+
+
+def test_compare_and_cli_take_auto_by_default():
+    from captum_sam.cli import build_parser
+    from captum_sam.evaluation.compare import damping_label
+    from captum_sam.evaluation.config import CompareConfig
+
+    assert CompareConfig().damping == "auto"
+    assert CompareConfig(damping=0.1).damping == 0.1
+    for bad in ("Auto", -1.0):
+        with pytest.raises(ValueError, match="`damping`"):
+            CompareConfig(damping=bad)
+    parser = build_parser()
+    assert parser.parse_args(["compare"]).damping == "auto"
+    assert parser.parse_args(["compare", "--damping", "0.01"]).damping == 0.01
+    with pytest.raises(SystemExit):
+        parser.parse_args(["compare", "--damping", "big"])
+
+    class Est:
+        damping_auto = True
+
+    assert damping_label(0.01234, Est()) == "0.0123 (auto)"
+    assert damping_label({"fc1": 0.001, "fc2": 0.02}, object()) == "per layer 0.001-0.02"
+    assert damping_label(None, object()) is None
