@@ -112,9 +112,9 @@ def test_estimates_close_to_dense_on_moderate_p(curvature, tmp_path):
     model = mlp_model(hidden=30, seed=2)  # P = 5*30 + 30 + 30*3 + 3 = 273
     path = save_checkpoint(model, tmp_path / "w.pt")
     run = dict(model=model, train=data, ckpt=path)
-    exact = make(run, variant="fast", curvature=curvature)
+    exact = make(run, variant="fast", curvature=curvature, batch_size=40)
     estimated = make(
-        run, variant="fast", curvature=curvature, solver="cg",
+        run, variant="fast", curvature=curvature, solver="cg", batch_size=40,
         solver_options={"dense_max_dim": 0},
     )  # fmt: skip
     rule, est_rule = exact.damping_rule, estimated.damping_rule
@@ -150,7 +150,7 @@ def test_lanczos_and_hutchinson_on_a_known_spectrum():
 
 def test_iterative_solver_and_rho_zero(run):
     dense = make(run, variant="fast", curvature="hessian")
-    cg = make(run, variant="fast", curvature="hessian", solver="gmres")
+    cg = make(run, variant="fast", curvature="hessian", solver="cg", batch_size=24)
     assert cg.damping_used == pytest.approx(dense.damping_used, rel=1e-12)
     torch.testing.assert_close(
         cg.influence(run["test"]), dense.influence(run["test"]), rtol=1e-6, atol=1e-8
