@@ -298,6 +298,16 @@ took over 10 minutes on 60 training examples of convnet (name them in --methods 
 run them anyway)."""
 
 
+def _damping(text: str) -> float | str:
+    """``--damping``: ``auto`` or a number."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
+
+
 def _add_compare_args(p: argparse.ArgumentParser) -> None:
     d = DEFAULTS
     p.add_argument(
@@ -323,9 +333,12 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--damping",
-        type=float,
+        type=_damping,
         default=d["damping"],
-        help="added to the curvature's diagonal (beyond --weight-decay) before inverting",
+        help="d added as n*d to the curvature's diagonal (beyond --weight-decay) before "
+        "inverting; 'auto' (default): 0.1 x the curvature's mean eigenvalue plus the shift "
+        "that makes an indefinite Hessian positive semi-definite, per row (the report "
+        "prints each row's value)",
     )
     p.add_argument(
         "--ground-truth",

@@ -303,12 +303,25 @@ def _attribute(
             truth.lds_losses,
         )
         row["runtime_s"] = runtime
+        row["damping"] = damping_label(getattr(est, "damping_used", None), est)
         row["speedup_vs_retraining"] = truth.retrain_seconds * len(ctx.data.train) / runtime
         if hasattr(est, "edited_model"):
             row.update(_edit_metrics(ctx, truth, est, method))
     row["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
     entry = {"test": s_test, "suspicion": ranking.suspicion, "self": self_scores, "estimator": est}
     return row, entry
+
+
+def damping_label(used: float | dict[str, float] | None, est: Any) -> str | None:
+    """The report's damping cell: ``"0.0123 (auto)"``, ``"0.01"``, per-layer range, ``None``."""
+    if used is None:
+        return None
+    if isinstance(used, dict):  # K-FAC: d per layer
+        low, high = min(used.values()), max(used.values())
+        text = f"per layer {low:.3g}-{high:.3g}"
+    else:
+        text = f"{used:.3g}"
+    return f"{text} (auto)" if getattr(est, "damping_auto", False) else text
 
 
 def _edit_metrics(ctx: Context, truth: _Truth, est: Any, method: str) -> dict[str, float]:

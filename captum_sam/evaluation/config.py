@@ -177,7 +177,7 @@ class CompareConfig:
     lr: float | None = None  # None: default_lr(model)
     batch_size: int = 64
     weight_decay: float = 1e-3
-    damping: float = 0.0
+    damping: float | str = "auto"  # "auto": captum_sam.hif.damping's rule per row
     curvature: str = "hessian"
     ground_truth: str = "auto"
     gt_seeds: tuple[int, ...] = (0, 1, 2)  # batch-order seeds of the "fresh" ground truth
@@ -241,8 +241,12 @@ class CompareConfig:
                 raise ValueError(f"{_name(field)} must be >= 1, got {getattr(self, field)}")
         if self.n_test is not None and self.n_test < 1:
             raise ValueError(f"{_name('n_test')} must be >= 1, got {self.n_test}")
+        if isinstance(self.damping, str) and self.damping != "auto":
+            raise ValueError(f"{_name('damping')} must be 'auto' or a number, got {self.damping!r}")
         for field in ("rho", "damping", "weight_decay", "noise", "lr"):
             value = getattr(self, field)
+            if field == "damping" and value == "auto":
+                continue
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{_name(field)} must be a finite number >= 0, got {value}")
         if self.lr == 0:

@@ -109,7 +109,8 @@ def _edit_reason(row: dict[str, Any], results: dict[str, Any]) -> str:
     text = (
         f"Likely reasons: the forgotten set is large relative to the training set ({size} of "
         f"{n} examples, {size / n:.0%}), beyond the range where the first-order (Newton) step "
-        f"is accurate, or the damping ({results['config']['damping']:g}) is too small."
+        f"is accurate, or the damping ({row.get('damping', results['config']['damping'])}) "
+        "is too small."
     )
     fixed_point = results["ground_truth"]["mode"].startswith("fixed_point")
     if row.get("curvature") == "hessian" and not fixed_point:

@@ -35,6 +35,7 @@ COLUMNS = [
     ("LOO Pearson", "loo_pearson", "{:+.3f}"),
     ("LOO Spearman", "loo_spearman", "{:+.3f}"),
     ("LDS", "lds", "{:+.3f}"),
+    ("damping", "damping", "{}"),
     ("mislabel AUC", "mislabel_auc", "{:.3f}"),
     ("AUC self-infl.", "mislabel_auc_self", "{:.3f}"),
     ("recall@10%", "recall_at_10", "{:.2f}"),
@@ -45,7 +46,7 @@ COLUMNS = [
 ]
 # columns a failed estimator still has a value for, or that make no sense for it
 _KEPT_WHEN_FAILED = {"label", "runtime_s"}
-_NA_WHEN_FAILED = {"speedup_vs_retraining"}
+_NA_WHEN_FAILED = {"speedup_vs_retraining", "damping"}
 RANKED_BY = {
     "influence": "most negative influence on the validation loss",
     "self": "highest self influence",
@@ -177,6 +178,11 @@ def _columns_section(results: dict[str, Any]) -> list[str]:
         + ": per test example, the Spearman "
         "correlation between the predicted and the actual test loss of the model retrained "
         "on the subset, averaged over test examples.",
+        "- **damping**: the d added as n d to the curvature's diagonal (beyond weight "
+        "decay) in each Hessian-based row; `auto`: chosen from the curvature alone "
+        "(0.1 x its mean eigenvalue, plus the shift that makes an indefinite Hessian "
+        "positive semi-definite; K-FAC: per layer), never from the ground truth. n/a: no "
+        "curvature is inverted.",
         f"- **mislabel AUC, recall@10% / 40%**: ranking training examples by "
         f"{RANKED_BY[cfg['mislabel_by']]}, the area under the ROC curve for the planted noisy "
         "labels, and the fraction of them found after examining the top 10% / 40% of the "

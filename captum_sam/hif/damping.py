@@ -12,18 +12,19 @@ Hessian or GGN at :math:`w^*` for ``plain``, at :math:`w^* + \epsilon^*` otherwi
 The first term is a tenth of the mean eigenvalue (the scale-free rule kronfluence uses
 per layer for K-FAC); the second shifts an indefinite Hessian to positive
 semi-definite, so that :math:`C + n d I` has its smallest eigenvalue at a tenth of the
-mean. The GGN is positive semi-definite by construction: its shift is 0 and
-:math:`\lambda_{\min}` is not computed. :math:`d` is on the mean-loss scale of a float
-``damping`` (added as :math:`n d I`, on top of weight decay's :math:`n \lambda`), so
-``damping=est.damping_used`` reproduces the estimator. The rule never looks at test
-data or retraining.
+mean. The GGN is positive semi-definite by construction: its shift is 0. :math:`d` is on the
+mean-loss scale of a float ``damping`` (added as :math:`n d I`, on top of weight
+decay's :math:`n \lambda`), so ``damping=est.damping_used`` reproduces the estimator.
+The rule never looks at test data or retraining.
 
 For ``P <= SolverOptions.dense_max_dim`` the curvature is formed (from layer factors
 when possible) and the rule is exact (``eigvalsh``); the formed matrix is kept for the
-dense solver, so forming :math:`A` costs nothing more. Larger ``P``: Hutchinson's
-trace estimate (:data:`PROBES` seeded Rademacher probes) and the smallest Ritz value
-of :data:`LANCZOS_STEPS` Lanczos steps (full reorthogonalisation, seeded start),
-both from curvature-vector products.
+dense solver, so forming :math:`A` costs nothing more. For larger ``P``,
+:data:`LANCZOS_STEPS` Lanczos steps (full reorthogonalisation, seeded start) give a
+lower estimate of :math:`\lambda_{\min}` (smallest Ritz value minus its residual) and
+the trace on their Krylov basis :math:`Q`; Hutchinson's estimate (:data:`PROBES`
+seeded Rademacher probes projected off :math:`Q`) adds the rest of the trace. All
+from curvature-vector products.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ __all__ = [
     "auto_damping",
     "damping_rule",
     "hutchinson_trace",
+    "lanczos",
     "lanczos_min",
 ]
 
@@ -97,36 +99,43 @@ def hutchinson_trace(
     probes: int,
     seed: int,
     like: Tensor,
+    basis: Tensor | None = None,
     chunk: int = 64,
 ) -> float:
-    r""":math:`\operatorname{tr}(C) \approx \frac1m \sum_j z_j^\top C z_j`, Rademacher ``z_j``.
+    r"""Hutchinson's :math:`\operatorname{tr}(C) \approx \frac1m \sum_j z_j^\top C z_j`.
 
-    ``matvec`` maps ``(P, m)`` columns to ``(P, m)``; ``like`` gives dtype and device.
+    ``z_j`` are seeded Rademacher vectors; ``matvec`` maps ``(P, m)`` columns to
+    ``(P, m)``, ``like`` gives dtype and device. With an orthonormal ``basis``
+    :math:`Q` ``(P, k)`` the probes are projected off it, :math:`z \to (I - QQ^\top) z`,
+    which estimates :math:`\operatorname{tr}(C) - \operatorname{tr}(Q^\top C Q)` (the
+    caller adds the second term, known exactly; Hutch++'s deflation with a Krylov
+    basis): the largest eigenvalues leave the estimate's variance.
     """
     gen = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (dim, probes), generator=gen).to(like) * 2 - 1
     total = 0.0
     for start in range(0, probes, chunk):
         z = signs[:, start : start + chunk]
+        if basis is not None:
+            z = z - basis @ (basis.T @ z)
         total += float((z * matvec(z)).sum())
     return total / probes
 
 
-def lanczos_min(
+def lanczos(
     matvec: Callable[[Tensor], Tensor], dim: int, steps: int, seed: int, like: Tensor
-) -> float:
-    r"""A lower estimate of :math:`\lambda_{\min}` from ``steps`` Lanczos steps.
+) -> tuple[Tensor, Tensor, float]:
+    r"""``steps`` Lanczos steps on a symmetric matrix (full reorthogonalisation).
 
-    Full reorthogonalisation; the start vector is seeded. The smallest Ritz value
-    :math:`\theta` is at least :math:`\lambda_{\min}` and converges to it from above
-    (extreme eigenvalues first); some eigenvalue lies within the residual
-    :math:`r = \beta_k |s_k|` of it (:math:`s` its Ritz vector in the Krylov basis),
-    so :math:`\theta - r` is returned: a shift by it errs towards more damping.
+    Returns the orthonormal Krylov basis :math:`Q` ``(P, k)``, the tridiagonal
+    :math:`T = Q^\top C Q` ``(k, k)`` and the last :math:`\beta` (0 when the Krylov
+    space became invariant). The start vector is seeded.
     """
     gen = torch.Generator().manual_seed(seed + 1)
     q = torch.randn(dim, generator=gen, dtype=torch.float64).to(like)
     q = q / q.norm()
     basis, alphas, betas = [q], [], []
+    last = 0.0
     for _ in range(min(steps, dim)):
         w = matvec(q.unsqueeze(1)).squeeze(1)
         alpha = q @ w
@@ -137,17 +146,37 @@ def lanczos_min(
         beta = w.norm()
         if beta <= 1e-10 * max(1.0, float(alpha.abs())) or len(basis) == dim:
             break
+        if len(alphas) == steps:
+            last = float(beta)
+            break
         betas.append(beta)
         q = w / beta
         basis.append(q)
-    k = len(alphas)
     tri = torch.diag(torch.stack(alphas))
-    if k > 1:
-        off = torch.stack(betas[: k - 1])
+    if betas:
+        off = torch.stack(betas)
         tri = tri + torch.diag(off, 1) + torch.diag(off, -1)
+    return torch.stack(basis, dim=1), tri, last
+
+
+def lanczos_min(
+    matvec: Callable[[Tensor], Tensor], dim: int, steps: int, seed: int, like: Tensor
+) -> float:
+    r"""A lower estimate of :math:`\lambda_{\min}` from ``steps`` Lanczos steps.
+
+    The smallest Ritz value :math:`\theta` is at least :math:`\lambda_{\min}` and
+    converges to it from above (extreme eigenvalues first); some eigenvalue lies within
+    the residual :math:`r = \beta_k |s_k|` of it (:math:`s` its Ritz vector in the
+    Krylov basis), so :math:`\theta - r` is returned: a shift by it errs towards more
+    damping.
+    """
+    _, tri, last = lanczos(matvec, dim, steps, seed, like)
+    return _ritz_min(tri, last)
+
+
+def _ritz_min(tri: Tensor, last: float) -> float:
     values, vectors = torch.linalg.eigh(tri)
-    residual = float(betas[-1] * vectors[-1, 0].abs()) if len(betas) == k else 0.0
-    return float(values[0]) - residual
+    return float(values[0]) - last * float(vectors[-1, 0].abs())
 
 
 def auto_damping(
@@ -172,6 +201,8 @@ def auto_damping(
     def matvec(columns: Tensor) -> Tensor:
         return op.curvature_product(op.point, columns, op.hessian_batches(), op.hessian_scale)
 
-    mean = hutchinson_trace(matvec, op.dim, PROBES, seed, like) / op.dim
-    low = None if psd else lanczos_min(matvec, op.dim, LANCZOS_STEPS, seed, like)
+    basis, tri, last = lanczos(matvec, op.dim, LANCZOS_STEPS, seed, like)
+    rest = hutchinson_trace(matvec, op.dim, PROBES, seed, like, basis)
+    mean = (float(tri.trace()) + rest) / op.dim
+    low = None if psd else _ritz_min(tri, last)
     return AutoDamping(damping_rule(mean, low, op.n_train), mean, low, "hutchinson-lanczos")
