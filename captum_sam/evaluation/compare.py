@@ -48,9 +48,10 @@ from captum_sam.models import build_model, training_dtype
 from captum_sam.training import train_sam
 from captum_sam.trajectory import Trajectory, load_trajectory
 
-# removal convention of the "schedule" ground truth (replay_trajectory: removed examples
-# weighted 0, batches still divided by |B_t|); SAM-GIF's linearised edit uses the same
-SCHEDULE_REMOVAL = "zero_weight"
+# SAM-GIF's linearised edit takes the removal convention of the schedule replay it is
+# judged against: zero weight (batches still divided by |B_t|) only under
+# --ground-truth schedule_zero_weight, else renormalised over the kept examples
+SCHEDULE_REMOVAL = {"schedule_zero_weight": "zero_weight", "schedule": "renormalise"}
 
 __all__ = ["run_compare", "format_table"]  # the settings: evaluation.config
 
@@ -75,6 +76,7 @@ class _Truth:
     edit_set: list[int]
     edit: RetrainResults  # the edit set retrained away under the run's ground truth
     edit_schedule: RetrainResults  # ... and by replaying the recorded schedule
+    schedule_mode: str  # "schedule" or "schedule_zero_weight": the replay edit_schedule used
     retrain_seconds: float
 
 
@@ -265,6 +267,7 @@ def _ground_truth(
         edit_set=edit_set,
         edit=edit,
         edit_schedule=edit_schedule,
+        schedule_mode=schedule_gt.mode,
         retrain_seconds=float(loo.seconds.mean()),
     )
     return gt, truth
@@ -330,7 +333,9 @@ def _edit_metrics(ctx: Context, truth: _Truth, est: Any, method: str) -> dict[st
     # the recorded-trajectory estimator edits by the linearised replay, under the removal
     # convention of the schedule ground truth it is compared with
     edited = (
-        est.edited_model(truth.edit_set, method="linearised", removal=SCHEDULE_REMOVAL)
+        est.edited_model(
+            truth.edit_set, method="linearised", removal=SCHEDULE_REMOVAL[truth.schedule_mode]
+        )
         if method == "sam-gif"
         else est.edited_model(truth.edit_set)
     )
