@@ -44,7 +44,7 @@ def main() -> None:
     xt, yt = (t[: args.n_test] for t in data.test.tensors)
     truth = GroundTruth(model, data.train, LOSS, "schedule", trajectory=traj)
     start = time.perf_counter()
-    masks = random_subsets(args.n_train, 0.5, args.subsets, seed=0)
+    masks = random_subsets(args.n_train, args.subsets, fraction=0.5, seed=0)
     removals = [torch.nonzero(~m).flatten().tolist() for m in masks]
     losses = truth.evaluate(removals, (xt, yt)).losses  # (subsets, n_test), once
     retrain = time.perf_counter() - start

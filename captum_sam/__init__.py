@@ -21,6 +21,7 @@ _WHERE = {
     "SAMTracInCP": "captum_sam.gif",
     "SAMTracInCPFast": "captum_sam.gif",
     "SAMTracInCPFastRandProj": "captum_sam.gif",
+    "SAMUnrolledGIF": "captum_sam.gif",
     "SAMInfluenceFunction": "captum_sam.hif",
     "SAMArnoldiInfluenceFunction": "captum_sam.hif",
     "ExactNearestNeighbors": "captum_sam.gif",
@@ -32,7 +33,8 @@ _WHERE = {
     "checkpoints_load_func": "captum_sam.core.checkpoints",
     "load_checkpoint": "captum_sam.core.checkpoints",
     "load_trajectory": "captum_sam.trajectory",
-    "replay_trajectory": "captum_sam.training",
+    "replay_trajectory": "captum_sam.replay",
+    "retrain_fresh": "captum_sam.replay",
     "train_sam": "captum_sam.training",
 }
 
@@ -41,6 +43,7 @@ __all__ = [
     "SAMTracInCP",
     "SAMTracInCPFast",
     "SAMTracInCPFastRandProj",
+    "SAMUnrolledGIF",
     "SAMInfluenceFunction",
     "SAMArnoldiInfluenceFunction",
     "ExactNearestNeighbors",
@@ -53,6 +56,7 @@ __all__ = [
     "load_checkpoint",
     "load_trajectory",
     "replay_trajectory",
+    "retrain_fresh",
     "train_sam",
 ]
 
@@ -66,10 +70,12 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the names eagerly
         SAMTracInCP,
         SAMTracInCPFast,
         SAMTracInCPFastRandProj,
+        SAMUnrolledGIF,
     )
     from captum_sam.hif import SAMArnoldiInfluenceFunction, SAMInfluenceFunction
     from captum_sam.optim import SAM
     from captum_sam.recorder import IndexedDataset, TrajectoryRecorder
+    from captum_sam.replay import replay_trajectory, retrain_fresh
     from captum_sam.solvers import ConvergenceWarning, SolverOptions
-    from captum_sam.training import replay_trajectory, train_sam
+    from captum_sam.training import train_sam
     from captum_sam.trajectory import Trajectory, load_trajectory

@@ -21,8 +21,10 @@ from captum_sam.evaluation.config import (
     DATASETS,
     DIGITS_SIZE,
     GROUND_TRUTHS,
+    LDS_SAMPLERS,
     METHODS,
     MODEL_NAMES,
+    PROTOCOLS,
     QUICK,
     SYNTHETIC_CIFAR_SIZE,
     CompareConfig,
@@ -296,6 +298,16 @@ took over 10 minutes on 60 training examples of convnet (name them in --methods 
 run them anyway)."""
 
 
+def _damping(text: str) -> float | str:
+    """``--damping``: ``auto`` or a number."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
+
+
 def _add_compare_args(p: argparse.ArgumentParser) -> None:
     d = DEFAULTS
     p.add_argument(
@@ -321,17 +333,27 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--damping",
-        type=float,
+        type=_damping,
         default=d["damping"],
-        help="added to the curvature's diagonal (beyond --weight-decay) before inverting",
+        help="d added as n*d to the curvature's diagonal (beyond --weight-decay) before "
+        "inverting; 'auto' (default): 0.1 x the curvature's mean eigenvalue plus the shift "
+        "that makes an indefinite Hessian positive semi-definite, per row (the report "
+        "prints each row's value)",
     )
     p.add_argument(
         "--ground-truth",
         choices=GROUND_TRUTHS,
         default=d["ground_truth"],
-        help="fixed_point: retrain to the full-batch SAM fixed point (convex models); "
-        "schedule: replay the recorded SAM batches without the removed examples; "
-        "auto: fixed_point for logreg, schedule otherwise",
+        help="how 'retrained without' is computed: "
+        + "; ".join(f"{name}: {text}" for name, text in PROTOCOLS.items())
+        + "; auto: fixed_point for logreg, schedule otherwise",
+    )
+    p.add_argument(
+        "--gt-seeds",
+        type=_seeds,
+        default=d["gt_seeds"],
+        help="batch-order seeds of --ground-truth fresh, comma-separated, results averaged "
+        f"(default: {','.join(str(s) for s in d['gt_seeds'])})",
     )
     p.add_argument(
         "--n-val",
@@ -366,7 +388,15 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
         "--lds-fraction",
         type=float,
         default=d["lds_fraction"],
-        help="fraction of the training set each LDS subset keeps",
+        help="fraction of the training set each LDS subset keeps (bernoulli: the "
+        "probability that each example is kept)",
+    )
+    p.add_argument(
+        "--lds-sampler",
+        choices=LDS_SAMPLERS,
+        default=d["lds_sampler"],
+        help="fraction: every LDS subset keeps exactly that fraction; bernoulli: each "
+        "example kept independently with that probability",
     )
     p.add_argument(
         "--mislabel-by",
@@ -381,6 +411,17 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
         help="ground-truth retraining cache, reused by later runs with the same settings "
         "(default: OUT/cache)",
     )
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    """``--gt-seeds``: distinct integers separated by commas."""
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0,1,2, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"the seeds must be distinct, got {text!r}")
+    return seeds
 
 
 def _compare_config(args: argparse.Namespace) -> CompareConfig:
@@ -406,6 +447,8 @@ def _compare_config(args: argparse.Namespace) -> CompareConfig:
         curvature=args.curvature,
         ground_truth=args.ground_truth,
         lds_fraction=args.lds_fraction,
+        lds_sampler=args.lds_sampler,
+        gt_seeds=args.gt_seeds,
         mislabel_by=args.mislabel_by,
         seed=args.seed,
         **({"methods": methods} if methods else {}),
@@ -445,8 +488,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     gt = results["ground_truth"]
     print()
     print(
-        f"{args.model} on {results['data']['name']}, ground truth: {gt['mode']} retraining "
-        f"({gt['retrain_seconds_mean']:.2f} s each); test accuracy "
+        f"{args.model} on {results['data']['name']}, ground truth `{gt['mode']}`: "
+        f"{PROTOCOLS[gt['mode']]} ({gt['retrain_seconds_mean']:.2f} s per retraining); "
+        "test accuracy "
         f"{results['accuracy']['trained']:.3f}"
     )
     print(format_table(results["methods"]))

@@ -1,13 +1,13 @@
-r"""Training with SAM and replaying a recorded SAM schedule.
+r"""Training with SAM.
 
 :func:`train_sam` trains a model with SAM-SGD on batches drawn from a seeded
 permutation and, given ``record_dir``, records its trajectory with a
-:class:`~captum_sam.TrajectoryRecorder`; :func:`replay_trajectory` re-runs a
-recorded schedule step by step, optionally with some training examples left out
-(the ground truth that SAM-GIF approximates). The record directory format and its
-loading live in :mod:`captum_sam.trajectory`.
+:class:`~captum_sam.TrajectoryRecorder`; :func:`sam_step` is its checked step, shared
+with :mod:`captum_sam.replay` (replaying a recorded schedule without some examples,
+retraining on the kept ones). The record directory format and its loading live in
+:mod:`captum_sam.trajectory`.
 
-Both check every step as strictly as the estimators read their losses
+Training and replay check every step as strictly as the estimators read their losses
 (:func:`~captum_sam.core.losses.checked_losses`: one loss per example, trailing
 dimensions summed) and refuse a NaN or infinite loss, gradient or update, naming the
 step. Train/eval flags follow :func:`~captum_sam.core.params.training_mode`: modules
@@ -17,7 +17,6 @@ also when an error stops the run.
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,15 +27,14 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from captum_sam.core import check_per_example_loss, to_device
-from captum_sam.core.checkpoints import checkpoints_load_func, model_device
+from captum_sam.core.checkpoints import model_device
 from captum_sam.core.data import fetch_batch
 from captum_sam.core.losses import checked_losses
 from captum_sam.core.params import training_mode
 from captum_sam.optim import SAM
 from captum_sam.recorder import TrajectoryRecorder, _require_map_style
-from captum_sam.trajectory import Trajectory, load_trajectory
 
-__all__ = ["TrainResult", "train_sam", "replay_trajectory"]
+__all__ = ["TrainResult", "train_sam", "sam_step"]
 
 
 @dataclass
@@ -56,7 +54,7 @@ def _all_finite(tensors: Sequence[Tensor]) -> bool:
     return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
 
 
-def _sam_step(
+def sam_step(
     model: nn.Module,
     optimizer: SAM,
     loss_fn: Callable[[Any, Any], Tensor],
@@ -235,7 +233,7 @@ def train_sam(
             for idx in order.split(batch_size):
                 batch = to_device(fetch_batch(dataset, idx), device)
                 where = f"train_sam epoch {epoch}, step {step}"
-                total += _sam_step(model, optimizer, loss_fn, batch, where=where) * len(idx)
+                total += sam_step(model, optimizer, loss_fn, batch, where=where) * len(idx)
                 step += 1
                 if recorder is not None:
                     recorder.record_step(idx, epoch=epoch)
@@ -249,93 +247,10 @@ def train_sam(
     return TrainResult(model=model, epoch_losses=epoch_losses, record_dir=directory)
 
 
-def replay_trajectory(
-    model: nn.Module,
-    dataset: Dataset,
-    loss_fn: Callable[[Any, Any], Tensor],
-    record_dir: str | os.PathLike[str] | Trajectory,
-    remove: Sequence[int] | Tensor | None = None,
-    show_progress: bool = False,
-) -> nn.Module:
-    """Re-run a recorded SAM schedule, optionally without some examples.
+def __getattr__(name: str) -> Any:
+    """``replay_trajectory`` moved to :mod:`captum_sam.replay`; still importable from here."""
+    if name == "replay_trajectory":
+        from captum_sam.replay import replay_trajectory
 
-    Starts from the recorded initial weights, rebuilds the base optimizer with its
-    recorded hyperparameters and replays every step with its recorded batch and
-    learning rate. Removed examples get weight 0 while the batch keeps its
-    :math:`1/|B_t|` normalisation (the leave-out convention of docs/math.rst), both in the
-    SAM perturbation and in the update. The user's model is not modified.
-
-    Steps are checked as in :func:`train_sam`, and the copy trains under the same
-    :func:`~captum_sam.core.params.training_mode` rule with the template's train/eval
-    flags (a sub-module frozen in the template stays frozen); the returned model has the
-    template's flags.
-
-    Args:
-        model: A model with the recorded architecture (used as a template).
-        dataset: The training set the trajectory indexes into.
-        loss_fn: Per-example loss, shape ``(B,)`` or ``(B, ...)``.
-        record_dir: Record directory or a loaded :class:`Trajectory`.
-        remove: Training indices to leave out (``None``: exact replay).
-        show_progress: Progress bar over steps.
-
-    Returns:
-        A new model with the replayed final weights.
-
-    Raises:
-        ValueError: The trajectory does not fit ``dataset`` or ``remove``;
-            ``loss_fn`` does not return one loss per example; a loss, gradient or
-            update is NaN or infinite (the message names the step).
-    """
-    from tqdm.auto import tqdm
-
-    check_per_example_loss(loss_fn)
-    traj = record_dir if isinstance(record_dir, Trajectory) else load_trajectory(record_dir)
-    if len(dataset) != traj.n_train:
-        raise ValueError(
-            f"`dataset` has {len(dataset)} examples but the trajectory was recorded on "
-            f"{traj.n_train}"
-        )
-    base_name = traj.optimizer.get("base", "")
-    if base_name != "torch.optim.sgd.SGD":
-        raise ValueError(f"replay supports SGD base optimizers, the record used {base_name!r}")
-    hyper = dict(traj.optimizer.get("hyperparameters", {}))
-    hyper.pop("rho", None)
-    hyper.pop("adaptive", None)
-    allowed = {"lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"}
-    hyper = {k: v for k, v in hyper.items() if k in allowed}
-    removed = torch.zeros(traj.n_train, dtype=torch.bool)
-    if remove is not None:
-        idx = torch.as_tensor(remove, dtype=torch.long)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= traj.n_train):
-            raise ValueError(f"`remove` indices must lie in [0, {traj.n_train})")
-        removed[idx] = True
-    replica = copy.deepcopy(model)
-    device = model_device(replica)
-    dtype = next(replica.parameters()).dtype
-    checkpoints_load_func(replica, traj.initial.path)
-    first = traj.steps[0] if traj.steps else None
-    optimizer = SAM(
-        replica.parameters(),
-        torch.optim.SGD,
-        rho=first.rho if first else 0.0,
-        adaptive=first.adaptive if first else False,
-        **hyper,
-    )
-    seed = traj.seed if traj.seed is not None else 0
-    steps = tqdm(traj.steps, desc="replaying SAM steps", disable=not show_progress)
-    with (
-        torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]),
-        training_mode(replica),
-    ):
-        torch.manual_seed(seed)
-        for t, step in enumerate(steps):
-            for group in optimizer.param_groups:
-                group["lr"], group["rho"], group["adaptive"] = step.lr, step.rho, step.adaptive
-            idx = torch.tensor(step.indices)
-            batch = to_device(fetch_batch(dataset, idx), device)
-            weights = None
-            if remove is not None:
-                weights = (~removed[idx]).to(device=device, dtype=dtype)
-            where = f"replay_trajectory step {t} (epoch {step.epoch}) of {traj.directory!r}"
-            _sam_step(replica, optimizer, loss_fn, batch, weights, where)
-    return replica
+        return replay_trajectory
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,7 @@ import captum_sam.evaluation.compare
 import captum_sam.training
 from captum_sam import outdir, train_sam
 from captum_sam.cli import main
+from captum_sam.evaluation.config import PROTOCOLS
 from captum_sam.evaluation.ground_truth import GroundTruth
 from captum_sam.outdir import clean_out_dir, compare_layout, train_layout
 from captum_sam.record_schema import FORMAT
@@ -214,9 +215,10 @@ def test_compare_layout_matches_a_real_trajectory_and_ground_truth_cache(tmp_pat
     train_sam(mlp_model(), data, ce_loss(), epochs=2, lr=0.2, rho=0.1, batch_size=4,
               record_dir=record)  # fmt: skip
     test = make_data(n=4, seed=1).tensors
-    for mode in ("schedule", "fixed_point"):
+    for mode in PROTOCOLS:  # every protocol's cache directory is recognised
         truth = GroundTruth(mlp_model(), data, ce_loss(), mode, rho=0.1, weight_decay=0.1,
-                            trajectory=str(record), cache_dir=str(out / "cache"))  # fmt: skip
+                            trajectory=str(record), cache_dir=str(out / "cache"),
+                            seeds=(0,))  # fmt: skip
         truth.evaluate([[3]], test)
     (out / "report.md").write_text("old")
     (out / "notes.txt").write_text("mine")

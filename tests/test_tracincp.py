@@ -288,7 +288,9 @@ def test_editing_tracks_schedule_retraining(tmp_path):
     est = SAMTracInCP.from_trajectory(model, data, tmp_path / "r", loss_fn=ce_loss())
     removed = [3, 11, 25, 31]
     delta = est.parameter_change(removed, flat=True)
-    retrained = replay_trajectory(model, data, ce_loss(), tmp_path / "r", remove=removed)
+    retrained = replay_trajectory(
+        model, data, ce_loss(), tmp_path / "r", remove=removed, renormalise=False
+    )
     actual = torch.cat(
         [(q - p).detach().reshape(-1) for p, q in zip(model.parameters(), retrained.parameters())]
     )

@@ -249,7 +249,11 @@ for lr in learning_rates:
         edited = SAMTracInCP.from_trajectory(
             short, data.train, short_dir, loss_fn=loss_fn
         ).edited_model(forget)
-        truth = replay_trajectory(short, data.train, loss_fn, short_dir, remove=forget)
+        # zero weight (1/|B_t| kept): the replay SAM-GIF differentiates, so that the
+        # neglected correction is the only difference left
+        truth = replay_trajectory(
+            short, data.train, loss_fn, short_dir, remove=forget, renormalise=False
+        )
         metrics = editing_metrics(
             list(edited.parameters()),
             list(truth.parameters()),

@@ -1,7 +1,8 @@
 """Ground truth and metrics: retraining without examples, LOO correlation, LDS.
 
 :class:`~captum_sam.evaluation.ground_truth.GroundTruth` retrains (to the SAM fixed
-point, or by replaying the recorded schedule) with an on-disk cache;
+point, by replaying the recorded schedule or by fresh seeded retraining, under the
+protocols of :data:`PROTOCOLS`) with an on-disk cache;
 :func:`loo_scores` and :func:`lds_scores` score an estimator against it;
 :mod:`captum_sam.evaluation.metrics` holds the metrics and
 :mod:`captum_sam.evaluation.compare` the side-by-side comparison. The names below are
@@ -22,7 +23,9 @@ _WHERE = {
     "RetrainResults": "captum_sam.evaluation.ground_truth",
     "lds_scores": "captum_sam.evaluation.ground_truth",
     "loo_scores": "captum_sam.evaluation.ground_truth",
-    "random_subsets": "captum_sam.evaluation.ground_truth",
+    "random_subsets": "captum_sam.evaluation.subsets",
+    "check_masks": "captum_sam.evaluation.subsets",
+    "PROTOCOLS": "captum_sam.evaluation.config",
     "retrain_loo": "captum_sam.evaluation.retrain",
     "sam_fixed_point": "captum_sam.evaluation.retrain",
 }
@@ -35,6 +38,8 @@ __all__ = [
     "lds_scores",
     "loo_scores",
     "random_subsets",
+    "check_masks",
+    "PROTOCOLS",
     "retrain_loo",
     "sam_fixed_point",
 ]
@@ -43,12 +48,12 @@ __all__ = [
 __getattr__, __dir__ = lazy_names(__name__, globals(), _WHERE)
 
 if TYPE_CHECKING:
+    from captum_sam.evaluation.config import PROTOCOLS
     from captum_sam.evaluation.ground_truth import (
         GroundTruth,
         RetrainResults,
         lds_scores,
         loo_scores,
-        random_subsets,
     )
     from captum_sam.evaluation.retrain import (
         RETRAIN_MODES,
@@ -56,3 +61,4 @@ if TYPE_CHECKING:
         retrain_loo,
         sam_fixed_point,
     )
+    from captum_sam.evaluation.subsets import check_masks, random_subsets

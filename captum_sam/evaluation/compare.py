@@ -23,7 +23,8 @@ from torch import Tensor
 
 from captum_sam.applications import detect_mislabeled, harmful_removal_curve
 from captum_sam.applications.removal import RemovalCurve
-from captum_sam.evaluation.ground_truth import GroundTruth, RetrainResults, random_subsets
+from captum_sam.evaluation.config import PROTOCOLS
+from captum_sam.evaluation.ground_truth import GroundTruth, RetrainResults
 from captum_sam.evaluation.metrics import (
     accuracy,
     detection_auc,
@@ -42,9 +43,15 @@ from captum_sam.evaluation.setup import (
     build_estimator,
     load_data,
 )
+from captum_sam.evaluation.subsets import random_subsets
 from captum_sam.models import build_model, training_dtype
 from captum_sam.training import train_sam
 from captum_sam.trajectory import Trajectory, load_trajectory
+
+# SAM-GIF's linearised edit takes the removal convention of the schedule replay it is
+# judged against: zero weight (batches still divided by |B_t|) only under
+# --ground-truth schedule_zero_weight, else renormalised over the kept examples
+SCHEDULE_REMOVAL = {"schedule_zero_weight": "zero_weight", "schedule": "renormalise"}
 
 __all__ = ["run_compare", "format_table"]  # the settings: evaluation.config
 
@@ -69,6 +76,7 @@ class _Truth:
     edit_set: list[int]
     edit: RetrainResults  # the edit set retrained away under the run's ground truth
     edit_schedule: RetrainResults  # ... and by replaying the recorded schedule
+    schedule_mode: str  # "schedule" or "schedule_zero_weight": the replay edit_schedule used
     retrain_seconds: float
 
 
@@ -180,7 +188,7 @@ def _train(
     )
     traj = load_trajectory(record_dir)
     residual: float | None = None
-    if cfg.resolved_ground_truth == "fixed_point":
+    if cfg.resolved_ground_truth.startswith("fixed_point"):
         _say(verbose, "      Newton to the full-batch SAM fixed point (the attribution point)")
         fp = sam_fixed_point(model, data.train, loss, cfg.rho, cfg.weight_decay, cfg.adaptive)
         base, base_ckpt = fp.model, os.path.join(out, "fixed_point.pt")
@@ -220,12 +228,15 @@ def _ground_truth(
         adaptive=cfg.adaptive,
         trajectory=traj,
         cache_dir=cache_dir,
+        seeds=cfg.gt_seeds,
     )
     g = torch.Generator().manual_seed(cfg.seed + 7)
     loo_idx = torch.randperm(n, generator=g)[: cfg.n_loo].tolist()
     base_losses = loss(ctx.base.eval()(ctx.test[0]), ctx.test[1]).detach()
     loo = gt.evaluate([[k] for k in loo_idx], ctx.test, show_progress, "LOO retraining")
-    masks = random_subsets(n, cfg.lds_fraction, cfg.lds_subsets, cfg.seed + 11)
+    masks = random_subsets(
+        n, cfg.lds_subsets, sampler=cfg.lds_sampler, fraction=cfg.lds_fraction, seed=cfg.seed + 11
+    )
     lds_gt = gt.evaluate(
         [torch.nonzero(~m).flatten().tolist() for m in masks],
         ctx.test,
@@ -240,7 +251,7 @@ def _ground_truth(
     edit = gt.evaluate([edit_set], ctx.test, show_progress, "edit-set retraining")
     schedule_gt = (
         gt
-        if mode == "schedule"
+        if mode.startswith("schedule")  # SAM-GIF's edits: against the run's replay convention
         else GroundTruth(
             ctx.model, data.train, loss, "schedule", trajectory=traj, cache_dir=cache_dir
         )
@@ -256,6 +267,7 @@ def _ground_truth(
         edit_set=edit_set,
         edit=edit,
         edit_schedule=edit_schedule,
+        schedule_mode=schedule_gt.mode,
         retrain_seconds=float(loo.seconds.mean()),
     )
     return gt, truth
@@ -294,6 +306,7 @@ def _attribute(
             truth.lds_losses,
         )
         row["runtime_s"] = runtime
+        row["damping"] = damping_label(getattr(est, "damping_used", None), est)
         row["speedup_vs_retraining"] = truth.retrain_seconds * len(ctx.data.train) / runtime
         if hasattr(est, "edited_model"):
             row.update(_edit_metrics(ctx, truth, est, method))
@@ -302,10 +315,30 @@ def _attribute(
     return row, entry
 
 
+def damping_label(used: float | dict[str, float] | None, est: Any) -> str | None:
+    """The report's damping cell: ``"0.0123 (auto)"``, ``"0.01"``, per-layer range, ``None``."""
+    if used is None:
+        return None
+    if isinstance(used, dict):  # K-FAC: d per layer
+        low, high = min(used.values()), max(used.values())
+        text = f"per layer {low:.3g}-{high:.3g}"
+    else:
+        text = f"{used:.3g}"
+    return f"{text} (auto)" if getattr(est, "damping_auto", False) else text
+
+
 def _edit_metrics(ctx: Context, truth: _Truth, est: Any, method: str) -> dict[str, float]:
     """Edit the model to forget the edit set; compare with really retraining without it."""
     trajectory_form = method.startswith("sam-gif")
-    edited = est.edited_model(truth.edit_set)
+    # the recorded-trajectory estimator edits by the linearised replay, under the removal
+    # convention of the schedule ground truth it is compared with
+    edited = (
+        est.edited_model(
+            truth.edit_set, method="linearised", removal=SCHEDULE_REMOVAL[truth.schedule_mode]
+        )
+        if method == "sam-gif"
+        else est.edited_model(truth.edit_set)
+    )
     ref = truth.edit_schedule if trajectory_form else truth.edit
     origin = ctx.model if trajectory_form else ctx.base
     em = editing_metrics(
@@ -384,6 +417,9 @@ def _results(
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "ground_truth": {
             "mode": cfg.resolved_ground_truth,
+            "protocol": PROTOCOLS[cfg.resolved_ground_truth],
+            "seeds": list(cfg.gt_seeds) if cfg.resolved_ground_truth == "fresh" else None,
+            "lds_sampler": cfg.lds_sampler,
             "fixed_point_residual": fixed_point_residual,
             "retrain_seconds_mean": truth.retrain_seconds,
             "n_loo": len(truth.loo_idx),

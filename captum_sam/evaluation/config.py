@@ -16,6 +16,8 @@ __all__ = [
     "METHODS",
     "HESSIAN_FAMILY",
     "GROUND_TRUTHS",
+    "PROTOCOLS",
+    "LDS_SAMPLERS",
     "DATASETS",
     "MODEL_NAMES",
     "CURVATURES",
@@ -47,7 +49,21 @@ HESSIAN_FAMILY = {
     "sam-hif-exact": "exact",
     "if": "plain",
 }
-GROUND_TRUTHS = ("auto", "fixed_point", "schedule")
+PROTOCOLS: dict[str, str] = {
+    "fixed_point": "full-batch SAM fixed point of the mean loss over the kept examples "
+    "(Newton from the trained weights)",
+    "schedule": "recorded SAM schedule replayed, each batch the mean over its kept examples, "
+    "a batch left empty skipped",
+    "fresh": "SAM retraining from the recorded initial weights on the kept examples with "
+    "new seeded batch orders, results averaged over the seeds",
+    "fixed_point_zero_weight": "full-batch SAM fixed point with the removed examples "
+    "weighted 0 and the 1/n normalisation kept",
+    "schedule_zero_weight": "recorded SAM schedule replayed with the removed examples "
+    "weighted 0, each batch still divided by its full size |B_t|",
+}
+"""Every ground-truth protocol and a one-line description (report, ``--help``)."""
+GROUND_TRUTHS = ("auto", *PROTOCOLS)
+LDS_SAMPLERS = ("fraction", "bernoulli")
 DATASETS = ("digits", "synthetic-cifar", "mnist", "cifar10")
 MODEL_NAMES = ("logreg", "mlp", "cnn", "convnet", "resnet18")  # captum_sam.models.MODELS
 CURVATURES = ("hessian", "ggn", "kfac", "ekfac", "both")  # both: hessian and ggn
@@ -161,9 +177,11 @@ class CompareConfig:
     lr: float | None = None  # None: default_lr(model)
     batch_size: int = 64
     weight_decay: float = 1e-3
-    damping: float = 0.0
+    damping: float | str = "auto"  # "auto": captum_sam.hif.damping's rule per row
     curvature: str = "hessian"
     ground_truth: str = "auto"
+    gt_seeds: tuple[int, ...] = (0, 1, 2)  # batch-order seeds of the "fresh" ground truth
+    lds_sampler: str = "fraction"
     n_loo: int = 40
     lds_subsets: int = 20
     lds_fraction: float = 0.5
@@ -183,7 +201,7 @@ class CompareConfig:
         self._check_choices()
         self._check_numbers()
         self._check_sizes()
-        if self.ground_truth == "fixed_point" and self.model != "logreg":
+        if self.ground_truth.startswith("fixed_point") and self.model != "logreg":
             warnings.warn(
                 "the fixed-point ground truth assumes a convex model (logreg)", stacklevel=3
             )
@@ -194,6 +212,7 @@ class CompareConfig:
             ("dataset", DATASETS),
             ("curvature", CURVATURES),
             ("ground_truth", GROUND_TRUTHS),
+            ("lds_sampler", LDS_SAMPLERS),
             ("mislabel_by", ("influence", "self")),
         ):
             if getattr(self, field) not in valid:
@@ -222,8 +241,12 @@ class CompareConfig:
                 raise ValueError(f"{_name(field)} must be >= 1, got {getattr(self, field)}")
         if self.n_test is not None and self.n_test < 1:
             raise ValueError(f"{_name('n_test')} must be >= 1, got {self.n_test}")
+        if isinstance(self.damping, str) and self.damping != "auto":
+            raise ValueError(f"{_name('damping')} must be 'auto' or a number, got {self.damping!r}")
         for field in ("rho", "damping", "weight_decay", "noise", "lr"):
             value = getattr(self, field)
+            if field == "damping" and value == "auto":
+                continue
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{_name(field)} must be a finite number >= 0, got {value}")
         if self.lr == 0:
@@ -234,6 +257,8 @@ class CompareConfig:
             raise ValueError(f"{_name('lds_fraction')} must be in (0, 1), got {self.lds_fraction}")
         if self.lds_subsets < 3:
             raise ValueError(f"{_name('lds_subsets')} must be >= 3 (a rank correlation over them)")
+        if not self.gt_seeds or len(set(self.gt_seeds)) != len(self.gt_seeds):
+            raise ValueError(f"{_name('gt_seeds')} must be distinct seeds, got {self.gt_seeds}")
         if self.n_loo < 3:
             raise ValueError(f"{_name('n_loo')} must be >= 3 (a correlation over them)")
         if any(not 0 <= f < 1 for f in self.removal_fractions):

@@ -109,9 +109,11 @@ def _edit_reason(row: dict[str, Any], results: dict[str, Any]) -> str:
     text = (
         f"Likely reasons: the forgotten set is large relative to the training set ({size} of "
         f"{n} examples, {size / n:.0%}), beyond the range where the first-order (Newton) step "
-        f"is accurate, or the damping ({results['config']['damping']:g}) is too small."
+        f"is accurate, or the damping ({row.get('damping', results['config']['damping'])}) "
+        "is too small."
     )
-    if row.get("curvature") == "hessian" and results["ground_truth"]["mode"] != "fixed_point":
+    fixed_point = results["ground_truth"]["mode"].startswith("fixed_point")
+    if row.get("curvature") == "hessian" and not fixed_point:
         text += (
             " Away from a minimum (a network's last SGD iterate) the Hessian is indefinite, "
             "and its inverse blows up along directions of small or negative curvature: the "

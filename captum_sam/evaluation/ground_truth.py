@@ -1,13 +1,16 @@
 r"""Ground-truth retraining runs, cached on disk, for LOO, LDS and editing.
 
-:class:`GroundTruth` retrains without given examples (to the SAM fixed point or by
-replaying the recorded schedule) and evaluates on a test set; results are cached in a
-verified directory per set of inputs (:mod:`captum_sam.evaluation.truth_cache`
-describes the layout and what is checked).
+:class:`GroundTruth` retrains without given examples under one of the protocols of
+:data:`~captum_sam.evaluation.config.PROTOCOLS` (the SAM fixed point, the replayed
+schedule, fresh seeded retraining; renormalised over the kept examples or, explicitly
+named, with zero weights) and evaluates on a test set; results are cached in a verified
+directory per set of inputs (:mod:`captum_sam.evaluation.truth_cache` describes the
+layout and what is checked).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,7 +29,8 @@ from captum_sam.core.files import (
     sha256_file,
 )
 from captum_sam.core.losses import checked_losses
-from captum_sam.evaluation.retrain import RETRAIN_MODES, sam_fixed_point
+from captum_sam.evaluation.retrain import SCHEDULE_MODES, check_mode, retrain_once
+from captum_sam.evaluation.subsets import check_masks, random_subsets
 from captum_sam.evaluation.truth_cache import (
     LEGACY_ROW,
     CacheDirectory,
@@ -36,7 +40,6 @@ from captum_sam.evaluation.truth_cache import (
     sha,
     trajectory_identity,
 )
-from captum_sam.training import replay_trajectory
 from captum_sam.trajectory import Trajectory, load_trajectory
 
 __all__ = ["GroundTruth", "RetrainResults", "random_subsets", "loo_scores", "lds_scores"]
@@ -60,20 +63,6 @@ class RetrainResults:
     params: Tensor
 
 
-def random_subsets(n: int, fraction: float, count: int, seed: int = 0) -> Tensor:
-    """``count`` random subsets of ``round(fraction * n)`` examples, as masks ``(count, n)``."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"`fraction` must be in (0, 1), got {fraction}")
-    if count < 1:
-        raise ValueError(f"`count` must be >= 1, got {count}")
-    g = torch.Generator().manual_seed(seed)
-    keep = int(round(fraction * n))
-    masks = torch.zeros(count, n, dtype=torch.bool)
-    for m in range(count):
-        masks[m, torch.randperm(n, generator=g)[:keep]] = True
-    return masks
-
-
 # --------------------------------------------------------------------------- key fields
 
 
@@ -86,15 +75,20 @@ class GroundTruth:
             ``"schedule"``: a model with the recorded architecture.
         dataset: The training set.
         loss_fn: Per-example loss, shape ``(B,)`` or ``(B, ...)``.
-        mode: ``"fixed_point"`` or ``"schedule"`` (see :mod:`captum_sam.evaluation.retrain`).
-        rho: SAM radius (``"fixed_point"``).
-        weight_decay: :math:`\lambda` (``"fixed_point"``).
-        adaptive: ASAM (``"fixed_point"``).
-        trajectory: Record directory to replay (``"schedule"``).
+        mode: A protocol of :data:`~captum_sam.evaluation.config.PROTOCOLS`:
+            ``"fixed_point"``, ``"schedule"`` (the kept examples renormalised, "trained
+            without"), ``"fixed_point_zero_weight"``, ``"schedule_zero_weight"`` (removed
+            examples weighted 0) or ``"fresh"`` (see :mod:`captum_sam.evaluation.retrain`).
+        rho: SAM radius (fixed point).
+        weight_decay: :math:`\lambda` (fixed point).
+        adaptive: ASAM (fixed point).
+        trajectory: Record directory to replay (the other protocols).
         tol: Fixed-point residual target.
         cache_dir: Directory where each retraining's results are stored, keyed by a
             hash of everything that determines them and verified on reading (see the
             module's docstring); ``None`` disables caching.
+        seeds: Batch-order seeds of ``"fresh"``: one retraining per seed, the test
+            losses, accuracies and parameters averaged over them.
     """
 
     model: nn.Module
@@ -107,57 +101,62 @@ class GroundTruth:
     trajectory: str | Trajectory | None = None
     tol: float = 1e-10
     cache_dir: str | None = None
+    seeds: tuple[int, ...] = (0, 1, 2)
     _inputs: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.mode not in RETRAIN_MODES:
-            raise ValueError(f"`mode` must be one of {RETRAIN_MODES}, got {self.mode!r}")
-        if self.mode == "schedule":
-            if self.trajectory is None:
-                raise ValueError("mode 'schedule' needs the `trajectory` to replay")
-            if not isinstance(self.trajectory, Trajectory):
-                self.trajectory = load_trajectory(self.trajectory)
+        check_mode(self.mode, self.rho, self.weight_decay, self.trajectory)
+        if isinstance(self.seeds, int) or not self.seeds:
+            raise ValueError(f"`seeds` must be a non-empty sequence of ints, got {self.seeds!r}")
+        self.seeds = tuple(int(s) for s in self.seeds)
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"`seeds` must be distinct, got {self.seeds}")
+        if self.mode in SCHEDULE_MODES and not isinstance(self.trajectory, Trajectory):
+            self.trajectory = load_trajectory(self.trajectory)  # type: ignore[arg-type]
         # the slow parts of the key, once; the weights and files are hashed per evaluate()
         self._inputs = {
             "dataset": dataset_identity(self.dataset),
             "trajectory": trajectory_identity(self.trajectory)  # type: ignore[arg-type]
-            if self.mode == "schedule"
+            if self.mode in SCHEDULE_MODES
             else None,
         }
 
-    def retrain(self, removed: Sequence[int]) -> nn.Module:
-        """A new model retrained without ``removed``."""
-        if self.mode == "fixed_point":
-            return sam_fixed_point(
-                self.model,
-                self.dataset,
-                self.loss_fn,
-                self.rho,
-                self.weight_decay,
-                self.adaptive,
-                remove=list(removed),
-                tol=self.tol,
-            ).model
-        return replay_trajectory(
+    @property
+    def removal(self) -> str:
+        """``"zero_weight"`` or ``"renormalised"`` (the mean over the kept examples)."""
+        return "zero_weight" if self.mode.endswith("_zero_weight") else "renormalised"
+
+    def retrain(self, removed: Sequence[int], seed: int | None = None) -> nn.Module:
+        """A new model retrained without ``removed`` (``"fresh"``: batch-order ``seed``)."""
+        return retrain_once(
             self.model,
             self.dataset,
             self.loss_fn,
-            self.trajectory,  # type: ignore[arg-type]
-            remove=list(removed),
+            list(removed),
+            self.mode,
+            rho=self.rho,
+            weight_decay=self.weight_decay,
+            adaptive=self.adaptive,
+            trajectory=self.trajectory,
+            tol=self.tol,
+            seed=self.seeds[0] if seed is None else seed,
         )
 
     def cache_fields(self, test_data: tuple[Tensor, ...]) -> dict[str, Any]:
         """What the cached results depend on (their key is the SHA-256 of this dict).
 
-        The settings, the loss's identity, the starting weights (``"fixed_point"``) or
-        the architecture (``"schedule"``: the replay loads the initial checkpoint), the
+        The protocol, its removal convention (``"renormalised"`` or ``"zero_weight"``)
+        and seeds (``"fresh"``), the settings, the loss's identity, the starting weights
+        (fixed point) or the architecture (the others load the initial checkpoint), the
         training data, the replayed schedule and the SHA-256 of the initial checkpoint
         file the replay reads, and the test data.
         """
-        schedule = self.mode == "schedule"
+        schedule = self.mode in SCHEDULE_MODES
         traj: Trajectory | None = self.trajectory if schedule else None  # type: ignore[assignment]
         return {
             "mode": self.mode,
+            "removal": self.removal,
+            "seeds": list(self.seeds) if self.mode == "fresh" else None,
             "rho": None if schedule else float(self.rho),
             "weight_decay": None if schedule else float(self.weight_decay),
             "adaptive": None if schedule else bool(self.adaptive),
@@ -203,14 +202,7 @@ class GroundTruth:
             removed = sorted(int(i) for i in removed)
             row = cache.read(removed) if cache is not None else None
             if row is None:
-                start = time.perf_counter()
-                model = self.retrain(removed)
-                seconds = time.perf_counter() - start
-                row = {
-                    **self._test(model, test_data),
-                    "seconds": torch.tensor(seconds, dtype=torch.float64),
-                    "params": torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()]),
-                }
+                row = self._retrain_row(removed, test_data)
                 if cache is not None:
                     cache.write(removed, row)
             rows.append(row)
@@ -220,6 +212,18 @@ class GroundTruth:
             seconds=torch.stack([r["seconds"] for r in rows]),
             params=torch.stack([r["params"] for r in rows]),
         )
+
+    def _retrain_row(self, removed: list[int], test_data: tuple[Tensor, ...]) -> dict[str, Tensor]:
+        """One row; ``"fresh"``: each field the mean over the seeds (seconds: their total)."""
+        seeds = self.seeds if self.mode == "fresh" else self.seeds[:1]
+        start, rows = time.perf_counter(), []
+        for seed in seeds:
+            model = self.retrain(removed, seed) if self.mode == "fresh" else self.retrain(removed)
+            params = torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()])
+            rows.append({**self._test(model, test_data), "params": params})
+        row = {k: torch.stack([r[k] for r in rows]).mean(dim=0) for k in rows[0]}
+        row["seconds"] = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
+        return row
 
     def _open_cache(self, test_data: tuple[Tensor, ...]) -> CacheDirectory:
         cache_dir = os.fspath(self.cache_dir)  # type: ignore[arg-type]
@@ -302,28 +306,55 @@ def lds_scores(
     count: int = 20,
     seed: int = 0,
     show_progress: bool = False,
+    *,
+    masks: Tensor | None = None,
+    sampler: str = "fraction",
+    seeds: Sequence[int] | None = None,
 ) -> float:
-    """Linear datamodeling score of ``scores`` against retraining on random subsets.
+    """Linear datamodeling score of ``scores`` against retraining on subsets.
 
-    Draws ``count`` subsets of ``fraction`` of the training set, retrains on each
-    (results cached on disk by ``ground_truth``, so a second call reuses them) and
-    returns :func:`captum_sam.evaluation.metrics.lds`.
+    Retrains on each subset (results cached on disk by ``ground_truth``, so a second call
+    reuses them) and returns :func:`captum_sam.evaluation.metrics.lds`. The subsets are
+    ``masks`` when given, else ``count`` draws of
+    :func:`~captum_sam.evaluation.subsets.random_subsets` with ``sampler``, ``fraction``
+    and ``seed``.
 
     Args:
         scores: Influence scores ``(n_test, n_train)`` on ``test_data``.
-        ground_truth: How to retrain.
+        ground_truth: How to retrain (its protocol; see
+            :data:`~captum_sam.evaluation.config.PROTOCOLS`).
         test_data: ``(features..., labels)``.
-        fraction: Fraction of the training set kept in each subset.
+        fraction: Kept fraction (or keep probability with ``"bernoulli"``).
         count: Number of subsets (at least 3).
         seed: Seed of the subsets.
         show_progress: Progress bar.
+        masks: User subsets, boolean ``(M, n_train)`` with ``True`` = kept (``M >= 3``);
+            ``fraction``, ``count``, ``seed`` and ``sampler`` are then unused.
+        sampler: ``"fraction"`` (exactly ``round(fraction * n)`` kept) or
+            ``"bernoulli"`` (each example kept with probability ``fraction``).
+        seeds: Retraining seeds, averaged per subset: only with the ``"fresh"``
+            protocol (``None``: the ground truth's own ``seeds``).
 
     Returns:
         The mean LDS over test examples.
+
+    Raises:
+        ValueError: Bad ``masks`` (:func:`~captum_sam.evaluation.subsets.check_masks`),
+            or ``seeds`` with a protocol other than ``"fresh"``.
     """
     from captum_sam.evaluation.metrics import lds
 
-    masks = random_subsets(scores.shape[1], fraction, count, seed)
+    n = scores.shape[1]
+    if masks is None:
+        masks = random_subsets(n, count, sampler=sampler, fraction=fraction, seed=seed)
+    masks = check_masks(masks, n)
+    if seeds is not None:
+        if ground_truth.mode != "fresh":
+            raise ValueError(
+                f"`seeds` are batch-order seeds of the 'fresh' ground truth; this one is "
+                f"{ground_truth.mode!r}"
+            )
+        ground_truth = dataclasses.replace(ground_truth, seeds=tuple(seeds))
     res = ground_truth.evaluate(
         [torch.nonzero(~m).flatten().tolist() for m in masks],
         test_data,

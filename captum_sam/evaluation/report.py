@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_sam.applications.tracing import trace, trace_figure
+from captum_sam.evaluation.config import PROTOCOLS
 from captum_sam.evaluation.findings import findings, removal_ranked_by, succeeded
 from captum_sam.evaluation.metrics import recall_curve
 
@@ -34,6 +35,7 @@ COLUMNS = [
     ("LOO Pearson", "loo_pearson", "{:+.3f}"),
     ("LOO Spearman", "loo_spearman", "{:+.3f}"),
     ("LDS", "lds", "{:+.3f}"),
+    ("damping", "damping", "{}"),
     ("mislabel AUC", "mislabel_auc", "{:.3f}"),
     ("AUC self-infl.", "mislabel_auc_self", "{:.3f}"),
     ("recall@10%", "recall_at_10", "{:.2f}"),
@@ -44,14 +46,17 @@ COLUMNS = [
 ]
 # columns a failed estimator still has a value for, or that make no sense for it
 _KEPT_WHEN_FAILED = {"label", "runtime_s"}
-_NA_WHEN_FAILED = {"speedup_vs_retraining"}
+_NA_WHEN_FAILED = {"speedup_vs_retraining", "damping"}
 RANKED_BY = {
     "influence": "most negative influence on the validation loss",
     "self": "highest self influence",
 }
 RETRAINED = {
     "fixed_point": "to the full-batch SAM fixed point",
+    "fixed_point_zero_weight": "to the full-batch SAM fixed point (zero weight)",
     "schedule": "by replaying the recorded SAM schedule",
+    "schedule_zero_weight": "by replaying the recorded SAM schedule (zero weight)",
+    "fresh": "from the initial weights on new seeded batches",
 }
 
 
@@ -88,15 +93,7 @@ def format_table(rows: Sequence[dict[str, Any]], markdown: bool = True) -> str:
 
 def _report(results: dict[str, Any]) -> str:
     cfg, gt, data = results["config"], results["ground_truth"], results["data"]
-    mode = gt["mode"]
-    truth = (
-        "retraining to the full-batch SAM fixed point (Newton, residual "
-        f"{gt['fixed_point_residual']:.1e}) from the trained weights; the Hessian-based "
-        "estimators are evaluated at that fixed point"
-        if mode == "fixed_point"
-        else "replaying the recorded SAM schedule (same batches, learning rates and rho) with "
-        "the removed examples weighted 0, each batch still divided by its full size |B_t|"
-    )
+    truth = protocol_sentence(results)
     warnings_found = findings(results) or ["Nothing flagged."]
     lines = [
         "# captum-sam compare",
@@ -120,6 +117,22 @@ def _report(results: dict[str, Any]) -> str:
         *_removal_section(results),
     ]
     return "\n".join(lines)
+
+
+def protocol_sentence(results: dict[str, Any]) -> str:
+    """What "retrained without" meant in this run: the protocol's name and description."""
+    cfg, gt = results["config"], results["ground_truth"]
+    mode = gt["mode"]
+    text = f"protocol `{mode}`, {PROTOCOLS.get(mode, mode)}"
+    if mode == "fresh":
+        text += f" (seeds {', '.join(str(s) for s in gt.get('seeds') or cfg['gt_seeds'])})"
+    if mode.startswith("fixed_point") and gt.get("fixed_point_residual") is not None:
+        text += (
+            f"; Newton residual {gt['fixed_point_residual']:.1e}, the Hessian-based "
+            "estimators are evaluated at the full-data fixed point"
+        )
+    sampler = gt.get("lds_sampler", cfg.get("lds_sampler", "fraction"))
+    return f"{text}; LDS subsets drawn by the `{sampler}` sampler"
 
 
 def _failed_section(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -156,10 +169,20 @@ def _columns_section(results: dict[str, Any]) -> list[str]:
         "The correlations ignore the scale, and methods predict on very different scales: "
         "`loo_scatter.png` gives each method's fitted slope (1 = same scale as the actual "
         "change).",
-        f"- **LDS**: linear datamodeling score over {gt['lds_subsets']} random subsets of "
-        f"{cfg['lds_fraction']:.0%} of the training set: per test example, the Spearman "
+        f"- **LDS**: linear datamodeling score over {gt['lds_subsets']} random subsets "
+        + (
+            f"keeping each example with probability {cfg['lds_fraction']:.0%}"
+            if cfg.get("lds_sampler") == "bernoulli"
+            else f"of {cfg['lds_fraction']:.0%} of the training set"
+        )
+        + ": per test example, the Spearman "
         "correlation between the predicted and the actual test loss of the model retrained "
         "on the subset, averaged over test examples.",
+        "- **damping**: the d added as n d to the curvature's diagonal (beyond weight "
+        "decay) in each Hessian-based row; `auto`: chosen from the curvature alone "
+        "(0.1 x its mean eigenvalue, plus the shift that makes an indefinite Hessian "
+        "positive semi-definite; K-FAC: per layer), never from the ground truth. n/a: no "
+        "curvature is inverted.",
         f"- **mislabel AUC, recall@10% / 40%**: ranking training examples by "
         f"{RANKED_BY[cfg['mislabel_by']]}, the area under the ROC curve for the planted noisy "
         "labels, and the fraction of them found after examining the top 10% / 40% of the "

@@ -1,17 +1,22 @@
 r"""Ground truth: real SAM retraining without some training examples.
 
-Two modes, both keeping the leave-out convention of docs/math.rst (the removed examples get
-weight 0, the :math:`1/n` or :math:`1/|B_t|` normalisation stays):
+Removing a set :math:`S` means training on the kept examples (docs/math.rst); the
+protocols (:data:`~captum_sam.evaluation.config.PROTOCOLS`, :data:`RETRAIN_MODES`):
 
 * ``"fixed_point"`` (convex models): solve the full-batch SAM fixed-point equation
-  :math:`F(w) = \nabla L_c(w + \epsilon(w)) + \lambda w = 0`, with
-  :math:`L_c = \frac1n\sum_i c_i l_i` and :math:`\epsilon` from :math:`\nabla L_c(w)`,
-  by Newton's method (dense Jacobian from ``torch.func.jacfwd``, backtracking on
-  :math:`\lVert F\rVert`) started from the trained weights, to a residual below
-  ``tol``. The first-order SAM-HIF estimates are derivatives of exactly this point.
+  :math:`F(w) = \nabla L_{-S}(w + \epsilon(w)) + \lambda w = 0`, with
+  :math:`L_{-S} = \frac{1}{n - |S|}\sum_{i \notin S} l_i` and :math:`\epsilon` from
+  :math:`\nabla L_{-S}(w)`, by Newton's method (dense Jacobian from ``torch.func.jacfwd``,
+  backtracking on :math:`\lVert F\rVert`) started from the trained weights, to a residual
+  below ``tol``. The first-order SAM-HIF estimates are derivatives of this point.
 * ``"schedule"``: re-run the recorded SAM schedule (same initial weights, batches,
-  learning rates) without the removed examples
-  (:func:`captum_sam.training.replay_trajectory`); what SAM-GIF approximates.
+  learning rates), each batch the mean over its kept examples, an empty batch skipped
+  (:func:`captum_sam.replay_trajectory`).
+* ``"fixed_point_zero_weight"``, ``"schedule_zero_weight"``: the same with the removed
+  examples weighted 0 and the :math:`1/n` or :math:`1/|B_t|` normalisation kept (what
+  first-order estimators differentiate; SAM-GIF approximates the zero-weight replay).
+* ``"fresh"``: retrain from the recorded initial weights on the kept examples with a new
+  seeded batch order (:func:`captum_sam.retrain_fresh`), one model per seed.
 """
 
 from __future__ import annotations
@@ -31,12 +36,24 @@ from torch.utils.data import Dataset
 from captum_sam.core import check_per_example_loss, eval_mode, sam_perturbation
 from captum_sam.core.data import fetch_batch
 from captum_sam.core.losses import checked_losses
-from captum_sam.training import replay_trajectory
+from captum_sam.evaluation.config import PROTOCOLS
+from captum_sam.replay import replay_trajectory, retrain_fresh
 from captum_sam.trajectory import Trajectory
 
-__all__ = ["FixedPointResult", "sam_fixed_point", "retrain_loo", "RETRAIN_MODES"]
+__all__ = [
+    "FixedPointResult",
+    "sam_fixed_point",
+    "retrain_once",
+    "retrain_loo",
+    "check_mode",
+    "RETRAIN_MODES",
+    "SCHEDULE_MODES",
+]
 
-RETRAIN_MODES = ("fixed_point", "schedule")
+RETRAIN_MODES = tuple(PROTOCOLS)
+"""Every ground-truth protocol (the keys of :data:`~captum_sam.evaluation.config.PROTOCOLS`)."""
+SCHEDULE_MODES = ("schedule", "schedule_zero_weight", "fresh")
+"""The protocols that retrain from the recorded trajectory (the others: the fixed point)."""
 
 
 @dataclass
@@ -67,6 +84,7 @@ def sam_fixed_point(
     remove: Sequence[int] | Tensor | None = None,
     tol: float = 1e-10,
     max_iter: int = 50,
+    renormalise: bool = True,
 ) -> FixedPointResult:
     r"""Solve the full-batch SAM fixed point from ``model``'s weights (Newton).
 
@@ -84,17 +102,22 @@ def sam_fixed_point(
         rho: SAM radius.
         weight_decay: :math:`\lambda`.
         adaptive: ASAM.
-        remove: Training indices with weight 0.
+        remove: Training indices to leave out.
         tol: Target :math:`\lVert F(w)\rVert_2`.
         max_iter: Newton iterations.
+        renormalise: The loss is the mean over the kept examples,
+            :math:`\frac{1}{n - |S|}\sum_{i \notin S} l_i` (``True``, "trained
+            without"), or the removed examples get weight 0 and the :math:`1/n` stays
+            (``False``).
 
     Returns:
         A new model at the fixed point, the final residual and the iterations.
         Warns when ``tol`` is not reached.
 
     Raises:
-        ValueError: ``loss_fn`` does not return one loss per example, or the residual
-            :math:`F(w)` is NaN or infinite (the message names the Newton iteration).
+        ValueError: ``loss_fn`` does not return one loss per example, ``remove``
+            leaves no example, or the residual :math:`F(w)` is NaN or infinite (the
+            message names the Newton iteration).
     """
     check_per_example_loss(loss_fn)
     n = len(dataset)  # type: ignore[arg-type]
@@ -105,6 +128,10 @@ def sam_fixed_point(
     weights = torch.ones(n, dtype=w0.dtype, device=device)
     if remove is not None:
         weights[torch.as_tensor(remove, dtype=torch.long, device=device)] = 0.0
+    kept = int(weights.sum())
+    if kept == 0:
+        raise ValueError("`remove` leaves no training example")
+    scale = kept if renormalise else n
 
     def unflat(w: Tensor) -> dict[str, Tensor]:
         out, i = {}, 0
@@ -115,7 +142,7 @@ def sam_fixed_point(
 
     def objective(p: dict[str, Tensor]) -> Tensor:
         out = functional_call(model, (p, frozen), tuple(batch[:-1]))
-        return (weights * checked_losses(loss_fn, out, batch[-1], n)).sum() / n
+        return (weights * checked_losses(loss_fn, out, batch[-1], n)).sum() / scale
 
     def check_finite(norm: float, it: int) -> None:
         if not math.isfinite(norm):
@@ -161,6 +188,76 @@ def sam_fixed_point(
     return FixedPointResult(model=result, residual=norm, iterations=it)
 
 
+def retrain_once(
+    model: nn.Module,
+    dataset: Dataset,
+    loss_fn: Callable[[Any, Any], Tensor],
+    removed: Sequence[int],
+    mode: str,
+    *,
+    rho: float | None = None,
+    weight_decay: float | None = None,
+    adaptive: bool = False,
+    trajectory: str | Trajectory | None = None,
+    tol: float = 1e-10,
+    seed: int = 0,
+) -> nn.Module:
+    r"""One model retrained without ``removed`` under the protocol ``mode``.
+
+    Args:
+        model: The start point (fixed-point protocols) or the architecture template
+            (the others). Not modified.
+        dataset: The training set.
+        loss_fn: Per-example loss.
+        removed: Training indices to leave out.
+        mode: One of :data:`RETRAIN_MODES`.
+        rho: SAM radius (fixed point).
+        weight_decay: :math:`\lambda` (fixed point).
+        adaptive: ASAM (fixed point).
+        trajectory: Record directory or loaded trajectory (the other protocols).
+        tol: Fixed-point residual target.
+        seed: Batch-order seed (``"fresh"``).
+
+    Returns:
+        A new model.
+    """
+    check_mode(mode, rho, weight_decay, trajectory)
+    removed = [int(i) for i in removed]
+    if mode in SCHEDULE_MODES:
+        if mode == "fresh":
+            return retrain_fresh(model, dataset, loss_fn, trajectory, removed, seed=seed)  # type: ignore[arg-type]
+        renormalise = mode == "schedule"
+        return replay_trajectory(
+            model,
+            dataset,
+            loss_fn,
+            trajectory,
+            removed,
+            renormalise=renormalise,  # type: ignore[arg-type]
+        )
+    return sam_fixed_point(
+        model,
+        dataset,
+        loss_fn,
+        rho,  # type: ignore[arg-type]
+        weight_decay,  # type: ignore[arg-type]
+        adaptive,
+        remove=removed,
+        tol=tol,
+        renormalise=mode == "fixed_point",
+    ).model
+
+
+def check_mode(mode: str, rho: float | None, weight_decay: float | None, trajectory: Any) -> None:
+    """Refuse an unknown protocol or one whose inputs are missing (``ValueError``)."""
+    if mode not in RETRAIN_MODES:
+        raise ValueError(f"`mode` must be one of {RETRAIN_MODES}, got {mode!r}")
+    if mode not in SCHEDULE_MODES and (rho is None or weight_decay is None):
+        raise ValueError(f"mode {mode!r} needs `rho` and `weight_decay`")
+    if mode in SCHEDULE_MODES and trajectory is None:
+        raise ValueError(f"mode {mode!r} needs the `trajectory` (record directory) to replay")
+
+
 def retrain_loo(
     model: nn.Module,
     dataset: Dataset,
@@ -174,54 +271,41 @@ def retrain_loo(
     trajectory: str | Trajectory | None = None,
     tol: float = 1e-10,
     show_progress: bool = False,
+    seed: int = 0,
 ) -> list[nn.Module]:
     r"""Retrain once per removal: leave-one-out (an index) or leave-set-out (a list).
 
     Args:
-        model: The trained model (``"fixed_point"``: the start point) or the
-            architecture template (``"schedule"``). Not modified.
+        model: The trained model (fixed point: the start point) or the architecture
+            template (the other protocols). Not modified.
         dataset: The training set.
         loss_fn: Per-example loss.
         removals: Indices (one retraining each) or index lists (one per set).
-        mode: ``"fixed_point"`` or ``"schedule"``.
-        rho: SAM radius (``"fixed_point"``).
-        weight_decay: :math:`\lambda` (``"fixed_point"``).
-        adaptive: ASAM (``"fixed_point"``).
-        trajectory: Record directory of the run to replay (``"schedule"``).
+        mode: One of :data:`RETRAIN_MODES` (see the module's docstring).
+        rho: SAM radius (fixed point).
+        weight_decay: :math:`\lambda` (fixed point).
+        adaptive: ASAM (fixed point).
+        trajectory: Record directory of the run to replay (the other protocols).
         tol: Fixed-point residual target.
         show_progress: Progress bar over retrainings.
+        seed: Batch-order seed of ``"fresh"``.
 
     Returns:
         One retrained model per removal.
     """
     from tqdm.auto import tqdm
 
-    if mode not in RETRAIN_MODES:
-        raise ValueError(f"`mode` must be one of {RETRAIN_MODES}, got {mode!r}")
+    check_mode(mode, rho, weight_decay, trajectory)
     sets = [
         [int(r)]
         if isinstance(r, (int,)) or (isinstance(r, Tensor) and r.dim() == 0)
         else [int(i) for i in r]
         for r in removals
     ]
-    if mode == "fixed_point" and (rho is None or weight_decay is None):
-        raise ValueError("mode 'fixed_point' needs `rho` and `weight_decay`")
-    if mode == "schedule" and trajectory is None:
-        raise ValueError("mode 'schedule' needs the `trajectory` (record directory) to replay")
-    out = []
-    for removed in tqdm(sets, desc=f"retraining ({mode})", disable=not show_progress):
-        if mode == "fixed_point":
-            res = sam_fixed_point(
-                model,
-                dataset,
-                loss_fn,
-                rho,
-                weight_decay,
-                adaptive,  # type: ignore[arg-type]
-                remove=removed,
-                tol=tol,
-            )
-            out.append(res.model)
-        else:
-            out.append(replay_trajectory(model, dataset, loss_fn, trajectory, remove=removed))  # type: ignore[arg-type]
-    return out
+    settings = dict(
+        rho=rho, weight_decay=weight_decay, adaptive=adaptive, trajectory=trajectory, tol=tol
+    )
+    return [
+        retrain_once(model, dataset, loss_fn, removed, mode, seed=seed, **settings)  # type: ignore[arg-type]
+        for removed in tqdm(sets, desc=f"retraining ({mode})", disable=not show_progress)
+    ]

@@ -117,14 +117,33 @@ def build_estimator(
             sample_wise_grads_per_batch=True,
         )
     n = len(train)
-    return ArnoldiInfluenceFunction(
+    damping = captum_damping(ctx) if cfg.damping == "auto" else float(cfg.damping)
+    est = ArnoldiInfluenceFunction(
         copy.deepcopy(ctx.base),
         train,
         ctx.base_ckpt,
         checkpoints_load_func,
         loss_fn=ctx.loss,
         batch_size=bs,
-        hessian_reg=n * (cfg.weight_decay + cfg.damping),
+        hessian_reg=n * (cfg.weight_decay + damping),
         seed=cfg.seed,
         show_progress=show_progress,
     )
+    est.damping_used, est.damping_auto = damping, cfg.damping == "auto"  # for the report
+    return est
+
+
+def captum_damping(ctx: Context) -> float:
+    """``damping="auto"``'s d for Captum's row: the rule on the Hessian it inverts (at ``base``)."""
+    from captum_sam.hif.damping import auto_damping
+
+    probe = SAMInfluenceFunction(
+        ctx.base, ctx.data.train, ctx.base_ckpt, loss_fn=ctx.loss,
+        batch_size=max(ctx.config.batch_size, 128), rho=0.0, variant="plain",
+        curvature="hessian", solver="cg", projection_dim=None,
+        hessian_reg=0.0, hessian_inverse_tol=None,
+    )  # fmt: skip
+    options = probe.solver_options
+    rule = auto_damping(probe.operator, options.dense_max_dim, options.chunk_size, options.seed)
+    probe.operator.dense_curvature = None
+    return rule.damping

@@ -21,6 +21,7 @@ from captum_sam._captum import KMostInfluentialResults, TracInCPBase
 from captum_sam.core.data import (
     as_loader,
     batch_context,
+    check_indices,
     empty_batch,
     empty_result,
     local_batches,
@@ -32,14 +33,18 @@ from captum_sam.core.errors import require_inputs
 from captum_sam.core.store import open_quantities
 from captum_sam.gif.setup import GIFEngines, resolve_checkpoints
 from captum_sam.gif.terms import Term, checkpoint_terms
+from captum_sam.gif.unrolled_replay import UnrolledReplay, check_removal
 
-__all__ = ["SAMTracInBase", "check_rho"]
+__all__ = ["EDIT_METHODS", "SAMTracInBase", "check_rho"]
+
+EDIT_METHODS = ("first_order", "linearised")
 
 
 class SAMTracInBase(TracInCPBase):
     """Captum's ``TracInCPBase`` methods on top of the SAM-GIF engines (``self._engines``)."""
 
     _engines: GIFEngines
+    _replay: UnrolledReplay | None = None
 
     def _dtype(self) -> torch.dtype:
         return self._engines.points.reference(self._engines.terms[0].checkpoint).dtype
@@ -283,39 +288,90 @@ class SAMTracInBase(TracInCPBase):
     # ------------------------------------------------------------------ editing
 
     def parameter_change(
-        self, indices: Sequence[int] | Tensor, flat: bool = False, show_progress: bool = False
+        self,
+        indices: Sequence[int] | Tensor,
+        flat: bool = False,
+        show_progress: bool = False,
+        method: str = "first_order",
+        removal: str = "renormalise",
     ) -> dict[str, Tensor] | Tensor:
-        r"""GIF estimate of :math:`w_{-S} - w_T` for removing the examples ``indices``.
+        r"""Estimate of :math:`w_{-S} - w_T` for removing the examples ``indices``.
 
-        :math:`\sum_{\text{terms}} c \sum_{k \in S \cap B} \nabla l_k(w + \epsilon)`:
-        the descent steps the removed examples contributed, added back. In trajectory
-        form :math:`c = \eta_t/|B_t|` and :math:`B = B_t`; in checkpoint form
+        ``method="first_order"`` (GIF):
+        :math:`\sum_{\text{terms}} c \sum_{k \in S \cap B} \nabla l_k(w + \epsilon)`, the
+        descent steps the removed examples contributed, added back. In trajectory form
+        :math:`c = \eta_t/|B_t|` and :math:`B = B_t`; in checkpoint form
         :math:`c = \eta_c` and every example counts at every checkpoint.
+
+        ``method="linearised"`` (trajectory form only): the linearised replay
+        :math:`\delta s_{t+1} = J_t \delta s_t + \Phi_t(s_t; a^{-S}) - \Phi_t(s_t; 1)`
+        (:mod:`~captum_sam.gif.unrolled_replay`), which carries every step's change
+        through the Jacobians of the later SAM steps (perturbation and momentum
+        included) at the recorded weights. It changes every trainable parameter.
 
         Args:
             indices: Training indices of the set :math:`S`.
             flat: Return one flat vector ``(P,)`` instead of a dict.
             show_progress: Progress bar.
+            method: ``"first_order"`` or ``"linearised"``.
+            removal: For ``"linearised"``: ``"renormalise"`` (the kept examples'
+                mean, an emptied batch skipped: trained without :math:`S`) or
+                ``"zero_weight"`` (removed examples weighted 0, still divided by
+                :math:`|B_t|`).
 
         Returns:
-            A dict (attributed parameter name -> tensor of the parameter's shape), or a
-            flat ``(P,)`` tensor in ``named_parameters`` order.
+            A dict (parameter name -> tensor of the parameter's shape), or a flat
+            ``(P,)`` tensor in ``named_parameters`` order; attributed parameters for
+            ``"first_order"``, every trainable parameter for ``"linearised"``.
         """
+        if method not in EDIT_METHODS:
+            raise ValueError(f"`method` must be one of {EDIT_METHODS}, got {method!r}")
+        if method == "linearised":
+            check_removal(removal)
+            replay = self.unrolled_replay()
+            change = replay.change(
+                check_indices(indices, self._engines.n_train), removal, show_progress=show_progress
+            )
+            return torch.cat([change[n].flatten() for n in replay.names]) if flat else change
         e = self._engines
         e.prepare()
         total = e.quantities.parameter_change(indices, show_progress)
         return total if flat else e.unflatten(total)
 
     def edited_model(
-        self, indices: Sequence[int] | Tensor, show_progress: bool = False
+        self,
+        indices: Sequence[int] | Tensor,
+        show_progress: bool = False,
+        method: str = "first_order",
+        removal: str = "renormalise",
     ) -> nn.Module:
         """A new model: the final weights plus :meth:`parameter_change` (user's model untouched).
 
         The final weights are the trajectory's final checkpoint, or in checkpoint form
-        the last checkpoint.
+        the last checkpoint. ``method`` and ``removal`` as in :meth:`parameter_change`.
         """
-        delta = self.parameter_change(indices, show_progress=show_progress)
+        delta = self.parameter_change(
+            indices, show_progress=show_progress, method=method, removal=removal
+        )
         return self._engines.edited(self.model, delta)  # type: ignore[arg-type]
+
+    def unrolled_replay(self) -> UnrolledReplay:
+        """The linearised replay of the recorded run (built once; trajectory form only)."""
+        if self.trajectory is None:
+            raise ValueError(
+                "method='linearised' needs a recorded trajectory: build the estimator with "
+                "SAMTracInCP.from_trajectory"
+            )
+        if getattr(self, "_replay", None) is None:
+            self._replay = UnrolledReplay(
+                self.model,
+                self._engines.quantities.train_data,
+                (self.loss_fn, self.reduction_type),
+                (self.test_loss_fn, self.test_reduction_type),
+                self.trajectory,
+                self.checkpoints_load_func,
+            )
+        return self._replay
 
 
 def check_rho(rho: Any, adaptive: Any) -> None:

@@ -120,7 +120,8 @@ class SAMArnoldiInfluenceFunction(SAMInfluenceBase):
         rho: SAM radius of training (0 with ``variant="plain"`` is Captum's).
         adaptive: ASAM.
         weight_decay: :math:`\lambda`, enters as :math:`n\lambda`.
-        damping: :math:`d`, enters as :math:`n d`.
+        damping: :math:`d`, enters as :math:`n d`; ``"auto"`` chooses it from the
+            curvature (see :class:`~captum_sam.SAMInfluenceFunction`, ``damping_used``).
         variant: ``"fast"`` (default) or ``"plain"``: the Arnoldi iteration needs a
             symmetric :math:`A`.
         curvature: ``"hessian"`` or ``"ggn"`` (K-FAC's eigenpairs are exact: use
@@ -159,7 +160,7 @@ class SAMArnoldiInfluenceFunction(SAMInfluenceBase):
         rho: float = 0.05,
         adaptive: bool = False,
         weight_decay: float = 0.0,
-        damping: float = 0.0,
+        damping: float | str = 0.0,
         variant: str = "fast",
         curvature: str = "hessian",
         rescale_hessian: bool = False,
@@ -187,6 +188,7 @@ class SAMArnoldiInfluenceFunction(SAMInfluenceBase):
         self.arnoldi_dim, self.arnoldi_tol = arnoldi_dim, float(arnoldi_tol)
         self.solver = self.method = "arnoldi"
         self.sketch = None
+        self.operator.dense_curvature = None  # formed by damping="auto"; unused here
         self.inverse = self._build_inverse()
         self.R = self.inverse.left
 

@@ -42,6 +42,7 @@ from captum_sam.core.store import (
     save_quantities,
 )
 from captum_sam.hif import dense, kfac_solve, sides
+from captum_sam.hif.damping import AUTO, AutoDamping, auto_damping, check_damping
 from captum_sam.hif.inverse import LowRankInverse, SolvedInverse
 from captum_sam.hif.operator import KRONECKER
 from captum_sam.hif.setup import check_number, prepare, resolve_checkpoint
@@ -98,12 +99,15 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
         self.variant, self.curvature = sam["variant"], sam["curvature"]
         self.adaptive = sam["adaptive"]
         self.solver_options = make_solver_options(sam.get("solver_options"))
-        damping = sam["damping"]  # None: 0 for hessian/ggn, the per-layer heuristic for K-FAC
+        # None: 0 for hessian/ggn, the per-layer heuristic for K-FAC; "auto": the rule of
+        # captum_sam.hif.damping (the per-layer heuristic for K-FAC)
+        damping = check_damping(sam["damping"])
+        auto = damping == AUTO
         self.operator = prepare(
             self, captum["train_dataset"], captum["layers"], captum["hessian_dataset"],
             captum["sample_wise_grads_per_batch"], sam["variant"], sam["curvature"],
             sam.get("solver", "auto"), sam["rho"], sam["adaptive"],
-            {"weight_decay": sam["weight_decay"], "damping": 0.0 if damping is None else damping,
+            {"weight_decay": sam["weight_decay"], "damping": damping if _fixed(damping) else 0.0,
              "hessian_reg": captum["hessian_reg"]},
             sam["rescale_hessian"], sam.get("sketch", (None, "gaussian", 0)),
             sam.get("factorize", True), self.solver_options,
@@ -113,10 +117,24 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
         self.rho = self.operator.rho
         self.weight_decay = float(sam["weight_decay"])
         kronecker = self.curvature in KRONECKER
-        self.damping = None if damping is None and kronecker else float(damping or 0.0)
-        self.damping_used: float | dict[str, float] = self.damping  # type: ignore[assignment]
+        self.damping_auto = auto
+        self.damping_rule: AutoDamping | None = None
+        if auto and not kronecker:
+            self.damping_rule = auto_damping(
+                self.operator, self.solver_options.dense_max_dim, self.solver_options.chunk_size,
+                self.solver_options.seed,
+            )  # fmt: skip
+            self.operator.regulariser += self.n_train * self.damping_rule.damping
+        if auto:
+            self.damping = AUTO
+        else:
+            self.damping = None if damping is None and kronecker else float(damping or 0.0)
+        self.damping_used: float | dict[str, float] = (
+            self.damping_rule.damping if self.damping_rule else self.damping  # type: ignore[assignment]
+        )
         if kronecker:
-            kfac_solve.attach(self, self.damping, sam.get("factors_dir"))
+            heuristic = damping is None or auto
+            kfac_solve.attach(self, None if heuristic else self.damping, sam.get("factors_dir"))
         self._cache = None
         self._dense = None
 
@@ -377,6 +395,10 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
         r"""A new model at :math:`w^* + A^{-1}\sum_{k\in S} r_k`; the user's model is untouched."""
         delta = self.parameter_change(indices)
         return edited_copy(self.model, self.checkpoints_load_func, self.checkpoint, delta)  # type: ignore[arg-type]
+
+
+def _fixed(damping: float | str | None) -> bool:
+    return damping is not None and damping != AUTO
 
 
 def _rank(projection_dim: Any) -> int | None:

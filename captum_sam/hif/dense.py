@@ -16,7 +16,14 @@ from captum_sam.core.distributed import all_reduce_sum
 from captum_sam.core.layers import linear_ggn
 from captum_sam.hif.operator import SAMOperator
 
-__all__ = ["factored_curvature", "factored_ok", "factored_matrix", "dense_matrix"]
+__all__ = [
+    "factored_curvature",
+    "factored_ok",
+    "factored_matrix",
+    "curvature_matrix",
+    "known_matrix",
+    "dense_matrix",
+]
 
 
 def factored_curvature(op: SAMOperator, point: F.Params) -> Tensor:
@@ -52,7 +59,9 @@ def factored_matrix(op: SAMOperator, keep_he: bool = False) -> Tensor | None:
     """
     if not factored_ok(op, op.point):
         return None
-    g = factored_curvature(op, op.point)
+    g = _take_curvature(op)
+    if g is None:
+        g = factored_curvature(op, op.point)
     if op.variant in ("full", "exact"):  # H_e (I + J)
         he = g.clone()
         if keep_he:
@@ -73,17 +82,56 @@ def factored_matrix(op: SAMOperator, keep_he: bool = False) -> Tensor | None:
     return g
 
 
+def _take_curvature(op: SAMOperator) -> Tensor | None:
+    """The curvature at ``op.point`` formed by ``damping="auto"`` (then released), or ``None``."""
+    c, op.dense_curvature = op.dense_curvature, None
+    return c
+
+
+def curvature_matrix(op: SAMOperator, chunk_size: int) -> Tensor:
+    """The curvature :math:`C` (no regulariser) at ``op.point``, ``(P, P)``.
+
+    From layer factors when they apply, else from ``chunk_size`` curvature products
+    with identity columns at a time.
+    """
+    if factored_ok(op, op.point):
+        return factored_curvature(op, op.point)
+    eye = torch.eye(op.dim, dtype=op.mean_grad[op.names[0]].dtype, device=op.device)
+    batches, scale = op.hessian_batches, op.hessian_scale
+    cols = [
+        op.curvature_product(op.point, eye[:, s : s + chunk_size], batches(), scale)
+        for s in range(0, op.dim, chunk_size)
+    ]
+    return torch.cat(cols, dim=1)
+
+
+def known_matrix(op: SAMOperator, keep_he: bool = False) -> Tensor | None:
+    """:math:`A` without curvature products, or ``None``.
+
+    From layer factors (:func:`factored_matrix`), or, for a symmetric variant, from
+    the curvature ``damping="auto"`` formed (then released).
+    """
+    formed = factored_matrix(op, keep_he)
+    if formed is None and op.symmetric and op.dense_curvature is not None:
+        formed = _take_curvature(op)
+        formed.diagonal().add_(op.regulariser)  # type: ignore[union-attr]
+    return formed
+
+
 def dense_matrix(op: SAMOperator, chunk_size: int, keep_he: bool = False) -> Tensor:
     """:math:`A` ``(P, P)``: from factors when possible, else from matvec columns.
 
-    ``keep_he``: also form and remember :math:`H_e` for ``full``/``exact``.
+    ``keep_he``: also form and remember :math:`H_e` for ``full``/``exact`` (the
+    curvature ``damping="auto"`` formed, when there is one).
     """
-    formed = factored_matrix(op, keep_he)
+    formed = known_matrix(op, keep_he)
     if formed is not None:
         return formed
     eye = torch.eye(op.dim, dtype=op.mean_grad[op.names[0]].dtype, device=op.device)
     cols = [op.matvec(eye[:, s : s + chunk_size]) for s in range(0, op.dim, chunk_size)]
     if keep_he and op.variant in ("full", "exact"):
+        op.dense_he = _take_curvature(op)  # H_e: the curvature at the perturbed point
+    if op.dense_he is None and keep_he and op.variant in ("full", "exact"):
         op.dense_he = torch.cat(
             [op.he_product(eye[:, s : s + chunk_size]) for s in range(0, op.dim, chunk_size)],
             dim=1,

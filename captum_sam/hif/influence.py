@@ -84,9 +84,15 @@ class SAMInfluenceFunction(SAMInfluenceBase):
         weight_decay: :math:`\lambda` of the training objective (enters as
             :math:`n\lambda`).
         damping: Extra :math:`d`, added as :math:`n d I`. ``None`` (default): 0 for
-            ``"hessian"``/``"ggn"``; for ``"kfac"``/``"ekfac"`` each layer's
+            ``"hessian"``/``"ggn"`` (so that ``rho=0``, ``variant="plain"`` is Captum's
+            ``NaiveInfluenceFunction``); for ``"kfac"``/``"ekfac"`` each layer's
             :math:`n d_l` is 0.1 times the mean eigenvalue of its curvature block
-            (kronfluence's rule). ``damping_used`` reports the value(s) used.
+            (kronfluence's rule). ``"auto"``: :math:`n d` is 0.1 times the mean
+            eigenvalue of the curvature :math:`C` at :math:`A`'s point plus
+            :math:`\max(0, -\lambda_{\min}(C))` (:mod:`captum_sam.hif.damping`; the
+            per-layer rule for K-FAC). ``damping_used`` reports the value(s) used,
+            ``damping_auto`` whether they were chosen automatically and
+            ``damping_rule`` the rule's inputs.
         variant: ``"fast"`` (default: symmetric, so Captum's symmetric embeddings
             hold), ``"full"`` (the paper's SAM-HIF), ``"exact"`` or ``"plain"``.
         curvature: ``"hessian"``, ``"ggn"`` (generalised Gauss-Newton, positive
@@ -163,7 +169,7 @@ class SAMInfluenceFunction(SAMInfluenceBase):
         rho: float = 0.05,
         adaptive: bool = False,
         weight_decay: float = 0.0,
-        damping: float | None = None,
+        damping: float | str | None = None,
         variant: str = "fast",
         curvature: str = "hessian",
         solver: str = "auto",
@@ -184,6 +190,8 @@ class SAMInfluenceFunction(SAMInfluenceBase):
         self._setup(model, checkpoint, pick(arguments, CAPTUM_ARGUMENTS), sam)
         self.solver = solver
         self.inverse = self._build_inverse(solver)
+        if self.method != "dense":  # only the dense solver reuses the curvature "auto" formed
+            self.operator.dense_curvature = None
         sides.check_sketch(self)
 
     # ------------------------------------------------------------------ the inverse
@@ -250,7 +258,7 @@ class SAMInfluenceFunction(SAMInfluenceBase):
             sampled_matvec=op.sampled(transpose=False),
             sampled_rmatvec=None if op.symmetric else op.sampled(transpose=True),
             options=self.solver_options, dtype=op.mean_grad[op.names[0]].dtype,
-            device=self.device, dense_builder=lambda: dense.factored_matrix(op, keep_he=exact),
+            device=self.device, dense_builder=lambda: dense.known_matrix(op, keep_he=exact),
         )  # fmt: skip
         return SolvedInverse(inverse, F.check_finite)
 

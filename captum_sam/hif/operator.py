@@ -102,6 +102,7 @@ class SAMOperator:
     columns_bar: Any = None  # a tqdm bar counting matvec columns while solving
     local: bool = False  # True: curvature products on all data, on this rank alone
     dense_he: Tensor | None = None  # H_e, kept when A is formed densely
+    dense_curvature: Tensor | None = None  # C at `point`, formed by damping="auto"
     _ggn_checked: bool | None = None
     extra: F.Params = field(default_factory=dict)
     extra_grad: F.Params = field(default_factory=dict)
