@@ -85,11 +85,11 @@ def score_check(model, data, loss, traj, n_loo: int, n_subsets: int, seed: int) 
     g = torch.Generator().manual_seed(seed + 7)
     sets = [[int(k)] for k in torch.randperm(n, generator=g)[:n_loo]]
     sets += [torch.randperm(n, generator=g)[: n // 2].tolist() for _ in range(n_subsets)]
-    base = float(loss(model(test[0]), test[1]).sum())
+    base = float(loss(model(test[0]), test[1]).detach().sum())
     actual = []
     for removed in sets:
         ref = replay_without(model, data.train, loss, traj, removed, "renormalise")
-        actual.append(float(loss(ref(test[0]), test[1]).sum()) - base)
+        actual.append(float(loss(ref(test[0]), test[1]).detach().sum()) - base)
     actual = torch.tensor(actual)
     start = time.perf_counter()
     unrolled = SAMUnrolledGIF(model, data.train, traj, loss_fn=loss).influence(test, aggregate=True)
