@@ -18,11 +18,10 @@ default seed 0 draws them). Ground truth (``--truth``), both
 * ``zero-weight`` (``mode="schedule_zero_weight"``): removed examples weighted 0 with
   the full batch size kept (each kept example's step is halved on average).
 
-Exploratory extra rows, not rules of the library: ``d = 1 / sum_t lr_t`` (the inverse
-of the training horizon: gradient descent run for a total step ``sum lr`` moves a
-direction of mean-loss curvature ``lambda`` by at most about ``min(sum lr, 1 / lambda)``,
-so curvatures below ``1 / sum lr`` act as if damped by it), and for the Hessian that
-plus the auto rule's shift ``max(0, -lambda_min) / n``.
+``auto+T``: ``damping="auto"`` with ``training_horizon=T``, the sum of the run's
+learning rates (:func:`captum_sam.hif.damping.training_horizon`; the mean term is then
+at least ``n / T``). ``--epochs`` other than 30 trains a second model (a held-out
+check of the horizon term, whose ``T`` scales with the run).
 Ground-truth losses are cached next to ``--record`` (``*-truth-<protocol>-<subsets>.pt``).
 """
 
@@ -42,6 +41,7 @@ from captum_sam.evaluation.config import CompareConfig
 from captum_sam.evaluation.metrics import lds
 from captum_sam.evaluation.setup import load_data
 from captum_sam.evaluation.subsets import random_subsets
+from captum_sam.hif.damping import training_horizon
 from captum_sam.hif.influence import SAMInfluenceFunction
 from captum_sam.models import build_model
 
@@ -69,18 +69,22 @@ def main() -> None:
     parser.add_argument("--rhos", type=float, nargs="+", default=[0.05, 0.2, 0.5])
     parser.add_argument("--dampings", type=float, nargs="+", default=[0.001, 0.01, 0.1, 1.0])
     parser.add_argument("--subsets", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=30, help="SAM epochs (compare's: 30)")
     parser.add_argument("--truth", choices=(*PROTOCOLS, "both"), default="both")
     parser.add_argument("--record", default="/tmp/captum_sam_bench_damping")
     args = parser.parse_args()
     torch.set_num_threads(1)
     protocols = tuple(PROTOCOLS) if args.truth == "both" else (args.truth,)
-    print(f"{machine()}; {args.subsets} LDS subsets (halves), truth: {', '.join(protocols)}")
+    print(
+        f"{machine()}; {args.epochs} epochs; {args.subsets} LDS subsets (halves), truth: "
+        f"{', '.join(protocols)}"
+    )
     rows, summary = [], []
     for rho in args.rhos:
-        cfg = CompareConfig(model="mlp", rho=rho)
+        cfg = CompareConfig(model="mlp", rho=rho, epochs=args.epochs)
         data = load_data(cfg)
         model = build_model("mlp", data.image_shape, data.num_classes, seed=0, dtype=torch.float64)
-        record = f"{args.record}-rho{rho:g}"
+        record = f"{args.record}-rho{rho:g}" + ("" if args.epochs == 30 else f"-e{args.epochs}")
         train_sam(
             model, data.train, LOSS, epochs=cfg.epochs, lr=cfg.lr, rho=rho,
             batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, record_dir=record,
@@ -99,15 +103,16 @@ def main() -> None:
                 truths[p] = truth_losses(p, model, data, traj, masks, test)
                 torch.save(truths[p], cache)
         print(f"rho {rho:g}: ground truth in {time.perf_counter() - start:.0f} s", flush=True)
-        horizon = 1.0 / sum(step.lr for step in traj.steps)  # exploratory, see the docstring
+        horizon = training_horizon(traj)
         for curvature in ("ggn", "hessian"):
             results = {}
-            candidates = [*args.dampings, "auto", horizon]
-            for damping in candidates:
+            for damping in [*args.dampings, "auto", "auto+T"]:
                 start = time.perf_counter()
                 est = SAMInfluenceFunction(
                     model, data.train, traj.final.path, loss_fn=LOSS, batch_size=250,
-                    rho=rho, weight_decay=cfg.weight_decay, damping=damping, variant="plain",
+                    rho=rho, weight_decay=cfg.weight_decay, variant="plain",
+                    damping="auto" if damping == "auto+T" else damping,
+                    training_horizon=horizon if damping == "auto+T" else None,
                     curvature=curvature, solver="dense", projection_dim=None,
                     hessian_reg=0.0, hessian_inverse_tol=None,
                 )  # fmt: skip
@@ -115,14 +120,9 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 values = {p: lds(scores, masks, truths[p])[0] for p in protocols}
                 results[damping] = values
-                shown = f"auto = {est.damping_used:.3g}" if damping == "auto" else f"{damping:g}"
-                if damping == horizon:
-                    shown = f"1/sum(lr) = {damping:.3g}"
-                elif isinstance(damping, float) and damping not in args.dampings:
-                    shown = f"shift + 1/sum(lr) = {damping:.3g}"
-                if damping == "auto" and curvature == "hessian":  # exploratory: shift + horizon
-                    shift = max(0.0, -est.damping_rule.min_eigenvalue) / len(data.train)
-                    candidates.append(shift + horizon)
+                shown = (
+                    f"{damping} = {est.damping_used:.3g}" if damping in AUTOS else f"{damping:g}"
+                )
                 rows.append(
                     (f"{rho:g}", curvature, shown, *(f"{values[p]:.3f}" for p in protocols),
                      f"{seconds:.1f}")
@@ -130,11 +130,11 @@ def main() -> None:
                 print(table(rows[-1:], header(protocols)).splitlines()[-1], flush=True)
             for p in protocols:
                 best = max(args.dampings, key=lambda d: results[d][p])
-                gap = results[best][p] - results["auto"][p]
+                top = results[best][p]
                 summary.append(
-                    (f"{rho:g}", curvature, p, f"{best:g}", f"{results[best][p]:.3f}",
-                     f"{results['auto'][p]:.3f}", f"{gap:+.3f}",
-                     f"{results[best][p] - results[horizon][p]:+.3f}")
+                    (f"{rho:g}", curvature, p, f"{best:g}", f"{top:.3f}",
+                     f"{results['auto'][p]:.3f}", f"{top - results['auto'][p]:+.3f}",
+                     f"{results['auto+T'][p]:.3f}", f"{top - results['auto+T'][p]:+.3f}")
                 )  # fmt: skip
     print()
     print(table(rows, header(protocols)))
@@ -150,10 +150,14 @@ def main() -> None:
                 "its LDS",
                 "auto LDS",
                 "gap",
-                "gap of 1/sum(lr)",
+                "auto+T LDS",
+                "gap (auto+T)",
             ),
         )  # fmt: skip
     )
+
+
+AUTOS = ("auto", "auto+T")
 
 
 def header(protocols: tuple[str, ...]) -> tuple[str, ...]:
