@@ -9,26 +9,26 @@ parameters, float64; SAM for 30 epochs, lr 0.5, batch 64, weight decay 1e-3) at 
 inverse: ``projection_dim=None``, ``hessian_reg=0``, ``hessian_inverse_tol=None``) with
 the GGN and the Hessian at every ``--dampings`` and at ``damping="auto"``, scored by
 LDS on ``--subsets`` random halves of the training set (seed 11, as compare's
-default seed 0 draws them). Ground truth (``--truth``):
+default seed 0 draws them). Ground truth (``--truth``), both
+:class:`~captum_sam.evaluation.GroundTruth` protocols replaying the recorded schedule:
 
-* ``renormalised``: the recorded schedule replayed on the kept examples, each batch's
-  loss divided by its kept count (empty batches skipped): training on the subset with
-  the recorded batches and learning rates (issue 16's protocol; computed here by a
-  short replay loop until ``GroundTruth`` has the mode);
-* ``schedule``: ``GroundTruth(mode="schedule")``, removed examples weighted 0 with the
-  full batch size kept (each kept example's step is halved on average).
+* ``renormalised`` (``mode="schedule"``, the default protocol): each batch's loss the
+  mean over its kept examples (empty batches skipped), i.e. training on the subset with
+  the recorded batches and learning rates;
+* ``zero-weight`` (``mode="schedule_zero_weight"``): removed examples weighted 0 with
+  the full batch size kept (each kept example's step is halved on average).
 
-An exploratory extra row per curvature, not a rule of the library: ``d = 1 / sum_t lr_t``
-(the inverse of the training horizon: gradient descent run for a total step ``sum lr``
-moves a direction of mean-loss curvature ``lambda`` by at most about
-``min(sum lr, 1 / lambda)``, so curvatures below ``1 / sum lr`` act as if damped by it).
+``auto+T``: ``damping="auto"`` with ``training_horizon=T``, the sum of the run's
+learning rates (:func:`captum_sam.hif.damping.training_horizon`; the mean term is then
+at least ``n / T``). ``--epochs`` other than 30 trains a second model (a held-out
+check of the horizon term, whose ``T`` scales with the run).
 Ground-truth losses are cached next to ``--record`` (``*-truth-<protocol>-<subsets>.pt``).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import hashlib
 import os
 import time
 
@@ -36,61 +36,32 @@ import torch
 from _common import machine, table
 
 from captum_sam import load_trajectory, train_sam
-from captum_sam.core import to_device
-from captum_sam.core.checkpoints import checkpoints_load_func
-from captum_sam.core.data import fetch_batch
-from captum_sam.core.params import training_mode
 from captum_sam.evaluation import GroundTruth
 from captum_sam.evaluation.config import CompareConfig
-from captum_sam.evaluation.ground_truth import random_subsets
 from captum_sam.evaluation.metrics import lds
 from captum_sam.evaluation.setup import load_data
+from captum_sam.evaluation.subsets import random_subsets
+from captum_sam.hif.damping import training_horizon
 from captum_sam.hif.influence import SAMInfluenceFunction
 from captum_sam.models import build_model
-from captum_sam.optim import SAM
-from captum_sam.training import _sam_step
 
 LOSS = torch.nn.CrossEntropyLoss(reduction="none")
 
 
-def renormalised_replay(model, dataset, traj, keep: torch.Tensor):
-    """The recorded SAM schedule on the kept examples, each batch renormalised."""
-    replica = copy.deepcopy(model)
-    checkpoints_load_func(replica, traj.initial.path)
-    hyper = dict(traj.optimizer["hyperparameters"])
-    allowed = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
-    hyper = {k: v for k, v in hyper.items() if k in allowed}
-    first = traj.steps[0]
-    opt = SAM(
-        replica.parameters(), torch.optim.SGD, rho=first.rho, adaptive=first.adaptive, **hyper
-    )
-    dtype = next(replica.parameters()).dtype
-    with training_mode(replica):
-        for step in traj.steps:
-            idx = torch.tensor(step.indices)
-            kept = keep[idx]
-            if not kept.any():
-                continue
-            for group in opt.param_groups:
-                group["lr"], group["rho"], group["adaptive"] = step.lr, step.rho, step.adaptive
-            batch = to_device(fetch_batch(dataset, idx), "cpu")
-            weights = kept.to(dtype) * (len(idx) / int(kept.sum()))
-            _sam_step(replica, opt, LOSS, batch, weights, "renormalised replay")
-    return replica
+PROTOCOLS = {"renormalised": "schedule", "zero-weight": "schedule_zero_weight"}
 
 
 def truth_losses(protocol, model, data, traj, masks, test) -> torch.Tensor:
     """Test losses ``(subsets, n_test)`` of the models retrained on each subset."""
-    if protocol == "schedule":
-        gt = GroundTruth(model, data.train, LOSS, "schedule", trajectory=traj)
-        removed = [torch.nonzero(~m).flatten().tolist() for m in masks]
-        return gt.evaluate(removed, test).losses
-    out = []
-    for m in masks:
-        retrained = renormalised_replay(model, data.train, traj, m).eval()
-        with torch.no_grad():
-            out.append(LOSS(retrained(test[0]), test[1]))
-    return torch.stack(out)
+    gt = GroundTruth(model, data.train, LOSS, PROTOCOLS[protocol], trajectory=traj)
+    return gt.evaluate([torch.nonzero(~m).flatten().tolist() for m in masks], test).losses
+
+
+def weights_digest(traj) -> str:
+    """A short hash of the trained weights (the truth cache's key with the subsets)."""
+    state = torch.load(traj.final.path, map_location="cpu", weights_only=True)["model_state"]
+    flat = torch.cat([v.reshape(-1).double() for _, v in sorted(state.items())])
+    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:12]
 
 
 def main() -> None:
@@ -98,18 +69,22 @@ def main() -> None:
     parser.add_argument("--rhos", type=float, nargs="+", default=[0.05, 0.2, 0.5])
     parser.add_argument("--dampings", type=float, nargs="+", default=[0.001, 0.01, 0.1, 1.0])
     parser.add_argument("--subsets", type=int, default=20)
-    parser.add_argument("--truth", choices=("renormalised", "schedule", "both"), default="both")
+    parser.add_argument("--epochs", type=int, default=30, help="SAM epochs (compare's: 30)")
+    parser.add_argument("--truth", choices=(*PROTOCOLS, "both"), default="both")
     parser.add_argument("--record", default="/tmp/captum_sam_bench_damping")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    protocols = ("renormalised", "schedule") if args.truth == "both" else (args.truth,)
-    print(f"{machine()}; {args.subsets} LDS subsets (halves), truth: {', '.join(protocols)}")
+    protocols = tuple(PROTOCOLS) if args.truth == "both" else (args.truth,)
+    print(
+        f"{machine()}; {args.epochs} epochs; {args.subsets} LDS subsets (halves), truth: "
+        f"{', '.join(protocols)}"
+    )
     rows, summary = [], []
     for rho in args.rhos:
-        cfg = CompareConfig(model="mlp", rho=rho)
+        cfg = CompareConfig(model="mlp", rho=rho, epochs=args.epochs)
         data = load_data(cfg)
         model = build_model("mlp", data.image_shape, data.num_classes, seed=0, dtype=torch.float64)
-        record = f"{args.record}-rho{rho:g}"
+        record = f"{args.record}-rho{rho:g}" + ("" if args.epochs == 30 else f"-e{args.epochs}")
         train_sam(
             model, data.train, LOSS, epochs=cfg.epochs, lr=cfg.lr, rho=rho,
             batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, record_dir=record,
@@ -117,25 +92,27 @@ def main() -> None:
         )  # fmt: skip
         traj = load_trajectory(record)
         test = data.test.tensors
-        masks = random_subsets(len(data.train), cfg.lds_fraction, args.subsets, cfg.seed + 11)
+        masks = random_subsets(len(data.train), args.subsets, "fraction", 0.5, cfg.seed + 11)
         start = time.perf_counter()
         truths = {}
         for p in protocols:  # cached next to the record: a rerun reuses the retrainings
-            cache = f"{record}-truth-{p}-{args.subsets}.pt"
+            cache = f"{record}-truth-{p}-{args.subsets}-{weights_digest(traj)}.pt"
             if os.path.exists(cache):
                 truths[p] = torch.load(cache)
             else:
                 truths[p] = truth_losses(p, model, data, traj, masks, test)
                 torch.save(truths[p], cache)
         print(f"rho {rho:g}: ground truth in {time.perf_counter() - start:.0f} s", flush=True)
-        horizon = 1.0 / sum(step.lr for step in traj.steps)  # exploratory, see the docstring
+        horizon = training_horizon(traj)
         for curvature in ("ggn", "hessian"):
             results = {}
-            for damping in [*args.dampings, "auto", horizon]:
+            for damping in [*args.dampings, "auto", "auto+T"]:
                 start = time.perf_counter()
                 est = SAMInfluenceFunction(
                     model, data.train, traj.final.path, loss_fn=LOSS, batch_size=250,
-                    rho=rho, weight_decay=cfg.weight_decay, damping=damping, variant="plain",
+                    rho=rho, weight_decay=cfg.weight_decay, variant="plain",
+                    damping="auto" if damping == "auto+T" else damping,
+                    training_horizon=horizon if damping == "auto+T" else None,
                     curvature=curvature, solver="dense", projection_dim=None,
                     hessian_reg=0.0, hessian_inverse_tol=None,
                 )  # fmt: skip
@@ -143,9 +120,9 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 values = {p: lds(scores, masks, truths[p])[0] for p in protocols}
                 results[damping] = values
-                shown = f"auto = {est.damping_used:.3g}" if damping == "auto" else f"{damping:g}"
-                if damping == horizon:
-                    shown = f"1/sum(lr) = {damping:.3g}"
+                shown = (
+                    f"{damping} = {est.damping_used:.3g}" if damping in AUTOS else f"{damping:g}"
+                )
                 rows.append(
                     (f"{rho:g}", curvature, shown, *(f"{values[p]:.3f}" for p in protocols),
                      f"{seconds:.1f}")
@@ -153,11 +130,11 @@ def main() -> None:
                 print(table(rows[-1:], header(protocols)).splitlines()[-1], flush=True)
             for p in protocols:
                 best = max(args.dampings, key=lambda d: results[d][p])
-                gap = results[best][p] - results["auto"][p]
+                top = results[best][p]
                 summary.append(
-                    (f"{rho:g}", curvature, p, f"{best:g}", f"{results[best][p]:.3f}",
-                     f"{results['auto'][p]:.3f}", f"{gap:+.3f}",
-                     f"{results[best][p] - results[horizon][p]:+.3f}")
+                    (f"{rho:g}", curvature, p, f"{best:g}", f"{top:.3f}",
+                     f"{results['auto'][p]:.3f}", f"{top - results['auto'][p]:+.3f}",
+                     f"{results['auto+T'][p]:.3f}", f"{top - results['auto+T'][p]:+.3f}")
                 )  # fmt: skip
     print()
     print(table(rows, header(protocols)))
@@ -173,10 +150,14 @@ def main() -> None:
                 "its LDS",
                 "auto LDS",
                 "gap",
-                "gap of 1/sum(lr)",
+                "auto+T LDS",
+                "gap (auto+T)",
             ),
         )  # fmt: skip
     )
+
+
+AUTOS = ("auto", "auto+T")
 
 
 def header(protocols: tuple[str, ...]) -> tuple[str, ...]:

@@ -336,8 +336,9 @@ def _add_compare_args(p: argparse.ArgumentParser) -> None:
         type=_damping,
         default=d["damping"],
         help="d added as n*d to the curvature's diagonal (beyond --weight-decay) before "
-        "inverting; 'auto' (default): 0.1 x the curvature's mean eigenvalue plus the shift "
-        "that makes an indefinite Hessian positive semi-definite, per row (the report "
+        "inverting; 'auto' (default): 0.1 x the curvature's mean eigenvalue (at least "
+        "1/sum of the learning rates when attributing at the run's last iterate) plus the "
+        "shift that makes an indefinite Hessian positive semi-definite, per row (the report "
         "prints each row's value)",
     )
     p.add_argument(

@@ -209,3 +209,33 @@ def test_compare_and_cli_take_auto_by_default():
     assert damping_label(0.01234, Est()) == "0.0123 (auto)"
     assert damping_label({"fc1": 0.001, "fc2": 0.02}, object()) == "per layer 0.001-0.02"
     assert damping_label(None, object()) is None
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_training_horizon_floors_the_mean_term(run, curvature):
+    c = reference_curvature(run, "params", curvature, rho=0.1)
+    values = torch.linalg.eigvalsh(c)
+    mean = float(values.mean())
+    shift = 0.0 if curvature == "ggn" else max(0.0, -float(values[0]))
+    for horizon in (N_TRAIN / (0.5 * mean), N_TRAIN / (50 * mean)):  # below and above 0.1 mean
+        est = make(run, variant="plain", curvature=curvature, training_horizon=horizon)
+        expected = (max(0.1 * mean, N_TRAIN / horizon) + shift) / N_TRAIN
+        assert est.damping_used == pytest.approx(expected, rel=1e-10)
+        assert est.damping_rule.horizon == horizon
+
+
+def test_training_horizon_of_a_record_and_bad_values(run, tmp_path):
+    from captum_sam import train_sam
+    from captum_sam.hif.damping import training_horizon
+
+    train_sam(
+        mlp_model(seed=3), run["train"], ce_loss(), epochs=2, lr=0.3, rho=0.05,
+        batch_size=10, record_dir=tmp_path / "rec", seed=0,
+    )  # fmt: skip
+    assert training_horizon(tmp_path / "rec") == pytest.approx(2 * 3 * 0.3)  # 24 = 10+10+4
+    for bad in (0.0, -1.0, float("inf"), True, "10"):
+        with pytest.raises(ValueError, match="`training_horizon`"):
+            make(run, variant="plain", training_horizon=bad)
+    for damping, curvature in ((0.1, "hessian"), (None, "ggn"), ("auto", "kfac")):
+        with pytest.raises(ValueError, match="`training_horizon`"):
+            make(run, variant="plain", curvature=curvature, damping=damping, training_horizon=5.0)

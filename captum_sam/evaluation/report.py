@@ -181,7 +181,8 @@ def _columns_section(results: dict[str, Any]) -> list[str]:
         "- **damping**: the d added as n d to the curvature's diagonal (beyond weight "
         "decay) in each Hessian-based row; `auto`: chosen from the curvature alone "
         "(0.1 x its mean eigenvalue, plus the shift that makes an indefinite Hessian "
-        "positive semi-definite; K-FAC: per layer), never from the ground truth. n/a: no "
+        "positive semi-definite; K-FAC: per layer; at a run's last iterate at least 1/T, "
+        "T the sum of its learning rates), never from the ground truth. n/a: no "
         "curvature is inverted.",
         f"- **mislabel AUC, recall@10% / 40%**: ranking training examples by "
         f"{RANKED_BY[cfg['mislabel_by']]}, the area under the ROC curve for the planted noisy "

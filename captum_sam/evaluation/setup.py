@@ -105,6 +105,7 @@ def build_estimator(
             hessian_inverse_tol=None,  # no eigenvalue dropped
             curvature=curvature or "hessian",
             show_progress=show_progress,
+            training_horizon=horizon(ctx, curvature or "hessian"),
         )
     if method == "captum-tracincp":
         return TracInCP(
@@ -133,17 +134,25 @@ def build_estimator(
     return est
 
 
+def horizon(ctx: Context, curvature: str) -> float | None:
+    r"""The training horizon :math:`\sum_t \eta_t` for ``damping="auto"``, or ``None``.
+
+    Given when the attribution point is the recorded run's last iterate (not a fixed
+    point) and the curvature is the Hessian or the GGN (see :mod:`captum_sam.hif.damping`).
+    """
+    from captum_sam.hif.damping import training_horizon
+
+    if ctx.config.damping != "auto" or curvature not in ("hessian", "ggn"):
+        return None
+    return None if ctx.base is not ctx.model else training_horizon(ctx.record_dir)
+
+
 def captum_damping(ctx: Context) -> float:
     """``damping="auto"``'s d for Captum's row: the rule on the Hessian it inverts (at ``base``)."""
-    from captum_sam.hif.damping import auto_damping
-
     probe = SAMInfluenceFunction(
         ctx.base, ctx.data.train, ctx.base_ckpt, loss_fn=ctx.loss,
         batch_size=max(ctx.config.batch_size, 128), rho=0.0, variant="plain",
-        curvature="hessian", solver="cg", projection_dim=None,
-        hessian_reg=0.0, hessian_inverse_tol=None,
+        curvature="hessian", solver="cg", projection_dim=None, hessian_reg=0.0,
+        hessian_inverse_tol=None, damping="auto", training_horizon=horizon(ctx, "hessian"),
     )  # fmt: skip
-    options = probe.solver_options
-    rule = auto_damping(probe.operator, options.dense_max_dim, options.chunk_size, options.seed)
-    probe.operator.dense_curvature = None
-    return rule.damping
+    return probe.damping_used  # type: ignore[return-value]

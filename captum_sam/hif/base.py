@@ -42,7 +42,13 @@ from captum_sam.core.store import (
     save_quantities,
 )
 from captum_sam.hif import dense, kfac_solve, sides
-from captum_sam.hif.damping import AUTO, AutoDamping, auto_damping, check_damping
+from captum_sam.hif.damping import (
+    AUTO,
+    AutoDamping,
+    auto_damping,
+    check_damping,
+    check_horizon,
+)
 from captum_sam.hif.inverse import LowRankInverse, SolvedInverse
 from captum_sam.hif.operator import KRONECKER
 from captum_sam.hif.setup import check_number, prepare, resolve_checkpoint
@@ -61,7 +67,7 @@ and the checkpoint)."""
 SAM_ARGUMENTS = (
     "rho", "adaptive", "weight_decay", "damping", "variant", "curvature", "solver",
     "solver_options", "rescale_hessian", "perturbation_scope", "factorize", "factors_dir",
-    "batchnorm", "batchnorm_tolerance",
+    "batchnorm", "batchnorm_tolerance", "training_horizon",
 )  # fmt: skip
 """SAM's own arguments (a twin passes those it has)."""
 
@@ -103,6 +109,12 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
         # captum_sam.hif.damping (the per-layer heuristic for K-FAC)
         damping = check_damping(sam["damping"])
         auto = damping == AUTO
+        horizon = check_horizon(sam.get("training_horizon"))
+        if horizon is not None and (not auto or sam["curvature"] in KRONECKER):
+            raise ValueError(
+                "`training_horizon` is used by damping='auto' with curvature 'hessian' or "
+                f"'ggn' only, got damping={sam['damping']!r}, curvature={sam['curvature']!r}"
+            )
         self.operator = prepare(
             self, captum["train_dataset"], captum["layers"], captum["hessian_dataset"],
             captum["sample_wise_grads_per_batch"], sam["variant"], sam["curvature"],
@@ -122,7 +134,7 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
         if auto and not kronecker:
             self.damping_rule = auto_damping(
                 self.operator, self.solver_options.dense_max_dim, self.solver_options.chunk_size,
-                self.solver_options.seed,
+                self.solver_options.seed, horizon,
             )  # fmt: skip
             self.operator.regulariser += self.n_train * self.damping_rule.damping
         if auto:

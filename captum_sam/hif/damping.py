@@ -17,6 +17,16 @@ mean-loss scale of a float ``damping`` (added as :math:`n d I`, on top of weight
 decay's :math:`n \lambda`), so ``damping=est.damping_used`` reproduces the estimator.
 The rule never looks at test data or retraining.
 
+**Training horizon.** A network trained for a finite run is not at a minimum of its
+loss: gradient descent with total step :math:`T = \sum_t \eta_t` moves a direction of
+mean-loss curvature :math:`\lambda` by about :math:`\min(T, 1/\lambda)` times the
+gradient, as ridge regression with penalty :math:`1/T` would (early stopping as
+implicit ridge, Ali, Kolter & Tibshirani 2019). So retraining on a subset for the same
+schedule responds as an influence function damped by :math:`d = 1/T`. When the caller
+knows :math:`T` (``training_horizon``; :func:`training_horizon` reads it from a
+record), the first term becomes :math:`\max(0.1\,\bar\lambda, n/T)`. Leave it out for
+a model at a minimum (a fixed point, or retraining to convergence).
+
 For ``P <= SolverOptions.dense_max_dim`` the curvature is formed (from layer factors
 when possible) and the rule is exact (``eigvalsh``); the formed matrix is kept for the
 dense solver, so forming :math:`A` costs nothing more. For larger ``P``,
@@ -48,6 +58,8 @@ __all__ = [
     "check_damping",
     "auto_damping",
     "damping_rule",
+    "check_horizon",
+    "training_horizon",
     "hutchinson_trace",
     "lanczos",
     "lanczos_min",
@@ -69,12 +81,14 @@ class AutoDamping:
         mean_eigenvalue: :math:`\operatorname{tr}(C)/P` (summed-loss scale).
         min_eigenvalue: :math:`\lambda_{\min}(C)`, ``None`` for the GGN (PSD).
         method: ``"dense"`` (exact) or ``"hutchinson-lanczos"`` (estimated).
+        horizon: The training horizon :math:`\sum_t \eta_t` used, or ``None``.
     """
 
     damping: float
     mean_eigenvalue: float
     min_eigenvalue: float | None
     method: str
+    horizon: float | None = None
 
 
 def check_damping(damping: Any) -> float | str | None:
@@ -87,10 +101,41 @@ def check_damping(damping: Any) -> float | str | None:
     return float(damping)
 
 
-def damping_rule(mean_eigenvalue: float, min_eigenvalue: float | None, n: int) -> float:
-    r""":math:`d = (0.1 \max(0, \bar\lambda) + \max(0, -\lambda_{\min})) / n`."""
+def damping_rule(
+    mean_eigenvalue: float, min_eigenvalue: float | None, n: int, horizon: float | None = None
+) -> float:
+    r""":math:`d = (0.1 \max(0, \bar\lambda) + \max(0, -\lambda_{\min})) / n`.
+
+    With a training ``horizon`` :math:`T = \sum_t \eta_t`, the first term is at least
+    :math:`n / T` (:math:`d \ge 1/T`).
+    """
     shift = 0.0 if min_eigenvalue is None else max(0.0, -min_eigenvalue)
-    return (MEAN_FRACTION * max(0.0, mean_eigenvalue) + shift) / n
+    floor = MEAN_FRACTION * max(0.0, mean_eigenvalue)
+    if horizon is not None:
+        floor = max(floor, n / horizon)
+    return (floor + shift) / n
+
+
+def check_horizon(horizon: Any) -> float | None:
+    """``None`` or a finite number ``> 0``; else ``ValueError`` naming ``training_horizon``."""
+    if horizon is None:
+        return None
+    bad = isinstance(horizon, bool) or not isinstance(horizon, (int, float))
+    if bad or not 0 < horizon < float("inf"):
+        raise ValueError(f"`training_horizon` must be None or a finite number > 0, got {horizon!r}")
+    return float(horizon)
+
+
+def training_horizon(trajectory: Any) -> float:
+    r""":math:`T = \sum_t \eta_t` over a recorded run's steps.
+
+    ``trajectory``: a record directory or a loaded
+    :class:`~captum_sam.trajectory.Trajectory`.
+    """
+    from captum_sam.trajectory import Trajectory, load_trajectory
+
+    traj = trajectory if isinstance(trajectory, Trajectory) else load_trajectory(trajectory)
+    return float(sum(step.lr for step in traj.steps))
 
 
 def hutchinson_trace(
@@ -180,13 +225,17 @@ def _ritz_min(tri: Tensor, last: float) -> float:
 
 
 def auto_damping(
-    op: SAMOperator, dense_max_dim: int, chunk_size: int, seed: int = 0
+    op: SAMOperator,
+    dense_max_dim: int,
+    chunk_size: int,
+    seed: int = 0,
+    horizon: float | None = None,
 ) -> AutoDamping:
     r"""The rule of this module for ``op``'s curvature at its point.
 
     Exact from the formed :math:`C` when ``op.dim <= dense_max_dim`` (kept as
     ``op.dense_curvature`` for the dense solver), else estimated (``seed`` seeds the
-    probes and the Lanczos start).
+    probes and the Lanczos start). ``horizon``: the training horizon, if known.
     """
     psd = op.curvature == "ggn"
     if op.dim <= dense_max_dim:
@@ -195,7 +244,8 @@ def auto_damping(
         op.dense_curvature = c
         mean = float(c.diagonal().mean())
         low = None if psd else float(torch.linalg.eigvalsh(c)[0])
-        return AutoDamping(damping_rule(mean, low, op.n_train), mean, low, "dense")
+        d = damping_rule(mean, low, op.n_train, horizon)
+        return AutoDamping(d, mean, low, "dense", horizon)
     like = op.mean_grad[op.names[0]]
 
     def matvec(columns: Tensor) -> Tensor:
@@ -205,4 +255,5 @@ def auto_damping(
     rest = hutchinson_trace(matvec, op.dim, PROBES, seed, like, basis)
     mean = (float(tri.trace()) + rest) / op.dim
     low = None if psd else _ritz_min(tri, last)
-    return AutoDamping(damping_rule(mean, low, op.n_train), mean, low, "hutchinson-lanczos")
+    d = damping_rule(mean, low, op.n_train, horizon)
+    return AutoDamping(d, mean, low, "hutchinson-lanczos", horizon)

@@ -128,6 +128,12 @@ class SAMInfluenceFunction(SAMInfluenceBase):
             and point, :mod:`captum_sam.hif.kfac_store`): reused when they match the
             checkpoint, data and settings, refused with an error naming the file and
             field when stale or tampered. ``None``: no cache.
+        training_horizon: With ``damping="auto"``, the training run's
+            :math:`T = \sum_t \eta_t`
+            (:func:`captum_sam.hif.damping.training_horizon` reads it from a record):
+            the damping is then at least :math:`1/T`, the implicit damping of a run
+            that stopped before a minimum (see :mod:`captum_sam.hif.damping`). ``None``
+            (default): a model at a minimum.
         batchnorm: ``"eval"`` only (running statistics; see BatchNorm in the mathematics page):
             ``"batch"`` needs recorded batches, which only
             :meth:`SAMTracInCP.from_trajectory <captum_sam.SAMTracInCP.from_trajectory>`
@@ -183,6 +189,7 @@ class SAMInfluenceFunction(SAMInfluenceBase):
         factors_dir: str | os.PathLike[str] | None = None,
         batchnorm: str = "eval",
         batchnorm_tolerance: float | None = 0.1,
+        training_horizon: float | None = None,
     ) -> None:
         arguments = dict(locals())
         sam = pick(arguments, SAM_ARGUMENTS)
