@@ -64,9 +64,19 @@ def averaged_ggn_scores(ctx, checkpoints: list[str], damping: float) -> tuple[to
     cfg = ctx.config
     ests = [
         SAMInfluenceFunction(
-            ctx.base, ctx.data.train, path, loss_fn=ctx.loss, batch_size=250,
-            rho=cfg.rho, weight_decay=cfg.weight_decay, damping=damping, variant="plain",
-            curvature="ggn", solver="dense", projection_dim=None, hessian_reg=0.0,
+            ctx.base,
+            ctx.data.train,
+            path,
+            loss_fn=ctx.loss,
+            batch_size=250,
+            rho=cfg.rho,
+            weight_decay=cfg.weight_decay,
+            damping=damping,
+            variant="plain",
+            curvature="ggn",
+            solver="dense",
+            projection_dim=None,
+            hessian_reg=0.0,
             hessian_inverse_tol=None,
         )  # fmt: skip
         for path in checkpoints
