@@ -1,6 +1,6 @@
 """Does SAM-awareness help at larger rho? LDS of every estimator on SAM-trained MLPs (issue 16.4).
 
-    python benchmarks/bench_research.py [--rhos 0.2 0.5] [--subsets 40] [--model mlp]
+    python benchmarks/bench_research.py [--rhos 0.2 0.5] [--subsets 40] [--model mlp|cnn]
 
 The run of ``captum-sam compare --model mlp`` (``CompareConfig(model=..., rho=rho)``:
 digits, 1000 training examples with 10% planted label noise, 300 validation, the
@@ -11,7 +11,11 @@ weight decay 1e-3, seed 0), trained and recorded by compare's own step
 examples with each batch renormalised by its kept count (empty batches skipped), on
 ``--subsets`` random halves of the training set drawn as compare draws them
 (``random_subsets(..., sampler="fraction", fraction=0.5, seed=11)``); cached in
-``--out`` so a rerun only recomputes the estimators. LDS:
+``--out`` so a rerun only recomputes the estimators. A second column (``--truths``)
+uses ``GroundTruth(mode="fresh")``: SAM retraining from the recorded initial weights on
+the kept examples with new seeded batch orders (seeds 0, 1, 2), test losses averaged
+over the seeds; it tells an estimator that predicts retraining from one that
+differentiates the recorded batch order itself (the unrolled row). LDS:
 :func:`captum_sam.evaluation.metrics.lds` (Spearman over subsets, mean over test
 examples). Rows:
 
@@ -136,13 +140,17 @@ def main() -> None:
     parser.add_argument("--dampings", type=float, nargs="+", default=[0.001, 0.01, 0.1])
     parser.add_argument("--subsets", type=int, default=40)
     parser.add_argument("--last", type=int, default=5, help="checkpoints averaged")
+    parser.add_argument(
+        "--truths", nargs="+", choices=("schedule", "fresh", "schedule_zero_weight"),
+        default=["schedule", "fresh"], help="ground-truth protocols, one LDS column each",
+    )  # fmt: skip
     parser.add_argument("--truth-only", action="store_true", help="only the ground truth")
     parser.add_argument("--out", default="/tmp/captum_sam_bench_research")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"{machine()}; {args.model}; {args.subsets} LDS subsets (halves, seed 11); "
-          "ground truth: renormalised schedule replay", flush=True)  # fmt: skip
-    header = ("rho", "estimator", "damping d", "LDS", "seconds")
+          f"ground truth: {', '.join(args.truths)}", flush=True)  # fmt: skip
+    header = ("rho", "estimator", "damping d", *(f"LDS ({m})" for m in args.truths), "seconds")
     rows = []
     for rho in args.rhos:
         cfg = CompareConfig(model=args.model, rho=rho)
@@ -150,13 +158,15 @@ def main() -> None:
         ctx, traj, _ = _train(cfg, out, False, False)
         n = len(ctx.data.train)
         masks = random_subsets(n, args.subsets, fraction=cfg.lds_fraction, seed=cfg.seed + 11)
-        gt = GroundTruth(ctx.base, ctx.data.train, ctx.loss, "schedule", trajectory=traj,
-                         cache_dir=os.path.join(out, "truth"))  # fmt: skip
-        start = time.perf_counter()
         removed = [torch.nonzero(~m).flatten().tolist() for m in masks]
-        truth = gt.evaluate(removed, ctx.test).losses
-        print(f"rho {rho:g}: ground truth ({args.subsets} replays) in "
-              f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
+        truths = {}
+        for mode in args.truths:
+            gt = GroundTruth(ctx.base, ctx.data.train, ctx.loss, mode, trajectory=traj,
+                             seeds=cfg.gt_seeds, cache_dir=os.path.join(out, "truth"))  # fmt: skip
+            start = time.perf_counter()
+            truths[mode] = gt.evaluate(removed, ctx.test).losses
+            print(f"rho {rho:g}: ground truth {mode} ({args.subsets} subsets) in "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
         if args.truth_only:
             continue
         for label, d, build in estimators(ctx, traj, args.dampings, args.last):
@@ -172,11 +182,12 @@ def main() -> None:
                     used = getattr(made, "damping_used", None)
                     if d == "auto" and used is not None:
                         d = f"auto = {used:.3g}"
-                value = f"{lds(scores, masks, truth)[0]:.3f}"
+                seconds = f"{time.perf_counter() - start:.1f}"
+                values = [f"{lds(scores, masks, t)[0]:.3f}" for t in truths.values()]
             except Exception as err:  # one row's failure must not lose the others
-                value, extra = "failed", f" ({type(err).__name__}: {err})"
-            seconds = f"{time.perf_counter() - start:.1f}"
-            rows.append((f"{rho:g}", label, str(d), value, seconds))
+                seconds = f"{time.perf_counter() - start:.1f}"
+                values, extra = ["failed"] * len(truths), f" ({type(err).__name__}: {err})"
+            rows.append((f"{rho:g}", label, str(d), *values, seconds))
             print(table(rows[-1:], header).splitlines()[-1] + extra, flush=True)
     if rows:
         print()
