@@ -125,9 +125,23 @@ class TrainModeLoss(FunctionalLoss):
         return TrainModeLoss(self.model, self.loss_fn, frozen, self.reduction, self.layers)
 
     def outputs(self, params: Params, features: Sequence[Any]) -> Any:
-        """Model outputs with the layers on the batch's statistics."""
+        """Model outputs with the layers on the batch's statistics.
+
+        Raises:
+            ValueError: A layer sees one value per channel (a batch of one example
+                without spatial dimensions) and has no batch statistics.
+        """
         with train_mode_batchnorm(self.layers):
-            return super().outputs(params, features)
+            try:
+                return super().outputs(params, features)
+            except ValueError as err:
+                if "Expected more than 1 value per channel" not in str(err):
+                    raise
+                raise ValueError(
+                    "batchnorm='batch' evaluates BatchNorm on batch statistics, which a batch "
+                    "of one example does not have here: choose a `batch_size` that leaves no "
+                    f"batch of one ({err})"
+                ) from err
 
 
 @dataclass
