@@ -110,7 +110,7 @@ def _edit_reason(row: dict[str, Any], results: dict[str, Any]) -> str:
         f"Likely reasons: the forgotten set is large relative to the training set ({size} of "
         f"{n} examples, {size / n:.0%}), beyond the range where the first-order (Newton) step "
         f"is accurate, or the damping ({row.get('damping', results['config']['damping'])}) "
-        "is too small."
+        "is too small (the step blows up) or too large (the step barely moves the model)."
     )
     fixed_point = results["ground_truth"]["mode"].startswith("fixed_point")
     if row.get("curvature") == "hessian" and not fixed_point:
