@@ -126,8 +126,8 @@ def estimators(ctx, traj, dampings, last):
         ctx.model, ctx.data.train, traj, loss_fn=ctx.loss, batch_size=250)))  # fmt: skip
     out.append(("captum-tracincp (epoch ckpts)", "-", lambda: build_estimator(
         ctx, "captum-tracincp", None)))  # fmt: skip
-    paths = [c.path for c in traj.checkpoints][-last:]
-    for d in dampings:
+    paths = [c.path for c in traj.checkpoints][-last:] if last > 1 else []
+    for d in dampings if paths else []:
         out.append((f"if [ggn averaged, last {last} ckpts]", d, lambda d=d: (
             averaged_ggn_scores(ctx, paths, d))))  # fmt: skip
     return out
@@ -139,7 +139,9 @@ def main() -> None:
     parser.add_argument("--rhos", type=float, nargs="+", default=[0.2, 0.5])
     parser.add_argument("--dampings", type=float, nargs="+", default=[0.001, 0.01, 0.1])
     parser.add_argument("--subsets", type=int, default=40)
-    parser.add_argument("--last", type=int, default=5, help="checkpoints averaged")
+    parser.add_argument(
+        "--last", type=int, default=5, help="checkpoints averaged (< 2: no such rows)"
+    )
     parser.add_argument(
         "--truths", nargs="+", choices=("schedule", "fresh", "schedule_zero_weight"),
         default=["schedule", "fresh"], help="ground-truth protocols, one LDS column each",
