@@ -1,11 +1,12 @@
-"""Does SAM-awareness help at larger rho? LDS of every estimator on SAM-trained MLPs (issue 16.4).
+"""Does SAM-awareness help at larger rho? LDS of the estimators on SAM-trained digits models.
 
     python benchmarks/bench_research.py [--rhos 0.2 0.5] [--subsets 40] [--model mlp|cnn]
 
 The run of ``captum-sam compare --model mlp`` (``CompareConfig(model=..., rho=rho)``:
 digits, 1000 training examples with 10% planted label noise, 300 validation, the
 remaining 497 as test; MLP 64-32-10 in float64; SAM for 30 epochs, lr 0.5, batch 64,
-weight decay 1e-3, seed 0), trained and recorded by compare's own step
+weight decay 1e-3, seed 0; ``--model cnn``: compare's small CNN, Conv2d 8x3x3-tanh-
+AvgPool-Linear, 1370 parameters, the same settings), trained and recorded by compare's own step
 (:func:`captum_sam.evaluation.compare._train`). Ground truth:
 ``GroundTruth(mode="schedule")``, the recorded SAM schedule replayed on the kept
 examples with each batch renormalised by its kept count (empty batches skipped), on
