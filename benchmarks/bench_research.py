@@ -1,11 +1,12 @@
-"""Does SAM-awareness help at larger rho? LDS of every estimator on SAM-trained MLPs (issue 16.4).
+"""Does SAM-awareness help at larger rho? LDS of the estimators on SAM-trained digits models.
 
     python benchmarks/bench_research.py [--rhos 0.2 0.5] [--subsets 40] [--model mlp|cnn]
 
 The run of ``captum-sam compare --model mlp`` (``CompareConfig(model=..., rho=rho)``:
 digits, 1000 training examples with 10% planted label noise, 300 validation, the
 remaining 497 as test; MLP 64-32-10 in float64; SAM for 30 epochs, lr 0.5, batch 64,
-weight decay 1e-3, seed 0), trained and recorded by compare's own step
+weight decay 1e-3, seed 0; ``--model cnn``: compare's small CNN, Conv2d 8x3x3-tanh-
+AvgPool-Linear, 1370 parameters, the same settings), trained and recorded by compare's own step
 (:func:`captum_sam.evaluation.compare._train`). Ground truth:
 ``GroundTruth(mode="schedule")``, the recorded SAM schedule replayed on the kept
 examples with each batch renormalised by its kept count (empty batches skipped), on
@@ -126,8 +127,8 @@ def estimators(ctx, traj, dampings, last):
         ctx.model, ctx.data.train, traj, loss_fn=ctx.loss, batch_size=250)))  # fmt: skip
     out.append(("captum-tracincp (epoch ckpts)", "-", lambda: build_estimator(
         ctx, "captum-tracincp", None)))  # fmt: skip
-    paths = [c.path for c in traj.checkpoints][-last:]
-    for d in dampings:
+    paths = [c.path for c in traj.checkpoints][-last:] if last > 1 else []
+    for d in dampings if paths else []:
         out.append((f"if [ggn averaged, last {last} ckpts]", d, lambda d=d: (
             averaged_ggn_scores(ctx, paths, d))))  # fmt: skip
     return out
@@ -139,7 +140,9 @@ def main() -> None:
     parser.add_argument("--rhos", type=float, nargs="+", default=[0.2, 0.5])
     parser.add_argument("--dampings", type=float, nargs="+", default=[0.001, 0.01, 0.1])
     parser.add_argument("--subsets", type=int, default=40)
-    parser.add_argument("--last", type=int, default=5, help="checkpoints averaged")
+    parser.add_argument(
+        "--last", type=int, default=5, help="checkpoints averaged (< 2: no such rows)"
+    )
     parser.add_argument(
         "--truths", nargs="+", choices=("schedule", "fresh", "schedule_zero_weight"),
         default=["schedule", "fresh"], help="ground-truth protocols, one LDS column each",
