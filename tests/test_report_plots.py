@@ -360,7 +360,10 @@ def test_findings_flag_an_edit_below_the_unedited_model_with_its_reason():
     gif, hif = found
     assert gif.startswith("`sam-gif`") and "0.050 below" in gif and "0.850" in gif
     assert "0.860" in gif and "10 of 200 test examples" in gif and "overshoot" in gif
-    assert hif.startswith("`if`") and "Newton" in hif and "damping (0)" in hif
+    assert hif.startswith("`if`") and "Newton" in hif and "damping (0.0)" in hif
+    rows[1].update(damping="0.0123 (auto)")  # the row's own damping wins over the config's
+    (_, hif) = findings(results(rows))
+    assert "damping (0.0123 (auto))" in hif and "too large" in hif
     assert "6 of 60 examples" in hif and "0.870" in hif
 
 
@@ -419,9 +422,11 @@ def test_format_table_prints_failed_and_missing_metrics():
     assert len(lines) == 5
     failed = [c.strip() for c in lines[3].strip("|").split("|")]
     assert failed[0] == "sam-hif [broken]" and failed[-2] == "0.25" and failed[-1] == "n/a"
-    assert failed[1:-2] == ["failed"] * 8
+    # the damping column (after LDS) is n/a, not "failed": a failed row chose none
+    assert failed[1:-2] == ["failed"] * 3 + ["n/a"] + ["failed"] * 5
     missing = [c.strip() for c in lines[4].strip("|").split("|")]
-    assert missing[4] == "n/a" and missing[6] == "n/a" and missing[1] == "+0.900"
+    assert missing[5] == "n/a" and missing[7] == "n/a" and missing[1] == "+0.900"
+    assert missing[4] == "n/a"  # no damping recorded for the row
 
 
 def test_report_lists_failed_estimators_and_what_to_look_out_for():
