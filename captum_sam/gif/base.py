@@ -66,6 +66,15 @@ class SAMTracInBase(TracInCPBase):
         self.rho, self.adaptive = float(rho), adaptive
         self.trajectory = None
 
+    def _captum_init_on(
+        self, traj: Any, model: nn.Module, train_dataset: Any, captum: dict[str, Any]
+    ) -> None:
+        """:meth:`_captum_init` on a recorded run's checkpoints, with its first step's rho."""
+        self._captum_init(
+            model, train_dataset, [c.path for c, _ in traj.segments()], captum,
+            traj.steps[0].rho, traj.steps[0].adaptive,
+        )  # fmt: skip
+
     def _checkpoint_terms(self, loader: Any) -> list[Term]:
         """One term per checkpoint, with the learning rate its loader returns."""
         rates = [loader(c).learning_rate for c in self.checkpoints]

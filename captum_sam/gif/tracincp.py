@@ -31,6 +31,20 @@ from captum_sam.trajectory import Trajectory, load_trajectory
 __all__ = ["SAMTracInCP"]
 
 
+def recorded_trajectory(
+    record_dir: str | os.PathLike | Trajectory, allow_incomplete: bool
+) -> Trajectory:
+    """``record_dir`` loaded (and verified) as a :class:`Trajectory`, refused without steps."""
+    traj = (
+        record_dir
+        if isinstance(record_dir, Trajectory)
+        else load_trajectory(record_dir, allow_incomplete=allow_incomplete)
+    )
+    if not traj.steps:
+        raise ValueError(f"the trajectory in {traj.directory!r} has no recorded steps")
+    return traj
+
+
 class SAMTracInCP(SAMTracInBase):
     r"""SAM-GIF as a Captum ``TracInCPBase``: training gradients at :math:`w_c + \epsilon_c`.
 
@@ -214,19 +228,12 @@ class SAMTracInCP(SAMTracInBase):
         Returns:
             An estimator whose scores follow the recorded batch membership.
         """
-        traj = (
-            record_dir
-            if isinstance(record_dir, Trajectory)
-            else load_trajectory(record_dir, allow_incomplete=allow_incomplete)
-        )
-        if not traj.steps:
-            raise ValueError(f"the trajectory in {traj.directory!r} has no recorded steps")
+        traj = recorded_trajectory(record_dir, allow_incomplete)
         self = cls.__new__(cls)
-        self._captum_init(
-            model, train_dataset, [c.path for c, _ in traj.segments()],
+        self._captum_init_on(
+            traj, model, train_dataset,
             {"checkpoints_load_func": checkpoints_load_func, "loss_fn": loss_fn,
              "batch_size": batch_size, "test_loss_fn": test_loss_fn},
-            traj.steps[0].rho, traj.steps[0].adaptive,
         )  # fmt: skip
         self.trajectory = traj
         options = GIFOptions(

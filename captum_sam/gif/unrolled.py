@@ -38,9 +38,9 @@ from captum_sam.core.data import as_loader
 from captum_sam.gif.points import TRAJECTORY_PERTURBATIONS
 from captum_sam.gif.setup import GIFOptions, build_engines
 from captum_sam.gif.terms import trajectory_terms
-from captum_sam.gif.tracincp import SAMTracInCP
+from captum_sam.gif.tracincp import SAMTracInCP, recorded_trajectory
 from captum_sam.gif.unrolled_replay import check_removal
-from captum_sam.trajectory import Trajectory, load_trajectory
+from captum_sam.trajectory import Trajectory
 
 __all__ = ["SAMUnrolledGIF"]
 
@@ -85,18 +85,11 @@ class SAMUnrolledGIF(SAMTracInCP):
         if isinstance(test_chunk, bool) or not isinstance(test_chunk, int) or test_chunk < 1:
             raise ValueError(f"`test_chunk` must be a positive int, got {test_chunk!r}")
         self.test_chunk = test_chunk
-        traj = (
-            record_dir
-            if isinstance(record_dir, Trajectory)
-            else load_trajectory(record_dir, allow_incomplete=allow_incomplete)
-        )
-        if not traj.steps:
-            raise ValueError(f"the trajectory in {traj.directory!r} has no recorded steps")
-        self._captum_init(
-            model, train_dataset, [c.path for c, _ in traj.segments()],
+        traj = recorded_trajectory(record_dir, allow_incomplete)
+        self._captum_init_on(
+            traj, model, train_dataset,
             {"checkpoints_load_func": checkpoints_load_func, "loss_fn": loss_fn,
              "batch_size": batch_size, "test_loss_fn": test_loss_fn},
-            traj.steps[0].rho, traj.steps[0].adaptive,
         )  # fmt: skip
         self.trajectory = traj
         self._engines = build_engines(
