@@ -16,7 +16,6 @@ linearised edit includes re-running the recorded steps once; later edits reuse t
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import tempfile
@@ -26,56 +25,23 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from captum_sam import SAM, SAMTracInCP, SAMUnrolledGIF, load_trajectory, train_sam  # noqa: E402
-from captum_sam.core.checkpoints import checkpoints_load_func  # noqa: E402
+from captum_sam import SAMTracInCP, SAMUnrolledGIF, load_trajectory, train_sam  # noqa: E402
 from captum_sam.data import load_dataset  # noqa: E402
 from captum_sam.evaluation.config import default_lr  # noqa: E402
-from captum_sam.evaluation.metrics import accuracy  # noqa: E402
+from captum_sam.evaluation.metrics import accuracy, loo_correlation, spearman  # noqa: E402
 from captum_sam.models import build_model, training_dtype  # noqa: E402
+from captum_sam.replay import replay_trajectory  # noqa: E402
 from captum_sam.trajectory import Trajectory  # noqa: E402
 
 
 def replay_without(model, data, loss_fn, traj: Trajectory, removed, removal: str):
-    """Hand-written replay of the recorded schedule without ``removed`` (a new model)."""
-    hyper = traj.optimizer["hyperparameters"]
-    replica = copy.deepcopy(model)
-    checkpoints_load_func(replica, traj.initial.path)
-    opt = SAM(
-        replica.parameters(),
-        torch.optim.SGD,
-        rho=traj.steps[0].rho,
-        lr=traj.steps[0].lr,
-        momentum=hyper.get("momentum", 0.0),
-        weight_decay=hyper.get("weight_decay", 0.0),
-    )
-    gone = set(removed)
-    x, y = data.tensors
-    for step in traj.steps:
-        idx = torch.tensor(step.indices)
-        keep = torch.tensor([i not in gone for i in step.indices], dtype=x.dtype)
-        if removal == "renormalise" and not keep.any():
-            continue
-        norm = keep.sum() if removal == "renormalise" else float(len(idx))
-        for group in opt.param_groups:
-            group["lr"], group["rho"] = step.lr, step.rho
-
-        def closure(idx=idx, keep=keep, norm=norm):
-            opt.zero_grad()
-            loss = (loss_fn(replica(x[idx]), y[idx]) * keep).sum() / norm
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-    return replica
+    """The recorded schedule replayed without ``removed`` (a new model), by ``removal``."""
+    renormalise = removal == "renormalise"
+    return replay_trajectory(model, data, loss_fn, traj, removed, renormalise=renormalise)
 
 
 def flat(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
-
-
-def spearman(a, b):
-    ranks = [torch.argsort(torch.argsort(v)).double() for v in (a, b)]
-    return float(torch.corrcoef(torch.stack(ranks))[0, 1])
 
 
 def score_check(model, data, loss, traj, n_loo: int, n_subsets: int, seed: int) -> None:
@@ -102,10 +68,10 @@ def score_check(model, data, loss, traj, n_loo: int, n_subsets: int, seed: int) 
     for name, sc in (("SAM-GIF first order", first_scores), ("SAMUnrolledGIF", unrolled)):
         pred = torch.stack([sc[0, s].sum() for s in sets]).detach()
         loo, act = pred[:n_loo], actual[:n_loo]
-        pearson = float(torch.corrcoef(torch.stack([loo, act]))[0, 1])
+        pearson, loo_spearman = loo_correlation(loo.numpy(), act.numpy())
         print(
-            f"| {name} | {pearson:.3f} | {spearman(loo, act):.3f} | "
-            f"{spearman(pred[n_loo:], actual[n_loo:]):.3f} |"
+            f"| {name} | {pearson:.3f} | {loo_spearman:.3f} | "
+            f"{spearman(pred[n_loo:].numpy(), actual[n_loo:].numpy()):.3f} |"
         )
 
 
