@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from captum_sam import SAMTracInCP, SAMUnrolledGIF, load_trajectory, train_sam  # noqa: E402
+from captum_sam.core.checkpoints import checkpoints_load_func  # noqa: E402
 from captum_sam.data import load_dataset  # noqa: E402
 from captum_sam.evaluation.config import default_lr  # noqa: E402
 from captum_sam.evaluation.metrics import accuracy, loo_correlation, spearman  # noqa: E402
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--scores", action="store_true", help="also check aggregated scores")
     parser.add_argument("--n-loo", type=int, default=40)
     parser.add_argument("--subsets", type=int, default=20)
+    parser.add_argument("--segment-curvatures", nargs="*", default=["ggn", "hessian"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     dtype = training_dtype(args.model)
@@ -108,6 +110,21 @@ def main() -> None:
         score_check(model, data, loss, traj, args.n_loo, args.subsets, args.seed)
         return
     est = SAMTracInCP.from_trajectory(model, data.train, traj, loss_fn=loss, batch_size=128)
+
+    def per_example(m, path):  # one epoch per checkpoint: weight eta/|B| per example
+        return checkpoints_load_func(m, path) / 64
+
+    ckpt = SAMTracInCP(model, data.train, [c.path for c in traj.checkpoints],
+                       checkpoints_load_func=per_example, loss_fn=loss, batch_size=128,
+                       rho=args.rho)  # fmt: skip
+    steps = -(-len(data.train) // 64)
+    edits = [("first_order", est, {}), ("linearised", est, {}),
+             ("ckpt first_order", ckpt, {"method": "first_order"})]  # fmt: skip
+    for curv in args.segment_curvatures:
+        for k in (steps, None):
+            opts = {"method": "segment", "curvature": curv, "steps_per_checkpoint": k,
+                    "weight_decay": 1e-3}  # fmt: skip
+            edits.append((f"ckpt segment {curv} K={k or 'inf'}", ckpt, opts))
     print(
         "| edit | removal | edit acc | retrained acc | gap | cosine | norm ratio | edit s "
         "| replay s |"
@@ -119,9 +136,10 @@ def main() -> None:
         replay_s = time.perf_counter() - start
         true = flat(ref) - w_t
         ref_acc = accuracy(ref, test)
-        for method in ("first_order", "linearised"):
+        for method, estimator, opts in edits:
             start = time.perf_counter()
-            edited = est.edited_model(removed, method=method, removal=removal)
+            opts = {"method": method, **opts}
+            edited = estimator.edited_model(removed, removal=removal, **opts)
             seconds = time.perf_counter() - start
             change = flat(edited) - w_t
             cos = float(torch.nn.functional.cosine_similarity(change, true, dim=0))

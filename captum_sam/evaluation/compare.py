@@ -48,8 +48,8 @@ from captum_sam.models import build_model, training_dtype
 from captum_sam.training import train_sam
 from captum_sam.trajectory import Trajectory, load_trajectory
 
-# SAM-GIF's linearised edit takes the removal convention of the schedule replay it is
-# judged against: zero weight (batches still divided by |B_t|) only under
+# SAM-GIF's linearised and segment edits take the removal convention of the schedule
+# replay they are judged against: zero weight (batches still divided by |B_t|) only under
 # --ground-truth schedule_zero_weight, else renormalised over the kept examples
 SCHEDULE_REMOVAL = {"schedule_zero_weight": "zero_weight", "schedule": "renormalise"}
 
@@ -330,15 +330,23 @@ def damping_label(used: float | dict[str, float] | None, est: Any) -> str | None
 def _edit_metrics(ctx: Context, truth: _Truth, est: Any, method: str) -> dict[str, float]:
     """Edit the model to forget the edit set; compare with really retraining without it."""
     trajectory_form = method.startswith("sam-gif")
-    # the recorded-trajectory estimator edits by the linearised replay, under the removal
-    # convention of the schedule ground truth it is compared with
-    edited = (
-        est.edited_model(
-            truth.edit_set, method="linearised", removal=SCHEDULE_REMOVAL[truth.schedule_mode]
+    # the gradient rows edit by the linearised replay (trajectory form) or by segments
+    # (checkpoint form), under the removal convention of the schedule ground truth they
+    # are compared with
+    removal = SCHEDULE_REMOVAL[truth.schedule_mode]
+    if method == "sam-gif":
+        edited = est.edited_model(truth.edit_set, method="linearised", removal=removal)
+    elif method == "sam-gif-ckpt":  # no batch record: SOURCE-style segments per epoch
+        cfg = ctx.config
+        edited = est.edited_model(
+            truth.edit_set,
+            method="segment",
+            removal=removal,
+            steps_per_checkpoint=-(-len(ctx.data.train) // cfg.batch_size),
+            weight_decay=cfg.weight_decay,
         )
-        if method == "sam-gif"
-        else est.edited_model(truth.edit_set)
-    )
+    else:
+        edited = est.edited_model(truth.edit_set)
     ref = truth.edit_schedule if trajectory_form else truth.edit
     origin = ctx.model if trajectory_form else ctx.base
     em = editing_metrics(

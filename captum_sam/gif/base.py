@@ -31,13 +31,14 @@ from captum_sam.core.data import (
 from captum_sam.core.distributed import gather_ordered, is_distributed
 from captum_sam.core.errors import require_inputs
 from captum_sam.core.store import open_quantities
+from captum_sam.gif.segment_edit import SegmentEdit, check_segment_options
 from captum_sam.gif.setup import GIFEngines, resolve_checkpoints
 from captum_sam.gif.terms import Term, checkpoint_terms
 from captum_sam.gif.unrolled_replay import UnrolledReplay, check_removal
 
 __all__ = ["EDIT_METHODS", "SAMTracInBase", "check_rho"]
 
-EDIT_METHODS = ("first_order", "linearised")
+EDIT_METHODS = ("first_order", "linearised", "segment")
 
 
 class SAMTracInBase(TracInCPBase):
@@ -303,6 +304,11 @@ class SAMTracInBase(TracInCPBase):
         show_progress: bool = False,
         method: str = "first_order",
         removal: str = "renormalise",
+        *,
+        curvature: str = "ggn",
+        steps_per_checkpoint: int | None = None,
+        weight_decay: float = 0.0,
+        krylov_steps: int = 60,
     ) -> dict[str, Tensor] | Tensor:
         r"""Estimate of :math:`w_{-S} - w_T` for removing the examples ``indices``.
 
@@ -318,15 +324,31 @@ class SAMTracInBase(TracInCPBase):
         through the Jacobians of the later SAM steps (perturbation and momentum
         included) at the recorded weights. It changes every trainable parameter.
 
+        ``method="segment"`` (checkpoint form, ``perturbation="dataset"``): SOURCE-style
+        segments (:mod:`~captum_sam.gif.segment_edit`): between checkpoints the
+        training steps are linearised with the curvature held at the checkpoint's
+        perturbed weights, so each checkpoint's contribution is damped by the steps
+        after it; the checkpoint weight :math:`c_l = \eta_l/|B|` is read as one pass
+        over the training set per checkpoint interval (training time
+        :math:`\tau_l = c_l n`). Attributed parameters.
+
         Args:
             indices: Training indices of the set :math:`S`.
             flat: Return one flat vector ``(P,)`` instead of a dict.
             show_progress: Progress bar.
-            method: ``"first_order"`` or ``"linearised"``.
-            removal: For ``"linearised"``: ``"renormalise"`` (the kept examples'
-                mean, an emptied batch skipped: trained without :math:`S`) or
-                ``"zero_weight"`` (removed examples weighted 0, still divided by
-                :math:`|B_t|`).
+            method: ``"first_order"``, ``"linearised"`` or ``"segment"``.
+            removal: For ``"linearised"`` and ``"segment"``: ``"renormalise"`` (the
+                kept examples' mean, an emptied batch skipped: trained without
+                :math:`S`) or ``"zero_weight"`` (removed examples weighted 0, still
+                divided by :math:`|B_t|`). ``"first_order"`` is zero weight.
+            curvature: For ``"segment"``: ``"ggn"`` or ``"hessian"`` of the mean
+                training loss.
+            steps_per_checkpoint: For ``"segment"``: training steps :math:`K` per
+                checkpoint interval (``None``: the gradient-flow limit).
+            weight_decay: For ``"segment"``: the training's weight decay (added to the
+                curvature).
+            krylov_steps: For ``"segment"``: Lanczos steps per matrix function (a
+                ``RuntimeWarning`` when its error estimate exceeds 1e-3).
 
         Returns:
             A dict (parameter name -> tensor of the parameter's shape), or a flat
@@ -343,6 +365,22 @@ class SAMTracInBase(TracInCPBase):
             )
             return torch.cat([change[n].flatten() for n in replay.names]) if flat else change
         e = self._engines
+        if method == "segment":
+            check_removal(removal)
+            check_segment_options(curvature, steps_per_checkpoint, weight_decay, krylov_steps)
+            if self.trajectory is not None:
+                raise ValueError(
+                    "method='segment' is for the checkpoint form; a recorded trajectory "
+                    "has method='linearised'"
+                )
+            e.prepare()
+            total = SegmentEdit(
+                e.points, e.terms, e.quantities.train_dataloader, e.n_train, e.device
+            ).change(
+                check_indices(indices, e.n_train), removal, curvature,
+                steps_per_checkpoint, float(weight_decay), krylov_steps, show_progress,
+            )  # fmt: skip
+            return total if flat else e.unflatten(total)
         e.prepare()
         total = e.quantities.parameter_change(indices, show_progress)
         return total if flat else e.unflatten(total)
@@ -353,14 +391,16 @@ class SAMTracInBase(TracInCPBase):
         show_progress: bool = False,
         method: str = "first_order",
         removal: str = "renormalise",
+        **segment: Any,
     ) -> nn.Module:
         """A new model: the final weights plus :meth:`parameter_change` (user's model untouched).
 
         The final weights are the trajectory's final checkpoint, or in checkpoint form
-        the last checkpoint. ``method`` and ``removal`` as in :meth:`parameter_change`.
+        the last checkpoint. ``method``, ``removal`` and the keyword options of
+        ``method="segment"`` as in :meth:`parameter_change`.
         """
         delta = self.parameter_change(
-            indices, show_progress=show_progress, method=method, removal=removal
+            indices, show_progress=show_progress, method=method, removal=removal, **segment
         )
         return self._engines.edited(self.model, delta)  # type: ignore[arg-type]
 
