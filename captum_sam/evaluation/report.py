@@ -192,7 +192,10 @@ def _columns_section(results: dict[str, Any]) -> list[str]:
         f"- **edit acc (retrained)**: test accuracy of the model edited to forget {forgotten} "
         "without retraining, and in parentheses of the "
         "model really retrained without them (SAM-GIF against the replayed schedule, the "
-        "others against the ground truth above). n/a: the estimator cannot edit.",
+        "others against the ground truth above). `sam-gif` edits by the linearised replay "
+        "of the recorded run, `sam-gif-ckpt` by segments between its checkpoints "
+        '(`method="segment"`), the Hessian rows by one Newton step. n/a: the estimator '
+        "cannot edit.",
         "- **runtime s**: set-up plus influence of every training example on every test "
         "example. **vs retraining**: time of retraining once per training example divided "
         "by the runtime.",
