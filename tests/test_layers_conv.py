@@ -43,8 +43,9 @@ class ConvNet(nn.Module):
 
 
 def built(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    model(x[:1])  # materialise lazy layers
-    return model.to(DTYPE)
+    training = model.training
+    model.eval()(x[:1])  # materialise lazy layers (eval: BatchNorm1d sees one example)
+    return model.train(training).to(DTYPE)
 
 
 def loop_grads(model, names, x, y):
@@ -180,6 +181,24 @@ class GroupedCNN(nn.Sequential):
         )
 
 
+class BatchNormCNN(nn.Sequential):
+    """Convolutions, BatchNorm2d/1d and linear layers: every parameter a site."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Conv2d(3, 4, 3, padding=1, bias=False),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 3, 3, stride=2),
+            nn.BatchNorm2d(3, affine=False),  # no parameters: not a site, nothing to attribute
+            nn.Flatten(),
+            nn.LazyLinear(6),
+            nn.BatchNorm1d(6),
+            nn.Tanh(),
+            nn.Linear(6, 3),
+        )
+
+
 def checkpoints(model, tmp_path, count=2):
     """``count`` checkpoints of ``model`` (weights moved a little each time), their rates."""
     model = copy.deepcopy(model)
@@ -190,7 +209,7 @@ def checkpoints(model, tmp_path, count=2):
             for p in model.parameters():
                 p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
             for m in model.modules():
-                if isinstance(m, nn.BatchNorm2d):  # non-trivial running statistics
+                if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):  # non-trivial statistics
                     m.running_mean.uniform_(-0.5, 0.5, generator=g)
                     m.running_var.uniform_(0.5, 2.0, generator=g)
         rates.append(0.1 * (c + 1))
@@ -250,13 +269,16 @@ def cnn_data(n, seed):
         ("deep", ["2", "6"]),
         ("grouped", None),  # falls back to vmap as a whole
         ("grouped", ["0", "5"]),  # the sites alone are attributed: factored
+        ("batchnorm", None),  # BatchNorm layers are elementwise sites
+        ("batchnorm", ["1", "7"]),  # BatchNorm layers alone
     ],
 )
 def test_sam_tracincp_on_cnns_equals_autograd_loops(tmp_path, net, layers, rho):
     torch.manual_seed(0)
     x, y = cnn_data(12, 0)
     xt, yt = cnn_data(4, 1)
-    model = {"small": SmallCNN, "deep": DeepCNN, "grouped": GroupedCNN}[net]()
+    nets = {"small": SmallCNN, "deep": DeepCNN, "grouped": GroupedCNN, "batchnorm": BatchNormCNN}
+    model = nets[net]()
     model = built(model, x.float())
     before = snapshot(model)
     paths, rates = checkpoints(model, tmp_path)
@@ -271,7 +293,8 @@ def test_sam_tracincp_on_cnns_equals_autograd_loops(tmp_path, net, layers, rho):
     if net == "grouped" and layers is None:
         assert factored.sites is None  # BatchNorm and grouped weights: vmap for all
     else:
-        assert factored.sites is not None and any(s.kind == "conv2d" for s in factored.sites)
+        kind = "batchnorm" if net == "batchnorm" else "conv2d"
+        assert factored.sites is not None and any(s.kind == kind for s in factored.sites)
         assert factored._checked and all(factored._checked.values())  # it really ran
     assert_unchanged(model, before)
 
@@ -332,13 +355,15 @@ def test_cnn_projection_is_the_per_layer_kronecker_projection(tmp_path, rho):
 
 
 @pytest.mark.parametrize("perturbation", ["dataset", "batch"])
-def test_cnn_trajectory_form_factored_equals_vmap(tmp_path, perturbation):
-    """The recorded steps of a CNN, scored together on the factored path."""
+@pytest.mark.parametrize("net", [DeepCNN, BatchNormCNN], ids=["deep", "batchnorm"])
+def test_cnn_trajectory_form_factored_equals_vmap(tmp_path, perturbation, net):
+    """The recorded steps of a CNN, scored together on the factored path (``vmap`` over
+    the steps: a BatchNorm site reads the stacked running statistics of each step)."""
     from captum_sam import train_sam
 
     x, y = cnn_data(14, 6)
     xt, yt = cnn_data(3, 7)
-    model = built(DeepCNN(), x.float())
+    model = built(net(), x.float())
     train = TensorDataset(x, y)
     record = tmp_path / "run"
     train_sam(model, train, ce_loss(), epochs=2, lr=0.1, rho=0.1, batch_size=5, record_dir=record)
@@ -355,3 +380,65 @@ def test_cnn_trajectory_form_factored_equals_vmap(tmp_path, perturbation):
     )
     factored = fast.engines.factored
     assert factored.sites is not None and factored._checked and all(factored._checked.values())
+
+
+@pytest.mark.parametrize("dims", [2, 4], ids=["BatchNorm1d", "BatchNorm2d"])
+def test_batchnorm_factors_use_the_statistics_functional_call_is_given(dims):
+    """Per-example gradients of an eval-mode BatchNorm site at buffers that are not the
+    module's own (a checkpoint's running statistics), against autograd loops."""
+    torch.manual_seed(1)
+    bn = nn.BatchNorm1d(4) if dims == 2 else nn.BatchNorm2d(4)
+    model = nn.Sequential(nn.Linear(5, 4) if dims == 2 else nn.Conv2d(2, 4, 3), bn,
+                          nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))  # fmt: skip
+    x = torch.randn(6, 5, dtype=DTYPE) if dims == 2 else torch.randn(6, 2, 5, 5, dtype=DTYPE)
+    y = torch.randint(0, 3, (6,))
+    model = built(model, x.float()).eval()
+    names = F.attributed_names(model)
+    found = sites.layer_sites(model, names)
+    assert found is not None and [s.kind for s in found][1] == "batchnorm"
+    params, frozen = F.detached_params(model, names)
+    stats = {
+        "1.running_mean": torch.randn(4, dtype=DTYPE),
+        "1.running_var": torch.rand(4, dtype=DTYPE) + 0.5,
+    }
+    frozen = {**frozen, **stats}  # what a checkpoint holds: the module keeps its own
+    floss = F.FunctionalLoss(model, ce_loss(), frozen)
+    got = {}
+    for site, (a, d) in zip(found, sites.layer_factors(floss, params, (x, y), found)):
+        got.update(sites.site_grads(a, d, site))
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference[1].running_mean.copy_(stats["1.running_mean"])
+        reference[1].running_var.copy_(stats["1.running_var"])
+    ref = loop_grads(reference, names, x, y)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12)
+    assert sites.matches_vmap(floss, params, (x, y), found)
+    flat = torch.cat([ref[n].flatten(1) for n in names], 1)
+    factors = sites.layer_factors(floss, params, (x, y), found)
+    torch.testing.assert_close(products.factor_cross(factors, factors, found), flat @ flat.T)
+    torch.testing.assert_close(products.factor_dots(factors, factors, found), (flat * flat).sum(1))
+    rows = {n: ref[n][:2].flatten(1) for n in names}
+    torch.testing.assert_close(products.factor_apply(factors, rows, found), flat[:2] @ flat.T)
+    summed = products.factor_grad_sum(factors, found)
+    for n in names:
+        torch.testing.assert_close(summed[n], ref[n].sum(0))
+    model.train()  # batch statistics couple the examples: not factored
+    assert not sites.matches_vmap(floss, params, (x, y), found)
+
+
+def test_batchnorm_sites_with_a_projection_equal_the_vmap_path(tmp_path):
+    """BatchNorm parameters are projected densely (no Kronecker structure) on both paths."""
+    x, y = cnn_data(10, 4)
+    xt, yt = cnn_data(3, 5)
+    model = built(BatchNormCNN(), x.float())
+    paths, _ = checkpoints(model, tmp_path)
+
+    def make(**f):
+        return SAMTracInCP(model, TensorDataset(x, y), paths, loss_fn=ce_loss(), batch_size=4,
+                           rho=0.1, projection_dim=40, **f)  # fmt: skip
+
+    fast, slow = make(), make(factorize=False)
+    assert fast.engines.vmap.projector.rest  # the BatchNorm parameters
+    torch.testing.assert_close(fast.influence((xt, yt)), slow.influence((xt, yt)))
+    torch.testing.assert_close(fast.self_influence(), slow.self_influence())

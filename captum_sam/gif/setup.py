@@ -330,7 +330,10 @@ def make_projector(
     """
     if o.projection_dim is None:
         return None
-    found = layer_sites.layer_sites(model, names, complete=False)
+    # elementwise sites (BatchNorm) have no Kronecker structure: projected densely
+    found = [
+        s for s in layer_sites.layer_sites(model, names, complete=False) or [] if not s.diagonal
+    ]
     if not found:
         return RandomProjection(sizes, o.projection_dim, o.projection, o.projection_seed)
     layers = [(s.weight, s.bias, s.d_out, s.d_in) for s in found]  # type: ignore[union-attr]

@@ -3,7 +3,8 @@
 :mod:`~captum_sam.core.layers.sites` holds the interface (sites, factors, per-example
 gradients from factors), :mod:`~captum_sam.core.layers.products` the per-example
 products written once against it, and one module per layer type registers itself:
-:mod:`~captum_sam.core.layers.linear`, :mod:`~captum_sam.core.layers.conv2d`.
+:mod:`~captum_sam.core.layers.linear`, :mod:`~captum_sam.core.layers.conv2d`,
+:mod:`~captum_sam.core.layers.batchnorm`.
 """
 
-from captum_sam.core.layers import conv2d, linear  # noqa: F401  (register the layer types)
+from captum_sam.core.layers import batchnorm, conv2d, linear  # noqa: F401  (register the layer types)

@@ -14,7 +14,9 @@ A site's per-example gradient :math:`G_i = \sum_t d_{it} a_{it}^\top` (see
 cheaper representation per site, and every product here accepts either per site:
 a factor pair ``(a, d)`` or a :class:`Formed` ``(weight (B, d_out, d_in), bias
 (B, d_out))``. Mixed pairs are formed. A bias is the gradient of a weight on a
-constant input 1: :math:`\nabla_b l_i = \sum_t d_{it}`.
+constant input 1: :math:`\nabla_b l_i = \sum_t d_{it}`. An elementwise site
+(BatchNorm, :attr:`~captum_sam.core.layers.sites.LayerType.diagonal`) is always formed,
+its weight gradient :math:`\sum_t d_{it} \odot a_{it}` kept as a ``(B, C, 1)`` matrix.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def prefers_formed(site: Site, positions: int, pairs_per_row: float = 1.0) -> bo
     (1 for per-example products of two weight points, the number of test rows for
     test-train products), plus :math:`d_{in} d_{out}` per pair.
     """
-    if site.weight is None:  # a bias alone is sum_t d_t either way
+    if site.weight is None or site.diagonal:  # sum_t d_t (* a_t): nothing to save
         return True
     ghost = positions * positions * (site.d_in + site.d_out)
     formed = site.d_in * site.d_out * (1.0 + positions / max(pairs_per_row, 1e-12))
@@ -80,7 +82,9 @@ def form(entry: Entry, site: Site) -> Formed:
     if isinstance(entry, Formed):
         return entry
     a, d = entry
-    weight = d.mT @ a if site.weight is not None else None
+    weight = None
+    if site.weight is not None:  # an elementwise site's (B, C, 1): a (C, 1) "matrix"
+        weight = (d * a).sum(-2).unsqueeze(-1) if site.diagonal else d.mT @ a
     return Formed(weight, d.sum(-2) if site.bias is not None else None)
 
 
@@ -159,7 +163,7 @@ def factor_cross(f: Sequence[Entry], g: Sequence[Entry], sites: Sequence[Site]) 
     """
     total = None
     for site, x, y in zip(sites, f, g):
-        if isinstance(x, Formed) or isinstance(y, Formed):
+        if isinstance(x, Formed) or isinstance(y, Formed) or site.diagonal:
             term = _formed_cross(form(x, site), form(y, site))
         elif site.weight is not None and x[0].shape[1] == 1 and y[0].shape[1] == 1:
             (a, d), (a2, d2) = x, y
@@ -191,6 +195,8 @@ def factor_apply(f: Sequence[Entry], rows: F.Params, sites: Sequence[Site]) -> T
     """
     total = None
     for site, entry in zip(sites, f):
+        if site.diagonal:
+            entry = form(entry, site)
         if isinstance(entry, Formed):
             w = (
                 None
@@ -219,6 +225,8 @@ def factor_grad_sum(f: Sequence[Entry], sites: Sequence[Site]) -> F.Params:
     """
     out = {}
     for site, entry in zip(sites, f):
+        if site.diagonal:
+            entry = form(entry, site)
         if isinstance(entry, Formed):
             w = None if entry.weight is None else entry.weight.sum(-3)
             b = None if entry.bias is None else entry.bias.sum(-2)

@@ -69,6 +69,17 @@ class LayerType:
     """
 
     kind: str = ""
+    diagonal: bool = False
+    r"""``True`` for an elementwise (per-channel) layer: its weight gradient is
+    :math:`\sum_t d_{it} \odot a_{it}` (``d_in = 1``), not an outer product."""
+
+    def at_call(self, module: nn.Module, x: Tensor) -> Tensor:
+        """What to record of the input ``x`` during the forward call (default: ``x``).
+
+        Runs inside the forward hook, while ``functional_call``'s weights and buffers
+        are in place: a layer whose rows depend on its buffers reads them here.
+        """
+        return x
 
     def accepts(self, module: nn.Module) -> bool:
         """Whether ``module`` is a layer of this type the factorisation is exact for."""
@@ -124,6 +135,11 @@ class Site:
     def d_in(self) -> int:
         """Input features per position."""
         return math.prod(self.module.weight.shape[1:])
+
+    @property
+    def diagonal(self) -> bool:
+        """Whether the layer is elementwise (see :attr:`LayerType.diagonal`)."""
+        return self.layer_type.diagonal
 
     @property
     def names(self) -> list[str]:
@@ -194,8 +210,10 @@ def _recording(
     calls: list[list[tuple[Tensor, Tensor]]] = [[] for _ in sites]
 
     def hook(i: int) -> Any:
+        kind = sites[i].layer_type
+
         def record(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
-            calls[i].append((args[0], out))
+            calls[i].append((kind.at_call(module, args[0]), out))
             return None if probes is None else out + probes[i]
 
         return record
@@ -354,7 +372,8 @@ def site_grads(a: Tensor, d: Tensor, site: Site) -> dict[str, Tensor]:
 
     :math:`G_i = \sum_t d_{it} a_{it}^\top` (one batched matmul, :math:`O(T d_{in}
     d_{out})` per example) reshaped to the weight's shape, and
-    :math:`\sum_t d_{it}` for the bias.
+    :math:`\sum_t d_{it}` for the bias; an elementwise site's weight gradient is
+    :math:`\sum_t d_{it} \odot a_{it}`.
 
     Args:
         a: ``(..., B, T, d_in)`` layer inputs.
@@ -367,7 +386,8 @@ def site_grads(a: Tensor, d: Tensor, site: Site) -> dict[str, Tensor]:
     out = {}
     lead = d.shape[:-2]
     if site.weight is not None:
-        out[site.weight] = (d.mT @ a).reshape(*lead, *site.module.weight.shape)
+        w = (d * a).sum(-2) if site.diagonal else d.mT @ a  # elementwise: sum_t d_t * a_t
+        out[site.weight] = w.reshape(*lead, *site.module.weight.shape)
     if site.bias is not None:
         out[site.bias] = d.sum(-2)
     return out
