@@ -219,6 +219,23 @@ def test_factors_product_inverse_and_scores_match_dense_reference(setup, curvatu
 
 
 @pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+def test_projection_keeps_the_top_eigendirections_of_the_kronecker_matrix(setup, curvature):
+    """``projection_dim=k``: Captum's top-k eigen-directions of A = K + n d, taken from the
+    Kronecker eigenbasis, equal the top-k eigenpairs of the dense reference matrix."""
+    k = 5
+    est = make(setup, curvature=curvature, projection_dim=k)
+    x, y = setup["train"].tensors
+    moved, _ = perturbed_copy(setup["model"], x, y)
+    k_e, _ = reference(moved, x, y, curvature)
+    a = k_e + len(x) * DAMPING * torch.eye(k_e.shape[0], dtype=DTYPE)
+    values, vectors = torch.linalg.eigh(a)
+    top = vectors[:, -k:] @ torch.diag(1 / values[-k:]) @ vectors[:, -k:].T
+    xt, yt = setup["test"]
+    expected = grads(setup["model"], xt, yt).T @ top @ grads(moved, x, y)
+    close(est.influence((xt, yt)), expected, 1e-8)
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
 def test_plain_fits_at_w_star_and_rho_zero_makes_fast_plain(setup, curvature):
     est = make(setup, curvature=curvature, variant="plain")
     x, y = setup["train"].tensors

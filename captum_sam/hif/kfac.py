@@ -172,7 +172,8 @@ class KroneckerCurvature:
             chosen = torch.nonzero(blocks == i).flatten()
             if len(chosen) == 0:
                 continue
-            rows, cols = divmod(positions[chosen], site.width)
+            rows = torch.div(positions[chosen], site.width, rounding_mode="floor")
+            cols = positions[chosen] - rows * site.width
             matrices = self.qs[i][:, rows].T.unsqueeze(2) * self.qa[i][:, cols].T.unsqueeze(1)
             full = [ref.new_zeros(len(chosen), s.d_out, s.width) for s in self.sites]
             full[i] = matrices

@@ -1,0 +1,182 @@
+"""ResNet-18 on CIFAR-shaped data: SAM-GIF and SAM-HIF(Fast) EK-FAC time and peak memory.
+
+    python benchmarks/bench_resnet.py [--n-train 2000] [--n-test 100] [--rows gif-self,...]
+
+The setting of issue 15's ResNet target: ``captum_sam.models.ResNet18`` (torchvision's
+ResNet-18 with a 32x32 stem, 11.2M parameters, float32), random 3x32x32 inputs with 10
+classes (timing does not depend on the data), 3 checkpoints (random weights moved a
+little each time; BatchNorm running statistics from train-mode passes over 256
+examples, then eval mode, ``batchnorm="eval"``), batch size 64. Rows (each in a fresh
+process, so its peak resident memory is its own; a warm-up call on one batch first):
+
+* ``gif-self`` / ``gif-influence``: ``SAMTracInCP`` (rho 0.05), every parameter (the
+  BatchNorm ones included), self influence of the training set / influence on the test
+  set;
+* ``gif-self-layers`` / ``captum-self-layers``: the same self influence on the
+  convolution and linear layers only (``layers=``), ours and Captum's
+  ``TracInCP(sample_wise_grads_per_batch=True)`` (whose hooks take only those layers);
+* ``hif-fast-ekfac``: ``SAMInfluenceFunction(variant="fast", curvature="ekfac")`` on the
+  convolution and linear layers (K-FAC has no BatchNorm factors: they are refused by
+  name), set-up (factors and eigen-corrections over the training set) plus influence
+  on the test set, with the exact inverse in each layer's Kronecker eigenbasis
+  (``projection_dim=None``; Captum's default of 50 top directions would form a
+  ``P x 50`` matrix, 2.2 GB here).
+
+Issue 15's target: each of SAM-GIF (3 checkpoints) and SAM-HIF(Fast) EK-FAC under 10
+minutes and 4 GB on 2 CPU cores at n 2000 and 100 test examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from _common import machine, table
+from torch import nn
+from torch.utils.data import TensorDataset
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+ROWS = ("gif-self", "gif-influence", "gif-self-layers", "captum-self-layers", "hif-fast-ekfac")
+
+
+def resnet() -> nn.Module:
+    from captum_sam.models import build_model
+
+    return build_model("resnet18", (3, 32, 32), 10, seed=0, dtype=torch.float32)
+
+
+def data(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(
+        torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+    )
+
+
+def kernel_layers(model: nn.Module) -> list[str]:
+    """The convolution and linear layers (what K-FAC and Captum's hooks take)."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def write_checkpoints(directory: str, count: int) -> list[str]:
+    torch.manual_seed(0)
+    model, paths = resnet(), []
+    x = data(256, 9).tensors[0]
+    with torch.no_grad():
+        model.train()
+        for i in range(0, len(x), 64):  # running statistics of real activations
+            model(x[i : i + 64])
+    for c in range(count):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.001 * torch.randn_like(p))
+        path = os.path.join(directory, f"ckpt{c}.pt")
+        torch.save({"model_state": model.state_dict(), "learning_rate": 0.1}, path)
+        paths.append(path)
+    return paths
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(spec: dict) -> dict:
+    """One row in this process: seconds, CPU seconds, peak and added MB, a score summary."""
+    from captum.influence import TracInCP
+
+    from captum_sam import SAMInfluenceFunction, checkpoints_load_func
+    from captum_sam.gif.tracincp import SAMTracInCP
+
+    train, test = data(spec["n_train"], 0), data(spec["n_test"], 1)
+    ckpts, bs, row = spec["ckpts"], spec["batch_size"], spec["row"]
+    none = nn.CrossEntropyLoss(reduction="none")
+    layers = kernel_layers(resnet())
+
+    def call(train: TensorDataset, test: TensorDataset) -> torch.Tensor:
+        if row.startswith("gif"):
+            est = SAMTracInCP(resnet(), train, ckpts, loss_fn=none, batch_size=bs, rho=0.05,
+                              layers=layers if row.endswith("layers") else None,
+                              batchnorm_tolerance=None)  # fmt: skip
+            return est.influence(test.tensors) if row == "gif-influence" else est.self_influence()
+        if row == "captum-self-layers":
+            est = TracInCP(resnet(), train, ckpts, checkpoints_load_func=checkpoints_load_func,
+                           loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=bs,
+                           layers=layers, sample_wise_grads_per_batch=True)  # fmt: skip
+            return est.self_influence()
+        est = SAMInfluenceFunction(resnet(), train, ckpts[-1], loss_fn=none, batch_size=bs,
+                                   rho=0.05, variant="fast", curvature="ekfac",
+                                   layers=layers, projection_dim=None)  # fmt: skip
+        return est.influence(test.tensors)
+
+    call(TensorDataset(*train[:bs]), TensorDataset(*test[:2]))  # warm-up
+    before = rss_mb()
+    start, cpu = time.perf_counter(), cpu_seconds()
+    scores = call(train, test)
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    peak = rss_mb()
+    return dict(seconds=seconds, cpu=cpu, peak_mb=peak, added_mb=peak - before,
+                finite=bool(torch.isfinite(scores).all()), shape=list(scores.shape),
+                scores=scores.double().flatten()[:2000].tolist())  # fmt: skip
+
+
+def run(spec: dict) -> dict:
+    """:func:`measure` in a fresh process (its own peak memory)."""
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--one", json.dumps(spec)],
+        check=True, capture_output=True, text=True, cwd=HERE,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("--checkpoints", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {ROWS}")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(measure(json.loads(args.one))))
+        return
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {ROWS}")
+    ckpts = write_checkpoints(tempfile.mkdtemp(prefix="bench_resnet_"), args.checkpoints)
+    print(f"machine: {machine()}; ResNet-18 (32x32 stem, float32); n_train {args.n_train}, "
+          f"n_test {args.n_test}, {args.checkpoints} checkpoints, batch {args.batch_size}")  # fmt: skip
+    results, out = {}, []
+    for row in rows:
+        spec = dict(row=row, n_train=args.n_train, n_test=args.n_test, ckpts=ckpts,
+                    batch_size=args.batch_size)  # fmt: skip
+        r = results[row] = run(spec)
+        out.append((row, f"{r['seconds']:.1f}", f"{r['cpu']:.1f}", f"{r['peak_mb']:.0f}",
+                    f"{r['added_mb']:.0f}", str(r["finite"])))  # fmt: skip
+        print(out[-1], flush=True)
+    print(table(out, ("row", "wall s", "CPU s", "peak MB", "added MB", "finite")))
+    if "gif-self-layers" in results and "captum-self-layers" in results:
+        ours = torch.tensor(results["gif-self-layers"]["scores"])
+        theirs = torch.tensor(results["captum-self-layers"]["scores"])
+        corr = torch.corrcoef(torch.stack([ours, theirs]))[0, 1]
+        ratio = results["captum-self-layers"]["seconds"] / results["gif-self-layers"]["seconds"]
+        print(f"self influence on the same layers: Captum time / ours {ratio:.2f}x; "
+              f"Pearson of the scores (ours at rho 0.05, Captum plain TracIn) {float(corr):.3f}")
+
+
+if __name__ == "__main__":
+    main()
