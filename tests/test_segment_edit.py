@@ -178,6 +178,20 @@ def test_edited_model_and_user_model_untouched(ckpt_run):
         torch.testing.assert_close(p.detach(), dict(final.named_parameters())[name] + delta[name])
 
 
+def test_edit_model_passes_the_method_on(ckpt_run):
+    from captum_sam.applications import edit_model
+
+    data, model, paths = ckpt_run
+    est = estimator(model, data, paths)
+    edited = edit_model(est, REMOVED, method="segment", weight_decay=WD)
+    want = est.edited_model(REMOVED, method="segment", weight_decay=WD)
+    first = edit_model(est, REMOVED)
+    for (_, a), (_, b), (_, c) in zip(edited.named_parameters(), want.named_parameters(),
+                                      first.named_parameters()):  # fmt: skip
+        torch.testing.assert_close(a, b)
+    assert any(not torch.allclose(a, c) for a, c in zip(edited.parameters(), first.parameters()))
+
+
 def test_krylov_functions_against_eigh():
     g = torch.Generator().manual_seed(3)
     m = torch.randn(40, 40, generator=g, dtype=torch.float64)

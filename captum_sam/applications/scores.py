@@ -103,13 +103,17 @@ def detect_mislabeled(
     return Ranking(indices=order, suspicion=suspicion, by=by)
 
 
-def edit_model(estimator: Any, remove_indices: Sequence[int] | Tensor) -> nn.Module:
+def edit_model(
+    estimator: Any, remove_indices: Sequence[int] | Tensor, **options: Any
+) -> nn.Module:
     """The approximately retrained model without ``remove_indices`` (a new model).
 
     Args:
         estimator: :class:`~captum_sam.SAMTracInCP` (GIF edit) or
             :class:`~captum_sam.SAMInfluenceFunction` (HIF edit).
         remove_indices: Training indices to forget.
+        **options: Passed to the estimator's ``edited_model``, e.g.
+            ``method="segment"`` for a checkpoint-form ``SAMTracInCP``.
 
     Returns:
         A copy of the model with the estimated parameter change applied.
@@ -119,4 +123,4 @@ def edit_model(estimator: Any, remove_indices: Sequence[int] | Tensor) -> nn.Mod
             f"{type(estimator).__name__} cannot edit a model; use SAMTracInCP or "
             "SAMInfluenceFunction"
         )
-    return estimator.edited_model(remove_indices)
+    return estimator.edited_model(remove_indices, **options)
