@@ -158,8 +158,10 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {ROWS}")
     ckpts = write_checkpoints(tempfile.mkdtemp(prefix="bench_resnet_"), args.checkpoints)
-    print(f"machine: {machine()}; ResNet-18 (32x32 stem, float32); n_train {args.n_train}, "
-          f"n_test {args.n_test}, {args.checkpoints} checkpoints, batch {args.batch_size}")  # fmt: skip
+    print(
+        f"machine: {machine()}; ResNet-18 (32x32 stem, float32); n_train {args.n_train}, "
+        f"n_test {args.n_test}, {args.checkpoints} checkpoints, batch {args.batch_size}"
+    )
     results, out = {}, []
     for row in rows:
         spec = dict(row=row, n_train=args.n_train, n_test=args.n_test, ckpts=ckpts,
@@ -174,8 +176,10 @@ def main() -> None:
         theirs = torch.tensor(results["captum-self-layers"]["scores"])
         corr = torch.corrcoef(torch.stack([ours, theirs]))[0, 1]
         ratio = results["captum-self-layers"]["seconds"] / results["gif-self-layers"]["seconds"]
-        print(f"self influence on the same layers: Captum time / ours {ratio:.2f}x; "
-              f"Pearson of the scores (ours at rho 0.05, Captum plain TracIn) {float(corr):.3f}")
+        print(
+            f"self influence on the same layers: Captum time / ours {ratio:.2f}x; "
+            f"Pearson of the scores (ours at rho 0.05, Captum plain TracIn) {float(corr):.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -103,9 +103,7 @@ def detect_mislabeled(
     return Ranking(indices=order, suspicion=suspicion, by=by)
 
 
-def edit_model(
-    estimator: Any, remove_indices: Sequence[int] | Tensor, **options: Any
-) -> nn.Module:
+def edit_model(estimator: Any, remove_indices: Sequence[int] | Tensor, **options: Any) -> nn.Module:
     """The approximately retrained model without ``remove_indices`` (a new model).
 
     Args:
