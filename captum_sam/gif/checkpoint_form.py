@@ -148,16 +148,18 @@ class CheckpointForm:
             if not count and not factored.applies(terms, batch):
                 usable = False
                 break
-            with batch_context("train_dataset", i):
-                raw = [factored.factors(floss, p, batch) for p, floss in losses]
-            size = products.row_count(raw[0])
-            fs = [factored.represent(f) for f in raw]  # what the second pass needs
-            for k, (f, kept) in enumerate(zip(raw, fs)):
+            fs = []  # what the second pass needs; one term's raw factors at a time
+            for k, (p, floss) in enumerate(losses):
+                with batch_context("train_dataset", i):
+                    f = factored.factors(floss, p, batch)
+                size = products.row_count(f)
+                kept = factored.represent(f)
                 # formed entries sum faster than raw factors (projected rows cannot)
                 summable = f if isinstance(kept, Tensor) else kept
                 for n, g in products.factor_grad_sum(summable, factored.sites).items():  # type: ignore[arg-type]
                     total[n][k] += g
-            del raw
+                fs.append(kept)
+                del f, summable
             if not count and _nbytes(fs) * n_train / size > MERGE_BUDGET_BYTES:
                 keep = False  # sums only; the second pass recomputes the factors at w
             count += size

@@ -19,7 +19,7 @@ products are cheaper, formed gradients elsewhere) or projected rows ``(B, D)``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,12 +169,26 @@ class FactoredGradients:
         """Per term: factors at ``w`` (if ``need_w`` or needed) and raw ones at ``w + eps``.
 
         ``own``: representations at ``w`` if already known (returned in place of the
-        factors at ``w``).
+        factors at ``w``). Holds every term's factors at once: the products below
+        iterate :meth:`iter_train_factors` instead, one term in memory at a time.
+        """
+        return list(self.iter_train_factors(terms, batch, need_w, own))
+
+    def iter_train_factors(
+        self,
+        terms: Sequence[Term],
+        batch: tuple[Any, ...],
+        need_w: bool,
+        own: list[Rep] | None = None,
+    ) -> Iterator[tuple[Any, sites.Factors]]:
+        """:meth:`train_factors`, one term at a time.
+
+        A convolution's unfolded patches are the largest tensors of the factored path:
+        one checkpoint's at a time.
         """
         points = self.points
         shortcut = self.points.perturbation == "batch" and not points.extra
         eps = None if shortcut else points.eps(terms)
-        out = []
         for k, (term, (p, floss)) in enumerate(zip(terms, self.term_losses(terms))):
             at_w = None if own is None else own[k]
             if at_w is None and (need_w or eps is None or term.rho == 0):
@@ -193,8 +207,8 @@ class FactoredGradients:
                     mloss = floss
                 shifted = {n: p[n] + e[n] for n in p}
                 moved = self.factors(mloss, shifted, batch)
-            out.append((at_w, moved))
-        return out
+            yield at_w, moved
+            del at_w, moved
 
     def pair_dots(
         self, terms: Sequence[Term], batch: tuple[Any, ...], own: list[Rep] | None = None
@@ -202,11 +216,12 @@ class FactoredGradients:
         """``sum_k c_k test_k(x) . train_k(x)`` for every example; ``own``: reps at ``w``."""
         coef = self.points.coefficients(terms)
         total = None
-        pairs = self.train_factors(terms, batch, not self.test_at_perturbed, own)
+        pairs = self.iter_train_factors(terms, batch, not self.test_at_perturbed, own)
         for k, (at_w, moved) in enumerate(pairs):
             test = moved if self.test_at_perturbed else at_w
             dots = coef[k] * self.dots(test, moved)
             total = dots if total is None else total + dots
+            del at_w, moved, test  # before the next term's factors are computed
         return check_finite_terms(total, "gradients", terms)
 
     def test_factors(
@@ -267,13 +282,14 @@ class FactoredGradients:
         With a projection the test rows are projected: ``{"projected": (K, m, D)}``.
         """
         total = None
-        for k, (_, moved) in enumerate(self.train_factors(terms, batch, need_w=False)):
+        for k, (_, moved) in enumerate(self.iter_train_factors(terms, batch, need_w=False)):
             if self.projector is not None:
                 gram = tests["projected"][k] @ self.represent(moved).T  # type: ignore[union-attr]
             else:
                 rows = {n: v[k] for n, v in tests.items()}
                 gram = products.factor_apply(moved, rows, self.sites)  # type: ignore[arg-type]
             total = gram if total is None else total + gram
+            del moved
         return check_finite_terms(total, "training gradients", terms)
 
     def gram(
@@ -281,10 +297,11 @@ class FactoredGradients:
     ) -> Tensor:
         """``(n_test, batch)`` scores ``sum_k coef_k test_k . train_k`` from factors."""
         total = None
-        for k, (_, moved) in enumerate(self.train_factors(terms, batch, need_w=False)):
+        for k, (_, moved) in enumerate(self.iter_train_factors(terms, batch, need_w=False)):
             gram = self.cross(tests[k], moved)
             gram = gram if coef is None else coef[k] * gram
             total = gram if total is None else total + gram
+            del moved
         return check_finite_terms(total, "training gradients", terms)
 
 
