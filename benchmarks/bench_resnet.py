@@ -20,7 +20,8 @@ process, so its peak resident memory is its own; a warm-up call on one batch fir
   name), set-up (factors and eigen-corrections over the training set) plus influence
   on the test set, with the exact inverse in each layer's Kronecker eigenbasis
   (``projection_dim=None``; Captum's default of 50 top directions would form a
-  ``P x 50`` matrix, 2.2 GB here).
+  ``P x 50`` matrix, 2.2 GB here); ``hif-fast-ekfac-sampled``: the same with
+  ``kfac_samples=1`` (one random-sign pseudo-gradient per example instead of 10).
 
 Issue 15's target: each of SAM-GIF (3 checkpoints) and SAM-HIF(Fast) EK-FAC under 10
 minutes and 4 GB on 2 CPU cores at n 2000 and 100 test examples.
@@ -45,7 +46,10 @@ from torch.utils.data import TensorDataset
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-ROWS = ("gif-self", "gif-influence", "gif-self-layers", "captum-self-layers", "hif-fast-ekfac")
+ROWS = (
+    "gif-self", "gif-influence", "gif-self-layers", "captum-self-layers", "hif-fast-ekfac",
+    "hif-fast-ekfac-sampled",
+)  # fmt: skip
 
 
 def resnet() -> nn.Module:
@@ -116,9 +120,11 @@ def measure(spec: dict) -> dict:
                            loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=bs,
                            layers=layers, sample_wise_grads_per_batch=True)  # fmt: skip
             return est.self_influence()
+        samples = 1 if row.endswith("sampled") else None
         est = SAMInfluenceFunction(resnet(), train, ckpts[-1], loss_fn=none, batch_size=bs,
                                    rho=0.05, variant="fast", curvature="ekfac",
-                                   layers=layers, projection_dim=None)  # fmt: skip
+                                   layers=layers, projection_dim=None,
+                                   kfac_samples=samples)  # fmt: skip
         return est.influence(test.tensors)
 
     call(TensorDataset(*train[:bs]), TensorDataset(*test[:2]))  # warm-up

@@ -356,6 +356,49 @@ def test_factors_dir_reloads_identically_and_refuses_tampering(setup, tmp_path, 
         make(setup, factors_dir=tmp_path)
 
 
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+def test_sampled_pseudo_gradients_are_unbiased_and_seeded(setup, curvature):
+    """``kfac_samples=k``: random-sign combinations of the output-Hessian roots. The input
+    factor is untouched, the output-gradient factor converges to the exact one as k
+    grows, and the same seed gives the same fit."""
+    exact = make(setup, curvature=curvature).operator.kronecker["perturbed"]
+
+    def fitted(k, seed=42):
+        return make(setup, curvature=curvature, kfac_samples=k, seed=seed).operator.kronecker[
+            "perturbed"
+        ]
+
+    def error(fit):
+        num = sum(float((f.s - e.s).square().sum()) for f, e in zip(fit.factors, exact.factors))
+        return (num / sum(float(e.s.square().sum()) for e in exact.factors)) ** 0.5
+
+    few, many = fitted(1), fitted(2000)
+    for f, e in zip(many.factors, exact.factors):
+        close(f.a, e.a, 1e-12)  # layer inputs do not depend on the pseudo-gradients
+    assert error(many) < 0.1 < error(few)
+    assert error(many) < error(fitted(50)) < error(few)
+    again = fitted(1)
+    assert all(torch.equal(f.s, g.s) for f, g in zip(few.factors, again.factors))
+    other = fitted(1, seed=7)
+    assert not all(torch.equal(f.s, g.s) for f, g in zip(few.factors, other.factors))
+    if curvature == "ekfac":
+        exact_values = torch.cat([v.flatten() for v in exact.values])
+        many_values = torch.cat([v.flatten() for v in many.values])
+        assert float((many_values - exact_values).norm() / exact_values.norm()) < 0.2
+    with pytest.raises(ValueError, match="kfac_samples"):
+        make(setup, curvature=curvature, kfac_samples=0)
+    with pytest.raises(ValueError, match="kfac_samples"):
+        make(setup, curvature="ggn", kfac_samples=2)
+
+
+def test_factors_dir_keys_the_number_of_samples(setup, tmp_path):
+    make(setup, kfac_samples=3, factors_dir=tmp_path)
+    with pytest.raises(ValueError, match="stale K-FAC factors.*samples"):
+        make(setup, kfac_samples=4, factors_dir=tmp_path)
+    with pytest.raises(ValueError, match="stale K-FAC factors.*seed"):
+        make(setup, kfac_samples=3, seed=1, factors_dir=tmp_path)
+
+
 def test_unsupported_parameters_arnoldi_and_bad_arguments(setup, tmp_path):
     from tests.helpers import bn_model
 

@@ -67,7 +67,7 @@ and the checkpoint)."""
 SAM_ARGUMENTS = (
     "rho", "adaptive", "weight_decay", "damping", "variant", "curvature", "solver",
     "solver_options", "rescale_hessian", "perturbation_scope", "factorize", "factors_dir",
-    "batchnorm", "batchnorm_tolerance", "training_horizon",
+    "batchnorm", "batchnorm_tolerance", "training_horizon", "kfac_samples",
 )  # fmt: skip
 """SAM's own arguments (a twin passes those it has)."""
 
@@ -103,6 +103,7 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
         self.projection_on_cpu = captum["projection_on_cpu"]
         self.show_progress = captum["show_progress"]
         self.variant, self.curvature = sam["variant"], sam["curvature"]
+        self.kfac_samples = check_kfac_samples(sam.get("kfac_samples"), sam["curvature"])
         self.adaptive = sam["adaptive"]
         self.solver_options = make_solver_options(sam.get("solver_options"))
         # None: 0 for hessian/ggn, the per-layer heuristic for K-FAC; "auto": the rule of
@@ -430,3 +431,16 @@ def _length(data: Any) -> int | None:
         return len(data)
     except TypeError:
         return None
+
+
+def check_kfac_samples(samples: Any, curvature: Any) -> int | None:
+    """Validate ``kfac_samples``: ``None`` or an int >= 1, with a Kronecker curvature only."""
+    if samples is None:
+        return None
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"`kfac_samples` must be None or an int >= 1, got {samples!r}")
+    if curvature not in KRONECKER:
+        raise ValueError(
+            f"`kfac_samples` applies to curvature 'kfac' or 'ekfac', got curvature={curvature!r}"
+        )
+    return samples

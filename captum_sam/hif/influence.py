@@ -142,6 +142,12 @@ class SAMInfluenceFunction(SAMInfluenceBase):
             checkpoint in eval mode and in train mode (batch statistics, first four
             batches of ``train_dataset``) differ by more than this fraction; ``None``
             skips the check.
+        kfac_samples: With ``curvature="kfac"``/``"ekfac"``: ``None`` (default) fits the
+            factors from the exact square roots of each example's loss Hessian in the
+            model output (``C`` backward passes per example for ``C`` outputs, per pass
+            over the data); ``k``: from ``k`` random-sign combinations of them
+            (``k`` backward passes, seeded by ``seed``), an unbiased estimate of the
+            same factors (kronfluence's sampled Fisher, without a likelihood).
 
     Where the gradients are taken: test gradients at :math:`w^*`; the curvature of
     ``fast``/``full``/``exact`` and their training gradients :math:`b_k` at
@@ -190,6 +196,7 @@ class SAMInfluenceFunction(SAMInfluenceBase):
         batchnorm: str = "eval",
         batchnorm_tolerance: float | None = 0.1,
         training_horizon: float | None = None,
+        kfac_samples: int | None = None,
     ) -> None:
         arguments = dict(locals())
         sam = pick(arguments, SAM_ARGUMENTS)

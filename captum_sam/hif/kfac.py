@@ -220,6 +220,8 @@ def fit_kronecker(
     scale: float = 1.0,
     reduce: bool = False,
     progress: Callable[[Iterable[Any], str], Iterable[Any]] | None = None,
+    samples: int | None = None,
+    seed: int = 0,
 ) -> tuple[KroneckerCurvature, float]:
     """Fit K-FAC or EK-FAC at ``params`` over the curvature data.
 
@@ -237,6 +239,9 @@ def fit_kronecker(
         scale: Factor on the curvature (the Hessian set's rescaling).
         reduce: Sum the factors over the ranks of a process group.
         progress: ``(iterable, description) -> iterable`` (a progress bar), or ``None``.
+        samples: Pseudo-gradients per example: ``None`` the exact ``C``, else this many
+            random-sign combinations (see :func:`~captum_sam.hif.kron_sites.site_factors`).
+        seed: Seeds the signs (pass 1 with ``seed``, pass 2 with ``seed + 1``).
 
     Returns:
         The curvature and the most negative relative eigenvalue of the loss Hessians
@@ -250,8 +255,9 @@ def fit_kronecker(
     factors = [empty_factors(site, ref) for site in sites]
     worst, first = 0.0, True
     passes = 2 if kind == "ekfac" else 1
+    gen = torch.Generator().manual_seed(seed)
     for batch in wrap(batches(), f"{kind.upper()} factors (pass 1 of {passes})"):
-        found, low = site_factors(floss, params, batch, sites, check=first)
+        found, low = site_factors(floss, params, batch, sites, first, samples, gen)
         first, worst = False, min(worst, low)
         _accumulate_covariances(factors, found, sites)
     if reduce:
@@ -267,8 +273,9 @@ def fit_kronecker(
         values.append(scale * sigma.clamp_min(0).unsqueeze(1) * alpha.clamp_min(0) / count)
     if kind == "ekfac":
         values = [torch.zeros_like(v) for v in values]
+        gen = torch.Generator().manual_seed(seed + 1)
         for batch in wrap(batches(), "EKFAC eigenvalue correction (pass 2 of 2)"):
-            found, _ = site_factors(floss, params, batch, sites)
+            found, _ = site_factors(floss, params, batch, sites, False, samples, gen)
             for i, (site, (a, d)) in enumerate(zip(sites, found)):
                 _accumulate_diagonal(values[i], qs[i], qa[i], site, a, d)
         if reduce:

@@ -295,6 +295,8 @@ def site_factors(
     batch: F.Batch,
     sites: Sequence[KroneckerSite],
     check: bool = False,
+    samples: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[list[tuple[Tensor, Tensor]], float]:
     r"""Layer inputs and pseudo-gradients of every site for one batch at ``params``.
 
@@ -305,6 +307,13 @@ def site_factors(
         sites: From :func:`kronecker_sites` (modules of ``floss.model``).
         check: Also verify, from the true output gradients, that the factors give the
             batch's gradient of every attributed parameter (``autograd``).
+        samples: ``None``: the ``C`` exact roots :math:`q_{ic}` (``C`` backward passes).
+            ``k``: ``k`` random-sign combinations
+            :math:`v_{is} = \sum_c s_{ics} q_{ic} / \sqrt{k}`, :math:`s = \pm 1`
+            (``k`` backward passes): :math:`\mathbb{E}[\sum_s v_{is} v_{is}^\top] =
+            H^{\mathrm{out}}_i`, so every factor is unbiased (kronfluence and Grosse et al.
+            2023 sample labels instead; signs need no likelihood).
+        generator: The signs' random generator (CPU).
 
     Returns:
         Per site ``(a (B, T, d_in), d (C, B, T, d_out))`` (a layer called several times
@@ -327,7 +336,10 @@ def site_factors(
             )
         size = outputs.shape[0]
         roots, worst = output_hessian_roots(floss, outputs, labels)
-        count = roots.shape[1]
+        if samples is not None:
+            signs = torch.randint(0, 2, (size, roots.shape[2], samples), generator=generator)
+            roots = roots @ (signs * 2 - 1).to(roots) / math.sqrt(samples)
+        count = roots.shape[2]
         seeds = roots.permute(2, 0, 1).reshape(count, *outputs.shape)  # seeds[c, i] = q_ic
         seen = [[out for _, out in c] for c in calls]
         flat_outs = [o for outs in seen for o in outs]
