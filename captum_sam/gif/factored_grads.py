@@ -265,13 +265,15 @@ class FactoredGradients:
         if not parts[0]:
             raise ValueError("`inputs` is empty")
         out: list[Rep] = []
-        for p in parts:
+        for k in range(len(parts)):
+            p, parts[k] = parts[k], []  # one term's parts and their copy at a time
             if isinstance(p[0], Tensor):
-                joined = torch.cat(p)  # type: ignore[arg-type]
+                joined = p[0] if len(p) == 1 else torch.cat(p)  # type: ignore[arg-type]
                 out.append(joined.sum(0, keepdim=True) if aggregate else joined)
             else:
-                joined = products.concat_factors(p, self.sites)  # type: ignore[arg-type]
+                joined = p[0] if len(p) == 1 else products.concat_factors(p, self.sites)  # type: ignore[arg-type]
                 out.append(_summed(joined) if aggregate else joined)
+            del p, joined
         for rep in out:
             check_finite_terms(_tensors(rep), "test gradients", terms)
         return out
