@@ -442,3 +442,46 @@ def test_batchnorm_sites_with_a_projection_equal_the_vmap_path(tmp_path):
     assert fast.engines.vmap.projector.rest  # the BatchNorm parameters
     torch.testing.assert_close(fast.influence((xt, yt)), slow.influence((xt, yt)))
     torch.testing.assert_close(fast.self_influence(), slow.self_influence())
+
+
+@pytest.mark.parametrize("net", [DeepCNN, BatchNormCNN], ids=["deep", "batchnorm"])
+def test_influence_one_checkpoint_at_a_time_equals_all_at_once(tmp_path, monkeypatch, net):
+    """Over the test-row budget, influence takes the checkpoints one at a time (a pass
+    over the training data each, no new pass for the perturbation): the same scores."""
+    from captum_sam.gif import checkpoint_form
+
+    x, y = cnn_data(11, 8)
+    xt, yt = cnn_data(4, 9)
+    model = built(net(), x.float())
+    paths, _ = checkpoints(model, tmp_path, count=3)
+
+    def make():
+        return SAMTracInCP(model, TensorDataset(x, y), paths, loss_fn=ce_loss(), batch_size=4,
+                           rho=0.2)  # fmt: skip
+
+    together = make()
+    want, want_top = together.influence((xt, yt)), together.influence((xt, yt), k=3)
+    calls = []
+    original = checkpoint_form.CheckpointForm._columns_by_term
+
+    def spy(self, *args, **kw):
+        calls.append(1)
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(checkpoint_form, "TEST_BUDGET_BYTES", 0)
+    monkeypatch.setattr(checkpoint_form.CheckpointForm, "_columns_by_term", spy)
+    apart = make()
+    grad_passes = []
+    summed = F.stacked_grad_sum
+
+    def counted(*args, **kw):
+        grad_passes.append(1)
+        return summed(*args, **kw)
+
+    monkeypatch.setattr(F, "stacked_grad_sum", counted)
+    torch.testing.assert_close(apart.influence((xt, yt)), want, rtol=1e-10, atol=1e-12)
+    assert calls, "the one-checkpoint-at-a-time path did not run"
+    assert len(grad_passes) == 1  # the perturbations of all checkpoints, once
+    top = apart.influence((xt, yt), k=3)
+    torch.testing.assert_close(top.influence_scores, want_top.influence_scores)
+    assert torch.equal(top.indices, want_top.indices)

@@ -136,7 +136,11 @@ class SAMTracInBase(TracInCPBase):
             desc or "",
             total=self.train_dataloader_len,
         )
-        blocks = e.form.columns(test, train, aggregate)
+
+        def again() -> Iterable[Any]:
+            return local_batches(self.train_dataloader, e.device)
+
+        blocks = e.form.columns(test, train, aggregate, again)
         if stream and not is_distributed():
             return (b for _, b in blocks)
         return gather_ordered(list(blocks))

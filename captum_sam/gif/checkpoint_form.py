@@ -9,7 +9,7 @@ in a layer site (``nn.Linear``, ``nn.Conv2d``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +25,13 @@ from captum_sam.gif.points import WeightPoints
 from captum_sam.gif.terms import Term, check_finite_terms
 from captum_sam.gif.vmap_grads import VmapGradients
 
-__all__ = ["CheckpointForm", "MERGE_BUDGET_BYTES"]
+__all__ = ["CheckpointForm", "MERGE_BUDGET_BYTES", "TEST_BUDGET_BYTES"]
 
 # factors at w kept between the two passes of merged self influence, at most (else 3 passes)
 MERGE_BUDGET_BYTES = 1 << 30
+# test rows of every checkpoint kept during influence, at most (else one checkpoint at a
+# time, one pass over the training data each)
+TEST_BUDGET_BYTES = 1 << 30
 
 
 @dataclass
@@ -63,11 +66,27 @@ class CheckpointForm:
         test: Iterable[tuple[Any, ...]],
         train: Iterable[tuple[int, tuple[Any, ...]]],
         aggregate: bool,
+        train_again: Callable[[], Iterable[tuple[int, tuple[Any, ...]]]] | None = None,
     ) -> Iterator[tuple[int, Tensor]]:
-        """``(batch index, (n_test, batch) scores)`` for the given training batches."""
+        """``(batch index, (n_test, batch) scores)`` for the given training batches.
+
+        ``train_again``: the same batches once more (no progress bar). When given and the
+        factored test rows of all checkpoints would exceed :data:`TEST_BUDGET_BYTES`,
+        the checkpoints are taken one at a time (one pass over the training batches
+        each, the scores accumulated): the same numbers with one checkpoint's test rows
+        in memory.
+        """
         terms, points = self.terms, self.points
         coef = points.coefficients(terms).view(-1, 1, 1)
-        factors = self.factored.test_factors(terms, test, aggregate)
+        if train_again is not None and len(terms) > 1 and not self.vmap.test_at_perturbed:
+            first = self.factored.test_factors(terms[:1], test, aggregate)
+            if first is not None and _nbytes(first) * len(terms) > TEST_BUDGET_BYTES:
+                yield from self._columns_by_term(first, test, train, train_again, aggregate)
+                return
+            rest = self.factored.test_factors(terms[1:], test, aggregate)
+            factors = None if first is None or rest is None else first + rest
+        else:
+            factors = self.factored.test_factors(terms, test, aggregate)
         tests = None
         if factors is None:
             tests = {
@@ -78,6 +97,28 @@ class CheckpointForm:
             with batch_context("train_dataset", i):
                 block = self._column(factors, tests, terms, batch, coef, aggregate)
             yield i, block
+
+    def _columns_by_term(
+        self,
+        first: list[Any],
+        test: Iterable[tuple[Any, ...]],
+        train: Iterable[tuple[int, tuple[Any, ...]]],
+        train_again: Callable[[], Iterable[tuple[int, tuple[Any, ...]]]],
+        aggregate: bool,
+    ) -> Iterator[tuple[int, Tensor]]:
+        """:meth:`columns` one checkpoint at a time, the blocks summed over them."""
+        terms = self.terms
+        self.points.share_dataset_eps(terms)  # no pass over the data per checkpoint
+        coef = self.points.coefficients(terms)
+        blocks: dict[int, Tensor] = {}
+        for k, term in enumerate(terms):
+            tests = first if k == 0 else self.factored.test_factors([term], test, aggregate)
+            for i, batch in train if k == 0 else train_again():
+                with batch_context("train_dataset", i):
+                    block = self.factored.gram(tests, [term], batch, coef[k : k + 1])  # type: ignore[arg-type]
+                blocks[i] = block if k == 0 else blocks[i].add_(block)
+            del tests
+        yield from blocks.items()
 
     def _column(
         self, factors: Any, tests: Any, terms: list[Term], batch: tuple[Any, ...],

@@ -166,6 +166,20 @@ class WeightPoints:
         self._dataset_eps[self.eps_key(terms)] = eps
         return eps
 
+    def share_dataset_eps(self, terms: Sequence[Term]) -> None:
+        """Cache each term's dataset perturbation from the group's, if that is known.
+
+        Evaluating the terms one at a time then needs no new pass over the data.
+        """
+        key = self.eps_key(terms)
+        if self.perturbation != "dataset" or key not in self._dataset_eps:
+            return
+        stacked = self._dataset_eps[key]
+        for k, term in enumerate(terms):
+            self._dataset_eps.setdefault(
+                self.eps_key([term]), {n: v[k : k + 1] for n, v in stacked.items()}
+            )
+
     def moved(self, terms: Sequence[Term], eps: F.Params) -> tuple[F.Params, F.Params]:
         """``(params + eps, frozen + eps)``: every scoped parameter moved, ``(K, ...)``."""
         params, frozen = self.stack(terms)
