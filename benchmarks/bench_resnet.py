@@ -12,8 +12,9 @@ process, so its peak resident memory is its own; a warm-up call on one batch fir
 * ``gif-self`` / ``gif-influence``: ``SAMTracInCP`` (rho 0.05), every parameter (the
   BatchNorm ones included), self influence of the training set / influence on the test
   set;
-* ``gif-self-layers`` / ``captum-self-layers``: the same self influence on the
-  convolution and linear layers only (``layers=``), ours and Captum's
+* ``gif-self-layers`` / ``gif-self-layers-rho0`` / ``captum-self-layers``: the same self
+  influence on the convolution and linear layers only (``layers=``), ours at rho 0.05
+  and at rho 0 (plain TracIn: must equal Captum's) and Captum's
   ``TracInCP(sample_wise_grads_per_batch=True)`` (whose hooks take only those layers);
 * ``hif-fast-ekfac``: ``SAMInfluenceFunction(variant="fast", curvature="ekfac")`` on the
   convolution and linear layers (K-FAC has no BatchNorm factors: they are refused by
@@ -47,8 +48,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 ROWS = (
-    "gif-self", "gif-influence", "gif-self-layers", "captum-self-layers", "hif-fast-ekfac",
-    "hif-fast-ekfac-sampled",
+    "gif-self", "gif-influence", "gif-self-layers", "gif-self-layers-rho0", "captum-self-layers",
+    "hif-fast-ekfac", "hif-fast-ekfac-sampled",
 )  # fmt: skip
 
 
@@ -111,8 +112,9 @@ def measure(spec: dict) -> dict:
 
     def call(train: TensorDataset, test: TensorDataset) -> torch.Tensor:
         if row.startswith("gif"):
-            est = SAMTracInCP(resnet(), train, ckpts, loss_fn=none, batch_size=bs, rho=0.05,
-                              layers=layers if row.endswith("layers") else None,
+            est = SAMTracInCP(resnet(), train, ckpts, loss_fn=none, batch_size=bs,
+                              rho=0.0 if row.endswith("rho0") else 0.05,
+                              layers=layers if "layers" in row else None,
                               batchnorm_tolerance=None)  # fmt: skip
             return est.influence(test.tensors) if row == "gif-influence" else est.self_influence()
         if row == "captum-self-layers":
@@ -177,6 +179,13 @@ def main() -> None:
                     f"{r['added_mb']:.0f}", str(r["finite"])))  # fmt: skip
         print(out[-1], flush=True)
     print(table(out, ("row", "wall s", "CPU s", "peak MB", "added MB", "finite")))
+    if "gif-self-layers-rho0" in results and "captum-self-layers" in results:
+        ours = torch.tensor(results["gif-self-layers-rho0"]["scores"])
+        theirs = torch.tensor(results["captum-self-layers"]["scores"])
+        diff = float((ours - theirs).abs().max() / theirs.abs().max())
+        ratio = results["captum-self-layers"]["seconds"] / results["gif-self-layers-rho0"]["seconds"]
+        print(f"rho = 0 on the same layers: Captum time / ours {ratio:.2f}x; max difference / "
+              f"max |score| {diff:.1e}")
     if "gif-self-layers" in results and "captum-self-layers" in results:
         ours = torch.tensor(results["gif-self-layers"]["scores"])
         theirs = torch.tensor(results["captum-self-layers"]["scores"])
