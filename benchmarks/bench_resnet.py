@@ -185,8 +185,10 @@ def main() -> None:
         diff = float((ours - theirs).abs().max() / theirs.abs().max())
         plain = results["gif-self-layers-rho0"]["seconds"]
         ratio = results["captum-self-layers"]["seconds"] / plain
-        print(f"rho = 0 on the same layers: Captum time / ours {ratio:.2f}x; max difference / "
-              f"max |score| {diff:.1e}")
+        print(
+            f"rho = 0 on the same layers: Captum time / ours {ratio:.2f}x; max difference / "
+            f"max |score| {diff:.1e}"
+        )
     if "gif-self-layers" in results and "captum-self-layers" in results:
         ours = torch.tensor(results["gif-self-layers"]["scores"])
         theirs = torch.tensor(results["captum-self-layers"]["scores"])
