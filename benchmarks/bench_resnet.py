@@ -56,7 +56,9 @@ ROWS = (
 def resnet() -> nn.Module:
     from captum_sam.models import build_model
 
-    return build_model("resnet18", (3, 32, 32), 10, seed=0, dtype=torch.float32)
+    # eval mode: Captum uses the model as given (a train-mode BatchNorm would normalise with
+    # each scoring batch's statistics); captum_sam's estimators attribute in eval mode
+    return build_model("resnet18", (3, 32, 32), 10, seed=0, dtype=torch.float32).eval()
 
 
 def data(n: int, seed: int) -> TensorDataset:
