@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -71,3 +75,23 @@ def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
             *[line(r) for r in rows],
         ]
     )
+
+
+def rss_mb() -> float:
+    """Peak resident memory of this process in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds() -> float:
+    """User and system CPU time of this process (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_in_process(script: str, spec: dict) -> dict:
+    """``script --one <spec>`` in a fresh process (its own peak memory); its last JSON line."""
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(script), "--one", json.dumps(spec)],
+        check=True, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(script)),
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -33,14 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
-from _common import machine, table
+from _common import cpu_seconds, machine, rss_mb, run_in_process, table
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -91,15 +89,6 @@ def write_checkpoints(directory: str, count: int) -> list[str]:
     return paths
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def measure(spec: dict) -> dict:
     """One row in this process: seconds, CPU seconds, peak and added MB, a score summary."""
     from captum.influence import TracInCP
@@ -144,11 +133,7 @@ def measure(spec: dict) -> dict:
 
 def run(spec: dict) -> dict:
     """:func:`measure` in a fresh process (its own peak memory)."""
-    out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--one", json.dumps(spec)],
-        check=True, capture_output=True, text=True, cwd=HERE,
-    )  # fmt: skip
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_in_process(__file__, spec)
 
 
 def main() -> None:
