@@ -31,7 +31,6 @@ SAM-HIF(Fast) this form drops it (the curvature is taken at the perturbed weight
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from captum_sam.core.data import local_batches, progress
 from captum_sam.core.distributed import all_reduce_sum
 from captum_sam.gif.points import WeightPoints
 from captum_sam.gif.terms import Term, check_finite_terms
+from captum_sam.hif.setup import check_number
 
 __all__ = ["SegmentEdit", "SEGMENT_CURVATURES", "segment_functions", "krylov_functions"]
 
@@ -291,12 +291,6 @@ def check_segment_options(
         raise ValueError(
             f"`steps_per_checkpoint` must be a positive int or None, got {steps_per_checkpoint!r}"
         )
-    if (
-        isinstance(weight_decay, bool)
-        or not isinstance(weight_decay, (int, float))
-        or not math.isfinite(weight_decay)
-        or weight_decay < 0
-    ):
-        raise ValueError(f"`weight_decay` must be a finite number >= 0, got {weight_decay!r}")
+    check_number("weight_decay", weight_decay)
     if isinstance(krylov_steps, bool) or not isinstance(krylov_steps, int) or krylov_steps < 1:
         raise ValueError(f"`krylov_steps` must be a positive int, got {krylov_steps!r}")
