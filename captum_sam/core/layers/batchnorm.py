@@ -16,8 +16,9 @@ They cost :math:`O(T C)` per example and are always formed (``(B, C)`` numbers),
 ResNet's normalisation layers no longer push every parameter onto the ``vmap`` path.
 
 :math:`\hat x` is computed inside the forward hook from the running statistics in
-place there (those ``functional_call`` was given: the checkpoint's, or the recorded
-batch's under ``batchnorm="batch"``). A layer in train mode normalises with the
+place there (those ``functional_call`` was given: the checkpoint's; under
+``batchnorm="batch"`` SAM-GIF forms its gradients with ``vmap`` instead). A layer in
+train mode normalises with the
 statistics of the current batch, which couples the examples: it raises
 :class:`~captum_sam.core.layers.sites.Unsupported` and the gradients are formed
 instead. Layers without affine parameters or without running statistics are not
