@@ -83,8 +83,8 @@ class CheckpointForm:
             if first is not None and _nbytes(first) * len(terms) > TEST_BUDGET_BYTES:
                 yield from self._columns_by_term(first, test, train, train_again, aggregate)
                 return
-            rest = self.factored.test_factors(terms[1:], test, aggregate)
-            factors = None if first is None or rest is None else first + rest
+            rest = None if first is None else self.factored.test_factors(terms[1:], test, aggregate)
+            factors = None if rest is None else first + rest  # type: ignore[operator]
         else:
             factors = self.factored.test_factors(terms, test, aggregate)
         tests = None
