@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils.data import TensorDataset
 
 from captum_sam import load_trajectory, train_sam
 from captum_sam.data import load_digits_data
@@ -95,3 +96,11 @@ def run_in_process(script: str, spec: dict) -> dict:
         check=True, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(script)),
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cifar_like(n: int, seed: int) -> TensorDataset:
+    """``n`` random CIFAR-shaped examples (3x32x32, 10 classes), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(
+        torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+    )

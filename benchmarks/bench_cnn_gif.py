@@ -24,6 +24,7 @@ import tempfile
 import time
 
 import torch
+from _common import cifar_like as data
 from _common import cpu_seconds, machine, rss_mb, run_in_process, table
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -38,13 +39,6 @@ def cnn() -> nn.Module:
         nn.MaxPool2d(2),
         nn.Flatten(),
         nn.Linear(32 * 16 * 16, 10),
-    )
-
-
-def data(n: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(
-        torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
     )
 
 

@@ -38,6 +38,7 @@ import tempfile
 import time
 
 import torch
+from _common import cifar_like as data
 from _common import cpu_seconds, machine, rss_mb, run_in_process, table
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -57,13 +58,6 @@ def resnet() -> nn.Module:
     # eval mode: Captum uses the model as given (a train-mode BatchNorm would normalise with
     # each scoring batch's statistics); captum_sam's estimators attribute in eval mode
     return build_model("resnet18", (3, 32, 32), 10, seed=0, dtype=torch.float32).eval()
-
-
-def data(n: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(
-        torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
-    )
 
 
 def kernel_layers(model: nn.Module) -> list[str]:
