@@ -463,3 +463,38 @@ def test_compare_cli_accepts_kfac_and_builds_a_kfac_estimator(setup):
     )  # fmt: skip
     est = build_estimator(ctx, "sam-hif-fast", "ekfac")
     assert est.curvature == "ekfac" and list(est.operator.kronecker) == ["perturbed"]
+
+
+@pytest.mark.parametrize(
+    "positions,d_in,d_out,count",
+    [(50, 3, 3, 1), (40, 4, 2, 3), (2, 30, 3, 2), (1, 6, 4, 2)],
+    ids=["form-first", "form-first-C3", "rotate-first", "one-position"],
+)
+def test_ekfac_eigenvalue_correction_both_orders_equal_the_definition(
+    positions, d_in, d_out, count
+):
+    """The corrected eigenvalues sum ``((Q_S^T G_ic Q_A)_jk)^2`` over examples and
+    pseudo-gradients, with ``G_ic = sum_t d_cit [a_it, 1]^T``: forming G first (many
+    positions, narrow inputs) or rotating the factors first give the definition."""
+    from captum_sam.hif.kfac import _accumulate_diagonal
+    from captum_sam.hif.kron_sites import KroneckerSite
+
+    g = torch.Generator().manual_seed(3)
+    layer = nn.Linear(d_in, d_out).to(DTYPE)
+    site = KroneckerSite("layer", layer, "layer.weight", "layer.bias")
+    a = torch.randn(5, positions, d_in, generator=g, dtype=DTYPE)
+    d = torch.randn(count, 5, positions, d_out, generator=g, dtype=DTYPE)
+
+    def orthogonal(k):
+        m = torch.randn(k, k, generator=g, dtype=DTYPE)
+        return torch.linalg.eigh(m @ m.T)[1]
+
+    qs, qa = orthogonal(d_out), orthogonal(d_in + 1)
+    want = torch.zeros(d_out, d_in + 1, dtype=DTYPE)
+    for i in range(5):
+        cols = torch.cat([a[i], torch.ones(positions, 1, dtype=DTYPE)], 1)
+        for c in range(count):
+            want += (qs.T @ (d[c, i].T @ cols) @ qa).square()
+    total = torch.zeros_like(want)
+    _accumulate_diagonal(total, qs, qa, site, a, d)
+    torch.testing.assert_close(total, want, rtol=1e-12, atol=1e-12)

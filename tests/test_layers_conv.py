@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from captum_sam import core as F
 from captum_sam.core.layers import products, sites
@@ -485,3 +485,80 @@ def test_influence_one_checkpoint_at_a_time_equals_all_at_once(tmp_path, monkeyp
     top = apart.influence((xt, yt), k=3)
     torch.testing.assert_close(top.influence_scores, want_top.influence_scores)
     assert torch.equal(top.indices, want_top.indices)
+
+
+def hif(model, data, path, **kw):
+    from captum_sam import SAMInfluenceFunction
+
+    return SAMInfluenceFunction(model, data, path, loss_fn=ce_loss(), batch_size=4, rho=0.2,
+                                projection_dim=None, **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", ["plain", "fast", "exact"])
+@pytest.mark.parametrize("net", [BatchNormCNN, GroupedCNN], ids=["batchnorm", "grouped"])
+def test_hif_gradients_from_factors_equal_vmap(tmp_path, monkeypatch, net, variant):
+    """The Hessian family forms per-example gradients from layer factors when every
+    attributed parameter is in a site (Conv2d, eval-mode BatchNorm, Linear): the same
+    scores as ``vmap``, and ``vmap`` runs only for the one-off check. A grouped
+    convolution is not a site: ``vmap`` throughout, the same scores."""
+    x, y = cnn_data(10, 3)
+    xt, yt = cnn_data(5, 4)
+    model = built(net(), x.float())
+    before = snapshot(model)
+    path = checkpoints(model, tmp_path, count=1)[0][0]
+    slow = hif(model, TensorDataset(x, y), path, variant=variant, factorize=False)
+    want, want_self = slow.influence((xt, yt)), slow.self_influence()
+    calls = []
+    original = F.per_example_grads
+
+    def counted(*args, **kw):
+        calls.append(1)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(F, "per_example_grads", counted)
+    fast = hif(model, TensorDataset(x, y), path, variant=variant)
+    torch.testing.assert_close(fast.influence((xt, yt)), want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast.self_influence(), want_self, rtol=1e-10, atol=1e-12)
+    if net is BatchNormCNN:
+        assert fast._grad_sites is not None
+        assert len(calls) == 1  # the check on the first batch (one loss function)
+    else:
+        assert fast._grad_sites is None
+        assert len(calls) >= 8  # every batch by vmap (3 + 2 + 3 at least)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg"])
+def test_hif_influence_in_test_groups_equals_all_at_once(tmp_path, monkeypatch, solver):
+    """Over the test-row budget, influence solves the test examples in groups, one pass
+    over the training data per group: the same scores and top-k."""
+    from captum_sam.hif import sides
+
+    x, y = cnn_data(11, 5)
+    xt, yt = cnn_data(10, 6)
+    model = built(BatchNormCNN(), x.float())
+    path = checkpoints(model, tmp_path, count=1)[0][0]
+    # cg: a positive-definite A (damped GGN), so the solves converge
+    est = hif(model, TensorDataset(x, y), path, variant="fast", solver=solver, curvature="ggn",
+              damping=0.1)  # fmt: skip
+    want, want_top = est.influence((xt, yt)), est.influence((xt, yt), k=3)
+    passes = []
+    original = sides.train_rows
+
+    def counted(*args, **kw):
+        passes.append(1)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(sides, "train_rows", counted)
+    q = est.compute_intermediate_quantities((xt[:1], yt[:1]), test=True)
+    row_bytes = q.element_size() * q.shape[1]  # P wide solved, the rank with "dense"
+    monkeypatch.setattr(sides, "TEST_BUDGET_BYTES", 4 * row_bytes)  # one test batch a group
+    loader = DataLoader(TensorDataset(xt, yt), batch_size=4)  # a tuple is one batch
+    torch.testing.assert_close(est.influence(loader), want, rtol=1e-12, atol=1e-14)
+    assert len(passes) == 3 * 3  # 3 groups (4 + 4 + 2 rows) x 3 training batches
+    top = est.influence(loader, k=3)
+    torch.testing.assert_close(top.influence_scores, want_top.influence_scores)
+    assert torch.equal(top.indices, want_top.indices)
+    agg = est.influence(loader, aggregate=True)
+    tol = 1e-10 if solver == "dense" else 1e-5  # cg solves the summed vector to 1e-6
+    torch.testing.assert_close(agg, want.sum(0, keepdim=True), rtol=tol, atol=tol)

@@ -275,10 +275,29 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
         return self._get_k_most_influential(inputs, k, proponents, show_progress, aggregate)
 
     def _blocks(self, inputs: Any, desc: str | None, aggregate: bool) -> Iterable[Tensor]:
-        q = sides.quantities(self, inputs, aggregate, False, True)
+        """``(n_test, batch)`` score blocks over the training batches, in order.
+
+        Test rows above :data:`~captum_sam.hif.sides.TEST_BUDGET_BYTES` are taken in
+        groups, one pass over the training data per group (one block of every score).
+        """
+        groups = [
+            self._train_blocks(rows, desc)
+            for rows in sides.test_row_groups(self, inputs, aggregate, sides.TEST_BUDGET_BYTES)
+        ]
+        if len(groups) == 1:
+            yield from groups[0]
+        else:
+            yield torch.cat([torch.cat(blocks, 1) for blocks in groups])
+
+    def _train_blocks(self, rows: list[Tensor], desc: str | None) -> list[Tensor]:
+        """Blocks of the test rows ``rows`` (parts of ``(m, width)``) over the training data.
+
+        Empties ``rows`` (the caller's list: the group is freed before the next one).
+        """
         if self._cache is not None:
-            yield from self._cache.scores(q)
-            return
+            q = torch.cat(rows) if len(rows) > 1 else rows[0]
+            rows.clear()
+            return self._cache.scores(q)
         bar = progress(
             local_batches(self.train_dataloader, self.device),
             desc is not None,
@@ -288,8 +307,10 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
         blocks = []
         for i, batch in bar:
             with batch_context("train_dataset", i):
-                blocks.append((i, q @ sides.train_rows(self, batch).T))
-        yield from gather_ordered(blocks)
+                train = sides.train_rows(self, batch).T
+                blocks.append((i, torch.cat([q @ train for q in rows])))
+        rows.clear()
+        return gather_ordered(blocks)
 
     def _influence(  # type: ignore[override]
         self, inputs: Any, show_progress: bool = False, aggregate: bool = False

@@ -121,8 +121,13 @@ class SAMInfluenceFunction(SAMInfluenceBase):
             products in expectation (:class:`~captum_sam.core.projection.RandomProjection`).
         sketch: ``"gaussian"`` or ``"rademacher"``.
         sketch_seed: Seed of the sketch.
-        factorize: With ``curvature="ggn"`` and ``nn.Linear`` models, form GGN
-            matrices from layer factors (checked against ``ggn_vp`` first).
+        factorize: Use layer factors where they apply: with ``curvature="ggn"`` and
+            ``nn.Linear`` models, form GGN matrices from them (checked against
+            ``ggn_vp`` first); for every model whose attributed parameters all sit in
+            ``nn.Linear``, ``nn.Conv2d`` or eval-mode BatchNorm layers, form per-example
+            gradients from layer inputs and output gradients instead of ``vmap``
+            (checked against ``vmap`` on the first batch of each loss). ``False``:
+            always ``vmap``.
         factors_dir: With ``"kfac"``/``"ekfac"``, a directory caching the fitted
             factors and eigendecompositions (one file and verified manifest per kind
             and point, :mod:`captum_sam.hif.kfac_store`): reused when they match the

@@ -197,14 +197,31 @@ def _accumulate_covariances(
 def _accumulate_diagonal(
     total: Tensor, qs: Tensor, qa: Tensor, site: KroneckerSite, a: Tensor, d: Tensor
 ) -> None:
-    r"""Add :math:`\sum_{i,c} ((Q_S^T G_{ic} Q_A)_{jk})^2` of one batch to ``total``."""
-    rot_a = site.columns(a) @ qa  # (B, T, width)
-    rot_d = d @ qs  # (C, B, T, d_out)
-    if rot_a.shape[1] == 1:  # one position: (d_o a_k)^2 = d_o^2 a_k^2, G is never formed
-        total += torch.einsum("cbo,bk->ok", rot_d[:, :, 0].square(), rot_a[:, 0].square())
+    r"""Add :math:`\sum_{i,c} ((Q_S^T G_{ic} Q_A)_{jk})^2` of one batch to ``total``.
+
+    Two orders, the cheaper one per layer: rotate the ``T`` inputs and pseudo-gradients
+    first, then form :math:`G` in the eigenbasis (:math:`T(w^2 + C o^2)` per example
+    before the common :math:`C o T w`: pays when few positions meet wide inputs), or
+    form :math:`G_{ic}` and rotate it (:math:`C(o^2 w + o w^2)`: pays for the many
+    positions and narrow inputs of early convolutions).
+    """
+    cols = site.columns(a)  # (B, T, width)
+    count, size, positions = d.shape[0], d.shape[1], cols.shape[1]
+    out, width = site.d_out, site.width
+    if positions == 1:  # one position: (d_o a_k)^2 = d_o^2 a_k^2, G is never formed
+        rot_a, rot_d = cols[:, 0] @ qa, d[:, :, 0] @ qs
+        total += torch.einsum("cbo,bk->ok", rot_d.square(), rot_a.square())
         return
-    count, size = rot_d.shape[0], rot_d.shape[1]
-    step = max(1, _CHUNK_ELEMENTS // (count * site.d_out * site.width))
+    rotate_first = positions * (width * width + count * out * out)
+    form_first = count * (out * out * width + out * width * width)
+    step = max(1, _CHUNK_ELEMENTS // (count * out * width))
+    if form_first < rotate_first:
+        for start in range(0, size, step):
+            rows = slice(start, start + step)
+            g = torch.einsum("cbto,btk->cbok", d[:, rows], cols[rows])
+            total += (qs.T @ g @ qa).square().sum((0, 1))
+        return
+    rot_a, rot_d = cols @ qa, d @ qs  # (B, T, width), (C, B, T, d_out)
     for start in range(0, size, step):
         rows = slice(start, start + step)
         g = torch.einsum("cbto,btk->cbok", rot_d[:, rows], rot_a[rows])

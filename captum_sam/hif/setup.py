@@ -154,6 +154,7 @@ def prepare(
     n_hessian = dataset_size(est.hessian_dataloader)
     if n_hessian == 0:
         raise ValueError("`hessian_dataset` is empty")
+    est.factorize = factorize  # per-example gradients from layer factors where they apply
     est.layers = check_layers(layers)
     names = F.attributed_names(model, est.layers)
     if sample_wise_grads_per_batch:

@@ -9,6 +9,7 @@ turned into embeddings by the estimator's inverse. Test side: gradients at
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from captum_sam.core.data import (
 )
 from captum_sam.core.distributed import gather_ordered, is_distributed
 from captum_sam.core.errors import ArgumentError
+from captum_sam.core.layers import sites as layer_sites
 from captum_sam.hif.inverse import LowRankInverse
 
 __all__ = [
@@ -35,13 +37,60 @@ __all__ = [
     "quantities",
     "self_influence",
     "inverse_setting",
+    "test_row_groups",
+    "TEST_BUDGET_BYTES",
 ]
+
+TEST_BUDGET_BYTES = 1 << 30
+"""Test-side rows held at once by ``influence``; more are taken in groups, one pass over
+the training data each (scores unchanged)."""
 
 
 def gradients(est: Any, batch: tuple[Any, ...], loss: F.FunctionalLoss, point: F.Params) -> Tensor:
-    """Per-example gradients ``(B, P)`` of ``loss`` at ``point``."""
+    r"""Per-example gradients ``(B, P)`` of ``loss`` at ``point``.
+
+    Formed from layer factors (one batched forward/backward pass, then
+    :math:`G_i = \sum_t d_{it} a_{it}^\top` per layer) when every attributed parameter
+    sits in a layer site and the factors reproduced ``vmap`` on the first batch of this
+    loss (:func:`_factored_sites`); otherwise ``vmap(grad(...))``.
+    """
+    site_list = _factored_sites(est, loss, point, batch)
+    if site_list is not None:
+        try:
+            factors = layer_sites.layer_factors(loss, point, batch, site_list)
+        except layer_sites.Unsupported:  # e.g. a layer called twice in this batch only
+            factors = None
+        if factors is not None:
+            grads: F.Params = {}
+            for site, (a, d) in zip(site_list, factors):
+                grads.update(layer_sites.site_grads(a, d, site))
+            del factors
+            return F.flatten(grads, est.names, batch_dims=1)
     g = F.per_example_grads(loss, point, batch)
     return F.flatten(g, est.names, batch_dims=1)
+
+
+def _factored_sites(
+    est: Any, loss: F.FunctionalLoss, point: F.Params, batch: tuple[Any, ...]
+) -> list[layer_sites.Site] | None:
+    """The layer sites when per-example gradients may be formed from factors, else ``None``.
+
+    Needs ``factorize=True`` and every attributed parameter in a site
+    (:func:`~captum_sam.core.layers.sites.layer_sites`: ``nn.Linear``, ``nn.Conv2d``,
+    eval-mode BatchNorm); checked once per loss function numerically against ``vmap``
+    on a few examples of the first batch it sees.
+    """
+    if not getattr(est, "factorize", False):
+        return None
+    if not hasattr(est, "_grad_sites"):
+        est._grad_sites = layer_sites.layer_sites(loss.model, est.names)
+        est._grad_checked = {}
+    if est._grad_sites is None:
+        return None
+    key = (loss.loss_fn, loss.reduction)
+    if key not in est._grad_checked:
+        est._grad_checked[key] = layer_sites.matches_vmap(loss, point, batch, est._grad_sites)
+    return est._grad_sites if est._grad_checked[key] else None
 
 
 def right_hand_sides(est: Any, batch: tuple[Any, ...]) -> Tensor:
@@ -137,6 +186,37 @@ def quantities(est: Any, inputs: Any, aggregate: bool, show_progress: bool, test
     out = torch.cat(gathered)
     F.check_finite(out, "gradients")
     return out.sum(dim=0, keepdim=True) if aggregate else out
+
+
+def test_row_groups(est: Any, inputs: Any, aggregate: bool, budget: int) -> Iterator[list[Tensor]]:
+    """Test-side rows of ``inputs`` in groups of at most about ``budget`` bytes.
+
+    Each group is a list of per-batch ``(m, width)`` rows (not concatenated: no copy),
+    yielded when the next batch would take it over ``budget``; a single batch over
+    ``budget`` is a group of its own. Aggregated, one group with the one summed row.
+    """
+    if aggregate:
+        yield [quantities(est, inputs, True, False, True)]
+        return
+    data = as_loader(inputs, est.batch_size, "inputs_dataset")
+    loss, params = est._test_loss, est.operator.params
+    group: list[Tensor] = []
+    size = 0
+    seen = False
+    for i, batch in enumerate(on_device(data, est.device)):
+        validate_batch(loss, params, batch, "inputs_dataset", run_loss=i == 0)
+        rows = test_rows(est, batch, loss, "test vectors")
+        seen = True
+        nbytes = rows.numel() * rows.element_size()
+        if group and size + nbytes > budget:
+            yield group
+            group, size = [], 0
+        group.append(rows)
+        size += nbytes
+        del rows
+    if not seen:
+        raise ValueError("`inputs_dataset` is empty")
+    yield group
 
 
 def self_influence(est: Any, inputs: Any, show_progress: bool) -> Tensor:
