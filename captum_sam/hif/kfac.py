@@ -50,6 +50,7 @@ KINDS = ("kfac", "ekfac")
 """The Kronecker-factored curvatures."""
 
 _CHUNK_ELEMENTS = 1 << 24  # entries of one chunk of rotated per-example gradients
+_APPLY_ELEMENTS = 1 << 25  # entries of the columns a product or solve takes at once
 
 
 @dataclass
@@ -108,7 +109,22 @@ class KroneckerCurvature:
         return F.flatten(tree, list(self.like), batch_dims=1).T
 
     def _apply(self, columns: Tensor, scale: Callable[[int, Tensor], Tensor]) -> Tensor:
-        """``Q_S [scale(l, Lambda_l) * (Q_S^T V Q_A)] Q_A^T`` per block, on ``(P, m)``."""
+        """``Q_S [scale(l, Lambda_l) * (Q_S^T V Q_A)] Q_A^T`` per block, on ``(P, m)``.
+
+        Wide ``columns`` are taken a few columns at a time (about
+        :data:`_APPLY_ELEMENTS` entries each) into one output: the per-block copies and
+        rotations of a chunk are the only transient memory.
+        """
+        step = max(1, _APPLY_ELEMENTS // max(1, columns.shape[0]))
+        if columns.shape[1] <= step:
+            return self._apply_chunk(columns, scale)
+        out = torch.empty_like(columns)
+        for start in range(0, columns.shape[1], step):
+            part = slice(start, start + step)
+            out[:, part] = self._apply_chunk(columns[:, part], scale)
+        return out
+
+    def _apply_chunk(self, columns: Tensor, scale: Callable[[int, Tensor], Tensor]) -> Tensor:
         out = []
         for i, v in enumerate(self.split(columns)):
             qs, qa = self.qs[i].to(v), self.qa[i].to(v)

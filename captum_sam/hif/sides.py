@@ -27,6 +27,7 @@ from captum_sam.core.data import (
 from captum_sam.core.distributed import gather_ordered, is_distributed
 from captum_sam.core.errors import ArgumentError
 from captum_sam.core.layers import sites as layer_sites
+from captum_sam.core.losses import batch_size
 from captum_sam.hif.inverse import LowRankInverse
 
 __all__ = [
@@ -60,12 +61,20 @@ def gradients(est: Any, batch: tuple[Any, ...], loss: F.FunctionalLoss, point: F
             factors = layer_sites.layer_factors(loss, point, batch, site_list)
         except layer_sites.Unsupported:  # e.g. a layer called twice in this batch only
             factors = None
-        if factors is not None:
-            grads: F.Params = {}
-            for site, (a, d) in zip(site_list, factors):
-                grads.update(layer_sites.site_grads(a, d, site))
-            del factors
-            return F.flatten(grads, est.names, batch_dims=1)
+        if factors is not None:  # each site's gradients written into one (B, P) block
+            offsets, start = {}, 0
+            for name in est.names:
+                offsets[name] = (start, start + point[name].numel())
+                start += point[name].numel()
+            ref = point[est.names[0]]
+            out = ref.new_empty(batch_size(batch), start)
+            while factors:
+                site, (a, d) = site_list[len(site_list) - len(factors)], factors.pop(0)
+                for name, g in layer_sites.site_grads(a, d, site).items():
+                    lo, hi = offsets[name]
+                    out[:, lo:hi] = g.reshape(len(out), -1)
+                del a, d
+            return out
     g = F.per_example_grads(loss, point, batch)
     return F.flatten(g, est.names, batch_dims=1)
 
@@ -191,32 +200,45 @@ def quantities(est: Any, inputs: Any, aggregate: bool, show_progress: bool, test
 def test_row_groups(est: Any, inputs: Any, aggregate: bool, budget: int) -> Iterator[list[Tensor]]:
     """Test-side rows of ``inputs`` in groups of at most about ``budget`` bytes.
 
-    Each group is a list of per-batch ``(m, width)`` rows (not concatenated: no copy),
-    yielded when the next batch would take it over ``budget``; a single batch over
-    ``budget`` is a group of its own. Aggregated, one group with the one summed row.
+    Each group is a list of ``(m, width)`` rows (not concatenated: no copy), yielded when
+    the next rows would take it over ``budget``. A batch is cut into pieces of at most
+    ``budget / 8`` bytes of rows (a tuple of inputs is one batch, however large: its
+    per-example gradients and their solves are formed a piece at a time; per-example
+    rows do not depend on the cut). Aggregated, one group with the one summed row.
     """
     if aggregate:
         yield [quantities(est, inputs, True, False, True)]
         return
     data = as_loader(inputs, est.batch_size, "inputs_dataset")
     loss, params = est._test_loss, est.operator.params
+    like = est.operator.mean_grad[est.names[0]]
+    row_bytes = est.operator.dim * (2 if est.variant == "exact" else 1) * like.element_size()
+    piece = max(1, budget // 8 // row_bytes)
     group: list[Tensor] = []
     size = 0
     seen = False
     for i, batch in enumerate(on_device(data, est.device)):
         validate_batch(loss, params, batch, "inputs_dataset", run_loss=i == 0)
-        rows = test_rows(est, batch, loss, "test vectors")
-        seen = True
-        nbytes = rows.numel() * rows.element_size()
-        if group and size + nbytes > budget:
-            yield group
-            group, size = [], 0
-        group.append(rows)
-        size += nbytes
-        del rows
+        count = batch_size(batch)
+        for start in range(0, count, piece):
+            part = batch if count <= piece else _rows_of(batch, start, start + piece)
+            rows = test_rows(est, part, loss, "test vectors")
+            seen = True
+            nbytes = rows.numel() * rows.element_size()
+            if group and size + nbytes > budget:
+                yield group
+                group, size = [], 0
+            group.append(rows)
+            size += nbytes
+            del rows
     if not seen:
         raise ValueError("`inputs_dataset` is empty")
     yield group
+
+
+def _rows_of(batch: tuple[Any, ...], start: int, stop: int) -> tuple[Any, ...]:
+    """Examples ``start:stop`` of a batch (every tensor with a batch dimension is cut)."""
+    return tuple(x[start:stop] if isinstance(x, Tensor) and x.dim() > 0 else x for x in batch)
 
 
 def self_influence(est: Any, inputs: Any, show_progress: bool) -> Tensor:
