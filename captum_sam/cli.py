@@ -290,12 +290,14 @@ examples:
   captum-sam compare --model mlp --curvature both --out runs/mlp
   captum-sam compare --dataset mnist --data-dir ~/data --model cnn --n-train 2000
   captum-sam compare --model convnet --dataset synthetic-cifar --quick
+  captum-sam compare --model convnet --dataset synthetic-cifar --quick --curvature ekfac
 
 CNNs (convnet, resnet18) run sam-gif, sam-gif-ckpt and captum-tracincp by default: a
 dense P x P curvature does not fit, so the Hessian rows (sam-hif*, if) solve with
 conjugate gradients or GMRES, one system per example, and they and captum-arnoldi
 took over 10 minutes on 60 training examples of convnet (name them in --methods to
-run them anyway)."""
+run them anyway). With --curvature kfac or ekfac, convnet also runs sam-hif-fast and if
+(inverted exactly in each layer's Kronecker eigenbasis, no solver)."""
 
 
 def _damping(text: str) -> float | str:

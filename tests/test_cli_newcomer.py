@@ -227,6 +227,11 @@ def test_cnn_runs_default_to_the_rows_that_scale_and_the_cnn_learning_rate():
     chosen = CompareConfig(model="convnet", dataset="synthetic-cifar", methods=("if",), lr=0.3)
     assert chosen.methods == ("if",) and chosen.lr == 0.3
     assert config.resolved_n_test == 200
+    # Kronecker curvatures invert the symmetric rows exactly: convnet runs them too
+    kron = CompareConfig(model="convnet", dataset="synthetic-cifar", curvature="ekfac")
+    assert kron.methods == (*CNN_METHODS, "sam-hif-fast", "if")
+    resnet = CompareConfig(model="resnet18", dataset="synthetic-cifar", curvature="kfac")
+    assert resnet.methods == CNN_METHODS  # BatchNorm parameters have no Kronecker factors
 
 
 @pytest.mark.parametrize(
@@ -247,9 +252,12 @@ def test_compare_refuses_cnn_settings_that_do_not_fit(tmp_path, capsys, monkeypa
 
 
 @pytest.mark.slow
-def test_a_tiny_compare_on_a_convnet(tmp_path, capsys):
+@pytest.mark.parametrize("curvature", [None, "ekfac"])
+def test_a_tiny_compare_on_a_convnet(tmp_path, capsys, curvature):
     out = tmp_path / "cnn"
     argv = [*TINY[:-2], "--model", "convnet", "--dataset", "synthetic-cifar", "--epochs", "1"]
+    if curvature is not None:
+        argv += ["--curvature", curvature]
     assert main([*argv, "--n-test", "10", "--no-progress", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["data"] == {
@@ -260,7 +268,8 @@ def test_a_tiny_compare_on_a_convnet(tmp_path, capsys):
         "noisy": 6,
     }
     labels = [r["label"] for r in results["methods"]]
-    assert labels == ["sam-gif", "sam-gif-ckpt", "captum-tracincp"]
+    gradient_rows = ["sam-gif", "sam-gif-ckpt", "captum-tracincp"]
+    assert labels == gradient_rows + ([] if curvature is None else ["sam-hif-fast", "if"])
     for row in results["methods"]:
         assert "error" not in row and -1 <= row["loo_pearson"] <= 1
     assert results["config"]["lr"] == 0.1

@@ -576,3 +576,52 @@ def test_hif_influence_in_test_groups_equals_all_at_once(tmp_path, monkeypatch, 
     assert len(passes) == 3  # one tuple of 10 rows in pieces of 3: one group
     agg = est.influence(loader, aggregate=True)
     torch.testing.assert_close(agg, want.sum(0, keepdim=True), rtol=tol, atol=tol)
+
+
+class HeldProjection(nn.Module):
+    """A linear layer after a matrix the module holds itself (not given to functional_call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.proj = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x @ self.proj)
+
+
+def test_the_factored_check_runs_in_float64_for_float32_weights(monkeypatch):
+    """float32 weights are compared in float64 (a deep net's float32 rounding alone
+    separates factored and vmap gradients by far more than any tolerance that still
+    catches structure); a batch-coupling model is still refused; a model holding a
+    float32 tensor of its own falls back to the check in float32."""
+    from tests.helpers import BatchCentred
+
+    seen = []
+    original = F.per_example_grads
+
+    def spy(floss, params, batch, **kw):
+        seen.append(next(iter(params.values())).dtype)
+        return original(floss, params, batch, **kw)
+
+    monkeypatch.setattr(F, "per_example_grads", spy)
+
+    def check(model, x):
+        model = model.float().eval()
+        names = [n for n, _ in model.named_parameters()]
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        floss = F.FunctionalLoss(model, ce_loss(), {}, "none")
+        found = sites.layer_sites(model, names)
+        y = torch.randint(0, 3, (len(x),), generator=torch.Generator().manual_seed(1))
+        return sites.matches_vmap(floss, params, (x, y), found)
+
+    x, _ = cnn_data(6, 2)
+    assert check(built(SmallCNN(), x.float()), x.float())
+    assert seen == [torch.float64]
+    seen.clear()
+    torch.manual_seed(0)
+    assert not check(BatchCentred(), torch.randn(6, 5))
+    assert seen == [torch.float64]
+    seen.clear()
+    assert check(HeldProjection(), torch.randn(6, 5))
+    assert seen == [torch.float32]  # widening failed (float64 @ float32): own dtype

@@ -83,7 +83,11 @@ CNN_MODELS = ("convnet", "resnet18")
 CNN_METHODS = ("sam-gif", "sam-gif-ckpt", "captum-tracincp")
 
 
-def default_methods(model: str) -> tuple[str, ...]:
+KRONECKER_CNN_METHODS = ("sam-hif-fast", "if")
+"""Added to :data:`CNN_METHODS` on ``convnet`` with ``--curvature kfac``/``ekfac``."""
+
+
+def default_methods(model: str, curvature: str = "hessian") -> tuple[str, ...]:
     r"""The rows of a run without ``--methods``: all of :data:`METHODS`, fewer on a CNN.
 
     On ``convnet`` (83k parameters) and ``resnet18`` (11.2M) a dense :math:`P \times P`
@@ -93,9 +97,17 @@ def default_methods(model: str) -> tuple[str, ...]:
     the data) did not finish within 10 minutes on 60 training examples of convnet on
     2 CPU cores, where the three gradient rows took 3-4 s each. So the default on a CNN
     is the gradient rows :data:`CNN_METHODS`; the others still run when named in
-    ``--methods``.
+    ``--methods``. With a Kronecker curvature (``kfac``, ``ekfac``) the symmetric rows
+    ``sam-hif-fast`` and ``if`` are inverted exactly in each layer's eigenbasis (no
+    solver), so ``convnet`` runs them too (:data:`KRONECKER_CNN_METHODS`); ``resnet18``
+    does not (its BatchNorm parameters have no Kronecker factors), nor do the
+    non-symmetric ``sam-hif``/``sam-hif-exact`` (GMRES over the data).
     """
-    return CNN_METHODS if model in CNN_MODELS else tuple(METHODS)
+    if model not in CNN_MODELS:
+        return tuple(METHODS)
+    if model == "convnet" and curvature in ("kfac", "ekfac"):
+        return CNN_METHODS + KRONECKER_CNN_METHODS
+    return CNN_METHODS
 
 
 def default_lr(model: str) -> float:
@@ -197,7 +209,7 @@ class CompareConfig:
         if self.lr is None:
             object.__setattr__(self, "lr", default_lr(self.model))
         if self.methods is None:
-            object.__setattr__(self, "methods", default_methods(self.model))
+            object.__setattr__(self, "methods", default_methods(self.model, self.curvature))
         self._check_choices()
         self._check_numbers()
         self._check_sizes()

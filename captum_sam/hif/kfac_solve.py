@@ -93,6 +93,7 @@ def attach(est: Any, damping: float | None, factors_dir: Any = None) -> None:
             from captum_sam.hif import kfac_store
 
             fitted[key] = kfac_store.cached_fit(factors_dir, est, key, sites, fit)
+        fitted[key].release_input_sums()  # (stored above when cached)
     op.kronecker = fitted
     main = fitted["params" if op.variant == "plain" else "perturbed"]
     n = est.n_train

@@ -415,9 +415,41 @@ def matches_vmap(
     """Whether gradients formed from factors equal ``vmap`` ones on a few examples.
 
     Catches what :func:`layer_sites` cannot see: a forward or loss that couples the
-    examples of a batch, or a layer used in an unusual way.
+    examples of a batch, or a layer used in an unusual way. Lower-precision weights
+    are compared in float64 (weights, buffers and inputs widened): in float32 a deep
+    network's rounding alone separates the two ways by up to 1e-2 (both equally far
+    from float64 on a ResNet-18), far above any fixed tolerance that would still
+    catch a structural difference. When widening fails (a tensor the model does not
+    receive through ``functional_call``), the check runs in the weights' own dtype.
     """
     part = head(batch, examples)
+    wide = _widened(floss, params, part)
+    if wide is not None:
+        try:
+            return _same_grads(*wide, sites)
+        except RuntimeError:  # e.g. a float32 tensor the model holds itself
+            pass
+    return _same_grads(floss, params, part, sites)
+
+
+def _widened(
+    floss: F.FunctionalLoss, params: F.Params, part: tuple[Any, ...]
+) -> tuple[F.FunctionalLoss, F.Params, tuple[Any, ...]] | None:
+    """Float64 copies of the weights, frozen tensors and inputs, or ``None`` if already."""
+    narrow = (torch.float32, torch.float16, torch.bfloat16)
+    if not any(v.dtype in narrow for v in params.values()):
+        return None
+
+    def wide(x: Any) -> Any:
+        return x.double() if isinstance(x, Tensor) and x.dtype in narrow else x
+
+    frozen = {n: wide(v) for n, v in floss.frozen.items()}
+    return floss.bind(frozen), {n: wide(v) for n, v in params.items()}, tuple(map(wide, part))
+
+
+def _same_grads(
+    floss: F.FunctionalLoss, params: F.Params, part: tuple[Any, ...], sites: Sequence[Site]
+) -> bool:
     try:
         f = layer_factors(floss, params, part, sites)
     except Unsupported:
