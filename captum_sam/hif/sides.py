@@ -197,11 +197,14 @@ def quantities(est: Any, inputs: Any, aggregate: bool, show_progress: bool, test
     return out.sum(dim=0, keepdim=True) if aggregate else out
 
 
-def test_row_groups(est: Any, inputs: Any, aggregate: bool, budget: int) -> Iterator[list[Tensor]]:
+def test_row_groups(
+    est: Any, inputs: Any, aggregate: bool, budget: int
+) -> Iterator[list[Tensor]]:
     """Test-side rows of ``inputs`` in groups of at most about ``budget`` bytes.
 
-    Each group is a list of ``(m, width)`` rows (not concatenated: no copy), yielded when
-    the next rows would take it over ``budget``. A batch is cut into pieces of at most
+    Each group is a one-element list holding an ``(m, width)`` view of one buffer that is
+    filled again for the next group (so use a group before asking for the next; the
+    list is the consumer's to empty). A batch is cut into pieces of at most
     ``budget / 8`` bytes of rows (a tuple of inputs is one batch, however large: its
     per-example gradients and their solves are formed a piece at a time; per-example
     rows do not depend on the cut). Aggregated, one group with the one summed row.
@@ -214,26 +217,30 @@ def test_row_groups(est: Any, inputs: Any, aggregate: bool, budget: int) -> Iter
     like = est.operator.mean_grad[est.names[0]]
     row_bytes = est.operator.dim * (2 if est.variant == "exact" else 1) * like.element_size()
     piece = max(1, budget // 8 // row_bytes)
-    group: list[Tensor] = []
-    size = 0
-    seen = False
+    buffer: Tensor | None = None
+    filled = 0
     for i, batch in enumerate(on_device(data, est.device)):
         validate_batch(loss, params, batch, "inputs_dataset", run_loss=i == 0)
         count = batch_size(batch)
         for start in range(0, count, piece):
             part = batch if count <= piece else _rows_of(batch, start, start + piece)
             rows = test_rows(est, part, loss, "test vectors")
-            seen = True
-            nbytes = rows.numel() * rows.element_size()
-            if group and size + nbytes > budget:
-                yield group
-                group, size = [], 0
-            group.append(rows)
-            size += nbytes
+            if buffer is None:
+                cap = max(len(rows), budget // max(1, rows.shape[1] * rows.element_size()))
+                buffer = rows.new_empty(cap, rows.shape[1])
+            if filled + len(rows) > len(buffer):
+                yield [buffer[:filled]]
+                filled = 0
+            if len(rows) > len(buffer):  # a piece larger than the budget: its own group
+                yield [rows]
+                continue
+            buffer[filled : filled + len(rows)] = rows
+            filled += len(rows)
             del rows
-    if not seen:
+    if buffer is None:
         raise ValueError("`inputs_dataset` is empty")
-    yield group
+    if filled:
+        yield [buffer[:filled]]
 
 
 def _rows_of(batch: tuple[Any, ...], start: int, stop: int) -> tuple[Any, ...]:
