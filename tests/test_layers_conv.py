@@ -573,6 +573,15 @@ def test_hif_influence_in_test_groups_equals_all_at_once(tmp_path, monkeypatch, 
     monkeypatch.setattr(sides, "test_rows", recorded)
     torch.testing.assert_close(est.influence((xt, yt)), want, rtol=tol, atol=tol)
     assert pieces == [3, 3, 3, 1]
+
+    class Stream(torch.utils.data.IterableDataset):  # no length: the group buffer grows
+        def __iter__(self):
+            return iter(zip(xt, yt))
+
+    passes.clear()
+    stream = DataLoader(Stream(), batch_size=2)
+    torch.testing.assert_close(est.influence(stream), want, rtol=tol, atol=tol)
+    assert len(passes) == 3  # 5 batches of 2 rows grown into one group of 10
     assert len(passes) == 3  # one tuple of 10 rows in pieces of 3: one group
     agg = est.influence(loader, aggregate=True)
     torch.testing.assert_close(agg, want.sum(0, keepdim=True), rtol=tol, atol=tol)

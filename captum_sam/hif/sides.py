@@ -197,9 +197,7 @@ def quantities(est: Any, inputs: Any, aggregate: bool, show_progress: bool, test
     return out.sum(dim=0, keepdim=True) if aggregate else out
 
 
-def test_row_groups(
-    est: Any, inputs: Any, aggregate: bool, budget: int
-) -> Iterator[list[Tensor]]:
+def test_row_groups(est: Any, inputs: Any, aggregate: bool, budget: int) -> Iterator[list[Tensor]]:
     """Test-side rows of ``inputs`` in groups of at most about ``budget`` bytes.
 
     Each group is a one-element list holding an ``(m, width)`` view of one buffer that is
@@ -225,9 +223,16 @@ def test_row_groups(
         for start in range(0, count, piece):
             part = batch if count <= piece else _rows_of(batch, start, start + piece)
             rows = test_rows(est, part, loss, "test vectors")
-            if buffer is None:
-                cap = max(len(rows), budget // max(1, rows.shape[1] * rows.element_size()))
-                buffer = rows.new_empty(cap, rows.shape[1])
+            width = rows.shape[1]
+            if buffer is None:  # no larger than the budget, nor than the test set needs
+                cap = max(len(rows), budget // max(1, width * rows.element_size()))
+                total = _known_rows(data)
+                size = len(rows) if total is None else max(len(rows), min(cap, total))
+                buffer = rows.new_empty(size, width)
+            if filled + len(rows) > len(buffer) and len(buffer) < cap:  # grow (size unknown)
+                grown = rows.new_empty(min(cap, max(2 * len(buffer), filled + len(rows))), width)
+                grown[:filled] = buffer[:filled]
+                buffer = grown
             if filled + len(rows) > len(buffer):
                 yield [buffer[:filled]]
                 filled = 0
@@ -241,6 +246,16 @@ def test_row_groups(
         raise ValueError("`inputs_dataset` is empty")
     if filled:
         yield [buffer[:filled]]
+
+
+def _known_rows(data: Any) -> int | None:
+    """Number of examples of a list of batches or a DataLoader over a sized dataset."""
+    if isinstance(data, list):
+        return sum(batch_size(b) for b in data)
+    try:
+        return len(data.dataset)
+    except (AttributeError, TypeError):
+        return None
 
 
 def _rows_of(batch: tuple[Any, ...], start: int, stop: int) -> tuple[Any, ...]:
