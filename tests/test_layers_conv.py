@@ -634,3 +634,38 @@ def test_the_factored_check_runs_in_float64_for_float32_weights(monkeypatch):
     seen.clear()
     assert check(HeldProjection(), torch.randn(6, 5))
     assert seen == [torch.float32]  # widening failed (float64 @ float32): own dtype
+
+
+@pytest.mark.parametrize("projection_dim", [None, 40])
+@pytest.mark.parametrize("net", [DeepCNN, BatchNormCNN], ids=["deep", "batchnorm"])
+def test_gif_test_batch_in_pieces_equals_one_piece(tmp_path, monkeypatch, net, projection_dim):
+    """A test batch larger than TEST_PIECE_ROWS is factored a piece at a time into one
+    preallocated store: the same scores, top-k and aggregate (formed, factored and
+    projected representations)."""
+    from captum_sam.gif import factored_grads
+
+    x, y = cnn_data(9, 10)
+    xt, yt = cnn_data(7, 11)
+    model = built(net(), x.float())
+    paths, _ = checkpoints(model, tmp_path, count=2)
+    est = SAMTracInCP(model, TensorDataset(x, y), paths, loss_fn=ce_loss(), batch_size=4,
+                      rho=0.2, projection_dim=projection_dim)  # fmt: skip
+    want, want_agg = est.influence((xt, yt)), est.influence((xt, yt), aggregate=True)
+    want_top = est.influence((xt, yt), k=3)
+    cut = []
+    original = factored_grads._rows_of
+
+    def spy(batch, start, count):
+        cut.append(start)
+        return original(batch, start, count)
+
+    monkeypatch.setattr(factored_grads, "_rows_of", spy)
+    monkeypatch.setattr(factored_grads, "TEST_PIECE_ROWS", 3)
+    torch.testing.assert_close(est.influence((xt, yt)), want, rtol=1e-10, atol=1e-12)
+    if not (net is BatchNormCNN and projection_dim):  # (that one is the vmap path)
+        assert cut[:3] == [0, 3, 6]  # 7 rows in pieces of 3
+    agg = est.influence((xt, yt), aggregate=True)
+    torch.testing.assert_close(agg, want_agg, rtol=1e-10, atol=1e-12)
+    top = est.influence((xt, yt), k=3)
+    torch.testing.assert_close(top.influence_scores, want_top.influence_scores)
+    assert torch.equal(top.indices, want_top.indices)

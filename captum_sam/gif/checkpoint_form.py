@@ -81,7 +81,9 @@ class CheckpointForm:
         if train_again is not None and len(terms) > 1 and not self.vmap.test_at_perturbed:
             first = self.factored.test_factors(terms[:1], test, aggregate)
             if first is not None and _nbytes(first) * len(terms) > TEST_BUDGET_BYTES:
-                yield from self._columns_by_term(first, test, train, train_again, aggregate)
+                held = [first]  # handed over: freed after the first checkpoint's pass
+                del first
+                yield from self._columns_by_term(held, test, train, train_again, aggregate)
                 return
             rest = None if first is None else self.factored.test_factors(terms[1:], test, aggregate)
             factors = None if rest is None else first + rest  # type: ignore[operator]
@@ -100,19 +102,23 @@ class CheckpointForm:
 
     def _columns_by_term(
         self,
-        first: list[Any],
+        held: list[list[Any]],
         test: Iterable[tuple[Any, ...]],
         train: Iterable[tuple[int, tuple[Any, ...]]],
         train_again: Callable[[], Iterable[tuple[int, tuple[Any, ...]]]],
         aggregate: bool,
     ) -> Iterator[tuple[int, Tensor]]:
-        """:meth:`columns` one checkpoint at a time, the blocks summed over them."""
+        """:meth:`columns` one checkpoint at a time, the blocks summed over them.
+
+        ``held``: a list holding the first checkpoint's test rows, emptied here so that
+        they are freed before the next checkpoint's are computed.
+        """
         terms = self.terms
         self.points.share_dataset_eps(terms)  # no pass over the data per checkpoint
         coef = self.points.coefficients(terms)
         blocks: dict[int, Tensor] = {}
         for k, term in enumerate(terms):
-            tests = first if k == 0 else self.factored.test_factors([term], test, aggregate)
+            tests = held.pop() if k == 0 else self.factored.test_factors([term], test, aggregate)
             for i, batch in train if k == 0 else train_again():
                 with batch_context("train_dataset", i):
                     block = self.factored.gram(tests, [term], batch, coef[k : k + 1])  # type: ignore[arg-type]

@@ -29,11 +29,17 @@ from torch import Tensor
 from captum_sam import core as F
 from captum_sam.core.data import on_device, validate_batch
 from captum_sam.core.layers import products, sites
+from captum_sam.core.losses import batch_size
 from captum_sam.core.projection import LayerProjection
 from captum_sam.gif.points import WeightPoints
 from captum_sam.gif.terms import Term, check_finite_terms
 
-__all__ = ["FactoredGradients", "Rep"]
+__all__ = ["FactoredGradients", "Rep", "TEST_PIECE_ROWS"]
+
+TEST_PIECE_ROWS = 32
+"""Test examples whose raw layer factors (a convolution's unfolded patches: 20 MB per
+example of a ResNet-18) are held at once; a larger test batch, e.g. a tuple of inputs,
+is taken in pieces (the kept representation does not depend on the cut)."""
 
 Rep = list[products.Entry] | Tensor
 """A batch's gradients at one weight point: per-site entries, or projected rows ``(B, D)``."""
@@ -255,13 +261,28 @@ class FactoredGradients:
                 else:
                     e = {n: v[k] for n, v in eps.items()}
                     at, mloss = {n: p[n] + e[n] for n in p}, self.moved_loss(floss, e)
-                f = self.factors(mloss, at, b)
-                if aggregate and self.projector is None:
-                    g = products.factor_grad_sum(f, self.sites)  # type: ignore[arg-type]
-                    parts[k].append(_formed_sum(g, self.sites))  # type: ignore[arg-type]
-                    continue
-                rep = self.represent(f, rows)
-                parts[k].append(rep.sum(0, keepdim=True) if aggregate else rep)  # type: ignore[union-attr]
+                count = batch_size(b)
+                store: Rep | None = None  # a batch cut in pieces: its rows, filled in place
+                for start in range(0, count, TEST_PIECE_ROWS):  # raw factors a piece at a time
+                    piece = b if count <= TEST_PIECE_ROWS else _rows_of(b, start, TEST_PIECE_ROWS)
+                    f = self.factors(mloss, at, piece)
+                    if aggregate and self.projector is None:
+                        g = products.factor_grad_sum(f, self.sites)  # type: ignore[arg-type]
+                        parts[k].append(_formed_sum(g, self.sites))  # type: ignore[arg-type]
+                        continue
+                    rep = self.represent(f, rows)  # (as many pairs per row as the batch)
+                    del f
+                    if aggregate:
+                        parts[k].append(rep.sum(0, keepdim=True))  # type: ignore[union-attr]
+                    elif count <= TEST_PIECE_ROWS:
+                        parts[k].append(rep)
+                    else:
+                        store = _like_rows(rep, count) if store is None else store
+                        _put_rows(store, rep, start)
+                    del rep
+                if store is not None:
+                    parts[k].append(store)
+                    del store
         if not parts[0]:
             raise ValueError("`inputs` is empty")
         out: list[Rep] = []
@@ -305,6 +326,40 @@ class FactoredGradients:
             total = gram if total is None else total + gram
             del moved
         return check_finite_terms(total, "training gradients", terms)
+
+
+def _like_rows(rep: Rep, count: int) -> Rep:
+    """Uninitialised storage shaped like ``rep`` with ``count`` rows."""
+    if isinstance(rep, Tensor):
+        return rep.new_empty(count, *rep.shape[1:])
+    out: list[products.Entry] = []
+    for entry in rep:
+        parts = [None if x is None else x.new_empty(count, *x.shape[1:]) for x in entry]
+        out.append(products.Formed(*parts) if isinstance(entry, products.Formed) else tuple(parts))  # type: ignore[arg-type]
+    return out
+
+
+def _put_rows(store: Rep, rep: Rep, start: int) -> None:
+    """Copy ``rep``'s rows into ``store`` from row ``start`` (same representation)."""
+    pairs = (
+        [(store, rep)]
+        if isinstance(rep, Tensor)
+        else [
+            (s, x)
+            for se, e in zip(store, rep)
+            for s, x in zip(se, e)  # type: ignore[arg-type]
+        ]
+    )
+    for s, x in pairs:
+        if x is not None:
+            s[start : start + len(x)] = x
+
+
+def _rows_of(batch: tuple[Any, ...], start: int, count: int) -> tuple[Any, ...]:
+    """``count`` examples of a batch from ``start`` (every batched tensor is cut)."""
+    return tuple(
+        x[start : start + count] if isinstance(x, Tensor) and x.dim() > 0 else x for x in batch
+    )
 
 
 def rep_rows(rep: Rep) -> int:
