@@ -653,13 +653,13 @@ def test_gif_test_batch_in_pieces_equals_one_piece(tmp_path, monkeypatch, net, p
     want, want_agg = est.influence((xt, yt)), est.influence((xt, yt), aggregate=True)
     want_top = est.influence((xt, yt), k=3)
     cut = []
-    original = factored_grads._rows_of
+    original = factored_grads.slice_batch
 
-    def spy(batch, start, count):
+    def spy(batch, start, stop):
         cut.append(start)
-        return original(batch, start, count)
+        return original(batch, start, stop)
 
-    monkeypatch.setattr(factored_grads, "_rows_of", spy)
+    monkeypatch.setattr(factored_grads, "slice_batch", spy)
     monkeypatch.setattr(factored_grads, "TEST_PIECE_ROWS", 3)
     torch.testing.assert_close(est.influence((xt, yt)), want, rtol=1e-10, atol=1e-12)
     if not (net is BatchNormCNN and projection_dim):  # (that one is the vmap path)

@@ -240,6 +240,11 @@ def split_batch(batch: Batch) -> tuple[tuple[Any, ...], Any]:
     return tuple(batch[:-1]), batch[-1]
 
 
+def slice_batch(batch: Batch, start: int, stop: int) -> tuple[Any, ...]:
+    """Examples ``start:stop`` of a batch (every tensor with a batch dimension is cut)."""
+    return tuple(x[start:stop] if isinstance(x, Tensor) and x.dim() > 0 else x for x in batch)
+
+
 def batch_size(batch: Batch) -> int:
     """Number of examples of a batch (from its labels, or its first batched tensor)."""
     labels = batch[-1]

@@ -29,7 +29,7 @@ from torch import Tensor
 from captum_sam import core as F
 from captum_sam.core.data import on_device, validate_batch
 from captum_sam.core.layers import products, sites
-from captum_sam.core.losses import batch_size
+from captum_sam.core.losses import batch_size, slice_batch
 from captum_sam.core.projection import LayerProjection
 from captum_sam.gif.points import WeightPoints
 from captum_sam.gif.terms import Term, check_finite_terms
@@ -263,8 +263,9 @@ class FactoredGradients:
                     at, mloss = {n: p[n] + e[n] for n in p}, self.moved_loss(floss, e)
                 count = batch_size(b)
                 store: Rep | None = None  # a batch cut in pieces: its rows, filled in place
-                for start in range(0, count, TEST_PIECE_ROWS):  # raw factors a piece at a time
-                    piece = b if count <= TEST_PIECE_ROWS else _rows_of(b, start, TEST_PIECE_ROWS)
+                step = TEST_PIECE_ROWS
+                for start in range(0, count, step):  # raw factors a piece at a time
+                    piece = b if count <= step else slice_batch(b, start, start + step)
                     f = self.factors(mloss, at, piece)
                     if aggregate and self.projector is None:
                         g = products.factor_grad_sum(f, self.sites)  # type: ignore[arg-type]
@@ -353,13 +354,6 @@ def _put_rows(store: Rep, rep: Rep, start: int) -> None:
     for s, x in pairs:
         if x is not None:
             s[start : start + len(x)] = x
-
-
-def _rows_of(batch: tuple[Any, ...], start: int, count: int) -> tuple[Any, ...]:
-    """``count`` examples of a batch from ``start`` (every batched tensor is cut)."""
-    return tuple(
-        x[start : start + count] if isinstance(x, Tensor) and x.dim() > 0 else x for x in batch
-    )
 
 
 def rep_rows(rep: Rep) -> int:

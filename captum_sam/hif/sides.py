@@ -27,7 +27,7 @@ from captum_sam.core.data import (
 from captum_sam.core.distributed import gather_ordered, is_distributed
 from captum_sam.core.errors import ArgumentError
 from captum_sam.core.layers import sites as layer_sites
-from captum_sam.core.losses import batch_size
+from captum_sam.core.losses import batch_size, slice_batch
 from captum_sam.hif.inverse import LowRankInverse
 
 __all__ = [
@@ -221,7 +221,7 @@ def test_row_groups(est: Any, inputs: Any, aggregate: bool, budget: int) -> Iter
         validate_batch(loss, params, batch, "inputs_dataset", run_loss=i == 0)
         count = batch_size(batch)
         for start in range(0, count, piece):
-            part = batch if count <= piece else _rows_of(batch, start, start + piece)
+            part = batch if count <= piece else slice_batch(batch, start, start + piece)
             rows = test_rows(est, part, loss, "test vectors")
             width = rows.shape[1]
             if buffer is None:  # no larger than the budget, nor than the test set needs
@@ -256,11 +256,6 @@ def _known_rows(data: Any) -> int | None:
         return len(data.dataset)
     except (AttributeError, TypeError):
         return None
-
-
-def _rows_of(batch: tuple[Any, ...], start: int, stop: int) -> tuple[Any, ...]:
-    """Examples ``start:stop`` of a batch (every tensor with a batch dimension is cut)."""
-    return tuple(x[start:stop] if isinstance(x, Tensor) and x.dim() > 0 else x for x in batch)
 
 
 def self_influence(est: Any, inputs: Any, show_progress: bool) -> Tensor:

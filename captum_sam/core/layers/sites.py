@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from captum_sam import core as F
-from captum_sam.core.losses import batch_size
+from captum_sam.core.losses import batch_size, slice_batch
 
 __all__ = [
     "LayerType",
@@ -395,7 +395,7 @@ def site_grads(a: Tensor, d: Tensor, site: Site) -> dict[str, Tensor]:
 
 def head(batch: F.Batch, examples: int) -> tuple[Any, ...]:
     """The first ``examples`` examples of a batch (what the checks look at)."""
-    return tuple(x[:examples] if isinstance(x, Tensor) and x.dim() > 0 else x for x in batch)
+    return slice_batch(batch, 0, examples)
 
 
 def agrees(fast: Tensor, exact: Tensor) -> bool:
