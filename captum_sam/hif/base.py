@@ -281,22 +281,17 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
         groups, one pass over the training data per group (one block of every score).
         """
         groups = [
-            self._train_blocks(rows, desc)
-            for rows in sides.test_row_groups(self, inputs, aggregate, sides.TEST_BUDGET_BYTES)
+            self._train_blocks(q, desc)
+            for q in sides.test_row_groups(self, inputs, aggregate, sides.TEST_BUDGET_BYTES)
         ]
         if len(groups) == 1:
             yield from groups[0]
         else:
             yield torch.cat([torch.cat(blocks, 1) for blocks in groups])
 
-    def _train_blocks(self, rows: list[Tensor], desc: str | None) -> list[Tensor]:
-        """Blocks of the test rows ``rows`` (parts of ``(m, width)``) over the training data.
-
-        Empties ``rows`` (the caller's list: the group is freed before the next one).
-        """
+    def _train_blocks(self, q: Tensor, desc: str | None) -> list[Tensor]:
+        """Blocks of the test rows ``q`` ``(m, width)`` over the training data."""
         if self._cache is not None:
-            q = torch.cat(rows) if len(rows) > 1 else rows[0]
-            rows.clear()
             return self._cache.scores(q)
         bar = progress(
             local_batches(self.train_dataloader, self.device),
@@ -307,9 +302,7 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
         blocks = []
         for i, batch in bar:
             with batch_context("train_dataset", i):
-                train = sides.train_rows(self, batch).T
-                blocks.append((i, torch.cat([q @ train for q in rows])))
-        rows.clear()
+                blocks.append((i, q @ sides.train_rows(self, batch).T))
         return gather_ordered(blocks)
 
     def _influence(  # type: ignore[override]

@@ -34,6 +34,7 @@ from captum_sam.core.data import (
 from captum_sam.core.distributed import all_reduce_sum, all_reduce_tree
 from captum_sam.core.errors import ArgumentError
 from captum_sam.core.layers import linear
+from captum_sam.core.layers.sites import layer_sites
 from captum_sam.core.params import check_layers, sample_wise_names, scope_names
 from captum_sam.core.projection import RandomProjection
 from captum_sam.hif.operator import CURVATURES, VARIANTS, SAMOperator
@@ -154,7 +155,6 @@ def prepare(
     n_hessian = dataset_size(est.hessian_dataloader)
     if n_hessian == 0:
         raise ValueError("`hessian_dataset` is empty")
-    est.factorize = factorize  # per-example gradients from layer factors where they apply
     est.layers = check_layers(layers)
     names = F.attributed_names(model, est.layers)
     if sample_wise_grads_per_batch:
@@ -168,6 +168,10 @@ def prepare(
     scratch = loader.scratch  # every functional call and hook runs on this private copy
     bn_layers = batchnorm_layers(scratch)  # before eval(): frozen layers are read from flags
     scratch.eval()  # attribution runs the model in eval mode
+    # per-example gradients from layer factors where they apply (sides.gradients), each
+    # loss function checked against vmap on its first batch
+    est._grad_sites = layer_sites(scratch, names) if factorize else None
+    est._grad_checked = {}
     est.loader = loader
     loss = F.FunctionalLoss(scratch, est.loss_fn, state.frozen, est.reduction_type)
     est._loss = loss

@@ -19,6 +19,7 @@ from captum_sam import core as F
 from captum_sam.core.data import (
     as_loader,
     batch_context,
+    dataset_size,
     local_batches,
     on_device,
     progress,
@@ -84,16 +85,12 @@ def _factored_sites(
 ) -> list[layer_sites.Site] | None:
     """The layer sites when per-example gradients may be formed from factors, else ``None``.
 
-    Needs ``factorize=True`` and every attributed parameter in a site
+    ``est._grad_sites`` (set up by :func:`~captum_sam.hif.setup.prepare`) holds them when
+    ``factorize=True`` and every attributed parameter is in a site
     (:func:`~captum_sam.core.layers.sites.layer_sites`: ``nn.Linear``, ``nn.Conv2d``,
-    eval-mode BatchNorm); checked once per loss function numerically against ``vmap``
-    on a few examples of the first batch it sees.
+    eval-mode BatchNorm); each loss function is checked once numerically against
+    ``vmap`` on a few examples of the first batch it sees.
     """
-    if not getattr(est, "factorize", False):
-        return None
-    if not hasattr(est, "_grad_sites"):
-        est._grad_sites = layer_sites.layer_sites(loss.model, est.names)
-        est._grad_checked = {}
     if est._grad_sites is None:
         return None
     key = (loss.loss_fn, loss.reduction)
@@ -197,18 +194,17 @@ def quantities(est: Any, inputs: Any, aggregate: bool, show_progress: bool, test
     return out.sum(dim=0, keepdim=True) if aggregate else out
 
 
-def test_row_groups(est: Any, inputs: Any, aggregate: bool, budget: int) -> Iterator[list[Tensor]]:
+def test_row_groups(est: Any, inputs: Any, aggregate: bool, budget: int) -> Iterator[Tensor]:
     """Test-side rows of ``inputs`` in groups of at most about ``budget`` bytes.
 
-    Each group is a one-element list holding an ``(m, width)`` view of one buffer that is
-    filled again for the next group (so use a group before asking for the next; the
-    list is the consumer's to empty). A batch is cut into pieces of at most
+    Each group is an ``(m, width)`` view of one buffer that is filled again for the next
+    group (so use a group before asking for the next). A batch is cut into pieces of at most
     ``budget / 8`` bytes of rows (a tuple of inputs is one batch, however large: its
     per-example gradients and their solves are formed a piece at a time; per-example
     rows do not depend on the cut). Aggregated, one group with the one summed row.
     """
     if aggregate:
-        yield [quantities(est, inputs, True, False, True)]
+        yield quantities(est, inputs, True, False, True)
         return
     data = as_loader(inputs, est.batch_size, "inputs_dataset")
     loss, params = est._test_loss, est.operator.params
@@ -226,7 +222,10 @@ def test_row_groups(est: Any, inputs: Any, aggregate: bool, budget: int) -> Iter
             width = rows.shape[1]
             if buffer is None:  # no larger than the budget, nor than the test set needs
                 cap = max(len(rows), budget // max(1, width * rows.element_size()))
-                total = _known_rows(data)
+                try:
+                    total: int | None = dataset_size(data)
+                except TypeError:  # a DataLoader over an unsized dataset
+                    total = None
                 size = len(rows) if total is None else max(len(rows), min(cap, total))
                 buffer = rows.new_empty(size, width)
             if filled + len(rows) > len(buffer) and len(buffer) < cap:  # grow (size unknown)
@@ -234,10 +233,10 @@ def test_row_groups(est: Any, inputs: Any, aggregate: bool, budget: int) -> Iter
                 grown[:filled] = buffer[:filled]
                 buffer = grown
             if filled + len(rows) > len(buffer):
-                yield [buffer[:filled]]
+                yield buffer[:filled]
                 filled = 0
             if len(rows) > len(buffer):  # a piece larger than the budget: its own group
-                yield [rows]
+                yield rows
                 continue
             buffer[filled : filled + len(rows)] = rows
             filled += len(rows)
@@ -245,17 +244,7 @@ def test_row_groups(est: Any, inputs: Any, aggregate: bool, budget: int) -> Iter
     if buffer is None:
         raise ValueError("`inputs_dataset` is empty")
     if filled:
-        yield [buffer[:filled]]
-
-
-def _known_rows(data: Any) -> int | None:
-    """Number of examples of a list of batches or a DataLoader over a sized dataset."""
-    if isinstance(data, list):
-        return sum(batch_size(b) for b in data)
-    try:
-        return len(data.dataset)
-    except (AttributeError, TypeError):
-        return None
+        yield buffer[:filled]
 
 
 def self_influence(est: Any, inputs: Any, show_progress: bool) -> Tensor:
