@@ -528,6 +528,65 @@ def test_hif_gradients_from_factors_equal_vmap(tmp_path, monkeypatch, net, varia
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("held", [None, 0, 1.5])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(variant="fast", curvature="ekfac", layers=["0", "3", "6", "9"]),
+        dict(variant="plain", curvature="kfac", layers=["0", "3", "6", "9"]),
+        dict(variant="full", solver="gmres", curvature="ggn", damping=0.1),
+    ],
+    ids=["fast-ekfac", "plain-kfac", "full-gmres"],
+)
+def test_hif_scores_from_held_training_factors_equal_vmap(tmp_path, monkeypatch, kw, held):
+    """With a solved test side (iterative solver, K-FAC/EK-FAC), ``influence`` multiplies
+    the test rows with the training gradients site by site, formed from the factors of
+    several batches held at once (``TRAIN_HELD_BYTES``: all 3 batches, every batch on
+    its own, or about two at a time): the scores and top-k of ``factorize=False``
+    (``vmap``, one ``(B, P)`` block per batch), and no ``vmap`` after the check."""
+    from captum_sam.core.layers import products as layer_products
+    from captum_sam.hif import sides
+
+    x, y = cnn_data(10, 3)
+    xt, yt = cnn_data(5, 4)
+    model = built(BatchNormCNN(), x.float())
+    before = snapshot(model)
+    path = checkpoints(model, tmp_path, count=1)[0][0]
+    slow = hif(model, TensorDataset(x, y), path, factorize=False, **kw)
+    want, want_top = slow.influence((xt, yt)), slow.influence((xt, yt), k=3, proponents=False)
+    fast = hif(model, TensorDataset(x, y), path, **kw)
+    if held == 1.5:  # one and a half batches of factors (float64): two, then one
+        sizes = []
+        size_of = layer_products.entry_floats
+        monkeypatch.setattr(
+            layer_products, "entry_floats", lambda f: sizes.append(size_of(f)) or sizes[-1]
+        )
+        fast.influence((xt, yt))
+        held = int(1.5 * sizes[0] * 8)
+    if held is not None:
+        monkeypatch.setattr(sides, "TRAIN_HELD_BYTES", held)
+    flushed = []
+    original = sides._flush
+
+    def counted(est, q, pending):
+        flushed.append(len(pending))
+        yield from original(est, q, pending)
+
+    monkeypatch.setattr(sides, "_flush", counted)
+    calls = []
+    vmap = F.per_example_grads
+    monkeypatch.setattr(F, "per_example_grads", lambda *a, **k: calls.append(1) or vmap(*a, **k))
+    tol = 1e-6 if "solver" in kw else 1e-10  # gmres: other rounding, other iterates
+    torch.testing.assert_close(fast.influence((xt, yt)), want, rtol=tol, atol=tol)
+    top = fast.influence((xt, yt), k=3, proponents=False)
+    torch.testing.assert_close(top.influence_scores, want_top.influence_scores, rtol=tol, atol=tol)
+    assert torch.equal(top.indices, want_top.indices)
+    assert len(calls) <= 1  # the one-off check of the factors against vmap
+    held_per_flush = {None: [3], 0: [1, 1, 1]}.get(held, [2, 1])
+    assert [n for n in flushed if n] == held_per_flush * 2  # influence, then top-k
+    assert_unchanged(model, before)
+
+
 @pytest.mark.parametrize("solver", ["dense", "cg"])
 def test_hif_influence_in_test_groups_equals_all_at_once(tmp_path, monkeypatch, solver):
     """Over the test-row budget, influence solves the test examples in groups, one pass
@@ -543,13 +602,14 @@ def test_hif_influence_in_test_groups_equals_all_at_once(tmp_path, monkeypatch, 
               damping=0.1)  # fmt: skip
     want, want_top = est.influence((xt, yt)), est.influence((xt, yt), k=3)
     passes = []
-    original = sides.train_rows
+    original = sides.score_blocks
 
-    def counted(*args, **kw):
-        passes.append(1)
-        return original(*args, **kw)
+    def counted(*args, **kw):  # one entry per training batch scored
+        for block in original(*args, **kw):
+            passes.append(1)
+            yield block
 
-    monkeypatch.setattr(sides, "train_rows", counted)
+    monkeypatch.setattr(sides, "score_blocks", counted)
     q = est.compute_intermediate_quantities((xt[:1], yt[:1]), test=True)
     row_bytes = q.element_size() * q.shape[1]  # P wide solved, the rank with "dense"
     monkeypatch.setattr(sides, "TEST_BUDGET_BYTES", 4 * row_bytes)  # one test batch a group

@@ -22,7 +22,6 @@ from captum_sam import core as F
 from captum_sam._captum import IntermediateQuantitiesInfluenceFunction, KMostInfluentialResults
 from captum_sam.core.checkpoints import edited_copy
 from captum_sam.core.data import (
-    batch_context,
     check_indices,
     empty_batch,
     empty_result,
@@ -299,10 +298,7 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
             desc or "",
             total=_length(self.train_dataloader),
         )
-        blocks = []
-        for i, batch in bar:
-            with batch_context("train_dataset", i):
-                blocks.append((i, q @ sides.train_rows(self, batch).T))
+        blocks = list(sides.score_blocks(self, q, bar))
         return gather_ordered(blocks)
 
     def _influence(  # type: ignore[override]

@@ -9,7 +9,7 @@ turned into embeddings by the estimator's inverse. Test side: gradients at
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from captum_sam.core.data import (
 )
 from captum_sam.core.distributed import gather_ordered, is_distributed
 from captum_sam.core.errors import ArgumentError
+from captum_sam.core.layers import products as layer_products
 from captum_sam.core.layers import sites as layer_sites
 from captum_sam.core.losses import batch_size, slice_batch
 from captum_sam.hif.inverse import LowRankInverse
@@ -40,12 +41,19 @@ __all__ = [
     "self_influence",
     "inverse_setting",
     "test_row_groups",
+    "score_blocks",
     "TEST_BUDGET_BYTES",
+    "TRAIN_HELD_BYTES",
 ]
 
 TEST_BUDGET_BYTES = 1 << 30
 """Test-side rows held at once by ``influence``; more are taken in groups, one pass over
 the training data each (scores unchanged)."""
+
+
+TRAIN_HELD_BYTES = 1 << 28
+"""Training-side layer factors (or formed gradients) held by :func:`score_blocks` before
+their products with the test rows are taken (the test rows are read once per holding)."""
 
 
 def gradients(est: Any, batch: tuple[Any, ...], loss: F.FunctionalLoss, point: F.Params) -> Tensor:
@@ -152,6 +160,98 @@ def _transform(est: Any, grads: Tensor, what: str) -> Tensor:
     if est.variant == "exact":
         v = torch.cat([v, est.operator.he_product(v.T).T], dim=1)
     return _sketch(est, v)
+
+
+def score_blocks(
+    est: Any, q: Tensor, batches: Iterable[tuple[int, tuple[Any, ...]]]
+) -> Iterator[tuple[int, Tensor]]:
+    r"""``(i, q @ train_rows(batch_i).T)`` for every ``(i, batch_i)``, in order.
+
+    When the training-side rows are plain gradients (not ``exact``, no sketch, no
+    low-rank inverse) and they may be formed from layer factors (:func:`gradients`),
+    the factors of several batches (up to :data:`TRAIN_HELD_BYTES`, each site kept as
+    factors or formed, whichever is smaller) are taken together: per site the
+    gradients are formed and multiplied with the site's columns of ``q``. No ``(B, P)``
+    block is written, and ``q`` is read once per holding instead of once per batch
+    (the product is memory-bound when ``q`` is large). The same numbers otherwise.
+    """
+    low_rank = isinstance(est.inverse, LowRankInverse)
+    rows_only = est.variant != "exact" and est.sketch is None and not low_rank
+    op = est.operator
+    pending: list[tuple[int, int, list[layer_products.Entry]]] = []
+    held = 0
+    for i, batch in batches:
+        loss, point = op.loss_at(op.point), op.point
+        site_list = _factored_sites(est, loss, point, batch) if rows_only else None
+        factors = None
+        with batch_context("train_dataset", i):
+            if site_list is not None:
+                try:
+                    factors = layer_sites.layer_factors(loss, point, batch, site_list)
+                except layer_sites.Unsupported:
+                    factors = None
+            if factors is None:
+                rows = train_rows(est, batch)
+        if factors is None:
+            yield from _flush(est, q, pending)
+            pending, held = [], 0
+            yield i, q @ rows.T.to(q)
+            continue
+        entries = [_smaller(e, site) for e, site in zip(factors, site_list)]  # type: ignore[arg-type]
+        del factors
+        pending.append((i, batch_size(batch), entries))
+        held += layer_products.entry_floats(entries) * q.element_size()
+        if held >= TRAIN_HELD_BYTES:
+            yield from _flush(est, q, pending)
+            pending, held = [], 0
+    yield from _flush(est, q, pending)
+
+
+def _smaller(entry: tuple[Tensor, Tensor], site: layer_sites.Site) -> layer_products.Entry:
+    """A site's factors, or its formed gradients when those take fewer numbers."""
+    a, d = entry
+    formed = site.d_out * (1 if site.diagonal else site.d_in)
+    if site.weight is None or formed < a.shape[-2] * (a.shape[-1] + d.shape[-1]):
+        return layer_products.form(entry, site)
+    return entry
+
+
+def _flush(
+    est: Any, q: Tensor, pending: list[tuple[int, int, list[layer_products.Entry]]]
+) -> Iterator[tuple[int, Tensor]]:
+    """The score blocks of the held batches: per site, form and multiply once."""
+    if not pending:
+        return
+    offsets, start = {}, 0
+    for name in est.names:
+        offsets[name] = (start, start + est.operator.params[name].numel())
+        start += est.operator.params[name].numel()
+    total = q.new_zeros(len(q), sum(count for _, count, _ in pending))
+    for s, site in enumerate(est._grad_sites):
+        column = [entries[s] for _, _, entries in pending]
+        for _, _, entries in pending:
+            entries[s] = None  # type: ignore[call-overload]
+        formed = layer_products.form(_joined(column, site), site)
+        del column
+        for name, grads in zip((site.weight, site.bias), formed):
+            if name is not None:
+                lo, hi = offsets[name]
+                total.addmm_(q[:, lo:hi], grads.reshape(len(grads), -1).T.to(q))
+        del formed
+    lo = 0
+    for i, count, _ in pending:
+        yield i, total[:, lo : lo + count]
+        lo += count
+
+
+def _joined(column: list[layer_products.Entry], site: layer_sites.Site) -> layer_products.Entry:
+    """One site's entries of several batches as one entry (factors joined when they fit)."""
+    if len(column) == 1:
+        return column[0]
+    if all(not isinstance(e, layer_products.Formed) for e in column):
+        if len({e[0].shape[1:] for e in column}) == 1:  # same positions: join the factors
+            return torch.cat([e[0] for e in column]), torch.cat([e[1] for e in column])
+    return layer_products.concat_factors([[layer_products.form(e, site)] for e in column])[0]
 
 
 def test_rows(est: Any, batch: tuple[Any, ...], loss: F.FunctionalLoss, what: str) -> Tensor:
