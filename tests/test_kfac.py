@@ -197,9 +197,18 @@ def close(a, b, tol=1e-10):
 # --------------------------------------------------------------------------- tests
 
 
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-product", "lower-blocks"])
 @pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
-def test_factors_product_inverse_and_scores_match_dense_reference(setup, curvature):
-    """fast: K at w*+eps* (not at w*), its dense product and inverse, and the scores."""
+def test_factors_product_inverse_and_scores_match_dense_reference(
+    setup, curvature, blocked, monkeypatch
+):
+    """fast: K at w*+eps* (not at w*), its dense product and inverse, and the scores;
+    the same when every input covariance is summed in lower-triangular row blocks."""
+    from captum_sam.hif import kfac
+
+    if blocked:
+        monkeypatch.setattr(kfac, "_GRAM_MIN_WIDTH", 1)
+        monkeypatch.setattr(kfac, "_GRAM_BLOCKS", 3)
     est = make(setup, curvature=curvature)
     x, y = setup["train"].tensors
     moved, _ = perturbed_copy(setup["model"], x, y)
@@ -499,6 +508,26 @@ def test_ekfac_eigenvalue_correction_both_orders_equal_the_definition(
     total = torch.zeros_like(want)
     _accumulate_diagonal(total, qs, qa, site, a, d)
     torch.testing.assert_close(total, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("width, blocks", [(7, 3), (9, 4), (5, 8), (2000, 4)])
+def test_lower_gram_blocks_equal_the_full_product(monkeypatch, width, blocks):
+    """The input covariance summed on and below the diagonal in row blocks, then
+    mirrored, is ``x^T x`` (two batches accumulated; 2000 wide takes the blocks by
+    default)."""
+    from captum_sam.hif import kfac
+
+    if width < kfac._GRAM_MIN_WIDTH:
+        monkeypatch.setattr(kfac, "_GRAM_MIN_WIDTH", 1)
+    monkeypatch.setattr(kfac, "_GRAM_BLOCKS", blocks)
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = (torch.randn(6, width, generator=g, dtype=DTYPE) for _ in range(2))
+    total = torch.zeros(width, width, dtype=DTYPE)
+    kfac._add_lower_gram(total, x1)
+    kfac._add_lower_gram(total, x2)
+    torch.testing.assert_close(
+        kfac._symmetrized(total), x1.T @ x1 + x2.T @ x2, rtol=1e-12, atol=1e-12
+    )
 
 
 def test_kronecker_products_in_column_chunks_equal_one_pass(setup, monkeypatch):

@@ -51,6 +51,8 @@ KINDS = ("kfac", "ekfac")
 
 _CHUNK_ELEMENTS = 1 << 24  # entries of one chunk of rotated per-example gradients
 _APPLY_ELEMENTS = 1 << 25  # entries of the columns a product or solve takes at once
+_GRAM_BLOCKS = 4  # a wide A_l sums its lower triangle in this many row blocks
+_GRAM_MIN_WIDTH = 1024  # narrower ones take one full product
 
 
 @dataclass
@@ -217,10 +219,33 @@ def _accumulate_covariances(
 ) -> None:
     for f, site, (a, d) in zip(factors, sites, batch_factors):
         cols = site.columns(a).flatten(0, 1)  # (B T, width)
-        f.a += cols.T @ cols  # type: ignore[operator]
+        _add_lower_gram(f.a, cols)  # type: ignore[arg-type]
         flat = d.reshape(-1, d.shape[-1])  # (C B T, d_out)
         f.s += flat.T @ flat
         f.count += cols.shape[0]
+
+
+def _add_lower_gram(total: Tensor, x: Tensor) -> None:
+    r"""``total += x^T x`` on and below the diagonal (above it, wide ``total`` is stale).
+
+    A wide Gram matrix is summed in :data:`_GRAM_BLOCKS` row blocks, each against the
+    columns up to its own end: about :math:`(k + 1) / 2k` of the full product's
+    operations (the covariance of a convolution's patches is the largest cost of the
+    K-FAC fit). :func:`_symmetrized` fills the upper triangle once at the end.
+    """
+    width = x.shape[1]
+    if width < _GRAM_MIN_WIDTH:
+        total.addmm_(x.T, x)
+        return
+    step = -(-width // _GRAM_BLOCKS)
+    for start in range(0, width, step):
+        end = min(start + step, width)
+        total[start:end, :end].addmm_(x[:, start:end].T, x[:, :end])
+
+
+def _symmetrized(total: Tensor) -> Tensor:
+    """The symmetric matrix whose lower triangle (diagonal included) is ``total``'s."""
+    return total.tril() + total.tril(-1).T
 
 
 def _accumulate_diagonal(
@@ -306,6 +331,8 @@ def fit_kronecker(
         found, low = site_factors(floss, params, batch, sites, first, samples, gen)
         first, worst = False, min(worst, low)
         _accumulate_covariances(factors, found, sites)
+    for f in factors:
+        f.a = _symmetrized(f.a)  # type: ignore[arg-type]
     if reduce:
         for f in factors:
             all_reduce_sum(f.a), all_reduce_sum(f.s), all_reduce_sum(f.count)
