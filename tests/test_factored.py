@@ -413,6 +413,43 @@ def test_merged_pass_progress_budget_fallback_and_no_leftover_hooks(run, monkeyp
     )
 
 
+def test_kept_rows_of_merged_self_influence_share_one_buffer_per_tensor():
+    """Merged self influence keeps each batch's entries (formed, factors, projected
+    rows) as views of one buffer per tensor, rows in order: the same numbers; a batch
+    whose shapes do not fit the buffers is kept as it is."""
+    from captum_sam.core.layers.products import Formed
+    from captum_sam.gif.checkpoint_form import _RowStore
+
+    g = torch.Generator().manual_seed(0)
+
+    def batch(rows, positions=3):
+        formed = Formed(torch.randn(rows, 4, 5, generator=g), None)
+        factors = (
+            torch.randn(rows, positions, 5, generator=g),
+            torch.randn(rows, positions, 2, generator=g),
+        )
+        return [[formed, factors], torch.randn(rows, 7, generator=g)]
+
+    store = _RowStore(10)
+    parts = [batch(4), batch(4), batch(2)]
+    kept = [store.put(p, len(p[1])) for p in parts]
+    for got, want in zip(kept, parts):
+        assert got[0][0].bias is None
+        for x, y in zip(
+            [got[0][0].weight, *got[0][1], got[1]], [want[0][0].weight, *want[0][1], want[1]]
+        ):
+            assert torch.equal(x, y) and x is not y
+    bases = {t.untyped_storage().data_ptr() for p in kept for t in [p[0][0].weight, p[1]]}
+    assert len(bases) == 2  # one buffer for every batch's weights, one for the rows
+    assert torch.equal(kept[2][1], store.buffers[-1][8:10])
+    odd = batch(2, positions=6)  # other positions: not the buffers' shape
+    assert store.put(odd, 2) is odd
+    full = _RowStore(4)
+    full.put(batch(4), 4)
+    extra = batch(1)
+    assert full.put(extra, 1) is extra  # no room left
+
+
 def test_model_in_train_mode_with_dropout_is_attributed_in_eval_mode(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 3)).to(DTYPE)
