@@ -114,6 +114,10 @@ def measure(spec: dict) -> dict:
                                    kfac_samples=samples)  # fmt: skip
         return est.influence(test.tensors)
 
+    if spec.get("test_budget_gib"):  # the Hessian family's test-row budget (default 1 GiB)
+        from captum_sam.hif import sides
+
+        sides.TEST_BUDGET_BYTES = int(spec["test_budget_gib"] * (1 << 30))
     call(TensorDataset(*train[:bs]), TensorDataset(*test[:2]))  # warm-up
     before = rss_mb()
     start, cpu = time.perf_counter(), cpu_seconds()
@@ -137,6 +141,10 @@ def main() -> None:
     p.add_argument("--checkpoints", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {ROWS}")
+    p.add_argument(
+        "--test-budget-gib", type=float, default=None,
+        help="captum_sam.hif.sides.TEST_BUDGET_BYTES in GiB (default: the library's 1 GiB)",
+    )  # fmt: skip
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -149,12 +157,13 @@ def main() -> None:
     ckpts = write_checkpoints(tempfile.mkdtemp(prefix="bench_resnet_"), args.checkpoints)
     print(
         f"machine: {machine()}; ResNet-18 (32x32 stem, float32); n_train {args.n_train}, "
-        f"n_test {args.n_test}, {args.checkpoints} checkpoints, batch {args.batch_size}"
+        f"n_test {args.n_test}, {args.checkpoints} checkpoints, batch {args.batch_size}, "
+        f"test-row budget {args.test_budget_gib or 1} GiB"
     )
     results, out = {}, []
     for row in rows:
         spec = dict(row=row, n_train=args.n_train, n_test=args.n_test, ckpts=ckpts,
-                    batch_size=args.batch_size)  # fmt: skip
+                    batch_size=args.batch_size, test_budget_gib=args.test_budget_gib)  # fmt: skip
         r = results[row] = run(spec)
         out.append((row, f"{r['seconds']:.1f}", f"{r['cpu']:.1f}", f"{r['peak_mb']:.0f}",
                     f"{r['added_mb']:.0f}", str(r["finite"])))  # fmt: skip

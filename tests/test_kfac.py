@@ -545,3 +545,22 @@ def test_kronecker_products_in_column_chunks_equal_one_pass(setup, monkeypatch):
     monkeypatch.setattr(kfac, "_APPLY_ELEMENTS", 2 * curvature.dim)  # chunks of 2 columns
     close(curvature.solve(cols, shift), want, 1e-13)
     close(curvature.product(cols), want_k, 1e-13)
+
+
+def test_fit_hands_its_freed_memory_back_once_per_point(setup, monkeypatch):
+    """After each fitted point (fast: w*+eps*; full: both points) the fit's freed
+    transients are handed back to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    import platform
+
+    from captum_sam.core import memory
+    from captum_sam.hif import kfac_solve
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert memory._trim() is not None
+    assert isinstance(memory.release_freed_memory(), bool)
+    calls = []
+    monkeypatch.setattr(kfac_solve, "release_freed_memory", lambda: calls.append(1) or True)
+    make(setup, curvature="ekfac")
+    assert len(calls) == 1
+    make(setup, curvature="kfac", variant="full")
+    assert len(calls) == 3

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from captum_sam.core.data import progress
 from captum_sam.core.errors import ArgumentError
+from captum_sam.core.memory import release_freed_memory
 from captum_sam.hif.inverse import LowRankInverse, orient
 from captum_sam.hif.kfac import KroneckerCurvature, fit_kronecker
 from captum_sam.hif.kron_sites import kronecker_sites, warn_if_not_convex
@@ -94,6 +95,7 @@ def attach(est: Any, damping: float | None, factors_dir: Any = None) -> None:
 
             fitted[key] = kfac_store.cached_fit(factors_dir, est, key, sites, fit)
         fitted[key].release_input_sums()  # (stored above when cached)
+        release_freed_memory()  # the fit's transients (unfolded patches of every layer)
     op.kronecker = fitted
     main = fitted["params" if op.variant == "plain" else "perturbed"]
     n = est.n_train
