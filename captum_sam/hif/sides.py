@@ -71,12 +71,9 @@ def gradients(est: Any, batch: tuple[Any, ...], loss: F.FunctionalLoss, point: F
         except layer_sites.Unsupported:  # e.g. a layer called twice in this batch only
             factors = None
         if factors is not None:  # each site's gradients written into one (B, P) block
-            offsets, start = {}, 0
-            for name in est.names:
-                offsets[name] = (start, start + point[name].numel())
-                start += point[name].numel()
+            offsets = _offsets(est.names, point)
             ref = point[est.names[0]]
-            out = ref.new_empty(batch_size(batch), start)
+            out = ref.new_empty(batch_size(batch), est.operator.dim)
             while factors:
                 site, (a, d) = site_list[len(site_list) - len(factors)], factors.pop(0)
                 for name, g in layer_sites.site_grads(a, d, site).items():
@@ -86,6 +83,15 @@ def gradients(est: Any, batch: tuple[Any, ...], loss: F.FunctionalLoss, point: F
             return out
     g = F.per_example_grads(loss, point, batch)
     return F.flatten(g, est.names, batch_dims=1)
+
+
+def _offsets(names: list[str], point: F.Params) -> dict[str, tuple[int, int]]:
+    """Each parameter's columns ``(start, end)`` in a flat ``P``-wide row."""
+    out, start = {}, 0
+    for name in names:
+        out[name] = (start, start + point[name].numel())
+        start = out[name][1]
+    return out
 
 
 def _factored_sites(
@@ -222,10 +228,7 @@ def _flush(
     """The score blocks of the held batches: per site, form and multiply once."""
     if not pending:
         return
-    offsets, start = {}, 0
-    for name in est.names:
-        offsets[name] = (start, start + est.operator.params[name].numel())
-        start += est.operator.params[name].numel()
+    offsets = _offsets(est.names, est.operator.params)
     total = q.new_zeros(len(q), sum(count for _, count, _ in pending))
     for s, site in enumerate(est._grad_sites):
         column = [entries[s] for _, _, entries in pending]
