@@ -16,6 +16,9 @@ process, so its peak resident memory is its own; a warm-up call on one batch fir
   influence on the convolution and linear layers only (``layers=``), ours at rho 0.05
   and at rho 0 (plain TracIn: must equal Captum's) and Captum's
   ``TracInCP(sample_wise_grads_per_batch=True)`` (whose hooks take only those layers);
+* ``gif-influence-proj`` / ``gif-self-proj``: ``gif-influence`` / ``gif-self`` with
+  ``projection_dim=2048`` (per layer from the factors, Kronecker style, BatchNorm
+  parameters by a dense Gaussian);
 * ``hif-fast-ekfac``: ``SAMInfluenceFunction(variant="fast", curvature="ekfac")`` on the
   convolution and linear layers (K-FAC has no BatchNorm factors: they are refused by
   name), set-up (factors and eigen-corrections over the training set) plus influence
@@ -48,8 +51,11 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 ROWS = (
     "gif-self", "gif-influence", "gif-self-layers", "gif-self-layers-rho0", "captum-self-layers",
-    "hif-fast-ekfac", "hif-fast-ekfac-sampled",
+    "hif-fast-ekfac", "hif-fast-ekfac-sampled", "gif-influence-proj", "gif-self-proj",
 )  # fmt: skip
+
+
+PROJECTION = 2048  # projection_dim of the *-proj rows
 
 
 def resnet() -> nn.Module:
@@ -100,8 +106,11 @@ def measure(spec: dict) -> dict:
             est = SAMTracInCP(resnet(), train, ckpts, loss_fn=none, batch_size=bs,
                               rho=0.0 if row.endswith("rho0") else 0.05,
                               layers=layers if "layers" in row else None,
+                              projection_dim=PROJECTION if row.endswith("proj") else None,
                               batchnorm_tolerance=None)  # fmt: skip
-            return est.influence(test.tensors) if row == "gif-influence" else est.self_influence()
+            if row.startswith("gif-influence"):
+                return est.influence(test.tensors)
+            return est.self_influence()
         if row == "captum-self-layers":
             est = TracInCP(resnet(), train, ckpts, checkpoints_load_func=checkpoints_load_func,
                            loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=bs,
