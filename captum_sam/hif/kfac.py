@@ -273,18 +273,13 @@ def _accumulate_diagonal(
         for start in range(0, size, step):
             rows = slice(start, start + step)
             g = torch.einsum("cbto,btk->cbok", d[:, rows], cols[rows])
-            total += _squares_summed(qs.T @ g @ qa)
+            total += (qs.T @ g @ qa).square().sum((0, 1))
         return
     rot_a, rot_d = cols @ qa, d @ qs  # (B, T, width), (C, B, T, d_out)
     for start in range(0, size, step):
         rows = slice(start, start + step)
         g = torch.einsum("cbto,btk->cbok", rot_d[:, rows], rot_a[rows])
-        total += _squares_summed(g)
-
-
-def _squares_summed(g: Tensor) -> Tensor:
-    """``g.square().sum((0, 1))`` of a ``(C, B, o, k)`` tensor without the squared copy."""
-    return torch.linalg.vector_norm(g, dim=(0, 1)).square_()
+        total += g.square().sum((0, 1))
 
 
 def fit_kronecker(
