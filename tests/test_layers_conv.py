@@ -647,6 +647,40 @@ def test_hif_influence_in_test_groups_equals_all_at_once(tmp_path, monkeypatch, 
     torch.testing.assert_close(agg, want.sum(0, keepdim=True), rtol=tol, atol=tol)
 
 
+def test_hif_test_groups_are_filled_exactly(tmp_path, monkeypatch):
+    """When the pieces of a test batch do not divide a group (pieces of 2 rows, groups of
+    21), the last piece of a group is cut to the room left: 42 test rows in 2 groups (2
+    passes over the training data), not 3, and the scores of one group."""
+    from captum_sam.hif import sides
+
+    x, y = cnn_data(11, 5)
+    xt, yt = cnn_data(42, 7)
+    model = built(BatchNormCNN(), x.float())
+    path = checkpoints(model, tmp_path, count=1)[0][0]
+    est = hif(model, TensorDataset(x, y), path, variant="fast", solver="cg", curvature="ggn",
+              damping=0.1)  # fmt: skip
+    want = est.influence((xt, yt))
+    row_bytes = est.operator.dim * 8  # P-wide solved rows, float64
+    pieces, passes = [], []
+    solve, score = sides.test_rows, sides.score_blocks
+
+    def recorded(est_, batch, *args):
+        pieces.append(len(batch[-1]))
+        return solve(est_, batch, *args)
+
+    def counted(*args, **kw):
+        passes.append(1)
+        yield from score(*args, **kw)
+
+    monkeypatch.setattr(sides, "test_rows", recorded)
+    monkeypatch.setattr(sides, "score_blocks", counted)
+    monkeypatch.setattr(sides, "TEST_BUDGET_BYTES", 21 * row_bytes)
+    # cg solves each block of columns to 1e-6: other blocks, other rounding
+    torch.testing.assert_close(est.influence((xt, yt)), want, rtol=1e-5, atol=1e-5)
+    assert pieces == ([2] * 10 + [1]) * 2
+    assert len(passes) == 2
+
+
 class HeldProjection(nn.Module):
     """A linear layer after a matrix the module holds itself (not given to functional_call)."""
 

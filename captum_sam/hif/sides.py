@@ -304,7 +304,10 @@ def test_row_groups(est: Any, inputs: Any, aggregate: bool, budget: int) -> Iter
     group (so use a group before asking for the next). A batch is cut into pieces of at most
     ``budget / 8`` bytes of rows (a tuple of inputs is one batch, however large: its
     per-example gradients and their solves are formed a piece at a time; per-example
-    rows do not depend on the cut). Aggregated, one group with the one summed row.
+    rows do not depend on the cut), the last piece of a full group no larger than the
+    room left in it (so that every group but the last is full: one pass over the
+    training data fewer when pieces do not divide the group). Aggregated, one group
+    with the one summed row.
     """
     if aggregate:
         yield quantities(est, inputs, True, False, True)
@@ -315,12 +318,17 @@ def test_row_groups(est: Any, inputs: Any, aggregate: bool, budget: int) -> Iter
     row_bytes = est.operator.dim * (2 if est.variant == "exact" else 1) * like.element_size()
     piece = max(1, budget // 8 // row_bytes)
     buffer: Tensor | None = None
-    filled = 0
+    filled, cap = 0, 0
     for i, batch in enumerate(on_device(data, est.device)):
         validate_batch(loss, params, batch, "inputs_dataset", run_loss=i == 0)
-        count = batch_size(batch)
-        for start in range(0, count, piece):
-            part = batch if count <= piece else slice_batch(batch, start, start + piece)
+        count, start = batch_size(batch), 0
+        while start < count:
+            room = piece
+            if buffer is not None and len(buffer) >= cap and 0 < len(buffer) - filled < piece:
+                room = len(buffer) - filled  # a full-sized group: fill it exactly
+            end = min(count, start + room)
+            part = batch if (start, end) == (0, count) else slice_batch(batch, start, end)
+            start = end
             rows = test_rows(est, part, loss, "test vectors")
             width = rows.shape[1]
             if buffer is None:  # no larger than the budget, nor than the test set needs
