@@ -440,8 +440,16 @@ def test_batchnorm_sites_with_a_projection_equal_the_vmap_path(tmp_path):
 
     fast, slow = make(), make(factorize=False)
     assert fast.engines.vmap.projector.rest  # the BatchNorm parameters
-    torch.testing.assert_close(fast.influence((xt, yt)), slow.influence((xt, yt)))
-    torch.testing.assert_close(fast.self_influence(), slow.self_influence())
+    # the factored path takes them too (formed elementwise, then projected densely)
+    assert fast.engines.factored.projector is fast.engines.vmap.projector
+    calls = []
+    vmap = F.per_example_grads
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(F, "per_example_grads", lambda *a, **k: calls.append(1) or vmap(*a, **k))
+        got, got_self = fast.influence((xt, yt)), fast.self_influence()
+    torch.testing.assert_close(got, slow.influence((xt, yt)))
+    torch.testing.assert_close(got_self, slow.self_influence())
+    assert len(calls) <= 2  # the one-off checks of the factors (train and test loss)
 
 
 @pytest.mark.parametrize("net", [DeepCNN, BatchNormCNN], ids=["deep", "batchnorm"])

@@ -273,11 +273,7 @@ class LayerProjection:
                 g = g @ p_in
             out.append(g.flatten(-2))
         if self.rest:
-            rest = {n: x[n] for n in self.rest}
-            if self._dense is None:
-                out.append(torch.cat([rest[n] for n in self.rest], -1))
-            else:
-                out.append(self._dense(rest))
+            out.append(self._project_rest(x))
         return torch.cat(out, -1)
 
     def project_factors(
@@ -289,17 +285,32 @@ class LayerProjection:
 
         Args:
             factors: Per layer ``(a (B, T, d_in), d (B, T, d_out))``; example :math:`i`'s
-                gradient is :math:`\sum_t d_{it} [a_{it}, 1]^\top`.
+                gradient is :math:`\sum_t d_{it} [a_{it}, 1]^\top`, or for an
+                elementwise layer (BatchNorm, its parameters among :attr:`rest`)
+                :math:`\sum_t d_{it} \odot a_{it}` (weight) and :math:`\sum_t d_{it}`
+                (bias), formed and projected densely like :meth:`__call__` does.
             keys: Per layer its ``(weight name, bias name)``; together the layers must
                 hold every projected parameter.
 
         Returns:
             The same rows as projecting the formed gradients with :meth:`__call__`.
         """
-        if self.rest or sorted(self._index[k] for k in keys) != list(range(len(self.layers))):
+        kron = [k for k in keys if k in self._index]
+        rest: dict[str, Tensor] = {}
+        for (a, d), key in zip(factors, keys):
+            if key not in self._index:  # elementwise: (B, C) gradients, projected densely
+                w, b = key
+                if w is not None:
+                    rest[w] = (d * a).sum(-2)
+                if b is not None:
+                    rest[b] = d.sum(-2)
+        covered = sorted(self._index[k] for k in kron) == list(range(len(self.layers)))
+        if not covered or sorted(rest) != sorted(self.rest):
             raise ValueError("the factors must cover every layer of the projection")
         blocks: list[Tensor | None] = [None] * len(self.layers)
         for (a, d), key in zip(factors, keys):
+            if key not in self._index:
+                continue
             i = self._index[key]
             w, b, _, _ = self.layers[i]
             p_out, p_in = (self.side(i, j, d.dtype, d.device) for j in (0, 1))
@@ -313,4 +324,11 @@ class LayerProjection:
                 if b is not None:
                     right = right + p_in[-1]
             blocks[i] = (left.mT @ right).flatten(-2)
+        if self.rest:
+            blocks.append(self._project_rest(rest))
         return torch.cat(blocks, -1)  # type: ignore[arg-type]
+
+    def _project_rest(self, x: Mapping[str, Tensor]) -> Tensor:
+        """The parameters outside the layers, ``(..., numel)`` each: dense (or as they are)."""
+        rest = {n: x[n] for n in self.rest}
+        return torch.cat(list(rest.values()), -1) if self._dense is None else self._dense(rest)

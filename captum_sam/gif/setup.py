@@ -237,11 +237,14 @@ def build_engines(
     sizes = {n: p.numel() for n, p in zip(names, loader.scratch_params(names))}
     projector = make_projector(scratch, names, sizes, o)
     vmap = VmapGradients(points, projector, o.test_at_perturbed, device, stats)
-    on_sites = isinstance(projector, LayerProjection) and not projector.rest
+    # the factored path has no batch statistics: batchnorm="batch" forms gradients
+    sites = layer_sites.layer_sites(scratch, names) if o.factorize and stats is None else None
+    on_sites = isinstance(projector, LayerProjection) and set(projector.rest) <= {
+        n for s in sites or [] if s.diagonal for n in (s.weight, s.bias) if n is not None
+    }  # the dense remainder, if any, is elementwise sites (BatchNorm): formed, then projected
     factored = FactoredGradients(
         points,
-        # the factored path has no batch statistics: batchnorm="batch" forms gradients
-        layer_sites.layer_sites(scratch, names) if o.factorize and stats is None else None,
+        sites,
         train_loss,
         test_loss,
         (projector is None or on_sites) and o.perturbation != "example",
