@@ -576,9 +576,9 @@ def test_hif_scores_from_held_training_factors_equal_vmap(tmp_path, monkeypatch,
     flushed = []
     original = sides._flush
 
-    def counted(est, q, pending):
+    def counted(site_list, offsets, q, pending):
         flushed.append(len(pending))
-        yield from original(est, q, pending)
+        yield from original(site_list, offsets, q, pending)
 
     monkeypatch.setattr(sides, "_flush", counted)
     calls = []

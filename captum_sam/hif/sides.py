@@ -64,25 +64,38 @@ def gradients(est: Any, batch: tuple[Any, ...], loss: F.FunctionalLoss, point: F
     sits in a layer site and the factors reproduced ``vmap`` on the first batch of this
     loss (:func:`_factored_sites`); otherwise ``vmap(grad(...))``.
     """
-    site_list = _factored_sites(est, loss, point, batch)
-    if site_list is not None:
-        try:
-            factors = layer_sites.layer_factors(loss, point, batch, site_list)
-        except layer_sites.Unsupported:  # e.g. a layer called twice in this batch only
-            factors = None
-        if factors is not None:  # each site's gradients written into one (B, P) block
-            offsets = _offsets(est.names, point)
-            ref = point[est.names[0]]
-            out = ref.new_empty(batch_size(batch), est.operator.dim)
-            while factors:
-                site, (a, d) = site_list[len(site_list) - len(factors)], factors.pop(0)
-                for name, g in layer_sites.site_grads(a, d, site).items():
-                    lo, hi = offsets[name]
-                    out[:, lo:hi] = g.reshape(len(out), -1)
-                del a, d
-            return out
+    factors = _site_factors(est, loss, point, batch)
+    if factors is not None:  # each site's gradients written into one (B, P) block
+        site_list = est._grad_sites
+        offsets = _offsets(est.names, point)
+        ref = point[est.names[0]]
+        out = ref.new_empty(batch_size(batch), est.operator.dim)
+        while factors:
+            site, (a, d) = site_list[len(site_list) - len(factors)], factors.pop(0)
+            for name, g in layer_sites.site_grads(a, d, site).items():
+                lo, hi = offsets[name]
+                out[:, lo:hi] = g.reshape(len(out), -1)
+            del a, d
+        return out
     g = F.per_example_grads(loss, point, batch)
     return F.flatten(g, est.names, batch_dims=1)
+
+
+def _site_factors(
+    est: Any, loss: F.FunctionalLoss, point: F.Params, batch: tuple[Any, ...]
+) -> list[tuple[Tensor, Tensor]] | None:
+    """Per site of ``est._grad_sites`` its factors ``(a, d)`` of ``batch``, or ``None``.
+
+    ``None`` when per-example gradients are not to be formed from factors (see
+    :func:`_factored_sites`) or this batch cannot give them.
+    """
+    site_list = _factored_sites(est, loss, point, batch)
+    if site_list is None:
+        return None
+    try:
+        return layer_sites.layer_factors(loss, point, batch, site_list)
+    except layer_sites.Unsupported:  # e.g. a layer called twice in this batch only
+        return None
 
 
 def _offsets(names: list[str], point: F.Params) -> dict[str, tuple[int, int]]:
@@ -184,33 +197,28 @@ def score_blocks(
     low_rank = isinstance(est.inverse, LowRankInverse)
     rows_only = est.variant != "exact" and est.sketch is None and not low_rank
     op = est.operator
+    loss, point = op.loss_at(op.point), op.point
+    offsets = _offsets(est.names, point)
     pending: list[tuple[int, int, list[layer_products.Entry]]] = []
     held = 0
     for i, batch in batches:
-        loss, point = op.loss_at(op.point), op.point
-        site_list = _factored_sites(est, loss, point, batch) if rows_only else None
-        factors = None
         with batch_context("train_dataset", i):
-            if site_list is not None:
-                try:
-                    factors = layer_sites.layer_factors(loss, point, batch, site_list)
-                except layer_sites.Unsupported:
-                    factors = None
+            factors = _site_factors(est, loss, point, batch) if rows_only else None
             if factors is None:
                 rows = train_rows(est, batch)
         if factors is None:
-            yield from _flush(est, q, pending)
+            yield from _flush(est._grad_sites, offsets, q, pending)
             pending, held = [], 0
             yield i, q @ rows.T.to(q)
             continue
-        entries = [_smaller(e, site) for e, site in zip(factors, site_list)]  # type: ignore[arg-type]
+        entries = [_smaller(e, site) for e, site in zip(factors, est._grad_sites)]
         del factors
         pending.append((i, batch_size(batch), entries))
         held += layer_products.entry_floats(entries) * q.element_size()
         if held >= TRAIN_HELD_BYTES:
-            yield from _flush(est, q, pending)
+            yield from _flush(est._grad_sites, offsets, q, pending)
             pending, held = [], 0
-    yield from _flush(est, q, pending)
+    yield from _flush(est._grad_sites, offsets, q, pending)
 
 
 def _smaller(entry: tuple[Tensor, Tensor], site: layer_sites.Site) -> layer_products.Entry:
@@ -223,14 +231,16 @@ def _smaller(entry: tuple[Tensor, Tensor], site: layer_sites.Site) -> layer_prod
 
 
 def _flush(
-    est: Any, q: Tensor, pending: list[tuple[int, int, list[layer_products.Entry]]]
+    site_list: list[layer_sites.Site],
+    offsets: dict[str, tuple[int, int]],
+    q: Tensor,
+    pending: list[tuple[int, int, list[layer_products.Entry]]],
 ) -> Iterator[tuple[int, Tensor]]:
     """The score blocks of the held batches: per site, form and multiply once."""
     if not pending:
         return
-    offsets = _offsets(est.names, est.operator.params)
     total = q.new_zeros(len(q), sum(count for _, count, _ in pending))
-    for s, site in enumerate(est._grad_sites):
+    for s, site in enumerate(site_list):
         column = [entries[s] for _, _, entries in pending]
         for _, _, entries in pending:
             entries[s] = None  # type: ignore[call-overload]
