@@ -415,8 +415,8 @@ def test_merged_pass_progress_budget_fallback_and_no_leftover_hooks(run, monkeyp
 
 def test_kept_rows_of_merged_self_influence_share_one_buffer_per_tensor():
     """Merged self influence keeps each batch's entries (formed, factors, projected
-    rows) as views of one buffer per tensor, rows in order: the same numbers; a batch
-    whose shapes do not fit the buffers is kept as it is."""
+    rows) as views of one store per term (one buffer per tensor), rows in order: the
+    same numbers; a batch whose shapes do not fit the buffers is kept as it is."""
     from captum_sam.core.layers.products import Formed
     from captum_sam.gif.checkpoint_form import _RowStore
 
@@ -441,7 +441,7 @@ def test_kept_rows_of_merged_self_influence_share_one_buffer_per_tensor():
             assert torch.equal(x, y) and x is not y
     bases = {t.untyped_storage().data_ptr() for p in kept for t in [p[0][0].weight, p[1]]}
     assert len(bases) == 2  # one buffer for every batch's weights, one for the rows
-    assert torch.equal(kept[2][1], store.buffers[-1][8:10])
+    assert torch.equal(kept[2][1], store.stores[-1][8:10])
     odd = batch(2, positions=6)  # other positions: not the buffers' shape
     assert store.put(odd, 2) is odd
     full = _RowStore(4)

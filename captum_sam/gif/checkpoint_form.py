@@ -20,7 +20,7 @@ from captum_sam import core as F
 from captum_sam.core.data import batch_context, local_batches, progress
 from captum_sam.core.distributed import all_reduce_sum, gather_ordered
 from captum_sam.core.layers import products
-from captum_sam.gif.factored_grads import FactoredGradients
+from captum_sam.gif.factored_grads import FactoredGradients, Rep, like_rows, put_rows
 from captum_sam.gif.points import WeightPoints
 from captum_sam.gif.terms import Term, check_finite_terms
 from captum_sam.gif.vmap_grads import VmapGradients
@@ -232,47 +232,48 @@ class CheckpointForm:
 
 
 class _RowStore:
-    """The kept per-example tensors of every batch, rows in order, in one buffer per tensor.
+    """The kept per-example rows of every batch, in order, in one store per term.
 
     Kept rows that stayed as separate tensors of a batch each would sit in the
     allocator's heap between the pass's transient tensors and pin it: on a small CNN
-    that fragmentation tripled the memory self influence adds. One buffer of
-    ``rows`` rows per tensor (allocated on the first batch; untouched rows take no
-    resident memory) holds them instead; a batch that does not fit the buffers' shapes
-    is kept as it is.
+    that fragmentation tripled the memory self influence adds. One store of ``rows``
+    rows per term (:func:`~captum_sam.gif.factored_grads.like_rows`, allocated on the
+    first batch; untouched rows take no resident memory) holds them instead; a batch
+    that does not fit the stores' shapes is kept as it is.
     """
 
     def __init__(self, rows: int) -> None:
         self.rows = rows
-        self.buffers: list[Tensor] | None = None
+        self.stores: list[Rep] | None = None
         self.filled = 0
 
-    def put(self, reps: list[Any], size: int) -> list[Any]:
-        """``reps`` (per term: entries or projected rows) as views of the buffers."""
-        tensors = [t for rep in reps for t in _tensors(rep)]
-        if self.buffers is None:
-            self.buffers = [t.new_empty(max(self.rows, size), *t.shape[1:]) for t in tensors]
+    def put(self, reps: list[Rep], size: int) -> list[Rep]:
+        """``reps`` (per term: entries or projected rows) as views of the stores."""
+        if self.stores is None:
+            self.stores = [like_rows(rep, max(self.rows, size)) for rep in reps]
         lo, hi = self.filled, self.filled + size
-        fits = len(tensors) == len(self.buffers) and hi <= len(self.buffers[0])
-        if not fits or any(
-            t.shape != (size, *b.shape[1:]) or t.dtype != b.dtype
-            for t, b in zip(tensors, self.buffers)
+        held = [t for store in self.stores for t in _tensors(store)]
+        given = [t for rep in reps for t in _tensors(rep)]
+        if (
+            len(given) != len(held)
+            or hi > len(held[0])
+            or any(
+                t.shape != (size, *h.shape[1:]) or t.dtype != h.dtype for t, h in zip(given, held)
+            )
         ):
             return reps
-        views = iter(self.buffers)
-
-        def moved(t: Tensor) -> Tensor:
-            view = next(views)[lo:hi]
-            view.copy_(t)
-            return view
-
+        for store, rep in zip(self.stores, reps):
+            put_rows(store, rep, lo)
         self.filled = hi
-        return [moved(rep) if isinstance(rep, Tensor) else products.map_rows(rep, moved)
-                for rep in reps]  # fmt: skip
+        rows = lambda t: t[lo:hi]  # noqa: E731
+        return [
+            rows(store) if isinstance(store, Tensor) else products.map_rows(store, rows)
+            for store in self.stores
+        ]
 
 
-def _tensors(rep: Any) -> list[Tensor]:
-    """The tensors of one term's representation, in :func:`products.map_rows` order."""
+def _tensors(rep: Rep) -> list[Tensor]:
+    """The tensors of one term's representation (its ``None`` parts left out)."""
     if isinstance(rep, Tensor):
         return [rep]
     return [t for e in rep for t in e if t is not None]

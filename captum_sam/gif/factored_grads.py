@@ -34,7 +34,7 @@ from captum_sam.core.projection import LayerProjection
 from captum_sam.gif.points import WeightPoints
 from captum_sam.gif.terms import Term, check_finite_terms
 
-__all__ = ["FactoredGradients", "Rep", "TEST_PIECE_ROWS"]
+__all__ = ["FactoredGradients", "Rep", "TEST_PIECE_ROWS", "like_rows", "put_rows"]
 
 TEST_PIECE_ROWS = 32
 """Test examples whose raw layer factors (a convolution's unfolded patches: 20 MB per
@@ -278,8 +278,8 @@ class FactoredGradients:
                     elif count <= TEST_PIECE_ROWS:
                         parts[k].append(rep)
                     else:
-                        store = _like_rows(rep, count) if store is None else store
-                        _put_rows(store, rep, start)
+                        store = like_rows(rep, count) if store is None else store
+                        put_rows(store, rep, start)
                     del rep
                 if store is not None:
                     parts[k].append(store)
@@ -329,7 +329,7 @@ class FactoredGradients:
         return check_finite_terms(total, "training gradients", terms)
 
 
-def _like_rows(rep: Rep, count: int) -> Rep:
+def like_rows(rep: Rep, count: int) -> Rep:
     """Uninitialised storage shaped like ``rep`` with ``count`` rows."""
     if isinstance(rep, Tensor):
         return rep.new_empty(count, *rep.shape[1:])
@@ -340,7 +340,7 @@ def _like_rows(rep: Rep, count: int) -> Rep:
     return out
 
 
-def _put_rows(store: Rep, rep: Rep, start: int) -> None:
+def put_rows(store: Rep, rep: Rep, start: int) -> None:
     """Copy ``rep``'s rows into ``store`` from row ``start`` (same representation)."""
     pairs = (
         [(store, rep)]
