@@ -581,6 +581,16 @@ def test_hif_scores_from_held_training_factors_equal_vmap(tmp_path, monkeypatch,
         yield from original(site_list, offsets, q, pending)
 
     monkeypatch.setattr(sides, "_flush", counted)
+    from captum_sam.hif.kfac import KroneckerCurvature
+
+    rotated = []  # blocks rotated from their factors (few positions: the linear layers)
+    by_blocks = KroneckerCurvature._apply_blocks
+
+    def spied(self, blocks, scale):
+        rotated.append([isinstance(b, tuple) for b in blocks])
+        return by_blocks(self, blocks, scale)
+
+    monkeypatch.setattr(KroneckerCurvature, "_apply_blocks", spied)
     calls = []
     vmap = F.per_example_grads
     monkeypatch.setattr(F, "per_example_grads", lambda *a, **k: calls.append(1) or vmap(*a, **k))
@@ -590,6 +600,8 @@ def test_hif_scores_from_held_training_factors_equal_vmap(tmp_path, monkeypatch,
     torch.testing.assert_close(top.influence_scores, want_top.influence_scores, rtol=tol, atol=tol)
     assert torch.equal(top.indices, want_top.indices)
     assert len(calls) <= 1  # the one-off check of the factors against vmap
+    if kw.get("curvature") in ("kfac", "ekfac"):  # test rows solved from layer factors
+        assert rotated and all(r == [True] * 4 for r in rotated)
     held_per_flush = {None: [3], 0: [1, 1, 1]}.get(held, [2, 1])
     assert [n for n in flushed if n] == held_per_flush * 2  # influence, then top-k
     assert_unchanged(model, before)

@@ -54,6 +54,9 @@ _APPLY_ELEMENTS = 1 << 25  # entries of the columns a product or solve takes at 
 _GRAM_BLOCKS = 4  # a wide A_l sums its lower triangle in this many row blocks
 _GRAM_MIN_WIDTH = 1024  # narrower ones take one full product
 
+Block = Tensor | tuple[Tensor, Tensor]
+"""Columns of one block: a ``(m, d_out, width)`` matrix, or its factors ``(c, d)``."""
+
 
 @dataclass
 class KroneckerFactors:
@@ -130,9 +133,32 @@ class KroneckerCurvature:
         return out
 
     def _apply_chunk(self, columns: Tensor, scale: Callable[[int, Tensor], Tensor]) -> Tensor:
+        return self._apply_blocks(self.split(columns), scale)
+
+    def _apply_blocks(
+        self, blocks: Sequence[Block], scale: Callable[[int, Tensor], Tensor]
+    ) -> Tensor:
+        r""":meth:`_apply` on per-block ``(m, d_out, width)`` matrices or factor pairs.
+
+        A pair ``(c, d)`` (``(m, T, width)`` columns, ``(m, T, d_out)`` output rows) is the
+        matrix :math:`\sum_t d_t c_t^\top`; it is rotated as
+        :math:`(d Q_S)^\top (c Q_A)` (:math:`T(d_{out}^2 + w^2)` per row) when that is
+        cheaper than forming it and rotating the matrix (:math:`d_{out} w (d_{out} + w)`):
+        few positions and wide inputs, e.g. the last convolutions of a ResNet.
+        """
         out = []
-        for i, v in enumerate(self.split(columns)):
-            qs, qa = self.qs[i].to(v), self.qa[i].to(v)
+        for i, v in enumerate(blocks):
+            qs, qa = self.qs[i], self.qa[i]
+            if isinstance(v, tuple):
+                c, d = v
+                positions, o, w = c.shape[-2], qs.shape[0], qa.shape[0]
+                if positions * (o * o + w * w) < o * w * (o + w):
+                    qs, qa = qs.to(c), qa.to(c)
+                    rotated = (d @ qs).mT @ (c @ qa)
+                    out.append(qs @ (scale(i, self.values[i].to(c)) * rotated) @ qa.T)
+                    continue
+                v = d.mT @ c
+            qs, qa = qs.to(v), qa.to(v)
             rotated = qs.T @ v @ qa
             out.append(qs @ (scale(i, self.values[i].to(v)) * rotated) @ qa.T)
         return self.join(out)
@@ -158,13 +184,28 @@ class KroneckerCurvature:
                 (their inverse taken as 0, Captum's ``hessian_inverse_tol``); ``None``
                 drops exact zeros only.
         """
+        return self._apply(columns, self._inverse(shift, tol))
+
+    @staticmethod
+    def _inverse(shift: Tensor, tol: float | None) -> Callable[[int, Tensor], Tensor]:
+        """The scale of :meth:`solve`: ``1 / (Lambda + r_l)``, 0 where dropped."""
 
         def inverse(i: int, lam: Tensor) -> Tensor:
             total = lam + shift[i].to(lam)
             keep = total != 0 if tol is None else total > tol
             return torch.where(keep, 1 / torch.where(keep, total, 1.0), 0.0)
 
-        return self._apply(columns, inverse)
+        return inverse
+
+    def solve_blocks(
+        self, blocks: Sequence[Block], shift: Tensor, tol: float | None = None
+    ) -> Tensor:
+        """:meth:`solve` of columns given per block (see :meth:`_apply_blocks`): ``(P, m)``.
+
+        For per-example gradients that come as layer factors: a block with few positions
+        is rotated from its factors, never formed.
+        """
+        return self._apply_blocks(blocks, self._inverse(shift, tol))
 
     def matrix(self) -> Tensor:
         """:math:`K` as a dense ``(P, P)`` matrix (for checks on small models)."""

@@ -130,6 +130,7 @@ class KroneckerInverse:
 
     method = "kronecker"
     symmetric = True
+    shared_passes = False  # every column costs the same, however many are solved at once
 
     def __init__(self, curvature: KroneckerCurvature, shift: Tensor, tol: float | None) -> None:
         self.curvature, self.shift, self.tol = curvature, shift, tol
@@ -143,6 +144,14 @@ class KroneckerInverse:
         return out.squeeze(1) if b.dim() == 1 else out
 
     solve_transpose = solve
+
+    def solve_blocks(self, blocks: list[Tensor | tuple[Tensor, Tensor]]) -> Tensor:
+        """:meth:`solve` of columns given per block, as matrices or layer factors ``(P, m)``.
+
+        See :meth:`KroneckerCurvature.solve_blocks
+        <captum_sam.hif.kfac.KroneckerCurvature.solve_blocks>`.
+        """
+        return self.curvature.solve_blocks(blocks, self.shift, self.tol)
 
 
 class PreconditionedSolver:
@@ -184,6 +193,7 @@ class PreconditionedSolver:
         )  # fmt: skip
         self.method = method
         self.symmetric = False
+        self.shared_passes = False  # Kronecker products: no pass over the data to share
 
     @property
     def last_residual(self) -> Tensor | None:

@@ -43,6 +43,7 @@ __all__ = [
     "test_row_groups",
     "score_blocks",
     "TEST_BUDGET_BYTES",
+    "DIRECT_PIECES",
     "TRAIN_HELD_BYTES",
 ]
 
@@ -51,7 +52,14 @@ TEST_BUDGET_BYTES = 1 << 30
 the training data each (scores unchanged)."""
 
 
-TRAIN_HELD_BYTES = 1 << 28
+DIRECT_PIECES = 64
+"""With a solver that makes no pass over the training data (K-FAC/EK-FAC), the test rows
+are solved in pieces of at most ``budget / DIRECT_PIECES`` bytes (at least one row): a
+piece's gradients, solves and their copies are the transient memory beside the group
+(with a solver that passes over the data, ``budget / 8``: each pass serves the piece)."""
+
+
+TRAIN_HELD_BYTES = 1 << 26
 """Training-side layer factors (or formed gradients) held by :func:`score_blocks` before
 their products with the test rows are taken (the test rows are read once per holding)."""
 
@@ -268,8 +276,55 @@ def _joined(column: list[layer_products.Entry], site: layer_sites.Site) -> layer
 
 
 def test_rows(est: Any, batch: tuple[Any, ...], loss: F.FunctionalLoss, what: str) -> Tensor:
-    """Test-side quantities of a batch for ``loss`` (gradients at :math:`w^*`)."""
-    return _transform(est, gradients(est, batch, loss, est.operator.params), what)
+    """Test-side quantities of a batch for ``loss`` (gradients at :math:`w^*`).
+
+    With a direct Kronecker inverse (K-FAC/EK-FAC, ``fast`` or ``plain``) and gradients
+    from layer factors, each block is solved from its factors (:func:`_solve_factored`).
+    """
+    params = est.operator.params
+    index = _kronecker_index(est)
+    if index is not None:
+        factors = _site_factors(est, loss, params, batch)
+        if factors is not None:
+            return _sketch(est, _solve_factored(est, index, factors))
+    return _transform(est, gradients(est, batch, loss, params), what)
+
+
+def _kronecker_index(est: Any) -> list[int] | None:
+    """For each block of a direct Kronecker inverse, its site in ``est._grad_sites``.
+
+    ``None`` unless the inverse is a :class:`~captum_sam.hif.kfac_solve.KroneckerInverse`
+    and the blocks and the (non-elementwise) gradient sites hold the same parameters.
+    """
+    inverse = getattr(est.inverse, "inverse", None)
+    solve_blocks = getattr(inverse, "solve_blocks", None)
+    sites = est._grad_sites
+    if solve_blocks is None or sites is None or any(s.diagonal for s in sites):
+        return None
+    where = {(id(s.module), s.weight, s.bias): j for j, s in enumerate(sites)}
+    blocks = inverse.curvature.sites
+    index = [where.get((id(b.module), b.weight, b.bias)) for b in blocks]
+    if None in index or len(blocks) != len(sites):
+        return None
+    return index  # type: ignore[return-value]
+
+
+def _solve_factored(est: Any, index: list[int], factors: list[tuple[Tensor, Tensor]]) -> Tensor:
+    r""":math:`A^{-\top} g` rows ``(B, P)`` of a batch whose gradients come as layer factors.
+
+    The factors are not formed into ``(B, P)`` gradients first: a block with few positions
+    (a ResNet's last convolutions) is rotated into the eigenbasis from them.
+    """
+    inverse = est.inverse.inverse
+    blocks = []
+    for site, j in zip(inverse.curvature.sites, index):
+        a, d = factors[j]
+        F.check_finite(a, "layer inputs of the examples at the checkpoint")
+        F.check_finite(d, "gradients of the examples at the checkpoint")
+        blocks.append((site.columns(a), d))
+    out = inverse.solve_blocks(blocks)
+    est.inverse.check(out, "inverse-HVP solutions")
+    return out.T
 
 
 def quantities(est: Any, inputs: Any, aggregate: bool, show_progress: bool, test: bool) -> Tensor:
@@ -312,9 +367,10 @@ def test_row_groups(est: Any, inputs: Any, aggregate: bool, budget: int) -> Iter
 
     Each group is an ``(m, width)`` view of one buffer that is filled again for the next
     group (so use a group before asking for the next). A batch is cut into pieces of at most
-    ``budget / 8`` bytes of rows (a tuple of inputs is one batch, however large: its
-    per-example gradients and their solves are formed a piece at a time; per-example
-    rows do not depend on the cut), the last piece of a full group no larger than the
+    ``budget / 8`` bytes of rows (``budget /`` :data:`DIRECT_PIECES` with a direct
+    solver; a tuple of inputs is one batch, however large: its per-example gradients
+    and their solves are formed a piece at a time; per-example rows do not depend on
+    the cut), the last piece of a full group no larger than the
     room left in it (so that every group but the last is full: one pass over the
     training data fewer when pieces do not divide the group). Aggregated, one group
     with the one summed row.
@@ -326,7 +382,10 @@ def test_row_groups(est: Any, inputs: Any, aggregate: bool, budget: int) -> Iter
     loss, params = est._test_loss, est.operator.params
     like = est.operator.mean_grad[est.names[0]]
     row_bytes = est.operator.dim * (2 if est.variant == "exact" else 1) * like.element_size()
-    piece = max(1, budget // 8 // row_bytes)
+    # a solver passing over the data serves a whole piece with each pass: large pieces;
+    # a direct one (K-FAC/EK-FAC) costs the same per row: small pieces, small transients
+    shared = getattr(getattr(est.inverse, "inverse", None), "shared_passes", True)
+    piece = max(1, budget // (8 if shared else DIRECT_PIECES) // row_bytes)
     buffer: Tensor | None = None
     filled, cap = 0, 0
     for i, batch in enumerate(on_device(data, est.device)):
