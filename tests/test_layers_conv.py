@@ -667,6 +667,39 @@ def test_hif_influence_in_test_groups_equals_all_at_once(tmp_path, monkeypatch, 
     torch.testing.assert_close(agg, want.sum(0, keepdim=True), rtol=tol, atol=tol)
 
 
+def test_hif_direct_inverse_solves_small_pieces(tmp_path, monkeypatch):
+    """With a direct inverse (EK-FAC, ``fast``) the test rows are solved in pieces of
+    ``budget / DIRECT_PIECES`` (here 3 rows), not ``budget / 8`` (24 rows): one group
+    of 10, the scores of an unlimited budget."""
+    from captum_sam.hif import sides
+
+    x, y = cnn_data(11, 5)
+    xt, yt = cnn_data(10, 6)
+    model = built(BatchNormCNN(), x.float())
+    path = checkpoints(model, tmp_path, count=1)[0][0]
+    est = hif(model, TensorDataset(x, y), path, variant="fast", curvature="ekfac",
+              layers=["0", "3", "6", "9"])  # fmt: skip
+    want = est.influence((xt, yt))
+    row_bytes = est.operator.dim * 8  # P-wide solved rows, float64
+    monkeypatch.setattr(sides, "TEST_BUDGET_BYTES", sides.DIRECT_PIECES * 3 * row_bytes)
+    pieces, passes = [], []
+    solve, score = sides.test_rows, sides.score_blocks
+
+    def recorded(est_, batch, *args):
+        pieces.append(len(batch[-1]))
+        return solve(est_, batch, *args)
+
+    def counted(*args, **kw):
+        passes.append(1)
+        yield from score(*args, **kw)
+
+    monkeypatch.setattr(sides, "test_rows", recorded)
+    monkeypatch.setattr(sides, "score_blocks", counted)
+    torch.testing.assert_close(est.influence((xt, yt)), want, rtol=1e-10, atol=1e-12)
+    assert pieces == [3, 3, 3, 1]
+    assert len(passes) == 1
+
+
 def test_hif_test_groups_are_filled_exactly(tmp_path, monkeypatch):
     """When the pieces of a test batch do not divide a group (pieces of 2 rows, groups of
     21), the last piece of a group is cut to the room left: 42 test rows in 2 groups (2
