@@ -28,7 +28,10 @@ process, so its peak resident memory is its own; a warm-up call on one batch fir
   ``kfac_samples=1`` (one random-sign pseudo-gradient per example instead of 10).
 
 Issue 15's target: each of SAM-GIF (3 checkpoints) and SAM-HIF(Fast) EK-FAC under 10
-minutes and 4 GB on 2 CPU cores at n 2000 and 100 test examples.
+minutes and 4 GB on 2 CPU cores at n 2000 and 100 test examples. For EK-FAC,
+``--test-budget-gib`` sets how many solved test rows (45 MB each) are held, hence how
+many passes over the training data ``influence`` makes (``--test-budget-gib 1.42``:
+three; the library's default 1 GiB: five).
 """
 
 from __future__ import annotations
