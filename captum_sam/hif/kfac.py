@@ -148,19 +148,18 @@ class KroneckerCurvature:
         """
         out = []
         for i, v in enumerate(blocks):
-            qs, qa = self.qs[i], self.qa[i]
-            if isinstance(v, tuple):
+            ref = v[0] if isinstance(v, tuple) else v
+            qs, qa = self.qs[i].to(ref), self.qa[i].to(ref)
+            if not isinstance(v, tuple):
+                rotated = qs.T @ v @ qa
+            else:
                 c, d = v
-                positions, o, w = c.shape[-2], qs.shape[0], qa.shape[0]
-                if positions * (o * o + w * w) < o * w * (o + w):
-                    qs, qa = qs.to(c), qa.to(c)
+                o, w = qs.shape[0], qa.shape[0]
+                if c.shape[-2] * (o * o + w * w) < o * w * (o + w):
                     rotated = (d @ qs).mT @ (c @ qa)
-                    out.append(qs @ (scale(i, self.values[i].to(c)) * rotated) @ qa.T)
-                    continue
-                v = d.mT @ c
-            qs, qa = qs.to(v), qa.to(v)
-            rotated = qs.T @ v @ qa
-            out.append(qs @ (scale(i, self.values[i].to(v)) * rotated) @ qa.T)
+                else:
+                    rotated = qs.T @ (d.mT @ c) @ qa
+            out.append(qs @ (scale(i, self.values[i].to(ref)) * rotated) @ qa.T)
         return self.join(out)
 
     # ------------------------------------------------------------------ products

@@ -24,7 +24,7 @@ point (:math:`K_e`, or :math:`K_0` for ``plain``); ``est.damping_used`` holds th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ from captum_sam.core.data import progress
 from captum_sam.core.errors import ArgumentError
 from captum_sam.core.memory import release_freed_memory
 from captum_sam.hif.inverse import LowRankInverse, orient
-from captum_sam.hif.kfac import KroneckerCurvature, fit_kronecker
+from captum_sam.hif.kfac import Block, KroneckerCurvature, fit_kronecker
 from captum_sam.hif.kron_sites import kronecker_sites, warn_if_not_convex
 from captum_sam.hif.operator import SAMOperator
 from captum_sam.solvers import InverseOperator, SolverOptions
@@ -145,7 +145,7 @@ class KroneckerInverse:
 
     solve_transpose = solve
 
-    def solve_blocks(self, blocks: list[Tensor | tuple[Tensor, Tensor]]) -> Tensor:
+    def solve_blocks(self, blocks: Sequence[Block]) -> Tensor:
         """:meth:`solve` of columns given per block, as matrices or layer factors ``(P, m)``.
 
         See :meth:`KroneckerCurvature.solve_blocks

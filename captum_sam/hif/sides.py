@@ -297,9 +297,8 @@ def _kronecker_index(est: Any) -> list[int] | None:
     and the blocks and the (non-elementwise) gradient sites hold the same parameters.
     """
     inverse = getattr(est.inverse, "inverse", None)
-    solve_blocks = getattr(inverse, "solve_blocks", None)
     sites = est._grad_sites
-    if solve_blocks is None or sites is None or any(s.diagonal for s in sites):
+    if not hasattr(inverse, "solve_blocks") or sites is None or any(s.diagonal for s in sites):
         return None
     where = {(id(s.module), s.weight, s.bias): j for j, s in enumerate(sites)}
     blocks = inverse.curvature.sites
