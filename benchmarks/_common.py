@@ -89,6 +89,25 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def warm_then_time(
+    call: Callable[..., torch.Tensor], train: TensorDataset, test: TensorDataset, warm_size: int
+) -> tuple[dict, torch.Tensor]:
+    """``call(train, test)``, timed after a warm-up call on the first ``warm_size``
+    training and 2 test examples.
+
+    Returns ``{"seconds", "cpu", "peak_mb", "added_mb"}`` of the timed call (peak
+    resident memory of this process; "added" over the memory just before it) and its
+    scores.
+    """
+    call(TensorDataset(*train[:warm_size]), TensorDataset(*test[:2]))  # imports, allocator
+    before = rss_mb()
+    start, cpu = time.perf_counter(), cpu_seconds()
+    scores = call(train, test)
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    peak = rss_mb()
+    return dict(seconds=seconds, cpu=cpu, peak_mb=peak, added_mb=peak - before), scores
+
+
 def run_in_process(script: str, spec: dict) -> dict:
     """``script --one <spec>`` in a fresh process (its own peak memory); its last JSON line."""
     out = subprocess.run(

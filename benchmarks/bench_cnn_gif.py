@@ -21,11 +21,10 @@ import argparse
 import json
 import os
 import tempfile
-import time
 
 import torch
 from _common import cifar_like as data
-from _common import cpu_seconds, machine, rss_mb, run_in_process, table
+from _common import machine, run_in_process, table, warm_then_time
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -86,16 +85,8 @@ def measure(spec: dict) -> dict:
 
         checkpoint_form.MERGE_BUDGET_BYTES = spec["merge_budget"]
     # warm-up on a few examples with another estimator: lazy imports, allocator
-    call(TensorDataset(*train[:bs]), TensorDataset(*test[:2]))
-    before = rss_mb()
-    start, cpu = time.perf_counter(), cpu_seconds()
-    scores = call(train, test)
-    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
-    peak = rss_mb()
-    return dict(
-        seconds=seconds, cpu=cpu, peak_mb=peak, added_mb=peak - before,
-        scores=scores.double().tolist(),
-    )  # fmt: skip
+    timing, scores = warm_then_time(call, train, test, bs)
+    return dict(timing, scores=scores.double().tolist())
 
 
 def run(spec: dict) -> dict:

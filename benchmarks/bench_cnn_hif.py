@@ -32,11 +32,10 @@ import argparse
 import json
 import os
 import tempfile
-import time
 
 import torch
 from _common import cifar_like as data
-from _common import cpu_seconds, machine, rss_mb, run_in_process, table
+from _common import machine, run_in_process, table, warm_then_time
 from torch import nn
 
 
@@ -82,16 +81,8 @@ def measure(spec: dict) -> dict:
             )  # fmt: skip
         return est.influence(test.tensors)
 
-    call(torch.utils.data.TensorDataset(*train[:bs]), torch.utils.data.TensorDataset(*test[:2]))
-    before = rss_mb()
-    start, cpu = time.perf_counter(), cpu_seconds()
-    scores = call(train, test)
-    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
-    peak = rss_mb()
-    return dict(
-        seconds=seconds, cpu=cpu, peak_mb=peak, added_mb=peak - before,
-        finite=bool(torch.isfinite(scores).all()),
-    )  # fmt: skip
+    timing, scores = warm_then_time(call, train, test, bs)
+    return dict(timing, finite=bool(torch.isfinite(scores).all()))
 
 
 def main() -> None:

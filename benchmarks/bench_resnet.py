@@ -41,11 +41,10 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import torch
 from _common import cifar_like as data
-from _common import cpu_seconds, machine, rss_mb, run_in_process, table
+from _common import machine, run_in_process, table, warm_then_time
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -130,14 +129,8 @@ def measure(spec: dict) -> dict:
         from captum_sam.hif import sides
 
         sides.TEST_BUDGET_BYTES = int(spec["test_budget_gib"] * (1 << 30))
-    call(TensorDataset(*train[:bs]), TensorDataset(*test[:2]))  # warm-up
-    before = rss_mb()
-    start, cpu = time.perf_counter(), cpu_seconds()
-    scores = call(train, test)
-    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
-    peak = rss_mb()
-    return dict(seconds=seconds, cpu=cpu, peak_mb=peak, added_mb=peak - before,
-                finite=bool(torch.isfinite(scores).all()), shape=list(scores.shape),
+    timing, scores = warm_then_time(call, train, test, bs)
+    return dict(timing, finite=bool(torch.isfinite(scores).all()), shape=list(scores.shape),
                 scores=scores.double().flatten()[:2000].tolist())  # fmt: skip
 
 

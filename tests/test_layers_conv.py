@@ -667,6 +667,26 @@ def test_hif_influence_in_test_groups_equals_all_at_once(tmp_path, monkeypatch, 
     torch.testing.assert_close(agg, want.sum(0, keepdim=True), rtol=tol, atol=tol)
 
 
+def spy_pieces_and_passes(monkeypatch):
+    """Lists that record each solved test piece's size and each pass over the training data."""
+    from captum_sam.hif import sides
+
+    pieces, passes = [], []
+    solve, score = sides.test_rows, sides.score_blocks
+
+    def recorded(est_, batch, *args):
+        pieces.append(len(batch[-1]))
+        return solve(est_, batch, *args)
+
+    def counted(*args, **kw):
+        passes.append(1)
+        yield from score(*args, **kw)
+
+    monkeypatch.setattr(sides, "test_rows", recorded)
+    monkeypatch.setattr(sides, "score_blocks", counted)
+    return pieces, passes
+
+
 def test_hif_direct_inverse_solves_small_pieces(tmp_path, monkeypatch):
     """With a direct inverse (EK-FAC, ``fast``) the test rows are solved in pieces of
     ``budget / DIRECT_PIECES`` (here 3 rows), not ``budget / 8`` (24 rows): one group
@@ -682,19 +702,7 @@ def test_hif_direct_inverse_solves_small_pieces(tmp_path, monkeypatch):
     want = est.influence((xt, yt))
     row_bytes = est.operator.dim * 8  # P-wide solved rows, float64
     monkeypatch.setattr(sides, "TEST_BUDGET_BYTES", sides.DIRECT_PIECES * 3 * row_bytes)
-    pieces, passes = [], []
-    solve, score = sides.test_rows, sides.score_blocks
-
-    def recorded(est_, batch, *args):
-        pieces.append(len(batch[-1]))
-        return solve(est_, batch, *args)
-
-    def counted(*args, **kw):
-        passes.append(1)
-        yield from score(*args, **kw)
-
-    monkeypatch.setattr(sides, "test_rows", recorded)
-    monkeypatch.setattr(sides, "score_blocks", counted)
+    pieces, passes = spy_pieces_and_passes(monkeypatch)
     torch.testing.assert_close(est.influence((xt, yt)), want, rtol=1e-10, atol=1e-12)
     assert pieces == [3, 3, 3, 1]
     assert len(passes) == 1
@@ -714,19 +722,7 @@ def test_hif_test_groups_are_filled_exactly(tmp_path, monkeypatch):
               damping=0.1)  # fmt: skip
     want = est.influence((xt, yt))
     row_bytes = est.operator.dim * 8  # P-wide solved rows, float64
-    pieces, passes = [], []
-    solve, score = sides.test_rows, sides.score_blocks
-
-    def recorded(est_, batch, *args):
-        pieces.append(len(batch[-1]))
-        return solve(est_, batch, *args)
-
-    def counted(*args, **kw):
-        passes.append(1)
-        yield from score(*args, **kw)
-
-    monkeypatch.setattr(sides, "test_rows", recorded)
-    monkeypatch.setattr(sides, "score_blocks", counted)
+    pieces, passes = spy_pieces_and_passes(monkeypatch)
     monkeypatch.setattr(sides, "TEST_BUDGET_BYTES", 21 * row_bytes)
     # cg solves each block of columns to 1e-6: other blocks, other rounding
     torch.testing.assert_close(est.influence((xt, yt)), want, rtol=1e-5, atol=1e-5)
