@@ -583,7 +583,7 @@ def test_hif_scores_from_held_training_factors_equal_vmap(tmp_path, monkeypatch,
     monkeypatch.setattr(sides, "_flush", counted)
     from captum_sam.hif.kfac import KroneckerCurvature
 
-    rotated = []  # blocks rotated from their factors (few positions: the linear layers)
+    rotated = []  # per solve, which blocks came as layer factors (not formed gradients)
     by_blocks = KroneckerCurvature._apply_blocks
 
     def spied(self, blocks, scale):

@@ -72,7 +72,17 @@ def gradients(est: Any, batch: tuple[Any, ...], loss: F.FunctionalLoss, point: F
     sits in a layer site and the factors reproduced ``vmap`` on the first batch of this
     loss (:func:`_factored_sites`); otherwise ``vmap(grad(...))``.
     """
-    factors = _site_factors(est, loss, point, batch)
+    return _gradients_from(est, _site_factors(est, loss, point, batch), batch, loss, point)
+
+
+def _gradients_from(
+    est: Any,
+    factors: list[tuple[Tensor, Tensor]] | None,
+    batch: tuple[Any, ...],
+    loss: F.FunctionalLoss,
+    point: F.Params,
+) -> Tensor:
+    """:func:`gradients` given the batch's layer factors (``None``: by ``vmap``)."""
     if factors is not None:  # each site's gradients written into one (B, P) block
         site_list = est._grad_sites
         offsets = _offsets(est.names, point)
@@ -282,12 +292,11 @@ def test_rows(est: Any, batch: tuple[Any, ...], loss: F.FunctionalLoss, what: st
     from layer factors, each block is solved from its factors (:func:`_solve_factored`).
     """
     params = est.operator.params
-    index = _kronecker_index(est)
+    factors = _site_factors(est, loss, params, batch)  # once: solved or formed from them
+    index = None if factors is None else _kronecker_index(est)
     if index is not None:
-        factors = _site_factors(est, loss, params, batch)
-        if factors is not None:
-            return _sketch(est, _solve_factored(est, index, factors))
-    return _transform(est, gradients(est, batch, loss, params), what)
+        return _sketch(est, _solve_factored(est, index, factors))  # type: ignore[arg-type]
+    return _transform(est, _gradients_from(est, factors, batch, loss, params), what)
 
 
 def _kronecker_index(est: Any) -> list[int] | None:
