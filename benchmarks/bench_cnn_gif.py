@@ -56,9 +56,10 @@ def write_checkpoints(directory: str, count: int) -> list[str]:
 
 def measure(spec: dict) -> dict:
     """Run one measurement in this process: ``{"seconds", "peak_mb", "added_mb", "scores"}``."""
-    from captum.influence import TracInCP
+    from captum.influence import TracInCP, TracInCPFast
 
     from captum_sam import checkpoints_load_func
+    from captum_sam.gif.fast import SAMTracInCPFast
     from captum_sam.gif.tracincp import SAMTracInCP
 
     train, test = data(spec["n_train"], 0), data(spec["n_test"], 1)
@@ -66,7 +67,15 @@ def measure(spec: dict) -> dict:
     none, total = nn.CrossEntropyLoss(reduction="none"), nn.CrossEntropyLoss(reduction="sum")
 
     def call(train: TensorDataset, test: TensorDataset) -> torch.Tensor:
-        if spec["who"] == "ours":
+        if spec["who"] in ("ours-fast", "captum-fast"):  # the final layer's weight only
+            model = cnn()
+            kind = SAMTracInCPFast if spec["who"] == "ours-fast" else TracInCPFast
+            extra = {"rho": spec["rho"]} if spec["who"] == "ours-fast" else {}
+            est = kind(
+                model, model[4], train, ckpts, checkpoints_load_func=checkpoints_load_func,
+                loss_fn=total, batch_size=bs, **extra,
+            )  # fmt: skip
+        elif spec["who"] == "ours":
             est = SAMTracInCP(
                 cnn(), train, ckpts, loss_fn=none, batch_size=bs, rho=spec["rho"],
                 projection_dim=spec.get("projection_dim"),
@@ -124,6 +133,9 @@ def main() -> None:
             dict(who="ours", rho=0.05, projection_dim=args.projection_dim),
         ),
         ("Captum TracInCP hooks (sample_wise_grads_per_batch)", dict(who="captum-hooks")),
+        ("SAMTracInCPFast rho=0.05 (final layer)", dict(who="ours-fast", rho=0.05)),
+        ("SAMTracInCPFast rho=0 (final layer)", dict(who="ours-fast", rho=0.0)),
+        ("Captum TracInCPFast (final layer)", dict(who="captum-fast")),
     ]
     if not args.skip_loop:
         who.append(("Captum TracInCP default loop", dict(who="captum-loop")))
@@ -138,6 +150,7 @@ def main() -> None:
                 f"  {what:9s} {label}: {r['seconds']:.1f} s, peak {r['peak_mb']:.0f} MB", flush=True
             )
     hooks = "Captum TracInCP hooks (sample_wise_grads_per_batch)"
+    fast = "Captum TracInCPFast (final layer)"
     n_params = sum(p.numel() for p in cnn().parameters())
     print(f"machine: {machine()}")
     print(
@@ -146,7 +159,7 @@ def main() -> None:
     )
     rows = []
     for (what, label), r in results.items():
-        ref = results[what, hooks]
+        ref = results[what, fast if "Fast" in label else hooks]
         rows.append(
             (
                 what, label, f"{r['seconds']:.1f}", f"{ref['seconds'] / r['seconds']:.2f}x",
@@ -155,15 +168,23 @@ def main() -> None:
             )
         )  # fmt: skip
     header = (
-        "call", "path", "wall s", "wall vs hooks", "CPU s", "CPU vs hooks", "peak MB",
+        "call", "path", "wall s", "wall vs Captum", "CPU s", "CPU vs Captum", "peak MB",
         "added MB",
     )  # fmt: skip
     print(table(rows, header))
+    print(
+        "Captum column: Captum TracInCPFast for the final-layer rows, Captum TracInCP hooks "
+        "for the others"
+    )
     for what in ("self", "influence"):
-        ours = torch.tensor(results[what, "SAMTracInCP rho=0"]["scores"])
-        theirs = torch.tensor(results[what, hooks]["scores"])
-        rel = float((ours - theirs).abs().max() / theirs.abs().max())
-        print(f"{what}: rho=0 vs Captum hooks, max difference / max |score| = {rel:.1e}")
+        for ours_label, ref in (
+            ("SAMTracInCP rho=0", hooks),
+            ("SAMTracInCPFast rho=0 (final layer)", fast),
+        ):
+            ours = torch.tensor(results[what, ours_label]["scores"])
+            theirs = torch.tensor(results[what, ref]["scores"])
+            rel = float((ours - theirs).abs().max() / theirs.abs().max())
+            print(f"{what}: {ours_label} vs {ref}, max difference / max |score| = {rel:.1e}")
         proj = next(k for k in results if k[0] == what and "projection" in k[1])
         exact = torch.tensor(results[what, "SAMTracInCP rho=0.05"]["scores"]).flatten()
         approx = torch.tensor(results[proj]["scores"]).flatten()

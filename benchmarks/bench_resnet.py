@@ -19,6 +19,10 @@ process, so its peak resident memory is its own; a warm-up call on one batch fir
 * ``gif-influence-proj`` / ``gif-self-proj``: ``gif-influence`` / ``gif-self`` with
   ``projection_dim=2048`` (per layer from the factors, Kronecker style, BatchNorm
   parameters by a dense Gaussian);
+* ``fast-self`` / ``fast-self-rho0`` / ``captum-fast-self`` / ``fast-influence`` /
+  ``captum-fast-influence``: the final layer's weight only, ``SAMTracInCPFast`` (rho 0.05
+  with the perturbation of every parameter, as training made it, and rho 0) against
+  Captum's ``TracInCPFast`` (reducing loss, same batch size);
 * ``hif-fast-ekfac``: ``SAMInfluenceFunction(variant="fast", curvature="ekfac")`` on the
   convolution and linear layers (K-FAC has no BatchNorm factors: they are refused by
   name), set-up (factors and eigen-corrections over the training set) plus influence
@@ -54,6 +58,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 ROWS = (
     "gif-self", "gif-influence", "gif-self-layers", "gif-self-layers-rho0", "captum-self-layers",
     "hif-fast-ekfac", "hif-fast-ekfac-sampled", "gif-influence-proj", "gif-self-proj",
+    "fast-self", "fast-self-rho0", "captum-fast-self", "fast-influence", "captum-fast-influence",
 )  # fmt: skip
 
 
@@ -93,9 +98,9 @@ def write_checkpoints(directory: str, count: int) -> list[str]:
 
 def measure(spec: dict) -> dict:
     """One row in this process: seconds, CPU seconds, peak and added MB, a score summary."""
-    from captum.influence import TracInCP
+    from captum.influence import TracInCP, TracInCPFast
 
-    from captum_sam import SAMInfluenceFunction, checkpoints_load_func
+    from captum_sam import SAMInfluenceFunction, SAMTracInCPFast, checkpoints_load_func
     from captum_sam.gif.tracincp import SAMTracInCP
 
     train, test = data(spec["n_train"], 0), data(spec["n_test"], 1)
@@ -104,6 +109,18 @@ def measure(spec: dict) -> dict:
     layers = kernel_layers(resnet())
 
     def call(train: TensorDataset, test: TensorDataset) -> torch.Tensor:
+        if "fast-" in row and not row.startswith("hif"):  # the final layer's weight only
+            model, total = resnet(), nn.CrossEntropyLoss(reduction="sum")
+            if row.startswith("captum"):
+                est = TracInCPFast(model, model.fc, train, ckpts, checkpoints_load_func,
+                                   loss_fn=total, batch_size=bs)  # fmt: skip
+            else:
+                est = SAMTracInCPFast(model, model.fc, train, ckpts, loss_fn=total,
+                                      batch_size=bs, rho=0.0 if row.endswith("rho0") else 0.05,
+                                      batchnorm_tolerance=None)  # fmt: skip
+            return (
+                est.influence(test.tensors) if row.endswith("influence") else est.self_influence()
+            )
         if row.startswith("gif"):
             est = SAMTracInCP(resnet(), train, ckpts, loss_fn=none, batch_size=bs,
                               rho=0.0 if row.endswith("rho0") else 0.05,
@@ -184,6 +201,17 @@ def main() -> None:
             f"rho = 0 on the same layers: Captum time / ours {ratio:.2f}x; max difference / "
             f"max |score| {diff:.1e}"
         )
+    for ours, theirs in (("fast-self-rho0", "captum-fast-self"),
+                         ("fast-self", "captum-fast-self"),
+                         ("fast-influence", "captum-fast-influence")):  # fmt: skip
+        if ours in results and theirs in results:
+            a, b = (torch.tensor(results[k]["scores"]) for k in (ours, theirs))
+            diff = float((a - b).abs().max() / b.abs().max())
+            ratio = results[theirs]["seconds"] / results[ours]["seconds"]
+            print(
+                f"{ours} vs {theirs}: Captum time / ours {ratio:.2f}x; max difference / "
+                f"max |score| {diff:.1e}"
+            )
     if "gif-self-layers" in results and "captum-self-layers" in results:
         ours = torch.tensor(results["gif-self-layers"]["scores"])
         theirs = torch.tensor(results["captum-self-layers"]["scores"])

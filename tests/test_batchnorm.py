@@ -19,7 +19,13 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import TensorDataset
 
-from captum_sam import SAMTracInCP, train_sam
+from captum_sam import (
+    ExactNearestNeighbors,
+    SAMTracInCP,
+    SAMTracInCPFast,
+    SAMTracInCPFastRandProj,
+    train_sam,
+)
 from captum_sam.core.checkpoints import read_checkpoint
 from captum_sam.trajectory import load_trajectory
 from tests.helpers import DTYPE, bn_model, ce_loss, make_data, save_checkpoint
@@ -381,3 +387,26 @@ def test_the_hessian_family_warns_and_refuses_batch(tmp_path, cls):
     assert _model_state(model)[0] == flags
     for k, v in _model_state(model)[1].items():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["fast", "rand_proj"])
+def test_final_layer_estimators_check_the_batchnorm_gap(lin, tmp_path, kind):
+    """``SAMTracInCPFast`` / ``...RandProj`` warn like ``SAMTracInCP`` and accept ``None``."""
+    cls = SAMTracInCPFast if kind == "fast" else SAMTracInCPFastRandProj
+    extra = {} if kind == "fast" else {"nearest_neighbors": ExactNearestNeighbors()}
+    path = save_checkpoint(lin["model"], tmp_path / "c.pt")
+    model, data = lin["model"], lin["data"]
+
+    def build(tolerance):
+        return cls(model, "fc2", data, [path], loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+                   batch_size=5, batchnorm_tolerance=tolerance, **extra)  # fmt: skip
+
+    with pytest.warns(UserWarning, match=r"BatchNorm: at checkpoint .*relative difference"):
+        build(1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = build(None)
+    with pytest.raises(ValueError, match="`batchnorm_tolerance`"):
+        build(-1.0)
+    test = (lin["test"][0], lin["test"][1])
+    torch.testing.assert_close(quiet.influence(test), build(1e6).influence(test))

@@ -78,6 +78,11 @@ class SAMTracInCPFast(SAMTracInBase):
         perturbation_scope: ``"trainable"`` (default, the training's perturbation) or
             ``"attributed"`` (the final layer's weight alone, an approximation).
         test_at_perturbed: Take the test gradient at the perturbed weights too.
+        batchnorm_tolerance: For models with BatchNorm (whose gradients here are taken
+            with the running statistics, as :class:`~captum_sam.SAMTracInCP`'s
+            ``batchnorm="eval"``): warn (``UserWarning``) at every checkpoint where the
+            mean loss in eval mode and in train mode differ by more than this fraction,
+            on up to four training batches; ``None`` skips the check.
 
     Where the gradients are taken: the test example's at :math:`w_c`, the training
     example's at :math:`w_c + \epsilon_c`, both with respect to the final layer's
@@ -102,6 +107,7 @@ class SAMTracInCPFast(SAMTracInBase):
         perturbation_dataset: Dataset | DataLoader | None = None,
         perturbation_scope: str = "trainable",
         test_at_perturbed: bool = False,
+        batchnorm_tolerance: float | None = 0.1,
     ) -> None:
         self._captum_init(
             model, train_dataset, checkpoints,
@@ -115,8 +121,9 @@ class SAMTracInCPFast(SAMTracInBase):
         self.final_fc_layer = module
         self.vectorize = vectorize
         options = GIFOptions(
-            perturbation, perturbation_dataset, perturbation_scope, test_at_perturbed
-        )
+            perturbation, perturbation_dataset, perturbation_scope, test_at_perturbed,
+            batchnorm_tolerance=batchnorm_tolerance,
+        )  # fmt: skip
         self._engines = build_engines(
             self, train_dataset, [name], True,  # Captum's TracInCPFast: reducing losses only
             options, PERTURBATIONS, self._checkpoint_terms,

@@ -92,6 +92,8 @@ class SAMTracInCPFastRandProj(SAMTracInCPFast):
         perturbation: ``"dataset"`` or ``"example"``.
         perturbation_dataset: Data for the ``"dataset"`` perturbation.
         perturbation_scope: ``"trainable"`` or ``"attributed"``.
+        batchnorm_tolerance: The BatchNorm eval/train loss check of
+            :class:`~captum_sam.SAMTracInCPFast` (``None`` skips it).
 
     Where the gradients are taken: test embeddings at :math:`w_c`, training embeddings
     at :math:`w_c + \epsilon_c` with :math:`\epsilon_c` over every trainable parameter
@@ -121,12 +123,13 @@ class SAMTracInCPFastRandProj(SAMTracInCPFast):
         perturbation: str = "dataset",
         perturbation_dataset: Dataset | DataLoader | None = None,
         perturbation_scope: str = "trainable",
+        batchnorm_tolerance: float | None = 0.1,
     ) -> None:
         super().__init__(
             model, final_fc_layer, train_dataset, checkpoints, checkpoints_load_func,
             loss_fn, batch_size, test_loss_fn, vectorize, rho=rho, adaptive=adaptive,
             perturbation=perturbation, perturbation_dataset=perturbation_dataset,
-            perturbation_scope=perturbation_scope,
+            perturbation_scope=perturbation_scope, batchnorm_tolerance=batchnorm_tolerance,
         )  # fmt: skip
         if perturbation != "dataset":
             raise ValueError(
