@@ -11,6 +11,7 @@ from torch.utils.data import TensorDataset
 from captum_sam import load_trajectory, train_sam
 from captum_sam.applications import influence_scores
 from captum_sam.gif.tracincp import SAMTracInCP
+from captum_sam.hif import sides, site_groups
 from captum_sam.hif.influence import SAMInfluenceFunction
 from tests.helpers import DTYPE, BatchCentred, ce_loss, make_data, mlp_model, save_checkpoint
 
@@ -97,6 +98,23 @@ def compute(run_dir):
         )  # fmt: skip
         out[f"{curvature}_{variant}"] = kfac.influence(test)
         out[f"{curvature}_{variant}_damping"] = torch.tensor(list(kfac.damping_used.values()))
+    # over the test-row budget, EK-FAC scores a group of layers per pass
+    budget = sides.TEST_BUDGET_BYTES
+    sides.TEST_BUDGET_BYTES = kfac.operator.dim * len(test[1]) * 8 // 2
+    try:
+        plan = site_groups.plan(kfac, test, sides.TEST_BUDGET_BYTES)
+        out["kfac_full_groups"] = torch.tensor(len(plan or []))
+        kfac = SAMInfluenceFunction(
+            model, train, run_dir, loss_fn=ce_loss(), batch_size=4, rho=0.1, damping=None,
+            variant="fast", curvature="ekfac", projection_dim=None, hessian_reg=0.0,
+            hessian_inverse_tol=None,
+        )  # fmt: skip
+        plan = site_groups.plan(kfac, test, sides.TEST_BUDGET_BYTES)
+        out["ekfac_fast_groups"] = torch.tensor(len(plan or []))
+        out["ekfac_fast_by_layers"] = kfac.influence(test)
+        out["ekfac_fast_by_layers_top"] = kfac.influence(test, k=2).indices
+    finally:
+        sides.TEST_BUDGET_BYTES = budget
     return out
 
 
@@ -138,6 +156,8 @@ def test_sharded_results_equal_single_process(tmp_path, world):
     torch.testing.assert_close(single["gif_self_fresh_True"], single["gif_self"])
     assert single["hif_dense_factored"] == 1 and single["hif_dense_products_factored"] == 0
     assert single["centred_hif_factored"] == 0
+    assert single["kfac_full_groups"] == 0 and single["ekfac_fast_groups"] >= 2
+    torch.testing.assert_close(single["ekfac_fast_by_layers"], single["ekfac_fast"])
     for key in ("", "_scores", "_change", "_self"):
         torch.testing.assert_close(single[f"hif_dense{key}"], single[f"hif_dense_products{key}"])
     mp.spawn(worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)

@@ -730,6 +730,68 @@ def test_hif_test_groups_are_filled_exactly(tmp_path, monkeypatch):
     assert len(passes) == 2
 
 
+@pytest.mark.parametrize(
+    "variant,curvature", [("fast", "ekfac"), ("plain", "kfac"), ("fast", "kfac")]
+)
+def test_hif_kronecker_influence_in_layer_groups_equals_all_at_once(
+    tmp_path, monkeypatch, variant, curvature
+):
+    """With a direct Kronecker inverse over the test-row budget, influence takes groups of
+    layers (every test row, a slice of rows for a layer too large alone), one pass over
+    the training data per group taking that group's layer factors only: the scores and
+    top-k of one group."""
+    from captum_sam.core.layers import sites as layer_sites
+    from captum_sam.hif import sides, site_groups
+
+    x, y = cnn_data(11, 5)
+    xt, yt = cnn_data(10, 6)
+    model = built(BatchNormCNN(), x.float())
+    path = checkpoints(model, tmp_path, count=1)[0][0]
+    est = hif(model, TensorDataset(x, y), path, variant=variant, curvature=curvature,
+              layers=["0", "3", "6", "9"])  # fmt: skip
+    want, want_top = est.influence((xt, yt)), est.influence((xt, yt), k=3)
+    # float64 rows of 10 test examples: layer 9 1680 bytes, 6 13440, 3 8880, 0 8640
+    monkeypatch.setattr(sides, "TEST_BUDGET_BYTES", 10000)
+    groups = site_groups.plan(est, (xt, yt), sides.TEST_BUDGET_BYTES)
+    assert [(g.names, g.rows) for g in groups] == [
+        (["9.weight", "9.bias"], (0, 10)),
+        (["6.weight", "6.bias"], (0, 7)),
+        (["6.weight", "6.bias"], (7, 10)),
+        (["3.weight", "3.bias"], (0, 10)),
+        (["0.weight"], (0, 10)),
+    ]
+    taken, passes = [], []
+    factors, score = layer_sites.layer_factors, sides.score_blocks
+
+    def spied(loss, params, batch, sites):
+        taken.append((sorted(params), [s.weight for s in sites]))
+        return factors(loss, params, batch, sites)
+
+    def counted(est_, q, batches, group=None):
+        passes.append(None if group is None else group.names)
+        yield from score(est_, q, batches, group)
+
+    monkeypatch.setattr(layer_sites, "layer_factors", spied)
+    monkeypatch.setattr(sides, "score_blocks", counted)
+    torch.testing.assert_close(est.influence((xt, yt)), want, rtol=1e-10, atol=1e-12)
+    assert passes == [g.names for g in groups]
+    # every pass (test and training side) differentiates its group's parameters only
+    assert {tuple(names) for names, _ in taken} == {tuple(sorted(g.names)) for g in groups}
+    top = est.influence(DataLoader(TensorDataset(xt, yt), batch_size=4), k=3)
+    torch.testing.assert_close(top.influence_scores, want_top.influence_scores, rtol=1e-10,
+                               atol=1e-12)  # fmt: skip
+    assert torch.equal(top.indices, want_top.indices)
+    # rows that may come in another order each pass: groups of rows instead
+    shuffled = DataLoader(TensorDataset(xt, yt), batch_size=4, shuffle=True)
+    assert site_groups.plan(est, shuffled, sides.TEST_BUDGET_BYTES) is None
+    own_order = DataLoader(TensorDataset(xt, yt), batch_sampler=[[9, 0, 1], list(range(2, 9))])
+    assert site_groups.plan(est, own_order, sides.TEST_BUDGET_BYTES) is None
+    passes.clear()
+    agg = est.influence((xt, yt), aggregate=True)  # one summed row: one pass, every layer
+    torch.testing.assert_close(agg, want.sum(0, keepdim=True), rtol=1e-10, atol=1e-12)
+    assert passes == [None]
+
+
 class HeldProjection(nn.Module):
     """A linear layer after a matrix the module holds itself (not given to functional_call)."""
 

@@ -40,7 +40,7 @@ from captum_sam.core.store import (
     projection_setting,
     save_quantities,
 )
-from captum_sam.hif import dense, kfac_solve, sides
+from captum_sam.hif import dense, kfac_solve, sides, site_groups
 from captum_sam.hif.damping import (
     AUTO,
     AutoDamping,
@@ -277,28 +277,40 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
         """``(n_test, batch)`` score blocks over the training batches, in order.
 
         Test rows above :data:`~captum_sam.hif.sides.TEST_BUDGET_BYTES` are taken in
-        groups, one pass over the training data per group (one block of every score).
+        groups, one pass over the training data per group (one block of every score):
+        groups of layers with a direct Kronecker inverse
+        (:mod:`~captum_sam.hif.site_groups`), of rows otherwise.
         """
+        budget = sides.TEST_BUDGET_BYTES
+        plan = None
+        if not aggregate and self._cache is None:
+            plan = site_groups.plan(self, inputs, budget)
+        if plan is not None:
+            yield site_groups.scores(self, inputs, plan, lambda: self._train_batches(desc))
+            return
         groups = [
             self._train_blocks(q, desc)
-            for q in sides.test_row_groups(self, inputs, aggregate, sides.TEST_BUDGET_BYTES)
+            for q in sides.test_row_groups(self, inputs, aggregate, budget)
         ]
         if len(groups) == 1:
             yield from groups[0]
         else:
             yield torch.cat([torch.cat(blocks, 1) for blocks in groups])
 
-    def _train_blocks(self, q: Tensor, desc: str | None) -> list[Tensor]:
-        """Blocks of the test rows ``q`` ``(m, width)`` over the training data."""
-        if self._cache is not None:
-            return self._cache.scores(q)
-        bar = progress(
+    def _train_batches(self, desc: str | None) -> Iterable[tuple[int, tuple[Any, ...]]]:
+        """This rank's numbered training batches, with a progress bar when ``desc``."""
+        return progress(
             local_batches(self.train_dataloader, self.device),
             desc is not None,
             desc or "",
             total=_length(self.train_dataloader),
         )
-        blocks = list(sides.score_blocks(self, q, bar))
+
+    def _train_blocks(self, q: Tensor, desc: str | None) -> list[Tensor]:
+        """Blocks of the test rows ``q`` ``(m, width)`` over the training data."""
+        if self._cache is not None:
+            return self._cache.scores(q)
+        blocks = list(sides.score_blocks(self, q, self._train_batches(desc)))
         return gather_ordered(blocks)
 
     def _influence(  # type: ignore[override]

@@ -146,21 +146,22 @@ class KroneckerCurvature:
         cheaper than forming it and rotating the matrix (:math:`d_{out} w (d_{out} + w)`):
         few positions and wide inputs, e.g. the last convolutions of a ResNet.
         """
-        out = []
-        for i, v in enumerate(blocks):
-            ref = v[0] if isinstance(v, tuple) else v
-            qs, qa = self.qs[i].to(ref), self.qa[i].to(ref)
-            if not isinstance(v, tuple):
-                rotated = qs.T @ v @ qa
+        return self.join([self._apply_block(i, v, scale) for i, v in enumerate(blocks)])
+
+    def _apply_block(self, i: int, v: Block, scale: Callable[[int, Tensor], Tensor]) -> Tensor:
+        """Block ``i`` of :meth:`_apply_blocks`: ``(m, d_out, width)``."""
+        ref = v[0] if isinstance(v, tuple) else v
+        qs, qa = self.qs[i].to(ref), self.qa[i].to(ref)
+        if not isinstance(v, tuple):
+            rotated = qs.T @ v @ qa
+        else:
+            c, d = v
+            o, w = qs.shape[0], qa.shape[0]
+            if c.shape[-2] * (o * o + w * w) < o * w * (o + w):
+                rotated = (d @ qs).mT @ (c @ qa)
             else:
-                c, d = v
-                o, w = qs.shape[0], qa.shape[0]
-                if c.shape[-2] * (o * o + w * w) < o * w * (o + w):
-                    rotated = (d @ qs).mT @ (c @ qa)
-                else:
-                    rotated = qs.T @ (d.mT @ c) @ qa
-            out.append(qs @ (scale(i, self.values[i].to(ref)) * rotated) @ qa.T)
-        return self.join(out)
+                rotated = qs.T @ (d.mT @ c) @ qa
+        return qs @ (scale(i, self.values[i].to(ref)) * rotated) @ qa.T
 
     # ------------------------------------------------------------------ products
 
@@ -205,6 +206,13 @@ class KroneckerCurvature:
         is rotated from its factors, never formed.
         """
         return self._apply_blocks(blocks, self._inverse(shift, tol))
+
+    def solve_some(
+        self, which: Sequence[int], blocks: Sequence[Block], shift: Tensor, tol: float | None = None
+    ) -> list[Tensor]:
+        """:meth:`solve_blocks` of the blocks ``which`` alone: their ``(m, d_out, width)``."""
+        scale = self._inverse(shift, tol)
+        return [self._apply_block(i, v, scale) for i, v in zip(which, blocks)]
 
     def matrix(self) -> Tensor:
         """:math:`K` as a dense ``(P, P)`` matrix (for checks on small models)."""

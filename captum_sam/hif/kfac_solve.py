@@ -153,6 +153,10 @@ class KroneckerInverse:
         """
         return self.curvature.solve_blocks(blocks, self.shift, self.tol)
 
+    def solve_some(self, which: Sequence[int], blocks: Sequence[Block]) -> list[Tensor]:
+        """:meth:`solve_blocks` of the blocks ``which`` alone, as ``(m, d_out, width)``."""
+        return self.curvature.solve_some(which, blocks, self.shift, self.tol)
+
 
 class PreconditionedSolver:
     r""":math:`A^{-1}` and :math:`A^{-\top}` by a Krylov method, right-preconditioned.

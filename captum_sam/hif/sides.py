@@ -64,13 +64,18 @@ TRAIN_HELD_BYTES = 1 << 26
 their products with the test rows are taken (the test rows are read once per holding)."""
 
 
+FORMED_ROWS = 16
+"""Fewest training examples whose formed gradients are multiplied with the test rows at
+once: fewer make the product memory-bound (the test rows are read once per product)."""
+
+
 def gradients(est: Any, batch: tuple[Any, ...], loss: F.FunctionalLoss, point: F.Params) -> Tensor:
     r"""Per-example gradients ``(B, P)`` of ``loss`` at ``point``.
 
     Formed from layer factors (one batched forward/backward pass, then
     :math:`G_i = \sum_t d_{it} a_{it}^\top` per layer) when every attributed parameter
     sits in a layer site and the factors reproduced ``vmap`` on the first batch of this
-    loss (:func:`_factored_sites`); otherwise ``vmap(grad(...))``.
+    loss (:func:`factored_sites`); otherwise ``vmap(grad(...))``.
     """
     return _gradients_from(est, _site_factors(est, loss, point, batch), batch, loss, point)
 
@@ -85,7 +90,7 @@ def _gradients_from(
     """:func:`gradients` given the batch's layer factors (``None``: by ``vmap``)."""
     if factors is not None:  # each site's gradients written into one (B, P) block
         site_list = est._grad_sites
-        offsets = _offsets(est.names, point)
+        offsets = column_offsets(est.names, point)
         ref = point[est.names[0]]
         out = ref.new_empty(batch_size(batch), est.operator.dim)
         while factors:
@@ -105,9 +110,9 @@ def _site_factors(
     """Per site of ``est._grad_sites`` its factors ``(a, d)`` of ``batch``, or ``None``.
 
     ``None`` when per-example gradients are not to be formed from factors (see
-    :func:`_factored_sites`) or this batch cannot give them.
+    :func:`factored_sites`) or this batch cannot give them.
     """
-    site_list = _factored_sites(est, loss, point, batch)
+    site_list = factored_sites(est, loss, point, batch)
     if site_list is None:
         return None
     try:
@@ -116,7 +121,7 @@ def _site_factors(
         return None
 
 
-def _offsets(names: list[str], point: F.Params) -> dict[str, tuple[int, int]]:
+def column_offsets(names: list[str], point: F.Params) -> dict[str, tuple[int, int]]:
     """Each parameter's columns ``(start, end)`` in a flat ``P``-wide row."""
     out, start = {}, 0
     for name in names:
@@ -125,7 +130,7 @@ def _offsets(names: list[str], point: F.Params) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _factored_sites(
+def factored_sites(
     est: Any, loss: F.FunctionalLoss, point: F.Params, batch: tuple[Any, ...]
 ) -> list[layer_sites.Site] | None:
     """The layer sites when per-example gradients may be formed from factors, else ``None``.
@@ -200,7 +205,7 @@ def _transform(est: Any, grads: Tensor, what: str) -> Tensor:
 
 
 def score_blocks(
-    est: Any, q: Tensor, batches: Iterable[tuple[int, tuple[Any, ...]]]
+    est: Any, q: Tensor, batches: Iterable[tuple[int, tuple[Any, ...]]], group: Any = None
 ) -> Iterator[tuple[int, Tensor]]:
     r"""``(i, q @ train_rows(batch_i).T)`` for every ``(i, batch_i)``, in order.
 
@@ -211,32 +216,53 @@ def score_blocks(
     gradients are formed and multiplied with the site's columns of ``q``. No ``(B, P)``
     block is written, and ``q`` is read once per holding instead of once per batch
     (the product is memory-bound when ``q`` is large). The same numbers otherwise.
+
+    ``group``: a :class:`~captum_sam.hif.site_groups.SiteGroup`; ``q`` then holds its
+    columns only, and only its layers' factors are taken (the other parameters held
+    constant).
     """
-    low_rank = isinstance(est.inverse, LowRankInverse)
-    rows_only = est.variant != "exact" and est.sketch is None and not low_rank
     op = est.operator
     loss, point = op.loss_at(op.point), op.point
-    offsets = _offsets(est.names, point)
+    if group is None:
+        low_rank = isinstance(est.inverse, LowRankInverse)
+        rows_only = est.variant != "exact" and est.sketch is None and not low_rank
+        site_list, offsets = est._grad_sites, column_offsets(est.names, point)
+
+        def take(batch: tuple[Any, ...]) -> list[tuple[Tensor, Tensor]] | None:
+            return _site_factors(est, loss, point, batch) if rows_only else None
+
+        def rows_of(batch: tuple[Any, ...]) -> Tensor:
+            return train_rows(est, batch)
+    else:
+        site_list, offsets = group.sites, column_offsets(group.names, point)
+        held_loss, held_point = group.restrict(loss, point)
+
+        def take(batch: tuple[Any, ...]) -> list[tuple[Tensor, Tensor]] | None:
+            return group.factors(held_loss, held_point, batch)
+
+        def rows_of(batch: tuple[Any, ...]) -> Tensor:
+            return group.columns(gradients(est, batch, loss, point), est.names, point)
+
     pending: list[tuple[int, int, list[layer_products.Entry]]] = []
     held = 0
     for i, batch in batches:
         with batch_context("train_dataset", i):
-            factors = _site_factors(est, loss, point, batch) if rows_only else None
+            factors = take(batch)
             if factors is None:
-                rows = train_rows(est, batch)
+                rows = rows_of(batch)
         if factors is None:
-            yield from _flush(est._grad_sites, offsets, q, pending)
+            yield from _flush(site_list, offsets, q, pending)
             pending, held = [], 0
             yield i, q @ rows.T.to(q)
             continue
-        entries = [_smaller(e, site) for e, site in zip(factors, est._grad_sites)]
+        entries = [_smaller(e, site) for e, site in zip(factors, site_list)]
         del factors
         pending.append((i, batch_size(batch), entries))
         held += layer_products.entry_floats(entries) * q.element_size()
         if held >= TRAIN_HELD_BYTES:
-            yield from _flush(est._grad_sites, offsets, q, pending)
+            yield from _flush(site_list, offsets, q, pending)
             pending, held = [], 0
-    yield from _flush(est._grad_sites, offsets, q, pending)
+    yield from _flush(site_list, offsets, q, pending)
 
 
 def _smaller(entry: tuple[Tensor, Tensor], site: layer_sites.Site) -> layer_products.Entry:
@@ -254,25 +280,46 @@ def _flush(
     q: Tensor,
     pending: list[tuple[int, int, list[layer_products.Entry]]],
 ) -> Iterator[tuple[int, Tensor]]:
-    """The score blocks of the held batches: per site, form and multiply once."""
+    """The score blocks of the held batches: per site, form and multiply.
+
+    A site's gradients are formed for at most :data:`TRAIN_HELD_BYTES` of them (but at
+    least :data:`FORMED_ROWS` examples) at a time: the factors of a wide layer with few
+    positions, a ResNet's last convolutions, are far smaller than its formed gradients.
+    """
     if not pending:
         return
-    total = q.new_zeros(len(q), sum(count for _, count, _ in pending))
+    count = sum(c for _, c, _ in pending)
+    total = q.new_zeros(len(q), count)
     for s, site in enumerate(site_list):
         column = [entries[s] for _, _, entries in pending]
         for _, _, entries in pending:
             entries[s] = None  # type: ignore[call-overload]
-        formed = layer_products.form(_joined(column, site), site)
+        joined = _joined(column, site)
         del column
-        for name, grads in zip((site.weight, site.bias), formed):
-            if name is not None:
-                lo, hi = offsets[name]
-                total.addmm_(q[:, lo:hi], grads.reshape(len(grads), -1).T.to(q))
-        del formed
+        formed_floats = site.d_out * (1 if site.diagonal else site.d_in) + site.d_out
+        step = max(FORMED_ROWS, TRAIN_HELD_BYTES // (formed_floats * q.element_size()))
+        for lo in range(0, count, step):
+            hi = min(count, lo + step)
+            formed = layer_products.form(_rows_of(joined, lo, hi), site)
+            for name, grads in zip((site.weight, site.bias), formed):
+                if name is not None:
+                    a, b = offsets[name]
+                    total[:, lo:hi].addmm_(q[:, a:b], grads.reshape(hi - lo, -1).T.to(q))
+            del formed
+        del joined
     lo = 0
-    for i, count, _ in pending:
-        yield i, total[:, lo : lo + count]
-        lo += count
+    for i, c, _ in pending:
+        yield i, total[:, lo : lo + c]
+        lo += c
+
+
+def _rows_of(entry: layer_products.Entry, lo: int, hi: int) -> layer_products.Entry:
+    """Examples ``lo:hi`` of an entry (factors or formed)."""
+    if lo == 0 and hi == layer_products.row_count([entry]):
+        return entry
+    if isinstance(entry, layer_products.Formed):
+        return layer_products.Formed(*(None if t is None else t[lo:hi] for t in entry))
+    return entry[0][lo:hi], entry[1][lo:hi]
 
 
 def _joined(column: list[layer_products.Entry], site: layer_sites.Site) -> layer_products.Entry:
@@ -293,13 +340,13 @@ def test_rows(est: Any, batch: tuple[Any, ...], loss: F.FunctionalLoss, what: st
     """
     params = est.operator.params
     factors = _site_factors(est, loss, params, batch)  # once: solved or formed from them
-    index = None if factors is None else _kronecker_index(est)
+    index = None if factors is None else kronecker_index(est)
     if index is not None:
         return _sketch(est, _solve_factored(est, index, factors))  # type: ignore[arg-type]
     return _transform(est, _gradients_from(est, factors, batch, loss, params), what)
 
 
-def _kronecker_index(est: Any) -> list[int] | None:
+def kronecker_index(est: Any) -> list[int] | None:
     """For each block of a direct Kronecker inverse, its site in ``est._grad_sites``.
 
     ``None`` unless the inverse is a :class:`~captum_sam.hif.kfac_solve.KroneckerInverse`
