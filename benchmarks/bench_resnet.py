@@ -33,9 +33,9 @@ process, so its peak resident memory is its own; a warm-up call on one batch fir
 
 Issue 15's target: each of SAM-GIF (3 checkpoints) and SAM-HIF(Fast) EK-FAC under 10
 minutes and 4 GB on 2 CPU cores at n 2000 and 100 test examples. For EK-FAC,
-``--test-budget-gib`` sets how many solved test rows (45 MB each) are held, hence how
-many passes over the training data ``influence`` makes (``--test-budget-gib 1.42``:
-three; the library's default 1 GiB: five).
+``--test-budget-gib`` sets how much of the solved test rows (45 MB each, 4.5 GB in all)
+is held at once, hence how many passes over the training data ``influence`` makes
+(each over a group of layers; the library's default is 1 GiB).
 """
 
 from __future__ import annotations
