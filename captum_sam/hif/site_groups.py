@@ -104,9 +104,11 @@ def plan(est: Any, inputs: Any, budget: int) -> list[SiteGroup] | None:
         return None  # one group of rows: one pass
     op = est.operator
     first_train = next(iter(on_device(est.train_dataloader, est.device)), None)
-    first_test = next(iter(on_device(as_loader(inputs, est.batch_size, ""), est.device)))
+    data = as_loader(inputs, est.batch_size, "inputs_dataset")
+    first_test = next(iter(on_device(data, est.device)))
     if first_train is None:
         return None
+    validate_batch(est._test_loss, op.params, first_test, "inputs_dataset", run_loss=True)
     if sides.factored_sites(est, op.loss_at(op.point), op.point, first_train) is None:
         return None
     if sides.factored_sites(est, est._test_loss, op.params, first_test) is None:
@@ -157,13 +159,14 @@ def scores(
     ``train_batches()``: the (local, numbered) training batches of one pass.
     """
     data = as_loader(inputs, est.batch_size, "inputs_dataset")
+    n_test = max(group.rows[1] for group in groups)
     total: Tensor | None = None
     for g, group in enumerate(groups):
         q = _test_rows(est, data, group, validate=g == 0)
         blocks = gather_ordered(list(sides.score_blocks(est, q, train_batches(), group)))
         part = torch.cat(blocks, dim=1)
         if total is None:
-            total = part.new_zeros(max(g.rows[1] for g in groups), part.shape[1])
+            total = part.new_zeros(n_test, part.shape[1])
         total[group.rows[0] : group.rows[1]] += part
         del q, blocks, part
     assert total is not None
