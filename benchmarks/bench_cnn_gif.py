@@ -1,6 +1,7 @@
 """SAM-GIF on a small CNN vs Captum's TracInCP: time and peak memory, measured in one run.
 
     python benchmarks/bench_cnn_gif.py [--n-train 2000] [--n-test 100] [--checkpoints 3]
+        [--skip-loop] [--merge-budgets-mib 256 ...]
 
 CIFAR-shaped random data (3x32x32, 10 classes), the CNN
 Conv2d(3, 32, 3, padding=1)-ReLU-MaxPool2d(2)-Flatten-Linear(8192, 10) in float32,
@@ -111,6 +112,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--projection-dim", type=int, default=256)
     p.add_argument("--skip-loop", action="store_true", help="skip Captum's default loop")
+    p.add_argument(
+        "--merge-budgets-mib", type=int, nargs="*", default=[],
+        help="extra self-influence rows with these MERGE_BUDGET_BYTES (MiB)",
+    )  # fmt: skip
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -126,6 +131,13 @@ def main() -> None:
         (
             "SAMTracInCP rho=0.05, MERGE_BUDGET_BYTES=0 (3 passes)",
             dict(who="ours", rho=0.05, merge_budget=0),
+        ),
+        *(
+            (
+                f"SAMTracInCP rho=0.05, MERGE_BUDGET_BYTES={mib} MiB",
+                dict(who="ours", rho=0.05, merge_budget=mib << 20),
+            )
+            for mib in args.merge_budgets_mib
         ),
         ("SAMTracInCP rho=0", dict(who="ours", rho=0.0)),
         (

@@ -23,6 +23,7 @@ from captum_sam.core.layers.linear_ggn import (
     ggn_product,
     linear_ggn,
 )
+from captum_sam.gif.factored_grads import FactoredGradients
 from captum_sam.gif.tracincp import SAMTracInCP
 from captum_sam.solvers import dense_matrix
 from tests.helpers import (
@@ -411,6 +412,43 @@ def test_merged_pass_progress_budget_fallback_and_no_leftover_hooks(run, monkeyp
         site.module in set(est.engines.loader.scratch.modules())
         for site in est.engines.factored.sites
     )
+
+
+def test_merged_self_influence_keeps_what_fits_and_recomputes_the_rest(run, monkeypatch):
+    """Over the budget, the batches that fit are kept (two passes) and only the others
+    are recomputed in the second pass; the scores are the same either way."""
+    from captum_sam.gif import checkpoint_form
+
+    ckpts = [c.path for c in run["traj"].checkpoints]
+
+    def make(**f):
+        return SAMTracInCP(
+            run["model"], run["data"], ckpts, loss_fn=ce_loss(), rho=0.2, batch_size=7, **f
+        )
+
+    ref = make(factorize=False).self_influence()
+    sizes, owns = [], []
+    real_nbytes, real_pair = checkpoint_form._nbytes, FactoredGradients.pair_dots
+
+    def nbytes(reps):
+        sizes.append(real_nbytes(reps))
+        return sizes[-1]
+
+    def pair_dots(self, terms, batch, own=None):
+        owns.append(own is not None)
+        return real_pair(self, terms, batch, own=own)
+
+    monkeypatch.setattr(checkpoint_form, "_nbytes", nbytes)
+    monkeypatch.setattr(FactoredGradients, "pair_dots", pair_dots)
+    torch.testing.assert_close(make().self_influence(), ref)
+    n_batches = -(-len(run["data"]) // 7)
+    assert owns == [True] * n_batches  # the default budget keeps every batch
+    x, y = run["data"].tensors
+    per_batch = [s + (x[:7].nbytes + y[:7].nbytes) for s in sizes]
+    sizes.clear(), owns.clear()
+    monkeypatch.setattr(checkpoint_form, "MERGE_BUDGET_BYTES", sum(per_batch[:2]))
+    torch.testing.assert_close(make().self_influence(), ref)
+    assert owns == [True, True] + [False] * (n_batches - 2)
 
 
 def test_kept_rows_of_merged_self_influence_share_one_buffer_per_tensor():

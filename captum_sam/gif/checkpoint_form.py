@@ -27,7 +27,8 @@ from captum_sam.gif.vmap_grads import VmapGradients
 
 __all__ = ["CheckpointForm", "MERGE_BUDGET_BYTES", "TEST_BUDGET_BYTES"]
 
-# factors at w kept between the two passes of merged self influence, at most (else 3 passes)
+# factors at w (and their batches) kept between the two passes of merged self influence,
+# at most: the batches that fit take two passes, the second pass recomputes the others
 MERGE_BUDGET_BYTES = 1 << 30
 # test rows of every checkpoint kept during influence, at most (else one checkpoint at a
 # time, one pass over the training data each)
@@ -165,10 +166,10 @@ class CheckpointForm:
         Applies when the perturbation is the mean gradient over the training set (the
         attributed parameters being the whole scope) and not yet known. The first
         pass takes the perturbation gradient from the layer factors at ``w`` (no
-        ``vmap``); when the kept factors of every local example fit in
-        :data:`MERGE_BUDGET_BYTES` they are kept, so self influence costs two passes
-        per checkpoint, otherwise the second pass recomputes them (three passes,
-        memory of one batch).
+        ``vmap``) and keeps the batches' factors at ``w`` (with the batches) for as
+        long as they fit in :data:`MERGE_BUDGET_BYTES`: self influence costs two
+        passes per checkpoint for the kept batches, and the second pass recomputes
+        the factors of the others (three passes for those, memory of one batch).
         """
         terms, points, factored = self.terms, self.points, self.factored
         if (
@@ -190,8 +191,8 @@ class CheckpointForm:
             f"Using {name} to compute self influence. Pass 1 of 2, processing batch",
             total=_length(train),
         )
-        usable, keep = True, True
-        store = _RowStore(n_train)
+        usable, keep, held = True, True, 0
+        store: _RowStore | None = None
         for i, batch in batches:
             if not count and not factored.applies(terms, batch):
                 usable = False
@@ -208,19 +209,24 @@ class CheckpointForm:
                     total[n][k] += g
                 fs.append(kept)
                 del f, summable
-            if not count and _nbytes(fs) * n_train / size > MERGE_BUDGET_BYTES:
-                keep = False  # sums only; the second pass recomputes the factors at w
-            count += size
+            nbytes = _nbytes(fs) + sum(t.numel() * t.element_size() for t in _batch_tensors(batch))
+            # a prefix of the batches is kept; the second pass recomputes the others
+            keep = keep and held + nbytes <= MERGE_BUDGET_BYTES
             if keep:
+                if store is None:  # room for what the budget allows, at most every row
+                    store = _RowStore(
+                        min(n_train, max(size, MERGE_BUDGET_BYTES * size // max(nbytes, 1)))
+                    )
                 stored.append((i, batch, store.put(fs, size)))
+                held += nbytes
+            count += size
         # every rank takes the same path (a rank may have no batch to decide on)
         refused = all_reduce_sum(torch.tensor([0.0 if usable else 1.0], dtype=torch.float64))
         if refused[0] > 0:
             return None
         points.store_dataset_eps(terms, total, count, "train_dataset")
-        again = ((i, b, None) for i, b in local_batches(train, self.device))
         second = progress(
-            stored if keep else again,
+            stored if keep else _kept_then_recomputed(stored, train, self.device),
             show_progress,
             f"Using {name} to compute self influence. Processing batch",
         )
@@ -229,6 +235,17 @@ class CheckpointForm:
             with batch_context("train_dataset", i):
                 out.append((i, factored.pair_dots(terms, b, own=fs)))
         return torch.cat(gather_ordered(out))
+
+
+def _kept_then_recomputed(
+    stored: list[tuple[int, Any, list[Rep]]], train: Any, device: torch.device
+) -> Iterator[tuple[int, Any, list[Rep] | None]]:
+    """The kept batches with their factors, then every other batch (factors ``None``)."""
+    yield from stored
+    kept = {i for i, _, _ in stored}
+    for i, b in local_batches(train, device):
+        if i not in kept:
+            yield i, b, None
 
 
 class _RowStore:
@@ -291,6 +308,17 @@ def _length(data: Any) -> int | None:
         return len(data)
     except TypeError:
         return None
+
+
+def _batch_tensors(batch: Any) -> list[Tensor]:
+    """The tensors a batch holds (a tensor, or a tuple/list/dict of them, nested)."""
+    if isinstance(batch, Tensor):
+        return [batch]
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (tuple, list)):
+        return [t for part in batch for t in _batch_tensors(part)]
+    return []
 
 
 def _nbytes(reps: list[Any]) -> int:
