@@ -416,7 +416,8 @@ def test_merged_pass_progress_budget_fallback_and_no_leftover_hooks(run, monkeyp
 
 def test_merged_self_influence_keeps_what_fits_and_recomputes_the_rest(run, monkeypatch):
     """Over the budget, the batches that fit are kept (two passes) and only the others
-    are recomputed in the second pass; the scores are the same either way."""
+    are recomputed in the second pass, unless fewer than MERGE_MIN_KEPT of the examples
+    fit (then none are kept); the scores are the same either way."""
     from captum_sam.gif import checkpoint_form
 
     ckpts = [c.path for c in run["traj"].checkpoints]
@@ -445,10 +446,12 @@ def test_merged_self_influence_keeps_what_fits_and_recomputes_the_rest(run, monk
     assert owns == [True] * n_batches  # the default budget keeps every batch
     x, y = run["data"].tensors
     per_batch = [s + (x[:7].nbytes + y[:7].nbytes) for s in sizes]
-    sizes.clear(), owns.clear()
-    monkeypatch.setattr(checkpoint_form, "MERGE_BUDGET_BYTES", sum(per_batch[:2]))
-    torch.testing.assert_close(make().self_influence(), ref)
-    assert owns == [True, True] + [False] * (n_batches - 2)
+    for kept, want in ((3, [True] * 3 + [False] * 2), (2, [False] * 5)):
+        # 21 of the 30 examples fit: three batches kept; 14 (< MERGE_MIN_KEPT): none
+        sizes.clear(), owns.clear()
+        monkeypatch.setattr(checkpoint_form, "MERGE_BUDGET_BYTES", sum(per_batch[:kept]))
+        torch.testing.assert_close(make().self_influence(), ref)
+        assert owns == want
 
 
 def test_kept_rows_of_merged_self_influence_share_one_buffer_per_tensor():
