@@ -444,8 +444,7 @@ def test_merged_self_influence_keeps_what_fits_and_recomputes_the_rest(run, monk
     torch.testing.assert_close(make().self_influence(), ref)
     n_batches = -(-len(run["data"]) // 7)
     assert owns == [True] * n_batches  # the default budget keeps every batch
-    x, y = run["data"].tensors
-    per_batch = [s + (x[:7].nbytes + y[:7].nbytes) for s in sizes]
+    per_batch = list(sizes)  # each batch's factors at w and its tensors
     for kept, want in ((3, [True] * 3 + [False] * 2), (2, [False] * 5)):
         # 21 of the 30 examples fit: three batches kept; 14 (< MERGE_MIN_KEPT): none
         sizes.clear(), owns.clear()

@@ -20,7 +20,13 @@ from captum_sam import core as F
 from captum_sam.core.data import batch_context, local_batches, progress
 from captum_sam.core.distributed import all_reduce_sum, gather_ordered
 from captum_sam.core.layers import products
-from captum_sam.gif.factored_grads import FactoredGradients, Rep, like_rows, put_rows
+from captum_sam.gif.factored_grads import (
+    FactoredGradients,
+    Rep,
+    like_rows,
+    put_rows,
+    rep_tensors,
+)
 from captum_sam.gif.points import WeightPoints
 from captum_sam.gif.terms import Term, check_finite_terms
 from captum_sam.gif.vmap_grads import VmapGradients
@@ -215,7 +221,8 @@ class CheckpointForm:
                     total[n][k] += g
                 fs.append(kept)
                 del f, summable
-            nbytes = _nbytes(fs) + sum(t.numel() * t.element_size() for t in _batch_tensors(batch))
+            # with the batch's tensors (a flat tuple, as core.losses.to_device has it)
+            nbytes = _nbytes([*fs, *(x for x in batch if isinstance(x, Tensor))])
             # a prefix of the batches is kept; the second pass recomputes the others
             keep = keep and held + nbytes <= MERGE_BUDGET_BYTES
             if keep and store is None:  # room for what the budget allows, at most every row
@@ -275,8 +282,8 @@ class _RowStore:
         if self.stores is None:
             self.stores = [like_rows(rep, max(self.rows, size)) for rep in reps]
         lo, hi = self.filled, self.filled + size
-        held = [t for store in self.stores for t in _tensors(store)]
-        given = [t for rep in reps for t in _tensors(rep)]
+        held = [t for store in self.stores for t in rep_tensors(store)]
+        given = [t for rep in reps for t in rep_tensors(rep)]
         if (
             len(given) != len(held)
             or hi > len(held[0])
@@ -295,13 +302,6 @@ class _RowStore:
         ]
 
 
-def _tensors(rep: Rep) -> list[Tensor]:
-    """The tensors of one term's representation (its ``None`` parts left out)."""
-    if isinstance(rep, Tensor):
-        return [rep]
-    return [t for e in rep for t in e if t is not None]
-
-
 def rowdot(a: Tensor, b: Tensor) -> Tensor:
     """Inner products along the last dimension, ``(K, B, n) -> (K, B)``, with no temporary."""
     if a is b:
@@ -316,21 +316,6 @@ def _length(data: Any) -> int | None:
         return None
 
 
-def _batch_tensors(batch: Any) -> list[Tensor]:
-    """The tensors a batch holds (a tensor, or a tuple/list/dict of them, nested)."""
-    if isinstance(batch, Tensor):
-        return [batch]
-    if isinstance(batch, dict):
-        batch = list(batch.values())
-    if isinstance(batch, (tuple, list)):
-        return [t for part in batch for t in _batch_tensors(part)]
-    return []
-
-
 def _nbytes(reps: list[Any]) -> int:
-    """Bytes held by per-term representations (entries or projected rows)."""
-    total = 0
-    for rep in reps:
-        tensors = [rep] if isinstance(rep, Tensor) else [t for e in rep for t in e]
-        total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
-    return total
+    """Bytes held by per-term representations (entries or projected rows, or tensors)."""
+    return sum(t.numel() * t.element_size() for rep in reps for t in rep_tensors(rep))

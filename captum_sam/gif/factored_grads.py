@@ -297,7 +297,7 @@ class FactoredGradients:
                 out.append(_summed(joined) if aggregate else joined)
             del p, joined
         for rep in out:
-            check_finite_terms(_tensors(rep), "test gradients", terms)
+            check_finite_terms(rep_tensors(rep), "test gradients", terms)
         return out
 
     def apply(self, tests: F.Params, terms: Sequence[Term], batch: tuple[Any, ...]) -> Tensor:
@@ -361,7 +361,8 @@ def rep_rows(rep: Rep) -> int:
     return int(rep.shape[0]) if isinstance(rep, Tensor) else products.row_count(rep)
 
 
-def _tensors(rep: Rep) -> list[Tensor]:
+def rep_tensors(rep: Rep) -> list[Tensor]:
+    """The tensors of a representation (its ``None`` parts left out)."""
     if isinstance(rep, Tensor):
         return [rep]
     return [x for e in rep for x in e if x is not None]
