@@ -11,6 +11,7 @@ from torch.utils.data import TensorDataset
 from captum_sam import load_trajectory, train_sam
 from captum_sam.applications import influence_scores
 from captum_sam.gif.tracincp import SAMTracInCP
+from captum_sam.hif import kfac as kfac_module
 from captum_sam.hif import sides, site_groups
 from captum_sam.hif.influence import SAMInfluenceFunction
 from tests.helpers import DTYPE, BatchCentred, ce_loss, make_data, mlp_model, save_checkpoint
@@ -98,6 +99,24 @@ def compute(run_dir):
         )  # fmt: skip
         out[f"{curvature}_{variant}"] = kfac.influence(test)
         out[f"{curvature}_{variant}_damping"] = torch.tensor(list(kfac.damping_used.values()))
+    # fewer curvature rows (5, sharded 4 + 1 or 4 + 1 + 0) than fc1's inputs (6): a thin
+    # input basis from the rows of every rank equals eigendecomposing the summed A
+    few = TensorDataset(*(t[:5] for t in train.tensors))
+    for thin in (False, True):
+        saved = kfac_module._THIN_MIN_WIDTH, kfac_module._THIN_ROWS
+        if thin:
+            kfac_module._THIN_MIN_WIDTH, kfac_module._THIN_ROWS = 1, 1.0
+        try:
+            est = SAMInfluenceFunction(
+                model, train, run_dir, loss_fn=ce_loss(), batch_size=4, rho=0.1,
+                damping=None, variant="fast", curvature="ekfac", projection_dim=None,
+                hessian_reg=0.0, hessian_inverse_tol=None, hessian_dataset=few,
+            )  # fmt: skip
+        finally:
+            kfac_module._THIN_MIN_WIDTH, kfac_module._THIN_ROWS = saved
+        out[f"ekfac_few_{thin}"] = est.influence(test)
+        qa = est.operator.kronecker["perturbed"].qa
+        out[f"ekfac_few_{thin}_k"] = torch.tensor([q.shape[1] for q in qa])
     # over the test-row budget, EK-FAC scores a group of layers per pass
     budget = sides.TEST_BUDGET_BYTES
     sides.TEST_BUDGET_BYTES = kfac.operator.dim * len(test[1]) * 8 // 2
@@ -158,6 +177,9 @@ def test_sharded_results_equal_single_process(tmp_path, world):
     assert single["centred_hif_factored"] == 0
     assert single["kfac_full_groups"] == 0 and single["ekfac_fast_groups"] >= 2
     torch.testing.assert_close(single["ekfac_fast_by_layers"], single["ekfac_fast"])
+    assert single["ekfac_few_True_k"].tolist() == [5, 5]
+    assert single["ekfac_few_False_k"].tolist() == [6, 5]
+    torch.testing.assert_close(single["ekfac_few_True"], single["ekfac_few_False"])
     for key in ("", "_scores", "_change", "_self"):
         torch.testing.assert_close(single[f"hif_dense{key}"], single[f"hif_dense_products{key}"])
     mp.spawn(worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)

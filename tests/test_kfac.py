@@ -366,6 +366,85 @@ def test_factors_dir_reloads_identically_and_refuses_tampering(setup, tmp_path, 
 
 
 @pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+def test_thin_input_basis_equals_the_full_eigendecomposition(
+    setup, curvature, monkeypatch, tmp_path
+):
+    """Curvature data with fewer rows than a layer's input width: the thin Q_A from the
+    rows gives the same K, inverse, damping heuristic, scores and Captum-style eigen
+    inverse (complement eigenvectors included) as eigendecomposing A; its cache reloads
+    identically; rows beyond the limit fall back to summing A from the kept rows."""
+    from captum_sam.hif import kfac, kfac_solve
+
+    xt, yt = setup["test"]
+    x, y = setup["train"].tensors
+    few = TensorDataset(x[:3], y[:3])  # 3 rows per linear input, 12 per convolution's
+    p = sum(t.numel() for t in setup["model"].parameters())
+
+    def run(**kw):
+        est = make(setup, curvature=curvature, hessian_dataset=few, **kw)
+        return est, est.influence((xt, yt)), est.operator.kronecker["perturbed"]
+
+    full, full_scores, k_full = run()
+    _, full_eig_scores, _ = run(projection_dim=p, damping=None)
+    assert all(q.shape[0] == q.shape[1] for q in k_full.qa)
+    monkeypatch.setattr(kfac, "_THIN_MIN_WIDTH", 1)
+    monkeypatch.setattr(kfac, "_THIN_ROWS", 1.0)
+    thin, thin_scores, k_thin = run()
+    # every linear layer thin (3 of 6, 5, 9 columns), the convolution not (12 rows of 10)
+    expected = [s.width if isinstance(s.module, nn.Conv2d) else 3 for s in k_thin.sites]
+    assert [q.shape[1] for q in k_thin.qa] == expected
+    assert any(k < s.width for k, s in zip(expected, k_thin.sites))
+    assert all(f.a is None for f in k_thin.factors)
+    for q in k_thin.qa:  # orthonormal columns
+        close(q.T @ q, torch.eye(q.shape[1], dtype=DTYPE))
+    close(k_thin.matrix(), k_full.matrix())
+    close(thin.matrix(), full.matrix())
+    eye = torch.eye(p, dtype=DTYPE)
+    close(thin.inverse.inverse.solve(eye), full.inverse.inverse.solve(eye))
+    close(thin_scores, full_scores)
+    close(k_thin.mean_eigenvalues(), k_full.mean_eigenvalues())
+    eig, eig_scores, _ = run(projection_dim=p, damping=None)
+    assert eig.damping_used == pytest.approx(
+        make(setup, curvature=curvature, hessian_dataset=few, damping=None).damping_used
+    )
+    close(eig_scores, full_eig_scores, 1e-8)
+    cached = make(setup, curvature=curvature, hessian_dataset=few, factors_dir=tmp_path)
+    stored = torch.load(next(tmp_path.glob(f"{curvature}-perturbed-*.pt")))
+    assert "a" not in stored and [q.shape[1] for q in stored["qa"]] == expected
+
+    def refuse(*args, **kw):
+        raise AssertionError("refitted although cached")
+
+    monkeypatch.setattr(kfac_solve, "fit_kronecker", refuse)
+    again = make(setup, curvature=curvature, hessian_dataset=few, factors_dir=tmp_path)
+    assert torch.equal(again.influence((xt, yt)), cached.influence((xt, yt)))
+    monkeypatch.undo()
+    # the whole training set: 2 batches of 4 rows; a limit of 4 (cnn linear) keeps the
+    # first batch's rows, then sums A from them and goes on summing
+    monkeypatch.setattr(kfac, "_THIN_MIN_WIDTH", 1)
+    monkeypatch.setattr(kfac, "_THIN_ROWS", 0.5)
+    summed = make(setup, curvature=curvature)
+    monkeypatch.undo()
+    assert all(q.shape[0] == q.shape[1] for q in summed.operator.kronecker["perturbed"].qa)
+    close(summed.matrix(), make(setup, curvature=curvature).matrix())
+
+
+def test_thin_eigenpairs_of_rank_deficient_and_empty_rows():
+    from captum_sam.hif.kfac import _thin_eigenpairs
+
+    torch.manual_seed(0)
+    base = torch.randn(3, 20, dtype=DTYPE)
+    x = torch.cat([base, base[:1], 2 * base[1:2]])  # 5 rows of rank 3
+    alpha, q = _thin_eigenpairs(x)
+    assert q.shape == (20, 5)
+    close(q.T @ q, torch.eye(5, dtype=DTYPE))
+    close(q @ torch.diag(alpha) @ q.T, x.T @ x)
+    assert int((alpha > 1e-8 * alpha.max()).sum()) == 3
+    alpha, q = _thin_eigenpairs(x.new_zeros(0, 20))
+    assert alpha.shape == (0,) and q.shape == (20, 0)
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
 def test_sampled_pseudo_gradients_are_unbiased_and_seeded(setup, curvature):
     """``kfac_samples=k``: random-sign combinations of the output-Hessian roots. The input
     factor is untouched, the output-gradient factor converges to the exact one as k

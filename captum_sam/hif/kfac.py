@@ -29,6 +29,14 @@ position (:math:`K_l = \sum_c d_c d_c^\top \otimes a a^\top`). Everything is on 
 *summed* loss scale (times ``scale``, e.g. :math:`n/m` for a rescaled Hessian set).
 Products and inverses then cost two small matrix products per block:
 :math:`K_l V = Q_S [\Lambda \odot (Q_S^\top V Q_A)] Q_A^\top`.
+
+A wide input whose curvature data has fewer rows than columns (the linear layer after a
+``Flatten`` on a few thousand examples) gets a *thin* :math:`Q_A` ``(width, k)``, the
+eigenvectors of :math:`A_l` on the span of its rows, found from the rows themselves
+(:func:`_thin_eigenpairs`: a QR of the ``(rows, width)`` inputs and a ``k x k``
+eigendecomposition, never the ``width x width`` one). Both K-FAC's and EK-FAC's
+:math:`\Lambda` are exactly 0 on the rest of the input space (no input has a component
+there), so products ignore it and inverses scale it by :math:`1 / r_l`.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ import torch
 from torch import Tensor
 
 from captum_sam import core as F
-from captum_sam.core.distributed import all_reduce_sum
+from captum_sam.core.distributed import all_reduce_sum, rank_and_world
 from captum_sam.hif.kron_sites import KroneckerSite, site_factors
 
 __all__ = ["KINDS", "KroneckerFactors", "KroneckerCurvature", "fit_kronecker", "empty_factors"]
@@ -53,6 +61,8 @@ _CHUNK_ELEMENTS = 1 << 24  # entries of one chunk of rotated per-example gradien
 _APPLY_ELEMENTS = 1 << 25  # entries of the columns a product or solve takes at once
 _GRAM_BLOCKS = 4  # a wide A_l sums its lower triangle in this many row blocks
 _GRAM_MIN_WIDTH = 1024  # narrower ones take one full product
+_THIN_MIN_WIDTH = 2048  # an input at least this wide ...
+_THIN_ROWS = 0.5  # ... with at most this fraction of its width in rows gets a thin Q_A
 
 Block = Tensor | tuple[Tensor, Tensor]
 """Columns of one block: a ``(m, d_out, width)`` matrix, or its factors ``(c, d)``."""
@@ -62,7 +72,8 @@ Block = Tensor | tuple[Tensor, Tensor]
 class KroneckerFactors:
     """The raw sums of one site: ``A (width, width)``, ``S (d_out, d_out)``, ``N`` rows.
 
-    ``a`` is ``None`` once released (:meth:`KroneckerCurvature.release_input_sums`).
+    ``a`` is ``None`` once released (:meth:`KroneckerCurvature.release_input_sums`),
+    and never formed for a thin :math:`Q_A` (see the module's notes).
     """
 
     a: Tensor | None
@@ -70,10 +81,13 @@ class KroneckerFactors:
     count: Tensor  # () number of (example, position) rows summed in A
 
 
-def empty_factors(site: KroneckerSite, like: Tensor) -> KroneckerFactors:
-    """Zero sums for ``site`` with the dtype and device of ``like``."""
+def empty_factors(site: KroneckerSite, like: Tensor, input_sum: bool = True) -> KroneckerFactors:
+    """Zero sums for ``site`` with the dtype and device of ``like``.
+
+    ``a`` is ``None`` unless ``input_sum`` (inputs kept as rows for a thin basis).
+    """
     return KroneckerFactors(
-        like.new_zeros(site.width, site.width),
+        like.new_zeros(site.width, site.width) if input_sum else None,
         like.new_zeros(site.d_out, site.d_out),
         like.new_zeros(()),
     )
@@ -89,8 +103,10 @@ class KroneckerCurvature:
         like: Attributed parameters (names, order and shapes of flat ``(P, m)`` columns).
         factors: The sums of each block (:class:`KroneckerFactors`).
         qs: Eigenvectors of each :math:`S_l`, ``(d_out, d_out)``.
-        qa: Eigenvectors of each :math:`A_l`, ``(width, width)``.
-        values: Each block's eigenvalues :math:`\Lambda` ``(d_out, width)`` in the basis
+        qa: Eigenvectors of each :math:`A_l`, ``(width, k)``: ``k = width``, or fewer
+            (a thin basis, the span of the layer's inputs; :math:`\Lambda` is 0 on the
+            rest).
+        values: Each block's eigenvalues :math:`\Lambda` ``(d_out, k)`` in the basis
             ``qs[:, j] (x) qa[:, k]``, scale included.
     """
 
@@ -152,16 +168,23 @@ class KroneckerCurvature:
         """Block ``i`` of :meth:`_apply_blocks`: ``(m, d_out, width)``."""
         ref = v[0] if isinstance(v, tuple) else v
         qs, qa = self.qs[i].to(ref), self.qa[i].to(ref)
+        lam = self.values[i].to(ref)
         if not isinstance(v, tuple):
             rotated = qs.T @ v @ qa
         else:
             c, d = v
-            o, w = qs.shape[0], qa.shape[0]
-            if c.shape[-2] * (o * o + w * w) < o * w * (o + w):
+            o, (w, k) = qs.shape[0], qa.shape
+            if c.shape[-2] * (o * o + w * k) < o * w * (o + k):
                 rotated = (d @ qs).mT @ (c @ qa)
             else:
                 rotated = qs.T @ (d.mT @ c) @ qa
-        return qs @ (scale(i, self.values[i].to(ref)) * rotated) @ qa.T
+        out = qs @ (scale(i, lam) * rotated) @ qa.T
+        if qa.shape[1] < qa.shape[0]:  # a thin basis: Lambda is 0 on the rest of the inputs
+            rest = scale(i, lam.new_zeros(()))
+            if bool(rest != 0):
+                full = v if not isinstance(v, tuple) else v[1].mT @ v[0]
+                out += rest * (full - (full @ qa) @ qa.T)
+        return out
 
     # ------------------------------------------------------------------ products
 
@@ -231,14 +254,26 @@ class KroneckerCurvature:
 
     def mean_eigenvalues(self) -> Tensor:
         """The mean eigenvalue of each block, ``trace(K_l) / (d_out width)``, ``(blocks,)``."""
-        return torch.stack([v.mean() for v in self.values])
+        return torch.stack(
+            [v.mean() * (v.shape[1] / s.width) for v, s in zip(self.values, self.sites)]
+        )
+
+    def _grid(self, i: int) -> Tensor:
+        """Block ``i``'s eigenvalues as ``(d_out, width)`` (zeros beyond a thin basis)."""
+        lam, width = self.values[i], self.sites[i].width
+        if lam.shape[1] == width:
+            return lam
+        grid = lam.new_zeros(lam.shape[0], width)
+        grid[:, : lam.shape[1]] = lam
+        return grid
 
     def eigenpairs(self, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Every eigenvalue of :math:`K + r`: ``(values (P,), block (P,), position (P,))``.
 
-        ``position`` indexes the block's ``(d_out, width)`` eigenvalue matrix, flattened.
+        ``position`` indexes the block's ``(d_out, width)`` eigenvalue matrix, flattened
+        (beyond a thin basis' ``k`` columns: the eigenvalue 0 of the rest of the inputs).
         """
-        values = [lam.flatten() + shift[i].to(lam) for i, lam in enumerate(self.values)]
+        values = [self._grid(i).flatten() + shift[i].to(lam) for i, lam in enumerate(self.values)]
         blocks = [torch.full_like(v, i, dtype=torch.long) for i, v in enumerate(values)]
         positions = [torch.arange(len(v), device=v.device) for v in values]
         return torch.cat(values), torch.cat(blocks), torch.cat(positions)
@@ -253,10 +288,28 @@ class KroneckerCurvature:
                 continue
             rows = torch.div(positions[chosen], site.width, rounding_mode="floor")
             cols = positions[chosen] - rows * site.width
-            matrices = self.qs[i][:, rows].T.unsqueeze(2) * self.qa[i][:, cols].T.unsqueeze(1)
+            inputs = self._input_vectors(i, cols)
+            matrices = self.qs[i][:, rows].T.unsqueeze(2) * inputs.T.unsqueeze(1)
             full = [ref.new_zeros(len(chosen), s.d_out, s.width) for s in self.sites]
             full[i] = matrices
             out[:, chosen] = self.join(full)
+        return out
+
+    def _input_vectors(self, i: int, cols: Tensor) -> Tensor:
+        """Columns ``cols`` of block ``i``'s complete input basis, ``(width, len(cols))``.
+
+        Beyond a thin basis' ``k`` columns: an orthonormal basis of the rest, from a
+        complete QR of ``qa`` (``width x width``: formed only when asked for).
+        """
+        qa = self.qa[i]
+        k = qa.shape[1]
+        if k == qa.shape[0] or bool((cols < k).all()):
+            return qa[:, cols]
+        rest = torch.linalg.qr(qa, mode="complete")[0][:, k:]
+        out = qa.new_empty(qa.shape[0], len(cols))
+        inside = cols < k
+        out[:, inside] = qa[:, cols[inside]]
+        out[:, ~inside] = rest[:, cols[~inside] - k]
         return out
 
 
@@ -264,13 +317,101 @@ def _accumulate_covariances(
     factors: list[KroneckerFactors],
     batch_factors: list[tuple[Tensor, Tensor]],
     sites: Sequence[KroneckerSite],
+    rows: list[list[Tensor] | None],
 ) -> None:
-    for f, site, (a, d) in zip(factors, sites, batch_factors):
+    """Add one batch to the sums.
+
+    A site with kept ``rows`` keeps its inputs instead of summing :math:`A_l`, until
+    they are more than :func:`_row_limit` allows.
+    """
+    for i, (f, site, (a, d)) in enumerate(zip(factors, sites, batch_factors)):
         cols = site.columns(a).flatten(0, 1)  # (B T, width)
-        _add_lower_gram(f.a, cols)  # type: ignore[arg-type]
+        kept = rows[i]
+        if kept is None:
+            _add_lower_gram(f.a, cols)  # type: ignore[arg-type]
+        else:
+            kept.append(cols.clone())
+            if sum(len(r) for r in kept) > _row_limit(site):  # too many: sum A_l after all
+                f.a = _input_sum(kept, site, cols)
+                rows[i] = None
         flat = d.reshape(-1, d.shape[-1])  # (C B T, d_out)
         f.s += flat.T @ flat
         f.count += cols.shape[0]
+
+
+def _row_limit(site: KroneckerSite) -> int:
+    """Most rows of curvature data (over every rank) for a thin input basis; -1: none."""
+    return int(_THIN_ROWS * site.width) if site.width >= _THIN_MIN_WIDTH else -1
+
+
+def _input_sum(kept: list[Tensor], site: KroneckerSite, like: Tensor) -> Tensor:
+    """The lower triangle of :math:`A_l` summed from kept rows (emptied)."""
+    total = like.new_zeros(site.width, site.width)
+    for r in kept:
+        _add_lower_gram(total, r)
+    kept.clear()
+    return total
+
+
+def _input_eigenpairs(
+    factors: list[KroneckerFactors],
+    rows: list[list[Tensor] | None],
+    sites: Sequence[KroneckerSite],
+    like: Tensor,
+    reduce: bool,
+) -> list[tuple[Tensor, Tensor]]:
+    """Eigenvalues and eigenvectors of every :math:`A_l` (summed over ranks with ``reduce``).
+
+    A site whose inputs were kept on every rank, in at most :func:`_row_limit` rows in
+    all, gets a thin basis from the rows of every rank (:func:`_thin_eigenpairs`); the
+    others sum :math:`A_l` (from the kept rows if need be) and eigendecompose it.
+    """
+    rank, world = rank_and_world() if reduce else (0, 1)
+    # per site and rank: rows kept, or -1 when summed; every rank sees every count
+    counts = torch.zeros(len(sites), world, dtype=torch.float64)
+    for i, kept in enumerate(rows):
+        counts[i, rank] = -1 if kept is None else sum(len(r) for r in kept)
+    if reduce:
+        all_reduce_sum(counts)
+    out = []
+    for i, (f, site, kept) in enumerate(zip(factors, sites, rows)):
+        thin = bool((counts[i] >= 0).all()) and float(counts[i].sum()) <= _row_limit(site)
+        if thin:
+            x = torch.cat(kept) if kept else like.new_zeros(0, site.width)  # type: ignore[arg-type]
+            if reduce:
+                x = _gathered_rows(x, counts[i].long(), rank)
+            kept.clear()  # type: ignore[union-attr]
+            out.append(_thin_eigenpairs(x))
+            continue
+        if kept is not None:  # kept here, summed on another rank
+            f.a = _input_sum(kept, site, like)
+        f.a = _symmetrized(f.a)  # type: ignore[arg-type]
+        if reduce:
+            all_reduce_sum(f.a)
+        alpha, q_a = torch.linalg.eigh(f.a)
+        out.append((alpha, q_a.contiguous()))  # eigh's are column-major; a reloaded cache is not
+    return out
+
+
+def _gathered_rows(x: Tensor, counts: Tensor, rank: int) -> Tensor:
+    """Every rank's rows, in rank order (each rank adds its own into zeros)."""
+    start = int(counts[:rank].sum())
+    out = x.new_zeros(int(counts.sum()), x.shape[1])
+    out[start : start + len(x)] = x
+    return all_reduce_sum(out)
+
+
+def _thin_eigenpairs(x: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Eigenpairs of :math:`A = x^\top x` on the span of the rows ``x (m, width)``.
+
+    With the QR :math:`x^\top = Q R` (``Q (width, k)`` orthonormal, ``k = min(m,
+    width)``), :math:`A = Q (R R^\top) Q^\top`, so :math:`R R^\top = W \operatorname{diag}
+    (\alpha) W^\top` gives :math:`Q_A = Q W`, orthonormal to working precision however
+    ill-conditioned :math:`x` is: ``(alpha (k,), Q_A (width, k))``.
+    """
+    q, r = torch.linalg.qr(x.T)
+    alpha, w = torch.linalg.eigh(r @ r.T)
+    return alpha, q @ w
 
 
 def _add_lower_gram(total: Tensor, x: Tensor) -> None:
@@ -309,13 +450,13 @@ def _accumulate_diagonal(
     """
     cols = site.columns(a)  # (B, T, width)
     count, size, positions = d.shape[0], d.shape[1], cols.shape[1]
-    out, width = site.d_out, site.width
+    out, width, rank = site.d_out, site.width, qa.shape[1]
     if positions == 1:  # one position: (d_o a_k)^2 = d_o^2 a_k^2, G is never formed
         rot_a, rot_d = cols[:, 0] @ qa, d[:, :, 0] @ qs
         total += torch.einsum("cbo,bk->ok", rot_d.square(), rot_a.square())
         return
-    rotate_first = positions * (width * width + count * out * out)
-    form_first = count * (out * out * width + out * width * width)
+    rotate_first = positions * (width * rank + count * out * out)
+    form_first = count * (out * out * width + out * width * rank)
     step = max(1, _CHUNK_ELEMENTS // (count * out * width))
     if form_first < rotate_first:
         for start in range(0, size, step):
@@ -371,25 +512,23 @@ def fit_kronecker(
         raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}")
     wrap = progress or (lambda it, desc: it)
     ref = next(iter(params.values()))
-    factors = [empty_factors(site, ref) for site in sites]
+    rows: list[list[Tensor] | None] = [[] if _row_limit(s) >= 0 else None for s in sites]
+    factors = [empty_factors(s, ref, kept is None) for s, kept in zip(sites, rows)]
     worst, first = 0.0, True
     passes = 2 if kind == "ekfac" else 1
     gen = torch.Generator().manual_seed(seed)
     for batch in wrap(batches(), f"{kind.upper()} factors (pass 1 of {passes})"):
         found, low = site_factors(floss, params, batch, sites, first, samples, gen)
         first, worst = False, min(worst, low)
-        _accumulate_covariances(factors, found, sites)
-    for f in factors:
-        f.a = _symmetrized(f.a)  # type: ignore[arg-type]
+        _accumulate_covariances(factors, found, sites, rows)
     if reduce:
         for f in factors:
-            all_reduce_sum(f.a), all_reduce_sum(f.s), all_reduce_sum(f.count)
+            all_reduce_sum(f.s), all_reduce_sum(f.count)
     qs, qa, values = [], [], []
-    for f in factors:
-        alpha, q_a = torch.linalg.eigh(f.a)  # type: ignore[arg-type]
+    for f, (alpha, q_a) in zip(factors, _input_eigenpairs(factors, rows, sites, ref, reduce)):
         sigma, q_s = torch.linalg.eigh(f.s)
         qs.append(q_s.contiguous())  # eigh's are column-major; a reloaded cache is not
-        qa.append(q_a.contiguous())
+        qa.append(q_a)
         count = f.count.clamp_min(1)
         values.append(scale * sigma.clamp_min(0).unsqueeze(1) * alpha.clamp_min(0) / count)
     if kind == "ekfac":

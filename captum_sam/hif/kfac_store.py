@@ -3,7 +3,10 @@ r"""Verified on-disk cache of fitted K-FAC/EK-FAC curvatures (``factors_dir=``).
 A fitted curvature at one point is stored as two files in ``factors_dir``:
 
 * ``<kind>-<point>-<save>.pt``: the factors and eigendecompositions of every layer
-  (``{"a", "s", "count", "qs", "qa", "values"}``, one list entry per layer);
+  (``{"s", "count", "qs", "qa", "values"}``, one list entry per layer; ``qa`` and
+  ``values`` have ``k <= width`` columns, fewer for a thin input basis). The input
+  sums :math:`A_l` are not stored: nothing uses them once decomposed (version 1 stored
+  them);
 * ``<kind>-<point>.json``: the manifest, with the format and version, the *fingerprint*
   of everything the factors depend on (the checkpoint's SHA-256, the point and, at
   :math:`w^* + \epsilon^*`, ``rho``/``adaptive``/the perturbation scope and the
@@ -53,9 +56,9 @@ from captum_sam.hif.kron_sites import KroneckerSite
 __all__ = ["cached_fit", "fingerprint", "FORMAT", "VERSION"]
 
 FORMAT = "captum_sam.kronecker_factors"
-VERSION = 1
+VERSION = 2
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_FIELDS = ("a", "s", "count", "qs", "qa", "values")
+_FIELDS = ("s", "count", "qs", "qa", "values")
 _DTYPES = ("torch.float32", "torch.float64")
 
 
@@ -87,15 +90,23 @@ def fingerprint(est: Any, key: str, sites: Sequence[KroneckerSite]) -> dict[str,
     return json.loads(json.dumps(out))
 
 
-def _shapes(site: KroneckerSite) -> dict[str, tuple[int, ...]]:
+def _shapes(site: KroneckerSite, k: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Every field's shape for ``site`` with ``k`` input eigenvectors (``None``: all)."""
+    k = site.width if k is None else k
     return {
-        "a": (site.width, site.width),
         "s": (site.d_out, site.d_out),
         "count": (),
         "qs": (site.d_out, site.d_out),
-        "qa": (site.width, site.width),
-        "values": (site.d_out, site.width),
+        "qa": (site.width, k),
+        "values": (site.d_out, k),
     }
+
+
+def _basis_size(value: Any, site: KroneckerSite) -> int | None:
+    """The ``k`` of a stored ``qa`` ``(width, k)`` with ``k <= width``, else ``None``."""
+    if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[0] == site.width:
+        return int(value.shape[1]) if value.shape[1] <= site.width else None
+    return None
 
 
 def _differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -148,14 +159,14 @@ def _load(
     if not isinstance(loaded, dict) or sorted(loaded) != sorted(_FIELDS):
         raise ValueError(f"K-FAC factors file {data!r} must hold the entries {list(_FIELDS)}")
     for field in _FIELDS:
-        values = loaded[field]
-        if not isinstance(values, list) or len(values) != len(sites):
+        if not isinstance(loaded[field], list) or len(loaded[field]) != len(sites):
             raise ValueError(
                 f"K-FAC factors file {data!r}: entry {field} must be a list of {len(sites)} "
                 "tensors (one per layer)"
             )
-        for site, value in zip(sites, values):
-            shape = _shapes(site)[field]
+    for field in ("qa", *(f for f in _FIELDS if f != "qa")):  # qa's columns size values'
+        for site, value, qa in zip(sites, loaded[field], loaded["qa"]):
+            shape = _shapes(site, _basis_size(qa, site))[field]
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
                 got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
                 raise ValueError(
@@ -182,7 +193,6 @@ def _save(
         name = f"{prefix}-{uuid.uuid4().hex[:12]}.pt"
         data = os.path.join(directory, name)
         payload = {
-            "a": [f.a for f in curvature.factors],
             "s": [f.s for f in curvature.factors],
             "count": [f.count for f in curvature.factors],
             "qs": curvature.qs,
@@ -261,5 +271,5 @@ def cached_fit(
     like = dict(est.operator.params)
     ref = next(iter(like.values()))
     move = [[t.to(ref.device) for t in loaded[f]] for f in _FIELDS]
-    factors = [KroneckerFactors(a, s, c) for a, s, c in zip(*move[:3])]
-    return KroneckerCurvature(est.curvature, list(sites), like, factors, *move[3:])
+    factors = [KroneckerFactors(None, s, c) for s, c in zip(*move[:2])]
+    return KroneckerCurvature(est.curvature, list(sites), like, factors, *move[2:])
