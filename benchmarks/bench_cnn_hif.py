@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cnn_hif.py [--n-train 1000 2000] [--widths 32 64]
         [--n-test 100] [--batch-size 64] [--skip-captum-above 2000]
+        [--rows ours-k50 ours-exact captum]
 
 CIFAR-shaped random data (3x32x32, 10 classes) and the CNN of ``bench_cnn_gif.py``,
 Conv2d(3, w, 3, padding=1)-ReLU-MaxPool2d(2)-Flatten-Linear(256 w, 10), float32, one
@@ -92,6 +93,10 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--skip-captum-above", type=int, default=2000)
+    p.add_argument(
+        "--rows", nargs="+", choices=("ours-k50", "ours-exact", "captum"),
+        default=["ours-k50", "ours-exact", "captum"], help="which estimators to run",
+    )  # fmt: skip
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -99,11 +104,12 @@ def main() -> None:
         return
     directory = tempfile.mkdtemp(prefix="captum_sam_bench_cnn_hif_")
     print(f"machine: {machine()}; n_test {args.n_test}, batch {args.batch_size}", flush=True)
-    who = [
-        ("ours EK-FAC k=50", dict(who="ours", projection_dim=50)),
-        ("ours EK-FAC exact", dict(who="ours", projection_dim=None)),
-        ("Captum Arnoldi k=50", dict(who="captum")),
-    ]
+    every = {
+        "ours-k50": ("ours EK-FAC k=50", dict(who="ours", projection_dim=50)),
+        "ours-exact": ("ours EK-FAC exact", dict(who="ours", projection_dim=None)),
+        "captum": ("Captum Arnoldi k=50", dict(who="captum")),
+    }
+    who = [every[name] for name in every if name in args.rows]
     rows = []
     for width in args.widths:
         ckpt = write_checkpoint(directory, width)

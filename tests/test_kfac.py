@@ -435,12 +435,14 @@ def test_thin_eigenpairs_of_rank_deficient_and_empty_rows():
     torch.manual_seed(0)
     base = torch.randn(3, 20, dtype=DTYPE)
     x = torch.cat([base, base[:1], 2 * base[1:2]])  # 5 rows of rank 3
-    alpha, q = _thin_eigenpairs(x)
+    pieces = [x[:2], x[2:]]
+    alpha, q = _thin_eigenpairs(pieces)
+    assert pieces == []  # handed over
     assert q.shape == (20, 5)
     close(q.T @ q, torch.eye(5, dtype=DTYPE))
     close(q @ torch.diag(alpha) @ q.T, x.T @ x)
     assert int((alpha > 1e-8 * alpha.max()).sum()) == 3
-    alpha, q = _thin_eigenpairs(x.new_zeros(0, 20))
+    alpha, q = _thin_eigenpairs([x.new_zeros(0, 20)])
     assert alpha.shape == (0,) and q.shape == (20, 0)
 
 

@@ -62,7 +62,7 @@ _APPLY_ELEMENTS = 1 << 25  # entries of the columns a product or solve takes at 
 _GRAM_BLOCKS = 4  # a wide A_l sums its lower triangle in this many row blocks
 _GRAM_MIN_WIDTH = 1024  # narrower ones take one full product
 _THIN_MIN_WIDTH = 2048  # an input at least this wide ...
-_THIN_ROWS = 0.5  # ... with at most this fraction of its width in rows gets a thin Q_A
+_THIN_ROWS = 0.75  # ... with at most this fraction of its width in rows gets a thin Q_A
 
 Block = Tensor | tuple[Tensor, Tensor]
 """Columns of one block: a ``(m, d_out, width)`` matrix, or its factors ``(c, d)``."""
@@ -377,11 +377,11 @@ def _input_eigenpairs(
     for i, (f, site, kept) in enumerate(zip(factors, sites, rows)):
         thin = bool((counts[i] >= 0).all()) and float(counts[i].sum()) <= _row_limit(site)
         if thin:
-            x = torch.cat(kept) if kept else like.new_zeros(0, site.width)  # type: ignore[arg-type]
+            pieces = kept or [like.new_zeros(0, site.width)]
             if reduce:
-                x = _gathered_rows(x, counts[i].long(), rank)
-            kept.clear()  # type: ignore[union-attr]
-            out.append(_thin_eigenpairs(x))
+                pieces = [_gathered_rows(torch.cat(pieces), counts[i].long(), rank)]
+                kept.clear()  # type: ignore[union-attr]
+            out.append(_thin_eigenpairs(pieces))
             continue
         if kept is not None:  # kept here, summed on another rank
             f.a = _input_sum(kept, site, like)
@@ -401,15 +401,20 @@ def _gathered_rows(x: Tensor, counts: Tensor, rank: int) -> Tensor:
     return all_reduce_sum(out)
 
 
-def _thin_eigenpairs(x: Tensor) -> tuple[Tensor, Tensor]:
+def _thin_eigenpairs(pieces: list[Tensor]) -> tuple[Tensor, Tensor]:
     r"""Eigenpairs of :math:`A = x^\top x` on the span of the rows ``x (m, width)``.
 
-    With the QR :math:`x^\top = Q R` (``Q (width, k)`` orthonormal, ``k = min(m,
-    width)``), :math:`A = Q (R R^\top) Q^\top`, so :math:`R R^\top = W \operatorname{diag}
-    (\alpha) W^\top` gives :math:`Q_A = Q W`, orthonormal to working precision however
-    ill-conditioned :math:`x` is: ``(alpha (k,), Q_A (width, k))``.
+    ``x`` is given as row ``pieces`` (the list is emptied: every copy of the rows is
+    freed as soon as it is no longer needed). With the QR :math:`x^\top = Q R` (``Q
+    (width, k)`` orthonormal, ``k = min(m, width)``), :math:`A = Q (R R^\top) Q^\top`, so
+    :math:`R R^\top = W \operatorname{diag}(\alpha) W^\top` gives :math:`Q_A = Q W`,
+    orthonormal to working precision however ill-conditioned ``x`` is:
+    ``(alpha (k,), Q_A (width, k))``.
     """
+    x = torch.cat(pieces)
+    pieces.clear()
     q, r = torch.linalg.qr(x.T)
+    del x
     alpha, w = torch.linalg.eigh(r @ r.T)
     return alpha, q @ w
 
@@ -485,8 +490,9 @@ def fit_kronecker(
 ) -> tuple[KroneckerCurvature, float]:
     """Fit K-FAC or EK-FAC at ``params`` over the curvature data.
 
-    One pass for the factors (:math:`A_l`, :math:`S_l`, :math:`N_l`), then for EK-FAC a
-    second pass for the corrected eigenvalues. The first batch is checked: its factored
+    One pass for the factors (:math:`A_l`, :math:`S_l`, :math:`N_l`; a wide layer with
+    few rows keeps its inputs instead of :math:`A_l`, for a thin :math:`Q_A`), then for
+    EK-FAC a second pass for the corrected eigenvalues. The first batch is checked: its factored
     gradients must equal ``autograd``'s (see :func:`~captum_sam.hif.kron_sites.site_factors`).
 
     Args:
