@@ -23,6 +23,9 @@ process, so its peak resident memory is its own; a warm-up call on one batch fir
   ``captum-fast-influence``: the final layer's weight only, ``SAMTracInCPFast`` (rho 0.05
   with the perturbation of every parameter, as training made it, and rho 0) against
   Captum's ``TracInCPFast`` (reducing loss, same batch size);
+  ``fast-self-attributed`` / ``fast-influence-attributed``: rho 0.05 with
+  ``perturbation_scope="attributed"`` (the final layer's weight alone perturbed, an
+  approximation: no backward pass through the network);
 * ``hif-fast-ekfac``: ``SAMInfluenceFunction(variant="fast", curvature="ekfac")`` on the
   convolution and linear layers (K-FAC has no BatchNorm factors: they are refused by
   name), set-up (factors and eigen-corrections over the training set) plus influence
@@ -59,6 +62,7 @@ ROWS = (
     "gif-self", "gif-influence", "gif-self-layers", "gif-self-layers-rho0", "captum-self-layers",
     "hif-fast-ekfac", "hif-fast-ekfac-sampled", "gif-influence-proj", "gif-self-proj",
     "fast-self", "fast-self-rho0", "captum-fast-self", "fast-influence", "captum-fast-influence",
+    "fast-self-attributed", "fast-influence-attributed",
 )  # fmt: skip
 
 
@@ -115,12 +119,13 @@ def measure(spec: dict) -> dict:
                 est = TracInCPFast(model, model.fc, train, ckpts, checkpoints_load_func,
                                    loss_fn=total, batch_size=bs)  # fmt: skip
             else:
+                scope = "attributed" if row.endswith("attributed") else "trainable"
                 est = SAMTracInCPFast(model, model.fc, train, ckpts, loss_fn=total,
                                       batch_size=bs, rho=0.0 if row.endswith("rho0") else 0.05,
+                                      perturbation_scope=scope,
                                       batchnorm_tolerance=None)  # fmt: skip
-            return (
-                est.influence(test.tensors) if row.endswith("influence") else est.self_influence()
-            )
+            influence = "influence" in row.removeprefix("captum-fast-").removeprefix("fast-")
+            return est.influence(test.tensors) if influence else est.self_influence()
         if row.startswith("gif"):
             est = SAMTracInCP(resnet(), train, ckpts, loss_fn=none, batch_size=bs,
                               rho=0.0 if row.endswith("rho0") else 0.05,
@@ -203,7 +208,9 @@ def main() -> None:
         )
     for ours, theirs in (("fast-self-rho0", "captum-fast-self"),
                          ("fast-self", "captum-fast-self"),
-                         ("fast-influence", "captum-fast-influence")):  # fmt: skip
+                         ("fast-influence", "captum-fast-influence"),
+                         ("fast-self-attributed", "captum-fast-self"),
+                         ("fast-influence-attributed", "captum-fast-influence")):  # fmt: skip
         if ours in results and theirs in results:
             a, b = (torch.tensor(results[k]["scores"]) for k in (ours, theirs))
             diff = float((a - b).abs().max() / b.abs().max())
