@@ -451,6 +451,12 @@ def test_merged_self_influence_keeps_what_fits_and_recomputes_the_rest(run, monk
         monkeypatch.setattr(checkpoint_form, "MERGE_BUDGET_BYTES", sum(per_batch[:kept]))
         torch.testing.assert_close(make().self_influence(), ref)
         assert owns == want
+    # as rank 1 of 2 (its share: 2 of the 5 batches, 12 examples) 14 examples are enough
+    monkeypatch.setattr(checkpoint_form, "rank_and_world", lambda: (1, 2))
+    assert checkpoint_form._local_share(make().train_dataloader, 30) == 12
+    sizes.clear(), owns.clear()
+    torch.testing.assert_close(make().self_influence(), ref)
+    assert owns == [True] * 2 + [False] * 3
 
 
 def test_kept_rows_of_merged_self_influence_share_one_buffer_per_tensor():

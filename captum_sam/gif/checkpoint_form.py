@@ -18,7 +18,7 @@ from torch import Tensor
 
 from captum_sam import core as F
 from captum_sam.core.data import batch_context, local_batches, progress
-from captum_sam.core.distributed import all_reduce_sum, gather_ordered
+from captum_sam.core.distributed import all_reduce_sum, gather_ordered, rank_and_world
 from captum_sam.core.layers import products
 from captum_sam.gif.factored_grads import (
     FactoredGradients,
@@ -36,9 +36,10 @@ __all__ = ["CheckpointForm", "MERGE_BUDGET_BYTES", "MERGE_MIN_KEPT", "TEST_BUDGE
 # factors at w (and their batches) kept between the two passes of merged self influence,
 # at most: the batches that fit take two passes, the second pass recomputes the others
 MERGE_BUDGET_BYTES = 1 << 30
-# ... but only when at least this fraction of the examples fits: the memory spent is the
-# whole budget, the time saved is in proportion to the examples kept (on a ResNet-18, whose
-# factors take megabytes per example, 1 GiB keeps a few dozen of thousands)
+# ... but only when at least this fraction of the examples (this process's share under
+# torch.distributed) fits: the memory spent is the whole budget, the time saved is in
+# proportion to the examples kept (on a ResNet-18, whose factors take megabytes per
+# example, 1 GiB keeps a few dozen of thousands)
 MERGE_MIN_KEPT = 0.5
 # test rows of every checkpoint kept during influence, at most (else one checkpoint at a
 # time, one pass over the training data each)
@@ -181,7 +182,7 @@ class CheckpointForm:
         passes per checkpoint for the kept batches, and the second pass recomputes
         the factors of the others (three passes for those, memory of one batch).
         Nothing is kept when the budget holds less than :data:`MERGE_MIN_KEPT` of the
-        examples (estimated from the first batch).
+        examples this process scores (estimated from the first batch).
         """
         terms, points, factored = self.terms, self.points, self.factored
         if (
@@ -227,7 +228,7 @@ class CheckpointForm:
             keep = keep and held + nbytes <= MERGE_BUDGET_BYTES
             if keep and store is None:  # room for what the budget allows, at most every row
                 rows = MERGE_BUDGET_BYTES * size // max(nbytes, 1)
-                keep = rows >= MERGE_MIN_KEPT * n_train
+                keep = rows >= MERGE_MIN_KEPT * _local_share(train, n_train)
                 store = _RowStore(min(n_train, max(size, rows)))
             if keep and store is not None:
                 stored.append((i, batch, store.put(fs, size)))
@@ -307,6 +308,19 @@ def rowdot(a: Tensor, b: Tensor) -> Tensor:
     if a is b:
         return torch.linalg.vector_norm(a, dim=-1).square()
     return torch.einsum("kbi,kbi->kb", a, b)
+
+
+def _local_share(train: Any, n_train: int) -> float:
+    """How many training examples this process scores (expected).
+
+    Its round-robin share of the batches (:func:`~captum_sam.core.distributed.shard`);
+    every example in a single process.
+    """
+    rank, world = rank_and_world()
+    batches = _length(train)
+    if world == 1 or not batches:
+        return n_train / world
+    return n_train * len(range(rank, batches, world)) / batches
 
 
 def _length(data: Any) -> int | None:
