@@ -124,8 +124,7 @@ def measure(spec: dict) -> dict:
                                       batch_size=bs, rho=0.0 if row.endswith("rho0") else 0.05,
                                       perturbation_scope=scope,
                                       batchnorm_tolerance=None)  # fmt: skip
-            influence = "influence" in row.removeprefix("captum-fast-").removeprefix("fast-")
-            return est.influence(test.tensors) if influence else est.self_influence()
+            return est.influence(test.tensors) if "influence" in row else est.self_influence()
         if row.startswith("gif"):
             est = SAMTracInCP(resnet(), train, ckpts, loss_fn=none, batch_size=bs,
                               rho=0.0 if row.endswith("rho0") else 0.05,

@@ -481,13 +481,13 @@ def _accumulate_diagonal(
     """
     cols = site.columns(a)  # (B, T, width)
     count, size, positions = d.shape[0], d.shape[1], cols.shape[1]
-    out, width, rank = site.d_out, site.width, qa.shape[1]
+    out, width, basis = site.d_out, site.width, qa.shape[1]
     if positions == 1:  # one position: (d_o a_k)^2 = d_o^2 a_k^2, G is never formed
         rot_a, rot_d = cols[:, 0] @ qa, d[:, :, 0] @ qs
         total += torch.einsum("cbo,bk->ok", rot_d.square(), rot_a.square())
         return
-    rotate_first = positions * (width * rank + count * out * out)
-    form_first = count * (out * out * width + out * width * rank)
+    rotate_first = positions * (width * basis + count * out * out)
+    form_first = count * (out * out * width + out * width * basis)
     step = max(1, _CHUNK_ELEMENTS // (count * out * width))
     if form_first < rotate_first:
         for start in range(0, size, step):
@@ -544,7 +544,8 @@ def fit_kronecker(
         raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}")
     wrap = progress or (lambda it, desc: it)
     ref = next(iter(params.values()))
-    rows = [_KeptRows(_row_limit(s)) if _row_limit(s) >= 0 else None for s in sites]
+    limits = [_row_limit(s) for s in sites]
+    rows = [_KeptRows(limit) if limit >= 0 else None for limit in limits]
     factors = [empty_factors(s, ref, kept is None) for s, kept in zip(sites, rows)]
     worst, first = 0.0, True
     passes = 2 if kind == "ekfac" else 1

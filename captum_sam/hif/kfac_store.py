@@ -164,7 +164,7 @@ def _load(
                 f"K-FAC factors file {data!r}: entry {field} must be a list of {len(sites)} "
                 "tensors (one per layer)"
             )
-    for field in ("qa", *(f for f in _FIELDS if f != "qa")):  # qa's columns size values'
+    for field in _FIELDS:  # qa (checked before values) gives values' columns
         for site, value, qa in zip(sites, loaded[field], loaded["qa"]):
             shape = _shapes(site, _basis_size(qa, site))[field]
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
