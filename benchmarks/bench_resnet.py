@@ -16,6 +16,8 @@ process, so its peak resident memory is its own; a warm-up call on one batch fir
   influence on the convolution and linear layers only (``layers=``), ours at rho 0.05
   and at rho 0 (plain TracIn: must equal Captum's) and Captum's
   ``TracInCP(sample_wise_grads_per_batch=True)`` (whose hooks take only those layers);
+  ``gif-influence-layers`` / ``gif-influence-layers-rho0`` / ``captum-influence-layers``:
+  the same three on influence on the test set;
 * ``gif-influence-proj`` / ``gif-self-proj``: ``gif-influence`` / ``gif-self`` with
   ``projection_dim=2048`` (per layer from the factors, Kronecker style, BatchNorm
   parameters by a dense Gaussian);
@@ -62,7 +64,8 @@ ROWS = (
     "gif-self", "gif-influence", "gif-self-layers", "gif-self-layers-rho0", "captum-self-layers",
     "hif-fast-ekfac", "hif-fast-ekfac-sampled", "gif-influence-proj", "gif-self-proj",
     "fast-self", "fast-self-rho0", "captum-fast-self", "fast-influence", "captum-fast-influence",
-    "fast-self-attributed", "fast-influence-attributed",
+    "fast-self-attributed", "fast-influence-attributed", "gif-influence-layers",
+    "gif-influence-layers-rho0", "captum-influence-layers",
 )  # fmt: skip
 
 
@@ -134,11 +137,11 @@ def measure(spec: dict) -> dict:
             if row.startswith("gif-influence"):
                 return est.influence(test.tensors)
             return est.self_influence()
-        if row == "captum-self-layers":
+        if row.startswith("captum-") and row.endswith("-layers"):
             est = TracInCP(resnet(), train, ckpts, checkpoints_load_func=checkpoints_load_func,
                            loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=bs,
                            layers=layers, sample_wise_grads_per_batch=True)  # fmt: skip
-            return est.self_influence()
+            return est.influence(test.tensors) if "influence" in row else est.self_influence()
         samples = 1 if row.endswith("sampled") else None
         est = SAMInfluenceFunction(resnet(), train, ckpts[-1], loss_fn=none, batch_size=bs,
                                    rho=0.05, variant="fast", curvature="ekfac",
@@ -195,16 +198,16 @@ def main() -> None:
                     f"{r['added_mb']:.0f}", str(r["finite"])))  # fmt: skip
         print(out[-1], flush=True)
     print(table(out, ("row", "wall s", "CPU s", "peak MB", "added MB", "finite")))
-    if "gif-self-layers-rho0" in results and "captum-self-layers" in results:
-        ours = torch.tensor(results["gif-self-layers-rho0"]["scores"])
-        theirs = torch.tensor(results["captum-self-layers"]["scores"])
-        diff = float((ours - theirs).abs().max() / theirs.abs().max())
-        plain = results["gif-self-layers-rho0"]["seconds"]
-        ratio = results["captum-self-layers"]["seconds"] / plain
-        print(
-            f"rho = 0 on the same layers: Captum time / ours {ratio:.2f}x; max difference / "
-            f"max |score| {diff:.1e}"
-        )
+    for call in ("self", "influence"):
+        ours, theirs = f"gif-{call}-layers-rho0", f"captum-{call}-layers"
+        if ours in results and theirs in results:
+            a, b = (torch.tensor(results[k]["scores"]) for k in (ours, theirs))
+            diff = float((a - b).abs().max() / b.abs().max())
+            ratio = results[theirs]["seconds"] / results[ours]["seconds"]
+            print(
+                f"{call}, rho = 0 on the same layers: Captum time / ours {ratio:.2f}x; "
+                f"max difference / max |score| {diff:.1e}"
+            )
     for ours, theirs in (("fast-self-rho0", "captum-fast-self"),
                          ("fast-self", "captum-fast-self"),
                          ("fast-influence", "captum-fast-influence"),
@@ -218,15 +221,16 @@ def main() -> None:
                 f"{ours} vs {theirs}: Captum time / ours {ratio:.2f}x; max difference / "
                 f"max |score| {diff:.1e}"
             )
-    if "gif-self-layers" in results and "captum-self-layers" in results:
-        ours = torch.tensor(results["gif-self-layers"]["scores"])
-        theirs = torch.tensor(results["captum-self-layers"]["scores"])
-        corr = torch.corrcoef(torch.stack([ours, theirs]))[0, 1]
-        ratio = results["captum-self-layers"]["seconds"] / results["gif-self-layers"]["seconds"]
-        print(
-            f"self influence on the same layers: Captum time / ours {ratio:.2f}x; "
-            f"Pearson of the scores (ours at rho 0.05, Captum plain TracIn) {float(corr):.3f}"
-        )
+    for call in ("self", "influence"):
+        ours, theirs = f"gif-{call}-layers", f"captum-{call}-layers"
+        if ours in results and theirs in results:
+            a, b = (torch.tensor(results[k]["scores"]) for k in (ours, theirs))
+            corr = torch.corrcoef(torch.stack([a, b]))[0, 1]
+            ratio = results[theirs]["seconds"] / results[ours]["seconds"]
+            print(
+                f"{call} on the same layers: Captum time / ours {ratio:.2f}x; Pearson of the "
+                f"scores (ours at rho 0.05, Captum plain TracIn) {float(corr):.3f}"
+            )
 
 
 if __name__ == "__main__":
