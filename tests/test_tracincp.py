@@ -74,14 +74,22 @@ def sam_eps(params, g_flat, names, rho, adaptive):
 
 
 def brute_force(
-    run, rho, adaptive, perturbation, layers=None, test_at_perturbed=False, scope="trainable"
+    run,
+    rho,
+    adaptive,
+    perturbation,
+    layers=None,
+    test_at_perturbed=False,
+    scope="trainable",
+    names=None,
 ):
     """Scores by a double loop; the perturbation over every parameter (``scope="trainable"``,
-    the training's) or over the attributed ones only (``"attributed"``)."""
+    the training's) or over the attributed ones only (``"attributed"``); ``names``: the
+    attributed parameters (default: those of ``layers``)."""
     model, (xt, yt) = run["model"], run["test"]
     xs, ys = run["train"].tensors
     scratch = copy.deepcopy(model)
-    names = [
+    names = names or [
         n
         for n, _ in model.named_parameters()
         if layers is None or any(n.startswith(layer + ".") for layer in layers)
@@ -131,6 +139,70 @@ def test_matches_brute_force_double_loop(run, perturbation, adaptive, layers):
         assert (sub - got).abs().max() > 1e-4  # the scope changes the point
     # the perturbation matters: rho = 0 gives different scores
     assert (got - make(run, rho=0.0, layers=layers).influence(run["test"])).abs().max() > 1e-4
+
+
+class _Scaled(torch.nn.Module):
+    """A parameter-free step after the final layer (its output is not the model's)."""
+
+    def forward(self, x):
+        return 3.0 * x
+
+
+@pytest.mark.parametrize("after_head", [False, True])
+def test_attributed_head_self_influence_skips_the_perturbed_pass(run, monkeypatch, after_head):
+    """Only the final layer perturbed: its factors at w + eps come from its input at w.
+
+    Against a double loop; the shortcut is checked against a real pass once and refused
+    when the layer's output is not the model's (``after_head``: scaled by 3).
+    """
+    from captum.influence import TracInCPFast
+
+    from captum_sam import SAMTracInCPFast
+    from captum_sam.gif import head
+    from captum_sam.gif.factored_grads import FactoredGradients
+
+    model = copy.deepcopy(run["model"])
+    if after_head:
+        model.add_module("scale", _Scaled())
+    case = dict(run, model=model, test=run["train"].tensors)
+    made, checks, passes = [], [], []
+    real_factors, real_matches = head.head_factors, head.head_matches
+    factors = FactoredGradients.factors
+    monkeypatch.setattr(head, "head_factors", lambda *a: made.append(real_factors(*a)) or made[-1])
+    monkeypatch.setattr(
+        head, "head_matches", lambda *a: checks.append(real_matches(*a)) or checks[-1]
+    )
+    monkeypatch.setattr(FactoredGradients, "factors", lambda *a: passes.append(1) or factors(*a))
+    batches, ckpts = -(-N_TRAIN // 5), len(run["ckpts"])
+    for attributed in (["fc2.weight", "fc2.bias"], ["fc2.weight"]):
+        made.clear(), checks.clear(), passes.clear()
+        if attributed == ["fc2.weight"]:  # Captum's TracInCPFast set-up, reducing loss
+            est = SAMTracInCPFast(
+                model, "fc2", run["train"], run["ckpts"], loss_fn=torch.nn.CrossEntropyLoss(
+                    reduction="sum"), batch_size=5, rho=0.2, perturbation_scope="attributed"
+            )  # fmt: skip
+        else:
+            est = make(case, rho=0.2, layers=["fc2"], perturbation_scope="attributed")
+        got = est.self_influence()
+        ref = brute_force(case, 0.2, False, "dataset", scope="attributed", names=attributed)
+        torch.testing.assert_close(got, ref.diagonal(), rtol=1e-10, atol=1e-12)
+        assert checks == [not after_head]  # one check, on the first perturbed batch
+        if after_head:
+            assert all(f is not None for f in made)  # refused by the check alone
+            assert len(passes) == 2 * batches * ckpts  # at w (kept), then at w + eps
+            continue
+        # every batch and checkpoint, and the check's own call
+        assert len(made) == batches * ckpts + 1 and all(f is not None for f in made)
+        assert len(passes) == batches * ckpts  # at w (kept); nothing at w + eps
+    if not after_head:  # rho = 0 is still Captum's TracInCPFast
+        loss = torch.nn.CrossEntropyLoss(reduction="sum")
+        ours = SAMTracInCPFast(model, "fc2", run["train"], run["ckpts"], loss_fn=loss,
+                               batch_size=5, rho=0.0, perturbation_scope="attributed")  # fmt: skip
+        theirs = TracInCPFast(model, model.fc2, run["train"], run["ckpts"],
+                              checkpoints_load_func, loss_fn=loss, batch_size=5)  # fmt: skip
+        torch.testing.assert_close(
+            ours.self_influence(), theirs.self_influence(), rtol=1e-10, atol=1e-12
+        )
 
 
 @pytest.mark.parametrize("perturbation", ["dataset", "example"])

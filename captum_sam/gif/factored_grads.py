@@ -31,6 +31,7 @@ from captum_sam.core.data import on_device, validate_batch
 from captum_sam.core.layers import products, sites
 from captum_sam.core.losses import batch_size, slice_batch
 from captum_sam.core.projection import LayerProjection
+from captum_sam.gif import head
 from captum_sam.gif.points import WeightPoints
 from captum_sam.gif.terms import Term, check_finite_terms
 
@@ -212,9 +213,29 @@ class FactoredGradients:
                     e = F.sam_perturbation(p, g, term.rho, term.adaptive)
                     mloss = floss
                 shifted = {n: p[n] + e[n] for n in p}
-                moved = self.factors(mloss, shifted, batch)
+                moved = self._head_moved(mloss, shifted, batch, at_w)
+                if moved is None:
+                    moved = self.factors(mloss, shifted, batch)
             yield at_w, moved
             del at_w, moved
+
+    def _head_moved(
+        self, floss: F.FunctionalLoss, shifted: F.Params, batch: Any, at_w: Any
+    ) -> sites.Factors | None:
+        """Factors at ``w + eps`` from the input at ``w`` when only the output layer moves.
+
+        (:mod:`captum_sam.gif.head`; checked against a real pass once per loss.)
+        """
+        if at_w is None or not head.applies(self.points.extra, self.sites):
+            return None
+        site = self.sites[0]  # type: ignore[index]
+        key = ("head", floss.loss_fn, floss.reduction)
+        if not self._checked.get(key, True):
+            return None
+        moved = head.head_factors(floss, shifted, batch, site, at_w)
+        if moved is not None and key not in self._checked:
+            self._checked[key] = head.head_matches(floss, shifted, batch, site, at_w)
+        return moved if self._checked.get(key) else None
 
     def pair_dots(
         self, terms: Sequence[Term], batch: tuple[Any, ...], own: list[Rep] | None = None
