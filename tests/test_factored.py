@@ -415,12 +415,15 @@ def test_merged_pass_progress_budget_fallback_and_no_leftover_hooks(run, monkeyp
 
 
 def test_merged_self_influence_keeps_what_fits_and_recomputes_the_rest(run, monkeypatch):
-    """Over the budget, the batches that fit are kept (two passes) and only the others
-    are recomputed in the second pass, unless fewer than MERGE_MIN_KEPT of the examples
-    fit (then none are kept); the scores are the same either way."""
+    """The checkpoints are taken as many at a time as the budget holds every example's
+    factors for (one at a time when two do not fit); within a group, over the budget,
+    the batches that fit are kept (two passes) and only the others are recomputed in
+    the second pass, unless fewer than MERGE_MIN_KEPT of the examples fit (then none
+    are kept); the scores are the same either way."""
     from captum_sam.gif import checkpoint_form
 
     ckpts = [c.path for c in run["traj"].checkpoints]
+    assert len(ckpts) >= 2
 
     def make(**f):
         return SAMTracInCP(
@@ -436,27 +439,33 @@ def test_merged_self_influence_keeps_what_fits_and_recomputes_the_rest(run, monk
         return sizes[-1]
 
     def pair_dots(self, terms, batch, own=None):
-        owns.append(own is not None)
+        owns.append((len(terms), own is not None))
         return real_pair(self, terms, batch, own=own)
 
     monkeypatch.setattr(checkpoint_form, "_nbytes", nbytes)
     monkeypatch.setattr(FactoredGradients, "pair_dots", pair_dots)
     torch.testing.assert_close(make().self_influence(), ref)
-    n_batches = -(-len(run["data"]) // 7)
-    assert owns == [True] * n_batches  # the default budget keeps every batch
-    per_batch = list(sizes)  # each batch's factors at w and its tensors
+    n_batches, k = -(-len(run["data"]) // 7), len(ckpts)
+    assert owns == [(k, True)] * n_batches  # the default budget keeps every batch
+    every = sum(sizes)  # every batch's factors at w for all checkpoints, and the batches
+    # room for every example of one checkpoint, not of two: one checkpoint at a time
+    sizes.clear(), owns.clear()
+    monkeypatch.setattr(checkpoint_form, "MERGE_BUDGET_BYTES", every // k + every // (4 * k))
+    torch.testing.assert_close(make().self_influence(), ref)
+    assert owns == [(1, True)] * (n_batches * k)
+    per_batch = sizes[:n_batches]  # one checkpoint's factors of each batch, with the batch
     for kept, want in ((3, [True] * 3 + [False] * 2), (2, [False] * 5)):
         # 21 of the 30 examples fit: three batches kept; 14 (< MERGE_MIN_KEPT): none
         sizes.clear(), owns.clear()
         monkeypatch.setattr(checkpoint_form, "MERGE_BUDGET_BYTES", sum(per_batch[:kept]))
         torch.testing.assert_close(make().self_influence(), ref)
-        assert owns == want
+        assert owns == [(1, w) for w in want] * k
     # as rank 1 of 2 (its share: 2 of the 5 batches, 12 examples) 14 examples are enough
     monkeypatch.setattr(checkpoint_form, "rank_and_world", lambda: (1, 2))
     assert checkpoint_form._local_share(make().train_dataloader, 30) == 12
     sizes.clear(), owns.clear()
     torch.testing.assert_close(make().self_influence(), ref)
-    assert owns == [True] * 2 + [False] * 3
+    assert owns == [(1, w) for w in [True] * 2 + [False] * 3] * k
 
 
 def test_kept_rows_of_merged_self_influence_share_one_buffer_per_tensor():

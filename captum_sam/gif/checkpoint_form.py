@@ -20,6 +20,7 @@ from captum_sam import core as F
 from captum_sam.core.data import batch_context, local_batches, progress
 from captum_sam.core.distributed import all_reduce_sum, gather_ordered, rank_and_world
 from captum_sam.core.layers import products
+from captum_sam.core.losses import batch_size
 from captum_sam.gif.factored_grads import (
     FactoredGradients,
     Rep,
@@ -183,8 +184,13 @@ class CheckpointForm:
         the factors of the others (three passes for those, memory of one batch).
         Nothing is kept when the budget holds less than :data:`MERGE_MIN_KEPT` of the
         examples this process scores (estimated from the first batch).
+
+        The checkpoints are taken in groups, as many at a time as the budget holds
+        every example's factors for (estimated from one example): one checkpoint at a
+        time when even two do not fit. The same passes per checkpoint with the
+        factors of fewer checkpoints held; the training data is read twice per group.
         """
-        terms, points, factored = self.terms, self.points, self.factored
+        terms, points = self.terms, self.points
         if (
             points.perturbation != "dataset"
             or points.perturbation_data is not train
@@ -194,6 +200,47 @@ class CheckpointForm:
             or all(t.rho == 0 for t in terms)
         ):
             return None
+        size = self._merge_group_size(train, n_train)
+        total = None
+        for start in range(0, len(terms), size):
+            group = terms[start : start + size]
+            label = "" if size >= len(terms) else (
+                f" (checkpoints {start + 1} to {start + len(group)} of {len(terms)})"
+            )  # fmt: skip
+            scores = self._merged_group(group, train, n_train, show_progress, name + label)
+            if scores is None:  # refused on the first batch (the first group)
+                return None
+            total = scores if total is None else total.add_(scores)
+        return total
+
+    def _merge_group_size(self, train: Any, n_train: int) -> int:
+        """How many checkpoints merged self influence takes at a time (the same on every rank).
+
+        The most whose kept factors for every example this process scores, with the
+        batches, fit in :data:`MERGE_BUDGET_BYTES`, from one example of the first batch
+        (at least one).
+        """
+        terms, size = self.terms, len(self.terms)
+        first = next(iter(local_batches(train, self.device)), None)
+        if size > 1 and first is not None and self.factored.applies(terms, first[1]):
+            batch = first[1]
+            _, kept = self.factored.row_floats(terms, batch)
+            per_term = kept * self.points.reference(terms[0].checkpoint).element_size()
+            rows = max(batch_size(batch), 1)
+            per_batch = sum(x.numel() * x.element_size() for x in batch if isinstance(x, Tensor))
+            per_batch /= rows
+            room = MERGE_BUDGET_BYTES / max(_local_share(train, n_train), 1.0) - per_batch
+            size = int(min(max(room // max(per_term, 1), 1), size))
+        del first
+        votes = torch.zeros(len(terms), dtype=torch.float64)
+        votes[size - 1] = 1.0
+        return int(torch.nonzero(all_reduce_sum(votes))[0, 0]) + 1  # the smallest vote
+
+    def _merged_group(
+        self, terms: list[Term], train: Any, n_train: int, show_progress: bool, name: str
+    ) -> Tensor | None:
+        """:meth:`merged_self_influence` of a group of checkpoints (``None``: refused)."""
+        points, factored = self.points, self.factored
         params, _ = points.stack(terms)
         losses = factored.term_losses(terms)
         total = {n: torch.zeros_like(v) for n, v in params.items()}
