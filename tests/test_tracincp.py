@@ -148,12 +148,15 @@ class _Scaled(torch.nn.Module):
         return 3.0 * x
 
 
+@pytest.mark.parametrize("call", ["self", "influence"])
 @pytest.mark.parametrize("after_head", [False, True])
-def test_attributed_head_self_influence_skips_the_perturbed_pass(run, monkeypatch, after_head):
+def test_attributed_head_skips_the_perturbed_pass(run, monkeypatch, after_head, call):
     """Only the final layer perturbed: its factors at w + eps come from its input at w.
 
-    Against a double loop; the shortcut is checked against a real pass once and refused
-    when the layer's output is not the model's (``after_head``: scaled by 3).
+    Against a double loop. Self influence keeps the factors at w of its first pass;
+    influence those of the perturbation's pass. The shortcut is checked against a real
+    pass once and refused when the layer's output is not the model's (``after_head``:
+    scaled by 3), which then takes a pass at w + eps per batch.
     """
     from captum.influence import TracInCPFast
 
@@ -164,7 +167,8 @@ def test_attributed_head_self_influence_skips_the_perturbed_pass(run, monkeypatc
     model = copy.deepcopy(run["model"])
     if after_head:
         model.add_module("scale", _Scaled())
-    case = dict(run, model=model, test=run["train"].tensors)
+    # self influence: the train-vs-train double loop's diagonal
+    case = dict(run, model=model, test=run["train"].tensors if call == "self" else run["test"])
     made, checks, passes = [], [], []
     real_factors, real_matches = head.head_factors, head.head_matches
     factors = FactoredGradients.factors
@@ -174,35 +178,43 @@ def test_attributed_head_self_influence_skips_the_perturbed_pass(run, monkeypatc
     )
     monkeypatch.setattr(FactoredGradients, "factors", lambda *a: passes.append(1) or factors(*a))
     batches, ckpts = -(-N_TRAIN // 5), len(run["ckpts"])
+    # influence: one test batch per checkpoint; self influence: the one example that
+    # sizes the groups of checkpoints
+    test_side = 1 if call == "self" else ckpts
+    loss = torch.nn.CrossEntropyLoss(reduction="sum")
     for attributed in (["fc2.weight", "fc2.bias"], ["fc2.weight"]):
         made.clear(), checks.clear(), passes.clear()
         if attributed == ["fc2.weight"]:  # Captum's TracInCPFast set-up, reducing loss
             est = SAMTracInCPFast(
-                model, "fc2", run["train"], run["ckpts"], loss_fn=torch.nn.CrossEntropyLoss(
-                    reduction="sum"), batch_size=5, rho=0.2, perturbation_scope="attributed"
+                model, "fc2", run["train"], run["ckpts"], loss_fn=loss, batch_size=5, rho=0.2,
+                perturbation_scope="attributed",
             )  # fmt: skip
         else:
             est = make(case, rho=0.2, layers=["fc2"], perturbation_scope="attributed")
-        got = est.self_influence()
+        got = est.self_influence() if call == "self" else est.influence(run["test"])
         ref = brute_force(case, 0.2, False, "dataset", scope="attributed", names=attributed)
-        torch.testing.assert_close(got, ref.diagonal(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got, ref.diagonal() if call == "self" else ref,
+                                   rtol=1e-10, atol=1e-12)  # fmt: skip
         assert checks == [not after_head]  # one check, on the first perturbed batch
-        if after_head:
-            assert all(f is not None for f in made)  # refused by the check alone
-            assert len(passes) == 2 * batches * ckpts  # at w (kept), then at w + eps
-            continue
-        # every batch and checkpoint, and the check's own call
-        assert len(made) == batches * ckpts + 1 and all(f is not None for f in made)
-        assert len(passes) == batches * ckpts  # at w (kept); nothing at w + eps
+        assert made and all(f is not None for f in made)  # refused by the check alone
+        # at w (kept), and the test side; at w + eps only without the shortcut
+        assert len(passes) == (2 - (not after_head)) * batches * ckpts + test_side
+        if not after_head:  # every batch and checkpoint, and the check's own call
+            assert len(made) == batches * ckpts + 1
+        if call == "influence":  # a second call: the perturbation is known, nothing kept
+            passes.clear()
+            torch.testing.assert_close(est.influence(run["test"]), got, rtol=1e-12, atol=0)
+            assert len(passes) == batches * ckpts + test_side  # the pass at w + eps
     if not after_head:  # rho = 0 is still Captum's TracInCPFast
-        loss = torch.nn.CrossEntropyLoss(reduction="sum")
         ours = SAMTracInCPFast(model, "fc2", run["train"], run["ckpts"], loss_fn=loss,
                                batch_size=5, rho=0.0, perturbation_scope="attributed")  # fmt: skip
         theirs = TracInCPFast(model, model.fc2, run["train"], run["ckpts"],
                               checkpoints_load_func, loss_fn=loss, batch_size=5)  # fmt: skip
-        torch.testing.assert_close(
-            ours.self_influence(), theirs.self_influence(), rtol=1e-10, atol=1e-12
-        )
+        if call == "self":
+            got, ref = ours.self_influence(), theirs.self_influence()
+        else:
+            got, ref = ours.influence(run["test"]), theirs.influence(run["test"])
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("perturbation", ["dataset", "example"])

@@ -124,7 +124,7 @@ class SAMTracInBase(TracInCPBase):
         """Score blocks ``(n_test, batch)`` in training order (streamed if ``stream``)."""
         e = self._engines
         test = as_loader(inputs, self.batch_size, "inputs")
-        e.prepare()
+        e.prepare(self.train_dataloader if e.cache is None else None)
         if e.cache is not None:
             q = self.compute_intermediate_quantities(inputs, aggregate=aggregate, side="test")
             return e.cache.scores(q)

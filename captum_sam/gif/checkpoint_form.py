@@ -10,7 +10,7 @@ in a layer site (``nn.Linear``, ``nn.Conv2d``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from captum_sam.core.data import batch_context, local_batches, progress
 from captum_sam.core.distributed import all_reduce_sum, gather_ordered, rank_and_world
 from captum_sam.core.layers import products
 from captum_sam.core.losses import batch_size
+from captum_sam.gif import head
 from captum_sam.gif.factored_grads import (
     FactoredGradients,
     Rep,
@@ -68,11 +69,66 @@ class CheckpointForm:
     train_loss: F.FunctionalLoss
     test_loss: F.FunctionalLoss
     device: torch.device
+    # the output layer's factors at w of the training batches (by index), per term, from
+    # the perturbation's pass: read once by the next ``columns`` (see ``prepare``)
+    _head_kept: dict[int, list[Rep]] = field(default_factory=dict)
 
-    def prepare(self) -> None:
-        """Compute the dataset perturbations on every rank before work is split."""
+    def prepare(self, train: Any = None, n_train: int = 0) -> None:
+        """Compute the dataset perturbations on every rank before work is split.
+
+        ``train``: the training batches :meth:`columns` scores next (``n_train``
+        examples). When the
+        perturbation is the mean gradient over them and moves only the output layer
+        (:mod:`captum_sam.gif.head`), it is taken from that layer's factors, which are
+        kept for those batches as long as they fit in :data:`MERGE_BUDGET_BYTES` (none
+        when less than :data:`MERGE_MIN_KEPT` of the examples would): :meth:`columns`
+        then needs no forward pass for them.
+        """
+        self._head_kept = {}
         if self.points.perturbation == "dataset":
-            self.points.eps(self.terms)
+            if train is None or not self._head_pass(train, n_train):
+                self.points.eps(self.terms)
+
+    def _head_pass(self, train: Any, n_train: int) -> bool:
+        """The dataset perturbation from the output layer's factors, kept (``False``: n/a)."""
+        terms, points, factored = self.terms, self.points, self.factored
+        if (
+            points.perturbation_data is not train
+            or points.has_dataset_eps(terms)
+            or not factored.usable_with
+            or not head.applies(points.extra, factored.sites)
+            or all(t.rho == 0 for t in terms)
+        ):
+            return False
+        params, _ = points.stack(terms)
+        total = {n: torch.zeros_like(v) for n, v in params.items()}
+        kept: dict[int, list[Rep]] = {}
+        usable, keep, held, count = True, True, 0, 0
+        for i, batch in local_batches(train, self.device):
+            if not count and not factored.applies(terms, batch):
+                usable = False
+                break
+            fs: list[Rep] = []
+            for k, (p, floss) in enumerate(factored.term_losses(terms)):
+                with batch_context("train_dataset", i):
+                    fs.append(factored.factors(floss, p, batch))
+                for n, g in products.factor_grad_sum(fs[-1], factored.sites).items():  # type: ignore[arg-type]
+                    total[n][k] += g
+            size = products.row_count(fs[0])  # type: ignore[arg-type]
+            nbytes = _nbytes(fs)
+            if not count:  # from the first batch: keep nothing unless enough fits
+                rows = MERGE_BUDGET_BYTES * size // max(nbytes, 1)
+                keep = rows >= MERGE_MIN_KEPT * _local_share(train, n_train)
+            keep = keep and held + nbytes <= MERGE_BUDGET_BYTES
+            if keep:
+                kept[i], held = fs, held + nbytes
+            count += size
+        refused = all_reduce_sum(torch.tensor([0.0 if usable else 1.0], dtype=torch.float64))
+        if refused[0] > 0:
+            return False
+        points.store_dataset_eps(terms, total, count, "train_dataset")
+        self._head_kept = kept
+        return True
 
     def columns(
         self,
@@ -108,9 +164,12 @@ class CheckpointForm:
                 n: coef * v
                 for n, v in self.vmap.test_matrix(terms, test, self.test_loss, aggregate).items()
             }
+        kept, self._head_kept = self._head_kept, {}  # read once
         for i, batch in train:
             with batch_context("train_dataset", i):
-                block = self._column(factors, tests, terms, batch, coef, aggregate)
+                block = self._column(
+                    factors, tests, terms, batch, coef, aggregate, kept.pop(i, None)
+                )
             yield i, block
 
     def _columns_by_term(
@@ -129,23 +188,26 @@ class CheckpointForm:
         terms = self.terms
         self.points.share_dataset_eps(terms)  # no pass over the data per checkpoint
         coef = self.points.coefficients(terms)
+        kept, self._head_kept = self._head_kept, {}  # read once
         blocks: dict[int, Tensor] = {}
         for k, term in enumerate(terms):
             tests = held.pop() if k == 0 else self.factored.test_factors([term], test, aggregate)
             for i, batch in train if k == 0 else train_again():
+                own = kept[i][k : k + 1] if i in kept else None
                 with batch_context("train_dataset", i):
-                    block = self.factored.gram(tests, [term], batch, coef[k : k + 1])  # type: ignore[arg-type]
+                    block = self.factored.gram(tests, [term], batch, coef[k : k + 1], own)  # type: ignore[arg-type]
                 blocks[i] = block if k == 0 else blocks[i].add_(block)
             del tests
+        del kept
         yield from blocks.items()
 
     def _column(
         self, factors: Any, tests: Any, terms: list[Term], batch: tuple[Any, ...],
-        coef: Tensor, aggregate: bool,
+        coef: Tensor, aggregate: bool, own: list[Rep] | None = None,
     ) -> Tensor:  # fmt: skip
-        """The ``(n_test, batch)`` scores of one training batch."""
+        """The ``(n_test, batch)`` scores of one training batch (``own``: its factors at w)."""
         if factors is not None:
-            return self.factored.gram(factors, terms, batch, coef.view(-1))
+            return self.factored.gram(factors, terms, batch, coef.view(-1), own)
         if aggregate and self.factored.applies(terms, batch):  # one summed test row
             return self.factored.apply(tests, terms, batch)
         grads = self.vmap.grads(terms, batch, self.train_loss, False, True)[1]

@@ -338,11 +338,21 @@ class FactoredGradients:
         return check_finite_terms(total, "training gradients", terms)
 
     def gram(
-        self, tests: list[Rep], terms: Sequence[Term], batch: tuple[Any, ...], coef: Tensor | None
+        self,
+        tests: list[Rep],
+        terms: Sequence[Term],
+        batch: tuple[Any, ...],
+        coef: Tensor | None,
+        own: list[Rep] | None = None,
     ) -> Tensor:
-        """``(n_test, batch)`` scores ``sum_k coef_k test_k . train_k`` from factors."""
+        """``(n_test, batch)`` scores ``sum_k coef_k test_k . train_k`` from factors.
+
+        ``own``: the batch's factors at ``w`` per term, when known (only the output
+        layer perturbed: the factors at ``w + eps`` then need no forward pass).
+        """
         total = None
-        for k, (_, moved) in enumerate(self.iter_train_factors(terms, batch, need_w=False)):
+        pairs = self.iter_train_factors(terms, batch, need_w=False, own=own)
+        for k, (_, moved) in enumerate(pairs):
             gram = self.cross(tests[k], moved)
             gram = gram if coef is None else coef[k] * gram
             total = gram if total is None else total + gram

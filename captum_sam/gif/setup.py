@@ -91,9 +91,16 @@ class GIFEngines:
     final_checkpoint: str
     cache: CachedQuantities | None = None
 
-    def prepare(self) -> None:
-        """Compute dataset perturbations on every rank before work is split."""
-        (self.trajectory or self.form).prepare()
+    def prepare(self, train: Any = None) -> None:
+        """Compute dataset perturbations on every rank before work is split.
+
+        ``train``: the training batches influence scores next (see
+        :meth:`~captum_sam.gif.checkpoint_form.CheckpointForm.prepare`).
+        """
+        if self.trajectory is not None:
+            self.trajectory.prepare()
+        else:
+            self.form.prepare(train, self.n_train)
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """A flat ``(P,)`` vector as a dict of the attributed parameters' shapes."""
