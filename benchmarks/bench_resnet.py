@@ -198,21 +198,12 @@ def main() -> None:
                     f"{r['added_mb']:.0f}", str(r["finite"])))  # fmt: skip
         print(out[-1], flush=True)
     print(table(out, ("row", "wall s", "CPU s", "peak MB", "added MB", "finite")))
-    for call in ("self", "influence"):
-        ours, theirs = f"gif-{call}-layers-rho0", f"captum-{call}-layers"
-        if ours in results and theirs in results:
-            a, b = (torch.tensor(results[k]["scores"]) for k in (ours, theirs))
-            diff = float((a - b).abs().max() / b.abs().max())
-            ratio = results[theirs]["seconds"] / results[ours]["seconds"]
-            print(
-                f"{call}, rho = 0 on the same layers: Captum time / ours {ratio:.2f}x; "
-                f"max difference / max |score| {diff:.1e}"
-            )
-    for ours, theirs in (("fast-self-rho0", "captum-fast-self"),
-                         ("fast-self", "captum-fast-self"),
-                         ("fast-influence", "captum-fast-influence"),
-                         ("fast-self-attributed", "captum-fast-self"),
-                         ("fast-influence-attributed", "captum-fast-influence")):  # fmt: skip
+    pairs = [(f"gif-{c}-layers-rho0", f"captum-{c}-layers") for c in ("self", "influence")]
+    pairs += [("fast-self-rho0", "captum-fast-self"), ("fast-self", "captum-fast-self"),
+              ("fast-influence", "captum-fast-influence"),
+              ("fast-self-attributed", "captum-fast-self"),
+              ("fast-influence-attributed", "captum-fast-influence")]  # fmt: skip
+    for ours, theirs in pairs:
         if ours in results and theirs in results:
             a, b = (torch.tensor(results[k]["scores"]) for k in (ours, theirs))
             diff = float((a - b).abs().max() / b.abs().max())
