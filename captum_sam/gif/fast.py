@@ -76,7 +76,10 @@ class SAMTracInCPFast(SAMTracInBase):
         perturbation: ``"dataset"`` or ``"example"`` (see :class:`~captum_sam.SAMTracInCP`).
         perturbation_dataset: Data for the ``"dataset"`` perturbation.
         perturbation_scope: ``"trainable"`` (default, the training's perturbation) or
-            ``"attributed"`` (the final layer's weight alone, an approximation).
+            ``"attributed"`` (the final layer's weight alone, an approximation; the
+            features are then the same at both points, and when the layer's output
+            is the model's, the gradients at :math:`w_c + \epsilon_c` come from the
+            features at :math:`w_c` with no second forward pass).
         test_at_perturbed: Take the test gradient at the perturbed weights too.
         batchnorm_tolerance: For models with BatchNorm (whose gradients here are taken
             with the running statistics, as :class:`~captum_sam.SAMTracInCP`'s
