@@ -230,12 +230,14 @@ class FactoredGradients:
             return None
         site = self.sites[0]  # type: ignore[index]
         key = ("head", floss.loss_fn, floss.reduction)
-        if not self._checked.get(key, True):
+        if key not in self._checked:  # None: not decidable on this representation
+            verdict = head.head_matches(floss, shifted, batch, site, at_w)
+            if verdict is None:
+                return None
+            self._checked[key] = verdict
+        if not self._checked[key]:
             return None
-        moved = head.head_factors(floss, shifted, batch, site, at_w)
-        if moved is not None and key not in self._checked:
-            self._checked[key] = head.head_matches(floss, shifted, batch, site, at_w)
-        return moved if self._checked.get(key) else None
+        return head.head_factors(floss, shifted, batch, site, at_w)
 
     def pair_dots(
         self, terms: Sequence[Term], batch: tuple[Any, ...], own: list[Rep] | None = None

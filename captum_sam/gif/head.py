@@ -18,6 +18,7 @@ factored path itself is checked against ``vmap``
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,21 +69,29 @@ def head_factors(
 
 def head_matches(
     floss: F.FunctionalLoss, params: F.Params, batch: Any, site: sites.Site, at_w: Any
-) -> bool:
-    """Whether :func:`head_factors` equals a real pass at ``params`` on the first rows."""
+) -> bool | None:
+    """Whether :func:`head_factors` equals a real pass at ``params`` on the first rows.
+
+    ``None`` when :func:`head_factors` does not apply to ``at_w``. Warnings of the
+    trial (e.g. a loss warning about an output of another shape) are not shown: a
+    refused shortcut is never used.
+    """
     rows = min(CHECK_ROWS, batch_size(batch))
     part = sites.head(batch, rows)
-    try:
-        fast = head_factors(floss, params, part, site, products.map_rows(at_w, lambda x: x[:rows]))
-        if fast is None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            trial = products.map_rows(at_w, lambda x: x[:rows]) if isinstance(at_w, list) else at_w
+            fast = head_factors(floss, params, part, site, trial)
+            if fast is None:
+                return None
+            ((a, d),) = fast
+            ((a0, d0),) = sites.layer_factors(floss, params, part, [site])
+        except (RuntimeError, ValueError, TypeError):  # e.g. an output of another shape
             return False
-        ((a, d),) = fast
-        ((a0, d0),) = sites.layer_factors(floss, params, part, [site])
-    except (RuntimeError, ValueError, TypeError):  # e.g. an output of another shape
+    if a.shape != a0.shape or d.shape != d0.shape:
         return False
-    return (
-        a.shape == a0.shape and d.shape == d0.shape and sites.agrees(a, a0) and sites.agrees(d, d0)
-    )
+    return sites.agrees(a, a0) and sites.agrees(d, d0)
 
 
 def applies(extra: Sequence[str], site_list: Sequence[sites.Site] | None) -> bool:
