@@ -104,6 +104,7 @@ class CheckpointForm:
         total = {n: torch.zeros_like(v) for n, v in params.items()}
         kept: dict[int, list[Rep]] = {}
         usable, keep, held, count = True, True, 0, 0
+        store: _RowStore | None = None  # one buffer per tensor (see _RowStore)
         for i, batch in local_batches(train, self.device):
             if not count and not factored.applies(terms, batch):
                 usable = False
@@ -119,9 +120,10 @@ class CheckpointForm:
             if not count:  # from the first batch: keep nothing unless enough fits
                 rows = MERGE_BUDGET_BYTES * size // max(nbytes, 1)
                 keep = rows >= MERGE_MIN_KEPT * _local_share(train, n_train)
+                store = _RowStore(min(n_train, max(size, rows)))
             keep = keep and held + nbytes <= MERGE_BUDGET_BYTES
-            if keep:
-                kept[i], held = fs, held + nbytes
+            if keep and store is not None:
+                kept[i], held = store.put(fs, size), held + nbytes
             count += size
         refused = all_reduce_sum(torch.tensor([0.0 if usable else 1.0], dtype=torch.float64))
         if refused[0] > 0:
