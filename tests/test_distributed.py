@@ -10,6 +10,7 @@ from torch.utils.data import TensorDataset
 
 from captum_sam import load_trajectory, train_sam
 from captum_sam.applications import influence_scores
+from captum_sam.gif import checkpoint_form
 from captum_sam.gif.tracincp import SAMTracInCP
 from captum_sam.hif import kfac as kfac_module
 from captum_sam.hif import sides, site_groups
@@ -35,6 +36,20 @@ def compute(run_dir):
             model, train, ckpts, loss_fn=ce_loss(), batch_size=4, rho=0.1, factorize=factorize
         )
         out[f"gif_self_fresh_{factorize}"] = fresh.self_influence()
+    # merged self influence one checkpoint at a time (every rank votes for groups of 1)
+    saved = checkpoint_form.MERGE_BUDGET_BYTES
+    checkpoint_form.MERGE_BUDGET_BYTES = 1
+    try:
+        out["gif_self_groups"] = SAMTracInCP(
+            model, train, ckpts, loss_fn=ce_loss(), batch_size=4, rho=0.1
+        ).self_influence()
+    finally:
+        checkpoint_form.MERGE_BUDGET_BYTES = saved
+    # only the output layer perturbed: factors at w kept by batch index on each rank
+    for call in ("self", "influence"):
+        head = SAMTracInCP(model, train, ckpts, loss_fn=ce_loss(), batch_size=4, rho=0.1,
+                           layers=["fc2"], perturbation_scope="attributed")  # fmt: skip
+        out[f"head_{call}"] = head.self_influence() if call == "self" else head.influence(test)
     gif = SAMTracInCP(model, train, ckpts, loss_fn=ce_loss(), batch_size=4, rho=0.1)
     out["gif"] = gif.influence(test)
     out["gif_top"] = gif.influence(test, k=3, proponents=False).indices
@@ -173,6 +188,7 @@ def test_sharded_results_equal_single_process(tmp_path, world):
     single = compute(str(tmp_path))
     torch.testing.assert_close(single["gif_self_fresh_True"], single["gif_self_fresh_False"])
     torch.testing.assert_close(single["gif_self_fresh_True"], single["gif_self"])
+    torch.testing.assert_close(single["gif_self_groups"], single["gif_self"])
     assert single["hif_dense_factored"] == 1 and single["hif_dense_products_factored"] == 0
     assert single["centred_hif_factored"] == 0
     assert single["kfac_full_groups"] == 0 and single["ekfac_fast_groups"] >= 2
