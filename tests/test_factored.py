@@ -226,12 +226,21 @@ def test_checkpoint_self_influence_factored_equals_vmap(run, kw):
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
 
 
+HEAD = dict(layers=["fc2"], perturbation_scope="attributed")  # only the output layer moves
+
+
 @pytest.mark.parametrize("perturbation", ["batch", "dataset"])
 @pytest.mark.parametrize("test_at_perturbed", [False, True])
+@pytest.mark.parametrize("head", [False, True])
 def test_trajectory_self_influence_factored_equals_vmap(
-    run, perturbation, test_at_perturbed, monkeypatch
+    run, perturbation, test_at_perturbed, head, monkeypatch
 ):
-    """Steps at one checkpoint together (one pass at w over their examples), or alone."""
+    """Steps at one checkpoint together (one pass at w over their examples), or alone.
+
+    ``head``: only the output layer attributed and perturbed (where a step's factors
+    at w + eps are computed one step at a time, they come from its input at w,
+    :mod:`captum_sam.gif.head`).
+    """
     from captum_sam.gif import factored_steps
 
     model = run["model"]
@@ -245,6 +254,7 @@ def test_trajectory_self_influence_factored_equals_vmap(
             loss_fn=ce_loss(),
             perturbation=perturbation,
             test_at_perturbed=test_at_perturbed,
+            **(HEAD if head else {}),
             **f,
         )
 
@@ -300,8 +310,9 @@ def test_checkpoint_influence_factored_equals_vmap(run, kw):
 
 @pytest.mark.parametrize("perturbation", ["batch", "dataset"])
 @pytest.mark.parametrize("test_at_perturbed", [False, True])
+@pytest.mark.parametrize("head", [False, True])
 def test_trajectory_influence_factored_equals_vmap(
-    run, perturbation, test_at_perturbed, monkeypatch
+    run, perturbation, test_at_perturbed, head, monkeypatch
 ):
     """Steps at one checkpoint are scored together, or one by one within a tiny budget.
 
@@ -321,6 +332,7 @@ def test_trajectory_influence_factored_equals_vmap(
             loss_fn=ce_loss(),
             perturbation=perturbation,
             test_at_perturbed=test_at_perturbed,
+            **(HEAD if head else {}),
             **f,
         )
 
