@@ -28,6 +28,10 @@ process, so its peak resident memory is its own; a warm-up call on one batch fir
   ``fast-self-attributed`` / ``fast-influence-attributed``: rho 0.05 with
   ``perturbation_scope="attributed"`` (the final layer's weight alone perturbed, an
   approximation: no backward pass through the network);
+* ``captum-arnoldi``: Captum's ``ArnoldiInfluenceFunction`` on the convolution and
+  linear layers with ``--arnoldi-dim`` Arnoldi steps (Captum's default 200 is hours
+  here: run a few and read the set-up time per step, reported as ``setup s``; top
+  ``min(50, steps - 1)`` directions), set-up plus influence on the test set;
 * ``hif-fast-ekfac``: ``SAMInfluenceFunction(variant="fast", curvature="ekfac")`` on the
   convolution and linear layers (K-FAC has no BatchNorm factors: they are refused by
   name), set-up (factors and eigen-corrections over the training set) plus influence
@@ -50,6 +54,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 
 import torch
 from _common import cifar_like as data
@@ -65,7 +70,7 @@ ROWS = (
     "hif-fast-ekfac", "hif-fast-ekfac-sampled", "gif-influence-proj", "gif-self-proj",
     "fast-self", "fast-self-rho0", "captum-fast-self", "fast-influence", "captum-fast-influence",
     "fast-self-attributed", "fast-influence-attributed", "gif-influence-layers",
-    "gif-influence-layers-rho0", "captum-influence-layers",
+    "gif-influence-layers-rho0", "captum-influence-layers", "captum-arnoldi",
 )  # fmt: skip
 
 
@@ -142,6 +147,16 @@ def measure(spec: dict) -> dict:
                            loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=bs,
                            layers=layers, sample_wise_grads_per_batch=True)  # fmt: skip
             return est.influence(test.tensors) if "influence" in row else est.self_influence()
+        if row == "captum-arnoldi":
+            from captum_sam._captum import ArnoldiInfluenceFunction
+
+            steps, start = spec["arnoldi_dim"], time.perf_counter()
+            est = ArnoldiInfluenceFunction(resnet(), train, ckpts[-1], checkpoints_load_func,
+                                           layers=layers, loss_fn=none, batch_size=bs,
+                                           arnoldi_dim=steps,
+                                           projection_dim=min(50, steps - 1))  # fmt: skip
+            setup["seconds"] = time.perf_counter() - start
+            return est.influence(test.tensors)
         samples = 1 if row.endswith("sampled") else None
         est = SAMInfluenceFunction(resnet(), train, ckpts[-1], loss_fn=none, batch_size=bs,
                                    rho=0.05, variant="fast", curvature="ekfac",
@@ -153,9 +168,11 @@ def measure(spec: dict) -> dict:
         from captum_sam.hif import sides
 
         sides.TEST_BUDGET_BYTES = int(spec["test_budget_gib"] * (1 << 30))
+    setup: dict = {}  # Captum Arnoldi's set-up time (of the timed call: the last one)
     timing, scores = warm_then_time(call, train, test, bs)
     return dict(timing, finite=bool(torch.isfinite(scores).all()), shape=list(scores.shape),
-                scores=scores.double().flatten()[:2000].tolist())  # fmt: skip
+                scores=scores.double().flatten()[:2000].tolist(),
+                setup_seconds=setup.get("seconds"))  # fmt: skip
 
 
 def run(spec: dict) -> dict:
@@ -174,6 +191,7 @@ def main() -> None:
         "--test-budget-gib", type=float, default=None,
         help="captum_sam.hif.sides.TEST_BUDGET_BYTES in GiB (default: the library's 1 GiB)",
     )  # fmt: skip
+    p.add_argument("--arnoldi-dim", type=int, default=200, help="captum-arnoldi's steps")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -192,11 +210,14 @@ def main() -> None:
     results, out = {}, []
     for row in rows:
         spec = dict(row=row, n_train=args.n_train, n_test=args.n_test, ckpts=ckpts,
-                    batch_size=args.batch_size, test_budget_gib=args.test_budget_gib)  # fmt: skip
+                    batch_size=args.batch_size, test_budget_gib=args.test_budget_gib,
+                    arnoldi_dim=args.arnoldi_dim)  # fmt: skip
         r = results[row] = run(spec)
         out.append((row, f"{r['seconds']:.1f}", f"{r['cpu']:.1f}", f"{r['peak_mb']:.0f}",
                     f"{r['added_mb']:.0f}", str(r["finite"])))  # fmt: skip
         print(out[-1], flush=True)
+        if r.get("setup_seconds") is not None:
+            print(f"  {row}: set-up {r['setup_seconds']:.1f} s for {args.arnoldi_dim} steps")
     print(table(out, ("row", "wall s", "CPU s", "peak MB", "added MB", "finite")))
     pairs = [(f"gif-{c}-layers-rho0", f"captum-{c}-layers") for c in ("self", "influence")]
     pairs += [("fast-self-rho0", "captum-fast-self"), ("fast-self", "captum-fast-self"),
