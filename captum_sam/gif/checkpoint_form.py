@@ -100,36 +100,11 @@ class CheckpointForm:
             or all(t.rho == 0 for t in terms)
         ):
             return False
-        params, _ = points.stack(terms)
-        total = {n: torch.zeros_like(v) for n, v in params.items()}
-        kept: dict[int, list[Rep]] = {}
-        usable, keep, held, count = True, True, 0, 0
-        store: _RowStore | None = None  # one buffer per tensor (see _RowStore)
-        for i, batch in local_batches(train, self.device):
-            if not count and not factored.applies(terms, batch):
-                usable = False
-                break
-            fs: list[Rep] = []
-            for k, (p, floss) in enumerate(factored.term_losses(terms)):
-                with batch_context("train_dataset", i):
-                    fs.append(factored.factors(floss, p, batch))
-                for n, g in products.factor_grad_sum(fs[-1], factored.sites).items():  # type: ignore[arg-type]
-                    total[n][k] += g
-            size = products.row_count(fs[0])  # type: ignore[arg-type]
-            nbytes = _nbytes(fs)
-            if not count:  # from the first batch: keep nothing unless enough fits
-                rows = MERGE_BUDGET_BYTES * size // max(nbytes, 1)
-                keep = rows >= MERGE_MIN_KEPT * _local_share(train, n_train)
-                store = _RowStore(min(n_train, max(size, rows)))
-            keep = keep and held + nbytes <= MERGE_BUDGET_BYTES
-            if keep and store is not None:
-                kept[i], held = store.put(fs, size), held + nbytes
-            count += size
-        refused = all_reduce_sum(torch.tensor([0.0 if usable else 1.0], dtype=torch.float64))
-        if refused[0] > 0:
+        first = self._first_pass(terms, train, n_train, local_batches(train, self.device),
+                                 lambda f: f, with_batch=False)  # fmt: skip
+        if first is None:
             return False
-        points.store_dataset_eps(terms, total, count, "train_dataset")
-        self._head_kept = kept
+        self._head_kept = {i: reps for i, _, reps in first[0]}
         return True
 
     def columns(
@@ -304,52 +279,16 @@ class CheckpointForm:
         self, terms: list[Term], train: Any, n_train: int, show_progress: bool, name: str
     ) -> Tensor | None:
         """:meth:`merged_self_influence` of a group of checkpoints (``None``: refused)."""
-        points, factored = self.points, self.factored
-        params, _ = points.stack(terms)
-        losses = factored.term_losses(terms)
-        total = {n: torch.zeros_like(v) for n, v in params.items()}
-        count, stored = 0, []
         batches = progress(
             local_batches(train, self.device),
             show_progress,
             f"Using {name} to compute self influence. Pass 1 of 2, processing batch",
             total=_length(train),
         )
-        usable, keep, held = True, True, 0
-        store: _RowStore | None = None
-        for i, batch in batches:
-            if not count and not factored.applies(terms, batch):
-                usable = False
-                break
-            fs = []  # what the second pass needs; one term's raw factors at a time
-            for k, (p, floss) in enumerate(losses):
-                with batch_context("train_dataset", i):
-                    f = factored.factors(floss, p, batch)
-                size = products.row_count(f)
-                kept = factored.represent(f)
-                # formed entries sum faster than raw factors (projected rows cannot)
-                summable = f if isinstance(kept, Tensor) else kept
-                for n, g in products.factor_grad_sum(summable, factored.sites).items():  # type: ignore[arg-type]
-                    total[n][k] += g
-                fs.append(kept)
-                del f, summable
-            # with the batch's tensors (a flat tuple, as core.losses.to_device has it)
-            nbytes = _nbytes([*fs, *(x for x in batch if isinstance(x, Tensor))])
-            # a prefix of the batches is kept; the second pass recomputes the others
-            keep = keep and held + nbytes <= MERGE_BUDGET_BYTES
-            if keep and store is None:  # room for what the budget allows, at most every row
-                rows = MERGE_BUDGET_BYTES * size // max(nbytes, 1)
-                keep = rows >= MERGE_MIN_KEPT * _local_share(train, n_train)
-                store = _RowStore(min(n_train, max(size, rows)))
-            if keep and store is not None:
-                stored.append((i, batch, store.put(fs, size)))
-                held += nbytes
-            count += size
-        # every rank takes the same path (a rank may have no batch to decide on)
-        refused = all_reduce_sum(torch.tensor([0.0 if usable else 1.0], dtype=torch.float64))
-        if refused[0] > 0:
+        first = self._first_pass(terms, train, n_train, batches, self.factored.represent, True)
+        if first is None:
             return None
-        points.store_dataset_eps(terms, total, count, "train_dataset")
+        stored, keep = first
         second = progress(
             stored if keep else _kept_then_recomputed(stored, train, self.device),
             show_progress,
@@ -358,8 +297,74 @@ class CheckpointForm:
         out = []
         for i, b, fs in second:
             with batch_context("train_dataset", i):
-                out.append((i, factored.pair_dots(terms, b, own=fs)))
+                out.append((i, self.factored.pair_dots(terms, b, own=fs)))
         return torch.cat(gather_ordered(out))
+
+    def _first_pass(
+        self,
+        terms: list[Term],
+        train: Any,
+        n_train: int,
+        batches: Iterable[tuple[int, tuple[Any, ...]]],
+        keep_as: Callable[[Any], Rep],
+        with_batch: bool,
+    ) -> tuple[list[tuple[int, Any, list[Rep]]], bool] | None:
+        """A pass at ``w``: the dataset perturbation from layer factors, and factors kept.
+
+        Over ``batches`` of ``train``, the perturbation of ``terms`` is summed from layer
+        factors and stored. Per term, ``keep_as(raw factors)`` is kept (with the batch
+        when ``with_batch``) for the prefix of the batches that fits in
+        :data:`MERGE_BUDGET_BYTES`, in one :class:`_RowStore`; nothing when less than
+        :data:`MERGE_MIN_KEPT` of the examples this process scores would fit
+        (estimated from the first batch).
+
+        Returns:
+            ``(kept, every)``: the kept ``(batch index, batch or None, per-term reps)``
+            in order, and whether every batch was kept; ``None`` when the factored path
+            is refused on the first batch (on every rank alike).
+        """
+        points, factored = self.points, self.factored
+        params, _ = points.stack(terms)
+        losses = factored.term_losses(terms)
+        total = {n: torch.zeros_like(v) for n, v in params.items()}
+        count, stored = 0, []
+        usable, keep, held = True, True, 0
+        store: _RowStore | None = None
+        for i, batch in batches:
+            if not count and not factored.applies(terms, batch):
+                usable = False
+                break
+            fs = []  # one term's raw factors at a time
+            for k, (p, floss) in enumerate(losses):
+                with batch_context("train_dataset", i):
+                    f = factored.factors(floss, p, batch)
+                size = products.row_count(f)
+                kept = keep_as(f)
+                # formed entries sum faster than raw factors (projected rows cannot)
+                summable = f if isinstance(kept, Tensor) else kept
+                for n, g in products.factor_grad_sum(summable, factored.sites).items():  # type: ignore[arg-type]
+                    total[n][k] += g
+                fs.append(kept)
+                del f, summable
+            # with the batch's tensors (a flat tuple, as core.losses.to_device has it)
+            tensors = [x for x in batch if isinstance(x, Tensor)] if with_batch else []
+            nbytes = _nbytes([*fs, *tensors])
+            # a prefix of the batches is kept
+            keep = keep and held + nbytes <= MERGE_BUDGET_BYTES
+            if keep and store is None:  # room for what the budget allows, at most every row
+                rows = MERGE_BUDGET_BYTES * size // max(nbytes, 1)
+                keep = rows >= MERGE_MIN_KEPT * _local_share(train, n_train)
+                store = _RowStore(min(n_train, max(size, rows)))
+            if keep and store is not None:
+                stored.append((i, batch if with_batch else None, store.put(fs, size)))
+                held += nbytes
+            count += size
+        # every rank takes the same path (a rank may have no batch to decide on)
+        refused = all_reduce_sum(torch.tensor([0.0 if usable else 1.0], dtype=torch.float64))
+        if refused[0] > 0:
+            return None
+        points.store_dataset_eps(terms, total, count, "train_dataset")
+        return stored, keep
 
 
 def _kept_then_recomputed(
