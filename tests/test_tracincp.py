@@ -178,9 +178,8 @@ def test_attributed_head_skips_the_perturbed_pass(run, monkeypatch, after_head, 
     )
     monkeypatch.setattr(FactoredGradients, "factors", lambda *a: passes.append(1) or factors(*a))
     batches, ckpts = -(-N_TRAIN // 5), len(run["ckpts"])
-    # influence: one test batch per checkpoint; self influence: the one example that
-    # sizes the groups of checkpoints
-    test_side = 1 if call == "self" else ckpts
+    # influence: one test batch per checkpoint; self influence: none
+    test_side = 0 if call == "self" else ckpts
     loss = torch.nn.CrossEntropyLoss(reduction="sum")
     for attributed in (["fc2.weight", "fc2.bias"], ["fc2.weight"]):
         made.clear(), checks.clear(), passes.clear()

@@ -20,7 +20,6 @@ from captum_sam import core as F
 from captum_sam.core.data import batch_context, local_batches, progress
 from captum_sam.core.distributed import all_reduce_sum, gather_ordered, rank_and_world
 from captum_sam.core.layers import products
-from captum_sam.core.losses import batch_size
 from captum_sam.gif import head
 from captum_sam.gif.factored_grads import (
     FactoredGradients,
@@ -35,8 +34,9 @@ from captum_sam.gif.vmap_grads import VmapGradients
 
 __all__ = ["CheckpointForm", "MERGE_BUDGET_BYTES", "MERGE_MIN_KEPT", "TEST_BUDGET_BYTES"]
 
-# factors at w (and their batches) kept between the two passes of merged self influence,
-# at most: the batches that fit take two passes, the second pass recomputes the others
+# factors at w of one checkpoint (and their batches) kept between the two passes of merged
+# self influence, at most: the batches that fit take two passes, the second pass
+# recomputes the others
 MERGE_BUDGET_BYTES = 1 << 30
 # ... but only when at least this fraction of the examples (this process's share under
 # torch.distributed) fits: the memory spent is the whole budget, the time saved is in
@@ -224,10 +224,12 @@ class CheckpointForm:
         Nothing is kept when the budget holds less than :data:`MERGE_MIN_KEPT` of the
         examples this process scores (estimated from the first batch).
 
-        The checkpoints are taken in groups, as many at a time as the budget holds
-        every example's factors for (estimated from one example): one checkpoint at a
-        time when even two do not fit. The same passes per checkpoint with the
-        factors of fewer checkpoints held; the training data is read twice per group.
+        The checkpoints are taken one at a time, each with its own two passes: the
+        factors of one checkpoint are held, and the training data is read once per
+        checkpoint when every batch is kept (with its factors), as Captum reads it.
+        Holding several checkpoints' factors to read the data fewer times was measured
+        slower as well as larger (``bench_cnn_gif.py``'s CNN, n 2000, 10 checkpoints:
+        all ten at once 10.0-10.4 s, 1.6 GB peak; one at a time 8.5-9.6 s, 0.95 GB).
         """
         terms, points = self.terms, self.points
         if (
@@ -239,46 +241,19 @@ class CheckpointForm:
             or all(t.rho == 0 for t in terms)
         ):
             return None
-        size = self._merge_group_size(train, n_train)
         total = None
-        for start in range(0, len(terms), size):
-            group = terms[start : start + size]
-            label = "" if size >= len(terms) else (
-                f" (checkpoints {start + 1} to {start + len(group)} of {len(terms)})"
-            )  # fmt: skip
-            scores = self._merged_group(group, train, n_train, show_progress, name + label)
-            if scores is None:  # refused on the first batch (the first group)
+        for k, term in enumerate(terms):
+            label = f" (checkpoint {k + 1} of {len(terms)})" if len(terms) > 1 else ""
+            scores = self._merged_checkpoint([term], train, n_train, show_progress, name + label)
+            if scores is None:  # refused on the first batch (the first checkpoint)
                 return None
             total = scores if total is None else total.add_(scores)
         return total
 
-    def _merge_group_size(self, train: Any, n_train: int) -> int:
-        """How many checkpoints merged self influence takes at a time (the same on every rank).
-
-        The most whose kept factors for every example this process scores, with the
-        batches, fit in :data:`MERGE_BUDGET_BYTES`, from one example of the first batch
-        (at least one).
-        """
-        terms, size = self.terms, len(self.terms)
-        first = next(iter(local_batches(train, self.device)), None)
-        if size > 1 and first is not None and self.factored.applies(terms, first[1]):
-            batch = first[1]
-            _, kept = self.factored.row_floats(terms, batch)
-            per_term = kept * self.points.reference(terms[0].checkpoint).element_size()
-            rows = max(batch_size(batch), 1)
-            per_batch = sum(x.numel() * x.element_size() for x in batch if isinstance(x, Tensor))
-            per_batch /= rows
-            room = MERGE_BUDGET_BYTES / max(_local_share(train, n_train), 1.0) - per_batch
-            size = int(min(max(room // max(per_term, 1), 1), size))
-        del first
-        votes = torch.zeros(len(terms), dtype=torch.float64)
-        votes[size - 1] = 1.0
-        return int(torch.nonzero(all_reduce_sum(votes))[0, 0]) + 1  # the smallest vote
-
-    def _merged_group(
+    def _merged_checkpoint(
         self, terms: list[Term], train: Any, n_train: int, show_progress: bool, name: str
     ) -> Tensor | None:
-        """:meth:`merged_self_influence` of a group of checkpoints (``None``: refused)."""
+        """:meth:`merged_self_influence` of one checkpoint's ``terms`` (``None``: refused)."""
         batches = progress(
             local_batches(train, self.device),
             show_progress,
