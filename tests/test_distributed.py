@@ -50,6 +50,13 @@ def compute(run_dir):
         head = SAMTracInCP(model, train, ckpts, loss_fn=ce_loss(), batch_size=4, rho=0.1,
                            layers=["fc2"], perturbation_scope="attributed")  # fmt: skip
         out[f"head_{call}"] = head.self_influence() if call == "self" else head.influence(test)
+    # the output layer attributed, every layer perturbed: the perturbation's gradient in
+    # the other layers summed (all-reduced) from the first pass of merged self influence
+    for factorize in (True, False):
+        out[f"layer_self_{factorize}"] = SAMTracInCP(
+            model, train, ckpts, loss_fn=ce_loss(), batch_size=4, rho=0.1, layers=["fc2"],
+            factorize=factorize,
+        ).self_influence()  # fmt: skip
     gif = SAMTracInCP(model, train, ckpts, loss_fn=ce_loss(), batch_size=4, rho=0.1)
     out["gif"] = gif.influence(test)
     out["gif_top"] = gif.influence(test, k=3, proponents=False).indices
@@ -189,6 +196,7 @@ def test_sharded_results_equal_single_process(tmp_path, world):
     torch.testing.assert_close(single["gif_self_fresh_True"], single["gif_self_fresh_False"])
     torch.testing.assert_close(single["gif_self_fresh_True"], single["gif_self"])
     torch.testing.assert_close(single["gif_self_unkept"], single["gif_self"])
+    torch.testing.assert_close(single["layer_self_True"], single["layer_self_False"])
     assert single["hif_dense_factored"] == 1 and single["hif_dense_products_factored"] == 0
     assert single["centred_hif_factored"] == 0
     assert single["kfac_full_groups"] == 0 and single["ekfac_fast_groups"] >= 2

@@ -216,6 +216,53 @@ def test_attributed_head_skips_the_perturbed_pass(run, monkeypatch, after_head, 
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
 
 
+def test_merged_self_influence_with_perturbed_unattributed_layers(run, monkeypatch):
+    """The final layer attributed, the training's perturbation over every parameter
+    (SAMTracInCPFast's default): self influence takes the perturbation's gradient in
+    the other layers from the backward pass that gives the final layer's factors at w,
+    so there is no separate pass for the perturbation: two passes per checkpoint.
+    Against a double loop, for SAMTracInCPFast and for SAMTracInCP(layers=...)."""
+    from captum_sam import SAMTracInCPFast
+    from captum_sam.core.layers import sites
+    from captum_sam.gif import points
+    from captum_sam.gif.factored_grads import FactoredGradients
+
+    case = dict(run, test=run["train"].tensors)  # self influence: the double loop's diagonal
+    eps_passes, merged, layer_passes = [], [], []
+    real_sum, real_merged = points.F.stacked_grad_sum, FactoredGradients.factors_and_extra
+    real_layer = sites.layer_factors_and_grads
+    monkeypatch.setattr(points.F, "stacked_grad_sum",
+                        lambda *a: eps_passes.append(1) or real_sum(*a))  # fmt: skip
+
+    def factors_and_extra(self, *a):
+        out = real_merged(self, *a)
+        merged.append(sorted(out[1]))
+        return out
+
+    monkeypatch.setattr(FactoredGradients, "factors_and_extra", factors_and_extra)
+    monkeypatch.setattr(sites, "layer_factors_and_grads",
+                        lambda *a: layer_passes.append(1) or real_layer(*a))  # fmt: skip
+    batches, ckpts = -(-N_TRAIN // 5), len(run["ckpts"])
+    loss = torch.nn.CrossEntropyLoss(reduction="sum")
+    others = sorted(n for n, _ in run["model"].named_parameters() if not n.startswith("fc2."))
+    for attributed in (["fc2.weight", "fc2.bias"], ["fc2.weight"]):
+        eps_passes.clear(), merged.clear(), layer_passes.clear()
+        if attributed == ["fc2.weight"]:
+            est = SAMTracInCPFast(run["model"], "fc2", run["train"], run["ckpts"], loss_fn=loss,
+                                  batch_size=5, rho=0.2)  # fmt: skip
+            extra = [*others, "fc2.bias"]
+        else:
+            est = make(run, rho=0.2, layers=["fc2"])
+            extra = others
+        got = est.self_influence()
+        ref = brute_force(case, 0.2, False, "dataset", names=attributed).diagonal()
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+        assert not eps_passes  # the perturbation came from the first pass
+        assert merged == [sorted(extra)] * (batches * ckpts)
+        # the first pass and the pass at w + eps, and the factored path's check
+        assert len(layer_passes) == 2 * batches * ckpts + 1
+
+
 @pytest.mark.parametrize("perturbation", ["dataset", "example"])
 def test_test_at_perturbed_matches_brute_force(run, perturbation):
     est = make(run, rho=0.2, perturbation=perturbation, test_at_perturbed=True)

@@ -214,13 +214,15 @@ class CheckpointForm:
     ) -> Tensor | None:
         """Self influence of the training set on the factored path, or ``None``.
 
-        Applies when the perturbation is the mean gradient over the training set (the
-        attributed parameters being the whole scope) and not yet known. The first
-        pass takes the perturbation gradient from the layer factors at ``w`` (no
-        ``vmap``) and keeps the batches' factors at ``w`` (with the batches) for as
-        long as they fit in :data:`MERGE_BUDGET_BYTES`: self influence costs two
-        passes per checkpoint for the kept batches, and the second pass recomputes
-        the factors of the others (three passes for those, memory of one batch).
+        Applies when the perturbation is the mean gradient over the training set and
+        not yet known. The first pass takes the perturbation gradient from the layer
+        factors at ``w`` (no ``vmap``; the gradient in perturbed parameters that are
+        not attributed, such as all but the last layer of
+        :class:`~captum_sam.SAMTracInCPFast`, from the same backward pass) and keeps
+        the batches' factors at ``w`` (with the batches) for as long as they fit in
+        :data:`MERGE_BUDGET_BYTES`: self influence costs two passes per checkpoint
+        for the kept batches, and the second pass recomputes the factors of the
+        others (three passes for those, memory of one batch).
         Nothing is kept when the budget holds less than :data:`MERGE_MIN_KEPT` of the
         examples this process scores (estimated from the first batch).
 
@@ -235,7 +237,6 @@ class CheckpointForm:
         if (
             points.perturbation != "dataset"
             or points.perturbation_data is not train
-            or points.extra
             or self.vmap.test_at_perturbed
             or points.has_dataset_eps(terms)
             or all(t.rho == 0 for t in terms)
@@ -299,9 +300,11 @@ class CheckpointForm:
             is refused on the first batch (on every rank alike).
         """
         points, factored = self.points, self.factored
-        params, _ = points.stack(terms)
+        params, frozen = points.stack(terms)
         losses = factored.term_losses(terms)
-        total = {n: torch.zeros_like(v) for n, v in params.items()}
+        # the perturbation's gradient sum over its scope (non-attributed parameters too)
+        total = {n: torch.zeros_like(v) for n, v in {**params, **frozen}.items()
+                 if n in params or n in points.extra}  # fmt: skip
         count, stored = 0, []
         usable, keep, held = True, True, 0
         store: _RowStore | None = None
@@ -312,7 +315,9 @@ class CheckpointForm:
             fs = []  # one term's raw factors at a time
             for k, (p, floss) in enumerate(losses):
                 with batch_context("train_dataset", i):
-                    f = factored.factors(floss, p, batch)
+                    f, extra = factored.factors_and_extra(floss, p, batch)
+                for n, g in extra.items():
+                    total[n][k] += g
                 size = products.row_count(f)
                 kept = keep_as(f)
                 # formed entries sum faster than raw factors (projected rows cannot)

@@ -117,6 +117,19 @@ class FactoredGradients:
         """Raw factors of a batch at ``params`` (one forward/backward pass)."""
         return sites.layer_factors(floss, params, batch, self.sites)  # type: ignore[arg-type]
 
+    def factors_and_extra(
+        self, floss: F.FunctionalLoss, params: F.Params, batch: Any
+    ) -> tuple[sites.Factors, F.Params]:
+        """:meth:`factors` and the summed gradient in the other perturbed parameters.
+
+        The parameters that a perturbation moves but that are not attributed
+        (:attr:`WeightPoints.extra`), from the same forward and backward pass.
+        """
+        extra = self.points.extra
+        if not extra:
+            return self.factors(floss, params, batch), {}
+        return sites.layer_factors_and_grads(floss, params, batch, self.sites, extra)  # type: ignore[arg-type]
+
     # ------------------------------------------------------------------ representations
 
     def represent(self, f: Sequence[products.Entry], pairs_per_row: float = 1.0) -> Rep:

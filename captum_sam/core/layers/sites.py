@@ -52,6 +52,7 @@ __all__ = [
     "layer_types",
     "layer_sites",
     "layer_factors",
+    "layer_factors_and_grads",
     "layer_factors_stacked",
     "site_grads",
     "matches_vmap",
@@ -279,14 +280,34 @@ def layer_factors(
     Raises:
         Unsupported: If a site is not called exactly once with a batch-first input.
     """
+    return layer_factors_and_grads(floss, params, batch, sites, ())[0]
+
+
+def layer_factors_and_grads(
+    floss: F.FunctionalLoss,
+    params: F.Params,
+    batch: F.Batch,
+    sites: Sequence[Site],
+    wrt: Sequence[str],
+) -> tuple[Factors, F.Params]:
+    """:func:`layer_factors`, and the summed loss's gradient in frozen tensors ``wrt``.
+
+    One forward and one backward pass: the backward reaches the layer outputs and the
+    named tensors of ``floss.frozen`` (parameters that are not attributed but that a
+    perturbation moves) together.
+    """
     # the outputs must be graph nodes: differentiate through fresh leaves
     leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    held = {n: floss.frozen[n].detach().requires_grad_(True) for n in wrt}
+    bound = floss.bind({**floss.frozen, **held}) if held else floss
     size = batch_size(batch)
     with torch.enable_grad(), _recording(sites) as calls:
-        total = floss.summed_loss(leaves, batch)
+        total = bound.summed_loss(leaves, batch)
         seen = _single_calls(calls, sites, size)
         called = [s for s in seen if s is not None]
-        grads = iter(_grads_to(total, [out for _, out in called]))
+        outs = [out for _, out in called]
+        found = _grads_to(total, [*outs, *held.values()])
+        grads = iter(found[: len(outs)])
     factors = []
     for site, call in zip(sites, seen):
         if call is None:
@@ -296,7 +317,7 @@ def layer_factors(
         factors.append(
             (kind.inputs(site.module, call[0].detach()), kind.outputs(site.module, next(grads)))
         )
-    return factors
+    return factors, dict(zip(held, found[len(outs) :]))
 
 
 def layer_factors_stacked(
