@@ -263,6 +263,27 @@ def test_merged_self_influence_with_perturbed_unattributed_layers(run, monkeypat
         assert len(layer_passes) == 2 * batches * ckpts + 1
 
 
+@pytest.mark.parametrize("layers", [None, ["fc2"]])
+def test_influence_after_self_influence_reuses_the_perturbations(run, monkeypatch, layers):
+    """Self influence computes the dataset perturbation one checkpoint at a time;
+    influence, which takes every checkpoint together, reuses them (no pass over the
+    training data for the perturbation) and gives what a fresh estimator gives."""
+    from captum_sam.gif import points
+
+    passes = []
+    real_sum = points.F.stacked_grad_sum
+    monkeypatch.setattr(points.F, "stacked_grad_sum",
+                        lambda *a: passes.append(1) or real_sum(*a))  # fmt: skip
+    est = make(run, rho=0.2, layers=layers)
+    est.self_influence()
+    assert not passes  # merged: the perturbation from the first pass, per checkpoint
+    got = est.influence(run["test"])
+    assert not passes
+    fresh = make(run, rho=0.2, layers=layers).influence(run["test"])
+    assert len(passes) == 1  # the fresh estimator's one pass, every checkpoint stacked
+    torch.testing.assert_close(got, fresh, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("perturbation", ["dataset", "example"])
 def test_test_at_perturbed_matches_brute_force(run, perturbation):
     est = make(run, rho=0.2, perturbation=perturbation, test_at_perturbed=True)

@@ -123,15 +123,32 @@ class WeightPoints:
 
     def has_dataset_eps(self, terms: Sequence[Term]) -> bool:
         """Whether the dataset perturbation of these terms is already known."""
-        return self.eps_key(terms) in self._dataset_eps
+        return self._known_eps(terms) is not None
+
+    def _known_eps(self, terms: Sequence[Term]) -> F.Params | None:
+        """The cached dataset perturbation of ``terms``, stacked from single terms' if needed.
+
+        (Self influence computes them one checkpoint at a time; ``influence`` then asks
+        for all of them together.)
+        """
+        key = self.eps_key(terms)
+        if key not in self._dataset_eps and len(terms) > 1:
+            singles = [self._dataset_eps.get(self.eps_key([t])) for t in terms]
+            if all(e is not None for e in singles):
+                self._dataset_eps[key] = {
+                    n: torch.cat([e[n] for e in singles])  # type: ignore[index]
+                    for n in singles[0]  # type: ignore[union-attr]
+                }
+        return self._dataset_eps.get(key)
 
     def eps(self, terms: Sequence[Term]) -> F.Params | None:
         """Shared perturbations ``(K, ...)`` over the scope; ``None`` when per example."""
         if self.perturbation == "example":
             return None
         key = self.eps_key(terms)
-        if self.perturbation == "dataset" and key in self._dataset_eps:
-            return self._dataset_eps[key]
+        known = self._known_eps(terms) if self.perturbation == "dataset" else None
+        if known is not None:
+            return known
         full, rest = self._scoped(*self.stack(terms))
         if self.perturbation == "dataset" and all(t.rho == 0 for t in terms):
             # rho = 0 moves nothing: no pass over the perturbation data
