@@ -279,6 +279,16 @@ def test_influence_after_self_influence_reuses_the_perturbations(run, monkeypatc
     assert not passes  # merged: the perturbation from the first pass, per checkpoint
     got = est.influence(run["test"])
     assert not passes
+    # held once: each checkpoint's perturbation is now a view of the stacked one
+    cache = est.engines.points._dataset_eps
+    stacked = next(v for k, v in cache.items() if len(k[0]) == len(run["ckpts"]))
+    singles = [v for k, v in cache.items() if len(k[0]) == 1]
+    assert len(singles) == len(run["ckpts"])
+    assert all(
+        e[n].untyped_storage().data_ptr() == stacked[n].untyped_storage().data_ptr()
+        for e in singles
+        for n in e
+    )
     fresh = make(run, rho=0.2, layers=layers).influence(run["test"])
     assert len(passes) == 1  # the fresh estimator's one pass, every checkpoint stacked
     torch.testing.assert_close(got, fresh, rtol=1e-12, atol=1e-14)

@@ -139,6 +139,9 @@ class WeightPoints:
                     n: torch.cat([e[n] for e in singles])  # type: ignore[index]
                     for n in singles[0]  # type: ignore[union-attr]
                 }
+                for t in terms:  # the single ones become views: held once
+                    self._dataset_eps.pop(self.eps_key([t]), None)
+                self.share_dataset_eps(terms)
         return self._dataset_eps.get(key)
 
     def eps(self, terms: Sequence[Term]) -> F.Params | None:
