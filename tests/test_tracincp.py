@@ -261,6 +261,16 @@ def test_merged_self_influence_with_perturbed_unattributed_layers(run, monkeypat
         assert merged == [sorted(extra)] * (batches * ckpts)
         # the first pass and the pass at w + eps, and the factored path's check
         assert len(layer_passes) == 2 * batches * ckpts + 1
+    # nothing kept: the second pass recomputes the factors at w and takes them at
+    # w + eps with the other layers moved too
+    from captum_sam.gif import checkpoint_form
+
+    monkeypatch.setattr(checkpoint_form, "MERGE_BUDGET_BYTES", 0)
+    layer_passes.clear()
+    got = make(run, rho=0.2, layers=["fc2"]).self_influence()
+    ref = brute_force(case, 0.2, False, "dataset", names=["fc2.weight", "fc2.bias"])
+    torch.testing.assert_close(got, ref.diagonal(), rtol=1e-10, atol=1e-12)
+    assert len(layer_passes) == 3 * batches * ckpts + 1
 
 
 @pytest.mark.parametrize("layers", [None, ["fc2"]])
