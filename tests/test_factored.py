@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -260,6 +262,16 @@ def test_trajectory_self_influence_factored_equals_vmap(
 
     got, ref = both_paths(make)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    if head and (perturbation == "batch" or not test_at_perturbed):  # factors at w known
+        from captum_sam.core.layers import sites
+
+        stacked, real = [], sites.layer_factors_stacked
+        monkeypatch.setattr(
+            sites, "layer_factors_stacked", lambda *a: stacked.append(1) or real(*a)
+        )
+        torch.testing.assert_close(make().self_influence(), ref, rtol=1e-10, atol=1e-12)
+        assert not stacked  # every step's factors at w + eps from its rows at w
+        monkeypatch.setattr(sites, "layer_factors_stacked", real)
     passes = count_passes(monkeypatch)
     make().self_influence()
     grouped = len(passes)
@@ -269,6 +281,41 @@ def test_trajectory_self_influence_factored_equals_vmap(
     if not test_at_perturbed:  # one pass at w per checkpoint instead of one per step
         assert grouped < len(passes) - grouped
     assert_unchanged(model, before)
+
+
+class _Scaled(torch.nn.Module):
+    """A parameter-free step after the output layer (its output is not the model's)."""
+
+    def forward(self, x):
+        return 3.0 * x
+
+
+@pytest.mark.parametrize("perturbation", ["batch", "dataset"])
+def test_trajectory_head_shortcut_refused_when_the_output_is_transformed(
+    run, perturbation, monkeypatch
+):
+    """Only the output layer moves, but the model scales its output: the check refuses
+    the shortcut and every step takes its stacked pass at w + eps (the same scores as
+    ``vmap``)."""
+    from captum_sam.core.layers import sites
+
+    model = copy.deepcopy(run["model"])
+    model.add_module("scale", _Scaled())
+
+    def make(**f):
+        return SAMTracInCP.from_trajectory(
+            model, run["data"], run["traj"], loss_fn=ce_loss(), perturbation=perturbation,
+            **HEAD, **f,
+        )  # fmt: skip
+
+    stacked, real = [], sites.layer_factors_stacked
+    monkeypatch.setattr(sites, "layer_factors_stacked", lambda *a: stacked.append(1) or real(*a))
+    fast = make()
+    got, ref = fast.self_influence(), make(factorize=False).self_influence()
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    checked = fast.engines.factored._checked
+    assert list(checked.values()) == [True, False]  # factored, the shortcut refused
+    assert stacked  # the pass at w + eps
 
 
 def test_coupled_model_falls_back_to_vmap(tmp_path):

@@ -4,7 +4,9 @@ Recorded steps are small batches; scoring them one by one costs a forward/backwa
 pass each. :class:`FactoredSteps` scores the steps that share a checkpoint in few
 large passes: one pass at ``w`` over the union of their examples, then the passes at
 ``w + eps`` of steps with the same ``rho`` stacked into one ``vmap``
-(:func:`~captum_sam.core.layers.sites.layer_factors_stacked`).
+(:func:`~captum_sam.core.layers.sites.layer_factors_stacked`); none at ``w + eps``
+when only the output layer moves and its factors at ``w`` are known
+(:mod:`captum_sam.gif.head`).
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import vmap
 
 from captum_sam.core.layers import products, sites
+from captum_sam.gif import head
 from captum_sam.gif.factored_grads import FactoredGradients
 from captum_sam.gif.terms import Term, check_finite_terms
 
@@ -148,6 +152,10 @@ class FactoredSteps:
                 batch_grads.extend(v.reshape(-1) for v in g.values())
                 e = vmap(points.sam(run), in_dims=(None, 0))(p, g)
             shifted = {n: p[n] + e[n] for n in p}
+            from_w = self._head_steps(run, rows.start, mloss, shifted, at_w)
+            if from_w is not None:
+                moved.append(from_w)
+                continue
             fill = [
                 i for t in run for i in [*t.indices, *[t.indices[0]] * (width - len(t.indices))]
             ]
@@ -167,6 +175,38 @@ class FactoredSteps:
         if batch_grads:  # one check for the group (NaN would reach the scores anyway)
             check_finite_terms(torch.cat(batch_grads), "gradients of a recorded batch", terms)
         return terms, index, at_w, products.concat_factors(moved, site_list)
+
+    def _head_steps(
+        self,
+        run: list[Term],
+        start: int,
+        floss: Any,
+        shifted: dict[str, Tensor],
+        at_w: sites.Factors | None,
+    ) -> sites.Factors | None:
+        """Factors at ``w + eps`` of steps ``run`` from their rows at ``w`` (from ``start``).
+
+        When only the output layer is attributed and perturbed
+        (:mod:`captum_sam.gif.head`), each step's factors at its perturbed point follow
+        from its layer input at ``w``: no pass through the network. ``None`` when that
+        does not apply, the factors at ``w`` were not computed, or the check refuses.
+        """
+        if at_w is None or not head.applies(self.points.extra, self.factored.sites):
+            return None
+        found = []
+        for k, term in enumerate(run):
+            rows = slice(start, start + len(term.indices))
+            start = rows.stop
+            f = self.factored._head_moved(
+                floss,
+                {n: v[k] for n, v in shifted.items()},
+                self.points.fetch(term.indices),
+                [(a[rows], d[rows]) for a, d in at_w],
+            )
+            if f is None:
+                return None
+            found.append(f)
+        return products.concat_factors(found, self.factored.sites)  # type: ignore[arg-type]
 
     def step_coefficients(self, terms: Sequence[Term]) -> Tensor:
         """Each step's coefficient, repeated for each of its examples."""
