@@ -226,13 +226,13 @@ class FactoredGradients:
                     e = F.sam_perturbation(p, g, term.rho, term.adaptive)
                     mloss = floss
                 shifted = {n: p[n] + e[n] for n in p}
-                moved = self._head_moved(mloss, shifted, batch, at_w)
+                moved = self.head_moved(mloss, shifted, batch, at_w)
                 if moved is None:
                     moved = self.factors(mloss, shifted, batch)
             yield at_w, moved
             del at_w, moved
 
-    def _head_moved(
+    def head_moved(
         self, floss: F.FunctionalLoss, shifted: F.Params, batch: Any, at_w: Any
     ) -> sites.Factors | None:
         """Factors at ``w + eps`` from the input at ``w`` when only the output layer moves.

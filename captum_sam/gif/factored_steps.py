@@ -197,7 +197,7 @@ class FactoredSteps:
         for k, term in enumerate(run):
             rows = slice(start, start + len(term.indices))
             start = rows.stop
-            f = self.factored._head_moved(
+            f = self.factored.head_moved(
                 floss,
                 {n: v[k] for n, v in shifted.items()},
                 self.points.fetch(term.indices),
