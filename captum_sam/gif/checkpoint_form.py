@@ -300,11 +300,9 @@ class CheckpointForm:
             is refused on the first batch (on every rank alike).
         """
         points, factored = self.points, self.factored
-        params, frozen = points.stack(terms)
         losses = factored.term_losses(terms)
         # the perturbation's gradient sum over its scope (non-attributed parameters too)
-        total = {n: torch.zeros_like(v) for n, v in {**params, **frozen}.items()
-                 if n in params or n in points.extra}  # fmt: skip
+        total = {n: torch.zeros_like(v) for n, v in points.scoped_stack(terms)[0].items()}
         count, stored = 0, []
         usable, keep, held = True, True, 0
         store: _RowStore | None = None

@@ -101,8 +101,9 @@ class WeightPoints:
 
     # ------------------------------------------------------------------ perturbations
 
-    def _scoped(self, params: F.Params, frozen: F.Params) -> tuple[F.Params, F.Params]:
-        """Split stacked weights into ``(scope, rest)`` instead of ``(attributed, rest)``."""
+    def scoped_stack(self, terms: Sequence[Term]) -> tuple[F.Params, F.Params]:
+        """:meth:`stack` split into ``(scope, rest)`` instead of ``(attributed, rest)``."""
+        params, frozen = self.stack(terms)
         extra = self.extra
         if not extra:
             return params, frozen
@@ -152,7 +153,7 @@ class WeightPoints:
         known = self._known_eps(terms) if self.perturbation == "dataset" else None
         if known is not None:
             return known
-        full, rest = self._scoped(*self.stack(terms))
+        full, rest = self.scoped_stack(terms)
         if self.perturbation == "dataset" and all(t.rho == 0 for t in terms):
             # rho = 0 moves nothing: no pass over the perturbation data
             self._dataset_eps[key] = {n: torch.zeros_like(v) for n, v in full.items()}
@@ -181,7 +182,7 @@ class WeightPoints:
         mean = check_finite_terms(
             F.tree_scale(local_sum, 1.0 / count), "perturbation gradients", terms
         )
-        full, _ = self._scoped(*self.stack(terms))
+        full, _ = self.scoped_stack(terms)
         eps = vmap(self.sam(terms))(full, mean)
         self._dataset_eps[self.eps_key(terms)] = eps
         return eps
