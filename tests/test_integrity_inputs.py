@@ -90,3 +90,97 @@ def test_user_forward_hooks_run_on_the_private_copy_as_documented(run):
 
 def test_the_directory_of_a_record_can_be_listed_without_temporaries(run):
     assert not [f for f in os.listdir(run["dir"]) if f.startswith(".tmp")]
+
+
+# ------------------------------------------------ broadcast losses, checkpoints, flags
+
+
+def _regression(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(16, 5, dtype=torch.float64)
+    model = torch.nn.Linear(5, 1).double()
+    ckpt = str(tmp_path / "w.pt")
+    torch.save(model.state_dict(), ckpt)
+    return model, x, x.sum(1), ckpt
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_labels_broadcast_against_the_outputs_are_refused(tmp_path, reduction):
+    model, x, y, ckpt = _regression(tmp_path)
+    mse = torch.nn.MSELoss(reduction=reduction)
+    wise = reduction != "none"
+    good = SAMTracInCP(
+        model, TensorDataset(x, y[:, None]), [ckpt], loss_fn=mse, batch_size=8,
+        sample_wise_grads_per_batch=wise,
+    )  # fmt: skip
+    assert good.influence((x[:3], y[:3, None])).shape == (3, 16)
+    with pytest.raises(ValueError, match="train_dataset.*shape") as err:  # (8, 1) vs (8,)
+        SAMTracInCP(
+            model, TensorDataset(x, y), [ckpt], loss_fn=mse, batch_size=8,
+            sample_wise_grads_per_batch=wise,
+        ).influence((x[:3], y[:3]))  # fmt: skip
+    assert "labels" in str(err.value)
+    if reduction == "none":
+        with pytest.raises(ValueError, match=r"\(8, 8\)"):
+            train_sam(model, TensorDataset(x, y), mse, epochs=1, lr=0.01, rho=0.05, batch_size=8)
+
+
+def test_a_custom_loss_that_reshapes_its_labels_is_accepted(tmp_path):
+    model, x, y, ckpt = _regression(tmp_path)
+
+    def loss(out, lab):  # outputs (B, 1), labels (B,): no broadcast inside
+        return (out.squeeze(1) - lab) ** 2
+
+    est = SAMTracInCP(model, TensorDataset(x, y), [ckpt], loss_fn=loss, batch_size=8)
+    ref = SAMTracInCP(
+        model, TensorDataset(x, y[:, None]), [ckpt], loss_fn=torch.nn.MSELoss(reduction="none"),
+        batch_size=8,
+    )  # fmt: skip
+    torch.testing.assert_close(est.influence((x[:3], y[:3])), ref.influence((x[:3], y[:3, None])))
+
+
+def test_a_checkpoint_that_does_not_fit_leaves_the_model_untouched(tmp_path):
+    from captum_sam import checkpoints_load_func, load_checkpoint
+
+    model = mlp_model()
+    other = mlp_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    state = other.state_dict()
+    last = list(state)[-1]
+    cases = {
+        "lacks": {k: v for k, v in state.items() if k != last},
+        "does not have": {**state, "extra.weight": torch.zeros(2)},
+        "other shapes": {**state, last: torch.zeros(3, 7)},
+    }
+    for words, bad in cases.items():
+        for layout in (bad, {"model_state": bad, "learning_rate": 0.1, "step": 2}):
+            path = str(tmp_path / "c.pt")
+            torch.save(layout, path)
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            with pytest.raises(ValueError, match=f"c.pt.*{words}"):
+                checkpoints_load_func(model, path)
+            for k, v in model.state_dict().items():
+                assert torch.equal(v, before[k]), (words, k)
+    fields = {
+        "holds no parameters": {"model_state": "weights", "learning_rate": 0.1},
+        "not a state dict": {"model_state": {"w": [1, 2]}, "learning_rate": 0.1},
+        "'step'": {"model_state": state, "learning_rate": 0.1, "step": -5.5},
+    }
+    for words, bad in fields.items():
+        path = str(tmp_path / "f.pt")
+        torch.save(bad, path)
+        with pytest.raises(ValueError, match=f"f.pt.*{words}"):
+            load_checkpoint(path)
+
+
+def test_accuracy_restores_every_sub_module_flag():
+    from captum_sam.evaluation.metrics import accuracy
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 3))
+    model.train()
+    model[1].eval()  # a user's choice
+    flags = [m.training for m in model.modules()]
+    accuracy(model, (torch.randn(6, 4), torch.zeros(6, dtype=torch.long)))
+    assert [m.training for m in model.modules()] == flags

@@ -90,7 +90,24 @@ def _recorder_fields(ckpt: Any, path: str) -> dict[str, Any]:
         if key not in ckpt:
             raise ValueError(f"checkpoint {path!r} has no {key!r} field")
     ckpt[LEARNING_RATE] = _learning_rate(ckpt[LEARNING_RATE], path)
+    _state_dict(ckpt["model_state"], path, "field 'model_state'")
+    step = ckpt.get("step")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise ValueError(f"checkpoint {path!r}: field 'step' is {step!r}; expected an integer >= 0")
     return ckpt
+
+
+def _state_dict(state: Any, path: str, what: str) -> dict[str, Tensor]:
+    """``state`` if it is a non-empty ``name -> tensor`` dict, else a ``ValueError``."""
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"checkpoint {path!r}: {what} holds no parameters")
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise ValueError(
+            f"checkpoint {path!r}: {what} is not a state dict: entries {bad[:5]} are not "
+            "name -> tensor"
+        )
+    return state
 
 
 def read_checkpoint(
@@ -112,18 +129,10 @@ def read_checkpoint(
         raise ValueError(f"checkpoint {path!r} holds a {type(ckpt).__name__}, not a state dict")
     if "model_state" in ckpt:
         full = _recorder_fields(ckpt, path)
-        state, lr = full["model_state"], full[LEARNING_RATE]
-    else:
-        lr = _learning_rate(ckpt.get(LEARNING_RATE, 1.0), path)
-        state = {k: v for k, v in ckpt.items() if k != LEARNING_RATE}
-    if not isinstance(state, dict) or not state:
-        raise ValueError(f"checkpoint {path!r} has no parameters")
-    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
-    if bad:
-        raise ValueError(
-            f"checkpoint {path!r} is not a state dict: entries {bad[:5]} are not name -> tensor"
-        )
-    return state, lr
+        return full["model_state"], full[LEARNING_RATE]
+    lr = _learning_rate(ckpt.get(LEARNING_RATE, 1.0), path)
+    state = {k: v for k, v in ckpt.items() if k != LEARNING_RATE}
+    return _state_dict(state, path, "the file"), lr
 
 
 def _match_data_parallel(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -156,9 +165,37 @@ def checkpoints_load_func(model: nn.Module, path: str) -> float:
         device = torch.device("cpu")
     state, lr = read_checkpoint(path, map_location=device, max_bytes=expected_bytes(model))
     state = _match_data_parallel(model, state)
+    _check_fits(model, state, path)
     _warn_on_cast(model, state, path)
     model.load_state_dict(state)
     return lr
+
+
+def _check_fits(model: nn.Module, state: dict[str, Tensor], path: str) -> None:
+    """Refuse a state dict that ``load_state_dict`` would load only in part.
+
+    ``load_state_dict`` copies the tensors that fit before it raises on the others,
+    leaving ``model`` half loaded; this checks names and shapes first, so a refused
+    checkpoint changes nothing.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs the model's {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    for problem, names in (
+        ("lacks the model's entries", missing),
+        ("has entries the model does not have", unexpected),
+        ("has tensors of other shapes", shapes),
+    ):
+        if names:
+            raise ValueError(
+                f"checkpoint {path!r} does not fit the model: it {problem} {names[:5]}"
+                + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
+            )
 
 
 def expected_bytes(model: nn.Module) -> int:

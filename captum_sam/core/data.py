@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -155,8 +156,10 @@ def validate_batch(
     if not run_loss:
         return
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             floss.summed_loss(params, batch)
+        _refuse_broadcast_warning(caught, name)
     except ArgumentError as err:
         raise ArgumentError(f"`{name}`: {err}") from err
     except ValueError:
@@ -167,6 +170,23 @@ def validate_batch(
             f"`{name}`: the model or loss failed on a batch with shapes {shapes} "
             f"(labels last): {err}"
         ) from err
+
+
+def _refuse_broadcast_warning(caught: list[warnings.WarningMessage], name: str) -> None:
+    """Raise on torch's "target size ... different to the input size" warning; re-warn the rest.
+
+    A reducing loss (``"sum"``/``"mean"``) of outputs ``(B, 1)`` and labels ``(B,)``
+    broadcasts to ``(B, B)`` before it reduces: torch warns and returns a wrong number.
+    """
+    for w in caught:
+        text = str(w.message)
+        if "target size" in text and "broadcasting" in text:
+            raise ArgumentError(
+                f"`{name}`: the loss broadcast outputs and labels of different shapes "
+                f"(torch: {text}); give the labels the outputs' shape"
+            )
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def stream_topk(blocks: Iterable[Tensor], k: int, proponents: bool = True) -> tuple[Tensor, Tensor]:

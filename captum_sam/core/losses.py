@@ -174,7 +174,10 @@ class FunctionalLoss:
                 params, features, labels
             )
         features, labels = split_batch(batch)
-        losses = self._raw(self.outputs(params, features), labels)
+        outputs = self.outputs(params, features)
+        losses = self._raw(outputs, labels)
+        if self.loss_fn is not None:
+            _refuse_broadcast(losses, outputs, labels)
         return _per_example(losses, batch_size(batch))
 
     def summed_loss(self, params: Params, batch: Batch) -> Tensor:
@@ -185,7 +188,10 @@ class FunctionalLoss:
     def summed_output_loss(self, outputs: Any, labels: Any, size: int) -> Tensor:
         """The sum of the per-example losses of ``size`` examples given their outputs."""
         raw = self._raw(outputs, labels)
-        if self.reduction == "none" or self.loss_fn is None:
+        if self.loss_fn is None:
+            return _per_example(raw, size).sum()
+        if self.reduction == "none":
+            _refuse_broadcast(raw, outputs, labels)
             return _per_example(raw, size).sum()
         if not isinstance(raw, Tensor) or raw.numel() != 1:
             shape = tuple(getattr(raw, "shape", ()))
@@ -201,6 +207,26 @@ class FunctionalLoss:
         """Loss of one example (no batch dimension in the arguments)."""
         batched = tuple(_unsqueeze(f) for f in features)
         return self._raw(self.outputs(params, batched), _unsqueeze(label)).sum()
+
+
+def _refuse_broadcast(losses: Any, outputs: Any, labels: Any) -> None:
+    """Refuse per-example losses with more entries than the outputs and labels have.
+
+    An elementwise loss of outputs ``(B, 1)`` and labels ``(B,)`` broadcasts to
+    ``(B, B)``: every example's loss would then sum ``B`` wrong terms (torch only
+    warns).
+    """
+    if not (isinstance(losses, Tensor) and isinstance(outputs, Tensor)):
+        return
+    if not isinstance(labels, Tensor):
+        return
+    if losses.numel() > max(outputs.numel(), labels.numel()):
+        raise ArgumentError(
+            f"the loss function returned shape {tuple(losses.shape)} for outputs of shape "
+            f"{tuple(outputs.shape)} and labels of shape {tuple(labels.shape)}: more losses "
+            "than outputs or labels, so they were broadcast against each other (e.g. "
+            "outputs (B, 1) with labels (B,)); give the labels the outputs' shape"
+        )
 
 
 def _per_example(losses: Any, size: int) -> Tensor:
@@ -294,6 +320,7 @@ def checked_losses(
         ArgumentError: (a ``ValueError``) the shape does not start with ``size``.
     """
     losses = loss_fn(outputs, labels)
+    _refuse_broadcast(losses, outputs, labels)
     try:
         return _per_example(losses, size)
     except ArgumentError:

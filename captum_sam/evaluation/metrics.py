@@ -38,17 +38,14 @@ def _array(x: Any, name: str) -> np.ndarray:
 def accuracy(model: Any, batch: Sequence[Any]) -> float:
     """Classification accuracy of ``model`` on ``(features..., labels)`` held in memory.
 
-    The model is evaluated in eval mode and its train/eval flag restored.
+    The model is evaluated in eval mode and every sub-module's train/eval flag restored.
     """
     import torch
 
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(*batch[:-1])
-    finally:
-        model.train(was)
+    from captum_sam.core.params import eval_mode
+
+    with eval_mode(model), torch.no_grad():
+        out = model(*batch[:-1])
     return float((out.argmax(dim=1) == batch[-1]).double().mean())
 
 
