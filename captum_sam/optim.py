@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from captum_sam.core import sam_perturbation_list
+from captum_sam.core.sam import sam_grad_norm
 
 __all__ = ["SAM"]
 
@@ -97,7 +98,14 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("SAM.first_step found no gradients: call loss.backward() first")
         rhos = [g["rho"] for g in groups]
         adaptives = [g["adaptive"] for g in groups]
-        perturbations = sam_perturbation_list(weights, grads, rhos, adaptives)
+        norm = sam_grad_norm(weights, grads, adaptives)
+        if not bool(torch.isfinite(norm)):  # NaN/inf in a gradient (or an overflow)
+            raise ValueError(
+                f"SAM.first_step: the gradient norm is {float(norm)}: the gradients contain "
+                "NaN or inf (check the batch, the loss and the learning rate); the weights "
+                "were not moved"
+            )
+        perturbations = sam_perturbation_list(weights, grads, rhos, adaptives, norm)
         for p, e in zip(weights, perturbations):
             self.state[p]["old_p"] = p.detach().clone()
             p.add_(e)
@@ -134,6 +142,11 @@ class SAM(torch.optim.Optimizer):
 
         Returns:
             The loss at ``w`` (the first closure call).
+
+        Raises:
+            ValueError: The gradients at ``w`` are not finite (the weights are not
+                moved). If the second closure call raises, the weights are put back
+                at ``w`` and no update is taken.
         """
         if closure is None:
             raise ValueError(
@@ -144,7 +157,11 @@ class SAM(torch.optim.Optimizer):
         closure = torch.enable_grad()(closure)
         loss = closure()
         self.first_step(zero_grad=True)
-        closure()
+        try:
+            closure()
+        except BaseException:
+            self.restore()  # a failure at w + eps: back to w, no update
+            raise
         self.second_step()
         return loss
 

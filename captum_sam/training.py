@@ -108,11 +108,7 @@ def sam_step(
             raise ValueError(f"the gradients contain NaN or inf at {where} ({point}): {hint}")
         return loss
 
-    try:
-        loss = optimizer.step(closure)
-    except BaseException:
-        optimizer.restore()  # a failure at w + eps: back to w, no update
-        raise
+    loss = optimizer.step(closure)  # a failure at w + eps puts the weights back at w
     if not _all_finite([p.detach() for p in params]):
         raise ValueError(
             f"the update of {where} made the weights NaN or inf: the learning rate is "

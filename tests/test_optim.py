@@ -108,3 +108,45 @@ def test_invalid_arguments():
         sam.step()
     with pytest.raises(RuntimeError, match="backward"):
         sam.first_step()
+
+
+def test_a_failure_at_the_perturbed_weights_takes_no_step():
+    x, y = batches()[0]
+    model = mlp_model()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        if len(calls) == 2:
+            raise RuntimeError("the data loader failed at w + eps")
+        loss = ce_loss()(model(x), y).mean()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="w \\+ eps"):
+        opt.step(closure)
+    for p, q in zip(model.parameters(), w0):
+        assert torch.equal(p, q)
+
+
+def test_non_finite_gradients_are_refused_before_the_weights_move():
+    x, y = batches()[0]
+    model = mlp_model()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    x = x.clone()
+    x[0, 0] = float("nan")
+
+    def closure():
+        opt.zero_grad()
+        loss = ce_loss()(model(x), y).mean()
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match="NaN or inf"):
+        opt.step(closure)
+    for p, q in zip(model.parameters(), w0):
+        assert torch.equal(p, q)

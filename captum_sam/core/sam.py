@@ -29,13 +29,15 @@ def sam_perturbation_list(
     grads: Sequence[Tensor],
     rho: float | Sequence[float],
     adaptive: bool | Sequence[bool],
+    grad_norm: Tensor | None = None,
 ) -> list[Tensor]:
     r"""SAM / ASAM perturbation of a list of tensors (the optimizer's formula).
 
     :math:`\epsilon = \rho\, a^2 g / (\lVert a g \rVert + 10^{-12})` with
     :math:`a = |w|` for ASAM and :math:`a = 1` for SAM; the norm runs over all
     tensors together. ``rho`` and ``adaptive`` may be given per tensor (the
-    optimizer's per-group values).
+    optimizer's per-group values); ``grad_norm``, :func:`sam_grad_norm` of the
+    same arguments, when already computed.
 
     Returns:
         One perturbation tensor per weight tensor.
@@ -43,14 +45,23 @@ def sam_perturbation_list(
     k = len(weights)
     rhos = [rho] * k if isinstance(rho, (int, float)) else list(rho)
     adaptives = [adaptive] * k if isinstance(adaptive, bool) else list(adaptive)
-    norms = [
-        ((torch.abs(w) if a else 1.0) * g).norm(p=2) for w, g, a in zip(weights, grads, adaptives)
-    ]
-    grad_norm = torch.norm(torch.stack(norms), p=2)
+    if grad_norm is None:
+        grad_norm = sam_grad_norm(weights, grads, adaptives)
     return [
         (torch.pow(w, 2) if a else 1.0) * g * (r / (grad_norm + 1e-12))
         for w, g, r, a in zip(weights, grads, rhos, adaptives)
     ]
+
+
+def sam_grad_norm(
+    weights: Sequence[Tensor], grads: Sequence[Tensor], adaptive: bool | Sequence[bool]
+) -> Tensor:
+    r""":math:`\lVert a g \rVert` over all tensors together (:func:`sam_perturbation_list`)."""
+    adaptives = [adaptive] * len(weights) if isinstance(adaptive, bool) else list(adaptive)
+    norms = [
+        ((torch.abs(w) if a else 1.0) * g).norm(p=2) for w, g, a in zip(weights, grads, adaptives)
+    ]
+    return torch.norm(torch.stack(norms), p=2)
 
 
 def sam_perturbation(params: Params, grads: Params, rho: float, adaptive: bool) -> Params:
