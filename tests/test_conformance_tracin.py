@@ -408,6 +408,70 @@ def test_captum_raises_the_same_types(settings, tmp_path):
         rand.self_influence()
 
 
+def test_layer_k_and_checkpoint_errors_have_captums_types(settings, tmp_path):
+    """Each call fails (or works) for both with the same exception type."""
+    import numpy as np
+
+    s = settings["ce"]
+    loss = s.loss_fn("none")
+
+    def both(make):
+        for who in ("ours", "captum"):
+            make(who)
+
+    def est(who, **kw):
+        if who == "ours":
+            return SAMTracInCP(s.model, s.train, s.ckpt_dir, loss_fn=loss, rho=0.0, **kw)
+        return TracInCP(s.captum_model(), s.train, s.ckpt_dir, loss_fn=loss, **kw)
+
+    with pytest.raises(AttributeError):  # a name that is no module
+        both(lambda who: est(who, layers=["nope"]).influence(s.test))
+    with pytest.raises(AssertionError):  # a module without parameters
+        both(lambda who: est(who, layers=["act"]).influence(s.test))
+    ours, theirs = est("ours"), est("captum")
+    with pytest.raises(RuntimeError):
+        ours.influence(s.test, k=-1)
+    with pytest.raises(RuntimeError):
+        theirs.influence(s.test, k=-1)
+    for k in (0, np.int64(3), torch.tensor(3)):
+        a, b = ours.influence(s.test, k=k), theirs.influence(s.test, k=k)
+        assert a.indices.shape == b.indices.shape == (len(s.test[-1]), int(k))
+        assert torch.equal(a.indices, b.indices)
+    # a checkpoint that does not fit the model: load_state_dict's RuntimeError
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save({"fc2.weight": torch.zeros(3, 4)}, bad / "c.pt")
+    for make in (
+        lambda: SAMTracInCP(s.model, s.train, str(bad), loss_fn=loss, rho=0.0),
+        lambda: TracInCP(s.captum_model(), s.train, str(bad), loss_fn=loss),
+    ):
+        with pytest.raises(RuntimeError):
+            make().influence(s.test)
+
+    # a custom loader's own exception reaches the caller unchanged
+    def loader(model, path):
+        return torch.load(path)["model_state_dict"]
+
+    for cls, model in ((SAMTracInCP, s.model), (TracInCP, s.captum_model())):
+        kw = {"rho": 0.0} if cls is SAMTracInCP else {}
+        with pytest.raises(KeyError, match="model_state_dict"):
+            cls(
+                model, s.train, s.ckpt_dir, loss_fn=loss, checkpoints_load_func=loader, **kw
+            ).influence(s.test)
+
+
+def test_checkpoint_order_is_captums(settings):
+    s = settings["ce"]
+    paths = sorted(os.path.join(s.ckpt_dir, f) for f in os.listdir(s.ckpt_dir))
+    loss = s.loss_fn("none")
+    forms = (list, tuple, iter)  # Captum sorts a list only
+    for form in forms:
+        ours = SAMTracInCP(s.model, s.train, form(paths[::-1]), loss_fn=loss, rho=0.0)
+        theirs = TracInCP(s.captum_model(), s.train, form(paths[::-1]), loss_fn=loss)
+        assert ours.checkpoints == theirs.checkpoints
+        assert ours.checkpoints == (paths if form is list else paths[::-1])
+
+
 # ------------------------------------------------------------------ SAM at rho > 0
 
 

@@ -171,6 +171,14 @@ def checkpoints_load_func(model: nn.Module, path: str) -> float:
     return lr
 
 
+class CheckpointMismatchError(ValueError, RuntimeError):
+    """A checkpoint whose names or shapes do not fit the model.
+
+    A ``ValueError`` naming the file; also a ``RuntimeError``, what
+    ``load_state_dict`` (and so Captum's default loader) raises for the same file.
+    """
+
+
 def _check_fits(model: nn.Module, state: dict[str, Tensor], path: str) -> None:
     """Refuse a state dict that ``load_state_dict`` would load only in part.
 
@@ -192,7 +200,7 @@ def _check_fits(model: nn.Module, state: dict[str, Tensor], path: str) -> None:
         ("has tensors of other shapes", shapes),
     ):
         if names:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"checkpoint {path!r} does not fit the model: it {problem} {names[:5]}"
                 + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
             )
@@ -266,10 +274,10 @@ class CheckpointLoader:
         if path not in self._cache:
             try:
                 lr = self.load_func(self.scratch, path)
-            except (FileNotFoundError, ValueError):
+            except Exception as err:  # the loader's own exception type, as in Captum
+                if hasattr(err, "add_note"):  # Python >= 3.11
+                    err.add_note(f"(while `checkpoints_load_func` loaded {path!r})")
                 raise
-            except Exception as err:
-                raise ValueError(f"checkpoint {path!r} could not be loaded: {err}") from err
             if lr is None:
                 raise ValueError(
                     f"`checkpoints_load_func` returned no learning rate for {path!r}: it "

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, SequentialSampler, TensorDataset, default_collate
 
-from captum_sam.core.errors import ArgumentError
+from captum_sam.core.errors import ArgumentError, check_k
 from captum_sam.core.losses import FunctionalLoss, to_device
 from captum_sam.core.params import Params
 
@@ -198,8 +198,7 @@ def stream_topk(blocks: Iterable[Tensor], k: int, proponents: bool = True) -> tu
     Returns:
         ``(indices, scores)``, each ``(n_test, min(k, n_train))``, best first.
     """
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"`k` must be a positive int, got {k!r}")
+    k = check_k(k)
     sign = 1.0 if proponents else -1.0
     best_v = best_i = None
     offset = 0

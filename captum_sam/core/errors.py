@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ArgumentError", "require_inputs"]
+__all__ = ["ArgumentError", "LayerNameError", "RangeArgumentError", "check_k", "require_inputs"]
 
 
 class ArgumentError(ValueError, AssertionError):
@@ -11,6 +11,40 @@ class ArgumentError(ValueError, AssertionError):
     Captum checks many of the same conditions with ``assert``, so code written for
     Captum may catch ``AssertionError``; this exception is an instance of both.
     """
+
+
+class LayerNameError(ValueError, AttributeError):
+    """A ``layers`` name that is not a module of the model.
+
+    A ``ValueError`` naming it; also an ``AttributeError``, what Captum raises when
+    it looks the name up on the model.
+    """
+
+
+class RangeArgumentError(ValueError, RuntimeError):
+    """An argument out of range where Captum's own call fails inside torch.
+
+    A ``ValueError`` naming it; also a ``RuntimeError``, what Captum raises (for example
+    ``torch.topk`` with a negative ``k``).
+    """
+
+
+def check_k(k: object) -> int:
+    """``k`` of ``influence(..., k=k)`` as an int: any integer type, 0 allowed (as in Captum).
+
+    Numpy integers and one-element integer tensors are accepted, as Captum accepts them.
+    """
+    import operator
+
+    if isinstance(k, bool):
+        raise ArgumentError(f"`k` must be an int, got {k!r}")
+    try:
+        k = operator.index(k)  # type: ignore[arg-type]
+    except TypeError:
+        raise ArgumentError(f"`k` must be an int, got {k!r}") from None
+    if k < 0:
+        raise RangeArgumentError(f"`k` must be >= 0, got {k}")
+    return k
 
 
 def require_inputs(inputs: object) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from captum_sam.core.errors import ArgumentError, LayerNameError
+
 __all__ = [
     "Params",
     "Batch",
@@ -63,7 +65,7 @@ def attributed_names(model: nn.Module, layers: Sequence[str] | None = None) -> l
         modules = dict(model.named_modules())
         missing = [name for name in layers if name not in modules]
         if missing:
-            raise ValueError(
+            raise LayerNameError(
                 f"`layers` names {missing} are not modules of the model; valid names "
                 f"include {[n for n in modules if n][:10]}"
             )
@@ -74,7 +76,7 @@ def attributed_names(model: nn.Module, layers: Sequence[str] | None = None) -> l
             if any(n.startswith(prefix) for prefix in prefixes)
         ]
     if not names:
-        raise ValueError(
+        raise ArgumentError(
             "no parameters to attribute: the model has no trainable parameters"
             + (f" in `layers`={list(layers)}" if layers is not None else "")
         )

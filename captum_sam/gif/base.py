@@ -60,7 +60,7 @@ class SAMTracInBase(TracInCPBase):
         """
         check_rho(rho, adaptive)
         TracInCPBase.__init__(
-            self, model, train_dataset, resolve_checkpoints(checkpoints),
+            self, model, train_dataset, iter(resolve_checkpoints(checkpoints)),  # kept order
             captum["checkpoints_load_func"], captum["loss_fn"], captum["batch_size"],
             captum["test_loss_fn"],
         )  # fmt: skip

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from captum_sam._captum import NearestNeighbors
+from captum_sam.core.errors import check_k
 
 __all__ = ["ExactNearestNeighbors"]
 
@@ -43,8 +44,7 @@ class ExactNearestNeighbors(NearestNeighbors):
         """
         if self.data is None:
             raise ValueError("call setup() with the stored vectors first")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"`k` must be a positive int, got {k!r}")
+        k = check_k(k)
         query = query.reshape(len(query), -1).to(self.data)
         best_v = best_i = None
         for start in range(0, len(self.data), self.block):

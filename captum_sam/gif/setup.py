@@ -149,7 +149,7 @@ def resolve_checkpoints(checkpoints: Any) -> list[str]:
             raise TypeError(
                 "`checkpoints` must be a directory, a list of paths or an iterator of paths"
             ) from err
-        if isinstance(checkpoints, (list, tuple)):
+        if isinstance(checkpoints, list):  # Captum sorts a list, keeps other orders
             paths = natural_sort(paths)
     if not paths:
         raise ValueError(
