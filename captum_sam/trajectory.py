@@ -35,6 +35,8 @@ __all__ = [
     "StepRecord",
     "CheckpointRecord",
     "load_trajectory",
+    "DEFAULT_RHO",
+    "sam_settings",
 ]
 
 MANIFEST = "manifest.json"
@@ -192,3 +194,57 @@ def load_trajectory(
         complete=fields["complete"],
         seed=fields["seed"],
     )
+
+
+# --------------------------------------------------------------------------- settings
+
+DEFAULT_RHO = 0.05
+"""The estimators' ``rho`` when neither the caller nor a record directory gives one
+(the radius of the SAM paper's and the usual ``SAM`` wrapper's examples)."""
+
+
+def sam_settings(rho: Any, adaptive: Any, checkpoints: Any) -> tuple[Any, Any]:
+    """An estimator's ``(rho, adaptive)``: given, else the record's, else the defaults.
+
+    When ``checkpoints`` is a record directory (a :class:`TrajectoryRecorder` output),
+    ``None`` takes the recorded run's radius and ASAM flag, and a given value that
+    differs from the recorded one is used with a warning. Otherwise ``None`` is
+    :data:`DEFAULT_RHO` and ``adaptive=False``. Values are returned unchecked.
+
+    Raises:
+        ValueError: ``None`` for a record whose steps used more than one value (give
+            it, or use ``from_trajectory``, which follows the steps).
+    """
+    steps = _recorded_steps(checkpoints)
+    if not steps:
+        return (DEFAULT_RHO if rho is None else rho), (False if adaptive is None else adaptive)
+    path = os.path.join(os.fspath(checkpoints), MANIFEST)
+    out = []
+    for name, given in (("rho", rho), ("adaptive", adaptive)):
+        values = sorted({getattr(s, name) for s in steps})
+        if given is None:
+            if len(values) > 1:
+                raise ValueError(
+                    f"`{name}` is not given and the run recorded in {path!r} used several "
+                    f"values {values[:5]}: pass `{name}=` (or use from_trajectory, which "
+                    "takes each step's own)"
+                )
+            given = values[0]
+        elif values != [given]:
+            warnings.warn(
+                f"`{name}`={given!r} differs from the {values[:5]} recorded in {path!r}: "
+                "the estimator uses the given value",
+                stacklevel=3,
+            )
+        out.append(given)
+    return out[0], out[1]
+
+
+def _recorded_steps(checkpoints: Any) -> list[StepRecord]:
+    """The steps of a record directory (manifest checked, files not hashed), or ``[]``."""
+    if not isinstance(checkpoints, (str, os.PathLike)):
+        return []
+    path = os.fspath(checkpoints)
+    if not (os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))):
+        return []
+    return load_trajectory(path, allow_incomplete=False, verify=False).steps

@@ -184,3 +184,85 @@ def test_accuracy_restores_every_sub_module_flag():
     flags = [m.training for m in model.modules()]
     accuracy(model, (torch.randn(6, 4), torch.zeros(6, dtype=torch.long)))
     assert [m.training for m in model.modules()] == flags
+
+
+# ------------------------------------------------ rho from the record, warned losses
+
+
+def test_rho_and_adaptive_default_to_the_recorded_runs(run, tmp_path):
+    from captum_sam import SAMArnoldiInfluenceFunction, SAMTracInCPFast
+    from captum_sam.trajectory import DEFAULT_RHO
+
+    kw = dict(loss_fn=ce_loss(), batch_size=5)
+    fast_kw = dict(loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), batch_size=5)
+    made = [
+        SAMTracInCP(run["model"], run["train"], str(run["dir"]), **kw),
+        SAMTracInCPFast(run["model"], "fc2", run["train"], str(run["dir"]), **fast_kw),
+        SAMInfluenceFunction(run["model"], run["train"], run["dir"], projection_dim=None, **kw),
+        SAMArnoldiInfluenceFunction(run["model"], run["train"], run["dir"], **kw),
+    ]
+    for est in made:  # the run was trained at rho 0.1, SAM
+        assert (est.rho, est.adaptive) == (0.1, False), type(est).__name__
+    # the record's rho gives the scores of rho=0.1 given explicitly
+    given = SAMTracInCP(run["model"], run["train"], str(run["dir"]), rho=0.1, **kw)
+    torch.testing.assert_close(made[0].influence(run["test"]), given.influence(run["test"]))
+    with pytest.warns(UserWarning, match=r"`rho`=0.3 differs from the \[0.1\] recorded"):
+        est = SAMTracInCP(run["model"], run["train"], str(run["dir"]), rho=0.3, **kw)
+    assert est.rho == 0.3
+    with pytest.warns(UserWarning, match="`adaptive`=True differs"):
+        SAMInfluenceFunction(run["model"], run["train"], run["dir"], adaptive=True, **kw)
+    # plain checkpoints carry no rho: the documented default
+    ckpt = str(tmp_path / "plain.pt")
+    torch.save(run["model"].state_dict(), ckpt)
+    plain = SAMTracInCP(run["model"], run["train"], [ckpt], **kw)
+    assert (plain.rho, plain.adaptive) == (DEFAULT_RHO, False) == (0.05, False)
+
+
+def test_a_record_with_several_rhos_needs_rho_given(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from captum_sam import SAM, IndexedDataset, TrajectoryRecorder
+
+    data = make_data(n=12, seed=1)
+    model = mlp_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    rec = TrajectoryRecorder(tmp_path / "r", model, opt, n_train=len(data), save_every=1)
+    rec.start()
+    for step, (idx, x, y) in enumerate(DataLoader(IndexedDataset(data), batch_size=6)):
+        opt.param_groups[0]["rho"] = 0.05 * (step + 1)
+        ce_loss()(model(x), y).mean().backward()
+        opt.first_step(zero_grad=True)
+        ce_loss()(model(x), y).mean().backward()
+        opt.second_step(zero_grad=True)
+        rec.record_step(idx, epoch=0)
+    rec.finish()
+    with pytest.raises(ValueError, match=r"`rho` is not given.*\[0.05, 0.1\]"):
+        SAMTracInCP(model, data, str(tmp_path / "r"), loss_fn=ce_loss())
+    est = SAMTracInCP(model, data, str(tmp_path / "r"), loss_fn=ce_loss(), rho=0.1)
+    assert est.rho == 0.1  # given: used (a warning says the record differs)
+
+
+def test_a_class_weighted_mean_loss_warns_that_its_weights_cancel(run):
+    weighted = torch.nn.CrossEntropyLoss(weight=torch.rand(3, dtype=torch.float64) + 0.5)
+    unweighted = torch.nn.CrossEntropyLoss(reduction="mean")
+    kw = dict(sample_wise_grads_per_batch=True, batch_size=5, rho=0.0)
+    with pytest.warns(UserWarning, match="class-weighted loss with reduction='mean'"):
+        est = SAMTracInCP(run["model"], run["train"], str(run["dir"]), loss_fn=weighted, **kw)
+    ref = SAMTracInCP(run["model"], run["train"], str(run["dir"]), loss_fn=unweighted, **kw)
+    torch.testing.assert_close(est.influence(run["test"]), ref.influence(run["test"]))
+
+
+def test_a_streamed_training_set_is_refused_by_name(run):
+    from torch.utils.data import DataLoader, IterableDataset
+
+    x, y = run["train"].tensors
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from zip(x, y)
+
+    for data in (Stream(), DataLoader(Stream(), batch_size=5)):
+        with pytest.raises(ValueError, match="`train_dataset` is an IterableDataset"):
+            SAMTracInCP(run["model"], data, str(run["dir"]), loss_fn=ce_loss(), batch_size=5)
+        with pytest.raises(ValueError, match="`train_dataset` is an IterableDataset"):
+            SAMInfluenceFunction(run["model"], data, run["dir"], loss_fn=ce_loss(), batch_size=5)

@@ -57,6 +57,15 @@ def ordered_dataset(train: Dataset | DataLoader, name: str = "train_dataset") ->
     Raises:
         ValueError: A DataLoader that shuffles (its columns would not match indices).
     """
+    from torch.utils.data import IterableDataset
+
+    stream = train.dataset if isinstance(train, DataLoader) else train
+    if isinstance(stream, IterableDataset):
+        raise ArgumentError(
+            f"`{name}` is an IterableDataset (a stream): the estimators need a map-style "
+            "Dataset with a length, read in order more than once (one column per index); "
+            "materialise the stream, e.g. TensorDataset(*tensors)"
+        )
     if isinstance(train, DataLoader):
         if not isinstance(train.sampler, SequentialSampler):
             raise ValueError(

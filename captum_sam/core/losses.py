@@ -14,6 +14,10 @@ Whatever the kind, :meth:`FunctionalLoss.example_loss` is the loss of one exampl
 (the loss applied to a batch of one, summed) and :meth:`FunctionalLoss.summed_loss`
 the sum of the per-example losses of a batch (a ``"mean"`` loss is multiplied by the
 batch size, as Captum does), so every estimator sees the same per-example losses.
+A class-weighted ``"mean"`` loss (``nn.CrossEntropyLoss(weight=...)``) divides by the
+batch's total weight, so on one example its weight cancels: it is taken unweighted,
+with a warning (Captum's result then depends on its batch size; at its default of 1
+it is ours).
 """
 
 from __future__ import annotations
@@ -92,6 +96,15 @@ def loss_reduction(loss_fn: Any, name: str, sample_wise_grads_per_batch: bool = 
             f"`{name}` has reduction={reduction!r}, but sample_wise_grads_per_batch=False "
             "(the default) needs a per-example loss: construct it with reduction='none', "
             "or pass sample_wise_grads_per_batch=True"
+        )
+    if reduction == "mean" and getattr(loss_fn, "weight", None) is not None:
+        warnings.warn(
+            f"`{name}` is a class-weighted loss with reduction='mean': it divides by the "
+            "total weight of the batch, so each example is taken alone here, where its "
+            "weight cancels (the unweighted loss; Captum's result is the same at its default "
+            "batch_size=1 and changes with the batch size). For each example's weighted "
+            "loss use reduction='sum'",
+            stacklevel=3,
         )
     return str(reduction)
 

@@ -35,6 +35,7 @@ from captum_sam.gif.segment_edit import SegmentEdit, check_segment_options
 from captum_sam.gif.setup import GIFEngines, resolve_checkpoints
 from captum_sam.gif.terms import Term, checkpoint_terms
 from captum_sam.gif.unrolled_replay import UnrolledReplay, check_removal
+from captum_sam.trajectory import sam_settings
 
 __all__ = ["EDIT_METHODS", "SAMTracInBase", "check_rho"]
 
@@ -58,6 +59,7 @@ class SAMTracInBase(TracInCPBase):
 
         ``captum``: ``checkpoints_load_func``, ``loss_fn``, ``batch_size``, ``test_loss_fn``.
         """
+        rho, adaptive = sam_settings(rho, adaptive, checkpoints)
         check_rho(rho, adaptive)
         TracInCPBase.__init__(
             self, model, train_dataset, iter(resolve_checkpoints(checkpoints)),  # kept order

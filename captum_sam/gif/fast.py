@@ -71,8 +71,12 @@ class SAMTracInCPFast(SAMTracInBase):
         test_loss_fn: Loss for test examples (default ``loss_fn``), also reducing.
         vectorize: Captum's switch for ``torch.autograd.functional.jacobian``; the
             gradients here are exact either way, so it changes nothing.
-        rho: SAM radius of training (0 gives Captum's ``TracInCPFast``).
-        adaptive: ASAM perturbation.
+        rho: SAM radius of training (0 gives Captum's ``TracInCPFast``). Default ``None``: the
+            recorded run's when ``checkpoints`` is a record directory (a given value
+            that differs is used, with a warning), else 0.05. The one argument
+            that must match the training; Captum has none.
+        adaptive: ASAM perturbation. Default ``None``: the recorded run's, as for ``rho``, else
+            ``False``.
         perturbation: ``"dataset"`` or ``"example"`` (see :class:`~captum_sam.SAMTracInCP`).
         perturbation_dataset: Data for the ``"dataset"`` perturbation.
         perturbation_scope: ``"trainable"`` (default, the training's perturbation) or
@@ -104,8 +108,8 @@ class SAMTracInCPFast(SAMTracInBase):
         test_loss_fn: Callable[..., Tensor] | None = None,
         vectorize: bool = False,
         *,
-        rho: float = 0.05,
-        adaptive: bool = False,
+        rho: float | None = None,
+        adaptive: bool | None = None,
         perturbation: str = "dataset",
         perturbation_dataset: Dataset | DataLoader | None = None,
         perturbation_scope: str = "trainable",

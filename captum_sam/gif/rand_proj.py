@@ -88,7 +88,11 @@ class SAMTracInCPFastRandProj(SAMTracInCPFast):
             ``None``: no projection.
         seed: Seed of the projection.
         rho: SAM radius of training (0 gives Captum's ``TracInCPFastRandProj``).
-        adaptive: ASAM perturbation.
+            Default ``None``: the recorded run's when ``checkpoints`` is a record
+            directory (a given value that differs is used, with a warning), else 0.05.
+            The one argument that must match the training; Captum has none.
+        adaptive: ASAM perturbation. Default ``None``: the recorded run's, as for ``rho``, else
+            ``False``.
         perturbation: ``"dataset"`` or ``"example"``.
         perturbation_dataset: Data for the ``"dataset"`` perturbation.
         perturbation_scope: ``"trainable"`` or ``"attributed"``.
@@ -118,8 +122,8 @@ class SAMTracInCPFastRandProj(SAMTracInCPFast):
         projection_dim: int | None = None,
         seed: int = 0,
         *,
-        rho: float = 0.05,
-        adaptive: bool = False,
+        rho: float | None = None,
+        adaptive: bool | None = None,
         perturbation: str = "dataset",
         perturbation_dataset: Dataset | DataLoader | None = None,
         perturbation_scope: str = "trainable",

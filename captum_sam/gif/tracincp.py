@@ -73,8 +73,12 @@ class SAMTracInCP(SAMTracInBase):
         sample_wise_grads_per_batch: Captum's switch for reducing losses. As in
             Captum, with ``True`` only parameters of ``nn.Linear`` and ``nn.Conv2d``
             layers are attributed (a warning names any other trainable ones).
-        rho: SAM radius of training (0 gives Captum's ``TracInCP``).
-        adaptive: ASAM perturbation.
+        rho: SAM radius of training (0 gives Captum's ``TracInCP``). Default ``None``: the
+            recorded run's when ``checkpoints`` is a record directory (a given value
+            that differs is used, with a warning), else 0.05. The one argument
+            that must match the training; Captum has none.
+        adaptive: ASAM perturbation. Default ``None``: the recorded run's, as for ``rho``, else
+            ``False``.
         perturbation: ``"dataset"`` (one :math:`\epsilon_c` per checkpoint from the
             mean gradient over ``perturbation_dataset``) or ``"example"`` (each
             example's own gradient, the m = 1 case of m-sharpness).
@@ -136,8 +140,8 @@ class SAMTracInCP(SAMTracInBase):
         test_loss_fn: Callable[..., Tensor] | None = None,
         sample_wise_grads_per_batch: bool = False,
         *,
-        rho: float = 0.05,
-        adaptive: bool = False,
+        rho: float | None = None,
+        adaptive: bool | None = None,
         perturbation: str = "dataset",
         perturbation_dataset: Dataset | DataLoader | None = None,
         perturbation_scope: str = "trainable",

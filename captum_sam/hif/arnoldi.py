@@ -117,8 +117,12 @@ class SAMArnoldiInfluenceFunction(SAMInfluenceBase):
         hessian_inverse_tol: Eigenvalues at or below this are dropped.
         projection_on_cpu: Keep the embedding matrix on the CPU.
         show_progress: Progress bars for the iteration.
-        rho: SAM radius of training (0 with ``variant="plain"`` is Captum's).
-        adaptive: ASAM.
+        rho: SAM radius of training (0 with ``variant="plain"`` is Captum's). Default ``None``: the
+            recorded run's when ``checkpoint`` is a record directory (a given value
+            that differs is used, with a warning), else 0.05. The one argument
+            that must match the training; Captum has none.
+        adaptive: ASAM. Default ``None``: the recorded run's, as for ``rho``, else
+            ``False``.
         weight_decay: :math:`\lambda`, enters as :math:`n\lambda`.
         damping: :math:`d`, enters as :math:`n d`; ``"auto"`` chooses it from the
             curvature (see :class:`~captum_sam.SAMInfluenceFunction`, ``damping_used``).
@@ -157,8 +161,8 @@ class SAMArnoldiInfluenceFunction(SAMInfluenceBase):
         projection_on_cpu: bool = True,
         show_progress: bool = False,
         *,
-        rho: float = 0.05,
-        adaptive: bool = False,
+        rho: float | None = None,
+        adaptive: bool | None = None,
         weight_decay: float = 0.0,
         damping: float | str = 0.0,
         variant: str = "fast",

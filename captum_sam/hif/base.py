@@ -52,6 +52,7 @@ from captum_sam.hif.inverse import LowRankInverse, SolvedInverse
 from captum_sam.hif.operator import KRONECKER
 from captum_sam.hif.setup import check_number, prepare, resolve_checkpoint
 from captum_sam.hif.setup import solver_options as make_solver_options
+from captum_sam.trajectory import sam_settings
 
 __all__ = ["SAMInfluenceBase", "CAPTUM_ARGUMENTS", "SAM_ARGUMENTS", "pick"]
 
@@ -88,6 +89,7 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
 
         ``captum``: Captum's arguments by name; ``sam``: ours.
         """
+        sam["rho"], sam["adaptive"] = sam_settings(sam["rho"], sam["adaptive"], checkpoint)
         self.model = model
         self.checkpoint = resolve_checkpoint(checkpoint)
         self.checkpoints_load_func = captum["checkpoints_load_func"]

@@ -79,8 +79,12 @@ class SAMInfluenceFunction(SAMInfluenceBase):
             extension) drops none, negative eigenvalues included: the exact inverse.
         projection_on_cpu: Keep the low-rank factors on the CPU (as Captum).
         show_progress: Progress bars while forming :math:`A` or solving.
-        rho: SAM radius of training (0 with ``variant="plain"`` is Captum's).
-        adaptive: ASAM.
+        rho: SAM radius of training (0 with ``variant="plain"`` is Captum's). Default ``None``: the
+            recorded run's when ``checkpoint`` is a record directory (a given value
+            that differs is used, with a warning), else 0.05. The one argument
+            that must match the training; Captum has none.
+        adaptive: ASAM. Default ``None``: the recorded run's, as for ``rho``, else
+            ``False``.
         weight_decay: :math:`\lambda` of the training objective (enters as
             :math:`n\lambda`).
         damping: Extra :math:`d`, added as :math:`n d I`. ``None`` (default): 0 for
@@ -183,8 +187,8 @@ class SAMInfluenceFunction(SAMInfluenceBase):
         projection_on_cpu: bool = True,
         show_progress: bool = False,
         *,
-        rho: float = 0.05,
-        adaptive: bool = False,
+        rho: float | None = None,
+        adaptive: bool | None = None,
         weight_decay: float = 0.0,
         damping: float | str | None = None,
         variant: str = "fast",
