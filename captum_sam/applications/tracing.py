@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from captum_sam.core.data import fetch_batch
+from captum_sam.core.files import atomic_write
 
 __all__ = ["TraceResult", "trace", "trace_figure", "plot_trace"]
 
@@ -208,5 +209,11 @@ def plot_trace(
         clean_labels=clean_labels,
     )
     path = os.fspath(path)
-    fig.savefig(path, dpi=130)
+    fmt = os.path.splitext(path)[1].lstrip(".").lower()
+    if not fmt:  # as savefig(path) does: the default format, appended
+        import matplotlib
+
+        fmt = matplotlib.rcParams["savefig.format"]
+        path = f"{path}.{fmt}"
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=130))  # never a partial file
     return path

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from captum_sam.applications import detect_mislabeled, harmful_removal_curve
 from captum_sam.applications.removal import RemovalCurve
+from captum_sam.core.files import atomic_write
 from captum_sam.evaluation.config import PROTOCOLS
 from captum_sam.evaluation.ground_truth import GroundTruth, RetrainResults
 from captum_sam.evaluation.metrics import (
@@ -145,10 +146,10 @@ def run_compare(
     results["seconds_total"] = time.perf_counter() - started
     ok = [r for r in rows if "error" not in r]
     _plots(out, ctx, ok, scores, truth.loo_idx, truth.loo_actual, removal, ctx.base)
-    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, default=float)
-    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
-        f.write(_report(results))
+    text = json.dumps(results, indent=2, default=float).encode("utf-8")
+    atomic_write(os.path.join(out, "results.json"), lambda f: f.write(text))
+    report = _report(results).encode("utf-8")
+    atomic_write(os.path.join(out, "report.md"), lambda f: f.write(report))  # written last
     return results
 
 
@@ -192,7 +193,8 @@ def _train(
         _say(verbose, "      Newton to the full-batch SAM fixed point (the attribution point)")
         fp = sam_fixed_point(model, data.train, loss, cfg.rho, cfg.weight_decay, cfg.adaptive)
         base, base_ckpt = fp.model, os.path.join(out, "fixed_point.pt")
-        torch.save({"model_state": base.state_dict(), "learning_rate": 1.0}, base_ckpt)
+        state = {"model_state": base.state_dict(), "learning_rate": 1.0}
+        atomic_write(base_ckpt, lambda f: torch.save(state, f))
         residual = fp.residual
     else:
         base, base_ckpt = model, traj.final.path

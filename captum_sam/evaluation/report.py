@@ -245,7 +245,9 @@ def _removal_section(results: dict[str, Any]) -> list[str]:
 
 
 def _save(fig: Any, path: str) -> None:
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    from captum_sam.core.files import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
 
 
 def _plots(
