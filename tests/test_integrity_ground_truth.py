@@ -266,6 +266,21 @@ def test_the_key_covers_loss_settings_and_start_weights(tmp_path, monkeypatch):
     assert len(calls) == 3
 
 
+def test_the_key_covers_which_parameters_train(tmp_path, monkeypatch):
+    cache, calls, retrain = str(tmp_path / "cache"), [], GroundTruth.retrain
+    monkeypatch.setattr(GroundTruth, "retrain", lambda s, r: calls.append(r) or retrain(s, r))
+    ce = ce_loss()
+    plain = fixed_point_truth(linear_model(), cache, ce).evaluate([[1]], TEST)
+    frozen_model = linear_model()
+    bias = [p for n, p in frozen_model.named_parameters() if n.endswith("bias")][0]
+    bias.requires_grad_(False)  # the same weights and repr, the bias not trained
+    frozen = fixed_point_truth(frozen_model, cache, ce).evaluate([[1]], TEST)
+    assert len(calls) == 2  # not served from the unfrozen model's row
+    fresh = fixed_point_truth(frozen_model, None, ce).evaluate([[1]], TEST)
+    same(frozen, fresh)
+    assert not torch.allclose(frozen.params, plain.params)
+
+
 # ----------------------------------------------------------------------- writers
 
 

@@ -128,11 +128,18 @@ def loss_identity(loss_fn: Any) -> str:
 
 
 def model_identity(model: nn.Module, weights: bool) -> str:
-    """Hash of the architecture (``repr``, state names, shapes, dtypes), optionally the values."""
+    """Hash of the architecture (``repr``, state names, shapes, dtypes), optionally the values.
+
+    Also what retraining reads besides the weights: which parameters are trained
+    (``requires_grad``) and each sub-module's train/eval flag.
+    """
     state = dict(model.state_dict())
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    flags = [m.training for m in model.modules()]
     if weights:
-        return sha(repr(model), state)
-    return sha(repr(model), {k: [str(v.dtype), list(v.shape)] for k, v in state.items()})
+        return sha(repr(model), state, trained, flags)
+    shapes = {k: [str(v.dtype), list(v.shape)] for k, v in state.items()}
+    return sha(repr(model), shapes, trained, flags)
 
 
 def dataset_identity(dataset: Dataset) -> dict[str, Any]:
