@@ -475,3 +475,25 @@ def test_a_hessian_edit_off_a_minimum_names_the_indefinite_hessian():
     assert "indefinite" not in ggn
     res["ground_truth"]["mode"] = "fixed_point"  # at a minimum the reason does not apply
     assert all("indefinite" not in text for text in findings(res))
+
+
+def test_a_figure_write_that_fails_midway_leaves_no_file(tmp_path):
+    from matplotlib.figure import Figure
+
+    from captum_sam.evaluation import report
+
+    path = tmp_path / "plot.png"
+    fig = Figure()
+
+    def killed(f, **kwargs):
+        f.write(b"\x89PNG half a file")
+        raise KeyboardInterrupt  # the run is stopped while the file is written
+
+    fig.savefig = killed
+    with pytest.raises(KeyboardInterrupt):
+        report._save(fig, str(path))
+    assert os.listdir(tmp_path) == []  # neither the figure nor a temporary
+    fig = Figure()
+    fig.add_subplot().plot([0, 1])
+    report._save(fig, str(path))
+    assert path.read_bytes().startswith(b"\x89PNG")
