@@ -146,3 +146,48 @@ def test_a_non_tensor_dataset_is_fingerprinted_by_content(run, tmp_path):
     )  # fmt: skip
     with pytest.raises(ValueError, match="stale cache.*data.sha256"):
         other.use_intermediate_quantities(p1)
+
+
+def test_caches_of_another_model_scope_perturbation_set_or_collate_are_refused(run, tmp_path):
+    from torch.utils.data import DataLoader, default_collate
+
+    path = gif(run).save_intermediate_quantities(tmp_path / "q")
+    h_path = hif(run).save_intermediate_quantities(tmp_path / "h")
+    gif(run).use_intermediate_quantities(path)  # the same set-up is served
+    hif(run).use_intermediate_quantities(h_path)
+    # the same layers and checkpoints, another activation: another model
+    relu = mlp_model()
+    relu.act = torch.nn.ReLU()
+    other = dict(run, model=relu)
+    with pytest.raises(ValueError, match="stale cache.*model"):
+        gif(other).use_intermediate_quantities(path)
+    with pytest.raises(ValueError, match="stale cache.*model"):
+        hif(other).use_intermediate_quantities(h_path)
+    # the right-hand sides are gradients at w* + eps* over the perturbation's scope
+    with pytest.raises(ValueError, match="stale cache.*perturbation_scope"):
+        hif(run, perturbation_scope="attributed", layers=["fc2"]).use_intermediate_quantities(
+            h_path
+        )
+    # a perturbation set given as one batch in memory is fingerprinted by content
+    x, y = run["train"].tensors
+    p_path = gif(run, perturbation_dataset=(x[:8], y[:8])).save_intermediate_quantities(
+        tmp_path / "p"
+    )
+    gif(run, perturbation_dataset=(x[:8], y[:8])).use_intermediate_quantities(p_path)
+    with pytest.raises(ValueError, match="stale cache.*perturbation_data"):
+        gif(run, perturbation_dataset=(x[8:16], y[8:16])).use_intermediate_quantities(p_path)
+
+    # a DataLoader whose collate_fn changes the examples is hashed as it yields them
+    def scaled(batch):
+        xb, yb = default_collate(batch)
+        return 2 * xb, yb
+
+    loader = DataLoader(run["train"], batch_size=6, collate_fn=scaled)
+    with pytest.raises(ValueError, match="stale cache.*data"):
+        SAMTracInCP(
+            run["model"], loader, run["ckpts"], loss_fn=ce_loss(), rho=0.1
+        ).use_intermediate_quantities(path)
+    plain = DataLoader(run["train"], batch_size=6)
+    SAMTracInCP(
+        run["model"], plain, run["ckpts"], loss_fn=ce_loss(), rho=0.1
+    ).use_intermediate_quantities(path)

@@ -351,6 +351,12 @@ def test_factors_dir_reloads_identically_and_refuses_tampering(setup, tmp_path, 
     assert torch.equal(first, again)
     with pytest.raises(ValueError, match="stale K-FAC factors.*rho"):
         make(setup, variant="full", rho=0.2, factors_dir=tmp_path)
+    import copy
+
+    rewired = copy.deepcopy(setup["model"])  # the same layers and weights, another activation
+    rewired[1] = nn.ReLU()  # was Tanh (both set-ups)
+    with pytest.raises(ValueError, match="stale K-FAC factors.*model"):
+        make(dict(setup, model=rewired), variant="full", factors_dir=tmp_path)
     manifest = tmp_path / "kfac-perturbed.json"
     data = tmp_path / json.loads(manifest.read_text())["file"]
     raw = bytearray(data.read_bytes())

@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from captum_sam.core.distributed import gather_ordered, is_distributed, rank_and_world
 from captum_sam.core.files import (
@@ -60,6 +60,7 @@ __all__ = [
     "file_digest",
     "data_digest",
     "function_digest",
+    "model_digest",
 ]
 
 FORMAT = "captum_sam.quantities"
@@ -94,15 +95,23 @@ def _hash_value(h: Any, value: Any) -> None:
 def data_digest(dataset: Dataset | DataLoader, batch_size: int = 256) -> dict[str, Any]:
     """Fingerprint of a dataset by content: its type, length and a SHA-256 of its examples.
 
-    A ``TensorDataset`` is hashed from its tensors; any other map-style dataset is
-    streamed through an in-order ``DataLoader`` (or the DataLoader given), so the hash
-    covers the examples exactly as the estimator sees them, one batch at a time.
+    A ``TensorDataset`` is hashed from its tensors (unless a DataLoader with its own
+    ``collate_fn`` transforms them); any other map-style dataset is streamed through an
+    in-order ``DataLoader`` (or the DataLoader given), so the hash covers the examples
+    exactly as the estimator sees them, one batch at a time. A list of batches (data
+    given in memory) is hashed as it is.
     """
+    if isinstance(dataset, (list, tuple)):  # batches given in memory
+        h = hashlib.sha256()
+        _hash_value(h, list(dataset))
+        n = sum(len(b[-1]) for b in dataset)
+        return {"type": "batches", "n": n, "sha256": h.hexdigest()}
     loader = dataset if isinstance(dataset, DataLoader) else None
     base = loader.dataset if loader is not None else dataset
     out: dict[str, Any] = {"type": type(base).__name__, "n": len(base)}  # type: ignore[arg-type]
     h = hashlib.sha256()
-    if isinstance(base, TensorDataset):
+    plain = loader is None or loader.collate_fn is default_collate
+    if isinstance(base, TensorDataset) and plain:  # the batches are slices of its tensors
         for t in base.tensors:
             _hash_value(h, t)
     else:
@@ -115,6 +124,30 @@ def data_digest(dataset: Dataset | DataLoader, batch_size: int = 256) -> dict[st
             torch.random.set_rng_state(state)
     out["sha256"] = h.hexdigest()
     return out
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def model_digest(model: nn.Module) -> str:
+    """Fingerprint of an architecture (not its weights, which the checkpoints carry).
+
+    SHA-256 of the model's ``repr`` (memory addresses removed), every parameter's and
+    buffer's name, shape, dtype and ``requires_grad``, and the source of the
+    ``forward`` of every module class it uses (where Python can find it), so that a
+    cache written for another model, or the same layers wired differently, is refused.
+    """
+    h = hashlib.sha256(_ADDRESS.sub("", repr(model)).encode())
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        h.update(f"|{name} {tuple(t.shape)} {t.dtype} {t.requires_grad}".encode())
+    kinds = {f"{k.__module__}.{k.__qualname__}": k for k in map(type, model.modules())}
+    for qualname in sorted(kinds):
+        try:
+            source = inspect.getsource(kinds[qualname].forward)
+        except (OSError, TypeError):
+            source = "?"
+        h.update(f"|{qualname}:{source}".encode())
+    return h.hexdigest()
 
 
 def function_digest(fn: Any) -> list[Any]:

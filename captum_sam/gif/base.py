@@ -285,11 +285,11 @@ class SAMTracInBase(TracInCPBase):
             The directory.
         """
         self._engines.prepare()
-        return self._engines.quantities.save(directory, type(self).__name__)
+        return self._engines.quantities.save(directory, type(self).__name__, self.model)
 
     def load_intermediate_quantities(self, directory: str | os.PathLike[str]) -> Tensor:
         """The cached training side ``(n_train, D)``; refused if stale (``ValueError``)."""
-        fingerprint = self._engines.quantities.fingerprint(type(self).__name__)
+        fingerprint = self._engines.quantities.fingerprint(type(self).__name__, self.model)
         return open_quantities(directory, fingerprint).load(self._engines.device)
 
     def use_intermediate_quantities(self, directory: str | os.PathLike[str] | None) -> None:
@@ -298,7 +298,7 @@ class SAMTracInBase(TracInCPBase):
         The cache is validated now (a stale one raises ``ValueError``) and then
         streamed part by part at every ``influence`` call.
         """
-        fingerprint = self._engines.quantities.fingerprint(type(self).__name__)
+        fingerprint = self._engines.quantities.fingerprint(type(self).__name__, self.model)
         self._engines.cache = None if directory is None else open_quantities(directory, fingerprint)
 
     # ------------------------------------------------------------------ editing

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from captum_sam import core as F
 from captum_sam.core.data import as_loader, check_indices, local_batches, progress
@@ -30,6 +30,7 @@ from captum_sam.core.store import (
     data_digest,
     file_digest,
     function_digest,
+    model_digest,
     projection_setting,
     save_quantities,
 )
@@ -151,8 +152,8 @@ class GIFQuantities:
 
     # ------------------------------------------------------------------ caching
 
-    def fingerprint(self, estimator: str) -> dict[str, Any]:
-        """Everything the training-side quantities depend on."""
+    def fingerprint(self, estimator: str, model: nn.Module) -> dict[str, Any]:
+        """Everything the training-side quantities of ``model`` depend on."""
         ckpts = self.checkpoints
         terms = hashlib.sha256(
             json.dumps(
@@ -168,14 +169,13 @@ class GIFQuantities:
         return {
             **extra,
             "estimator": estimator,
+            "model": model_digest(model),
             "form": "trajectory" if self.trajectory else "checkpoint",
             "checkpoints": [file_digest(c) for c in ckpts],
             "terms": terms,
             "perturbation": self.points.perturbation,
             "perturbation_scope": self.points.scope,
-            "perturbation_data": data_digest(pdata)
-            if custom and isinstance(pdata, DataLoader)
-            else "train",
+            "perturbation_data": data_digest(pdata) if custom else "train",
             "parameters": self.points.names,
             "projection": projection_setting(self.projector),
             "loss": [*function_digest(self.train_loss.loss_fn), self.train_loss.reduction],
@@ -183,7 +183,7 @@ class GIFQuantities:
             "dtype": str(self.dtype()),
         }
 
-    def save(self, directory: str | os.PathLike[str], estimator: str) -> str:
+    def save(self, directory: str | os.PathLike[str], estimator: str, model: nn.Module) -> str:
         """Store the training side, one part per training batch, with a fingerprint."""
         ckpts = self.checkpoints
         if self.trajectory:  # accumulated over steps: held whole
@@ -196,7 +196,7 @@ class GIFQuantities:
                 (i, self.weighted(self.terms, b, ckpts))
                 for i, b in local_batches(self.train_dataloader, self.points.device)
             )
-        return save_quantities(directory, self.fingerprint(estimator), parts)
+        return save_quantities(directory, self.fingerprint(estimator, model), parts)
 
     # ------------------------------------------------------------------ editing
 

@@ -36,6 +36,7 @@ from captum_sam.core.store import (
     data_digest,
     file_digest,
     function_digest,
+    model_digest,
     open_quantities,
     projection_setting,
     save_quantities,
@@ -359,10 +360,12 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
         low = isinstance(self.inverse, LowRankInverse)
         return {
             "estimator": type(self).__name__,
+            "model": model_digest(self.model),
             "checkpoint": file_digest(self.checkpoint),
             "right_hand_side": rhs,
             "rho": self.rho,
             "adaptive": self.adaptive,
+            "perturbation_scope": self.perturbation_scope,
             "parameters": self.names,
             "inverse": sides.inverse_setting(self) if low else "solved",
             "projection": projection_setting(self.sketch),

@@ -49,7 +49,7 @@ from captum_sam.core.files import (
     sha256_file,
     torch_load,
 )
-from captum_sam.core.store import data_digest, file_digest, function_digest
+from captum_sam.core.store import data_digest, file_digest, function_digest, model_digest
 from captum_sam.hif.kfac import KroneckerCurvature, KroneckerFactors
 from captum_sam.hif.kron_sites import KroneckerSite
 
@@ -71,6 +71,7 @@ def fingerprint(est: Any, key: str, sites: Sequence[KroneckerSite]) -> dict[str,
     op = est.operator
     out: dict[str, Any] = {
         "kind": est.curvature,
+        "model": model_digest(est.model),
         "point": key,
         "checkpoint": file_digest(est.checkpoint),
         "parameters": list(op.names),
