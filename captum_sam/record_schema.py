@@ -9,22 +9,42 @@ within the recorded steps; a complete run's last checkpoint is at its last step.
 
 What is accepted, by design: learning rates :math:`\ge 0` (a schedule may end at 0,
 e.g. cosine annealing to ``eta_min=0``; such a step contributes nothing), ``rho``
-:math:`\ge 0`, and the two known format versions (1: no checkpoint hashes; 2: a
-SHA-256 per checkpoint file).
+:math:`\ge 0`, and the three known format versions (1: no checkpoint hashes; 2: a
+SHA-256 per checkpoint file; 3: also a SHA-256 of the manifest itself, field
+``sha256``, and optionally a fingerprint of the training data, field ``data``).
+
+The base optimizer's ``hyperparameters`` are checked by type (numbers finite, flags
+``true``/``false``); for SGD, every setting the replay reads must be present.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from typing import Any
 
-__all__ = ["check_manifest", "FORMAT", "VERSIONS", "CURRENT_VERSION"]
+__all__ = ["check_manifest", "manifest_digest", "FORMAT", "VERSIONS", "CURRENT_VERSION"]
 
 FORMAT = "captum_sam.trajectory"
-VERSIONS = (1, 2)
-CURRENT_VERSION = 2
+VERSIONS = (1, 2, 3)
+CURRENT_VERSION = 3
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+SELF_HASH = "sha256"
+"""The manifest field holding :func:`manifest_digest` of the rest (version 3)."""
+
+_NUMBERS = ("lr", "momentum", "dampening", "weight_decay", "rho", "eps", "alpha")
+_FLAGS = ("nesterov", "maximize", "adaptive", "differentiable", "amsgrad", "capturable")
+_FLAGS_OR_NONE = ("foreach", "fused")
+_SGD_REQUIRED = ("momentum", "dampening", "weight_decay", "nesterov", "maximize")
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of a manifest's canonical JSON, without its own ``sha256`` field."""
+    body = {k: v for k, v in manifest.items() if k != SELF_HASH}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))  # NaN: the schema refuses it
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class _Fields:
@@ -109,6 +129,47 @@ def _step(f: _Fields, entry: Any, field: str, n_train: int) -> dict[str, Any]:
     }
 
 
+def _optimizer(f: _Fields, raw: Any) -> dict[str, Any]:
+    """The ``optimizer`` field: base class name and its hyperparameters, by type."""
+    optimizer = f.obj(raw, "optimizer")
+    f.has(optimizer, ("base", "hyperparameters"), "optimizer")
+    base = optimizer["base"]
+    if not isinstance(base, str) or not base:
+        raise f.fail("optimizer.base", "a class name", base)
+    hyper = f.obj(optimizer["hyperparameters"], "optimizer.hyperparameters")
+    for key, value in hyper.items():
+        field = f"optimizer.hyperparameters.{key}"
+        if key in _NUMBERS:
+            f.number(value, field)
+        elif key in _FLAGS:
+            f.flag(value, field)
+        elif key in _FLAGS_OR_NONE:
+            if value is not None:
+                f.flag(value, field)
+        elif not (value is None or isinstance(value, (bool, int, float, str))):
+            raise f.fail(field, "a number, string, true/false or null", value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise f.fail(field, "finite", value)
+    if base == "torch.optim.sgd.SGD":
+        f.has(hyper, _SGD_REQUIRED, "optimizer.hyperparameters")
+    return optimizer
+
+
+def _data(f: _Fields, raw: Any, n_train: int) -> dict[str, Any] | None:
+    """The optional ``data`` field: the training set's fingerprint (type, n, sha256)."""
+    if raw is None:
+        return None
+    data = f.obj(raw, "data")
+    f.has(data, ("type", "n", "sha256"), "data")
+    if not isinstance(data["type"], str):
+        raise f.fail("data.type", "a class name", data["type"])
+    if f.integer(data["n"], "data.n") != n_train:
+        raise f.fail("data.n", f"n_train ({n_train})", data["n"])
+    if not isinstance(data["sha256"], str) or not _HEX64.match(data["sha256"]):
+        raise f.fail("data.sha256", "64 hex digits", data["sha256"])
+    return {"type": data["type"], "n": data["n"], "sha256": data["sha256"]}
+
+
 def check_manifest(raw: Any, path: str) -> dict[str, Any]:
     """Validate a parsed trajectory manifest; return its fields as checked plain values.
 
@@ -122,12 +183,23 @@ def check_manifest(raw: Any, path: str) -> dict[str, Any]:
     if isinstance(version, bool) or version not in VERSIONS:
         raise f.fail("version", f"one of {VERSIONS} (a newer captum_sam wrote it?)", version)
     f.has(raw, ("n_train", "initial", "checkpoints", "steps", "optimizer", "complete"), "(top)")
+    if version >= 3:
+        f.has(raw, (SELF_HASH, "seed"), "(top)")
+        digest = raw[SELF_HASH]
+        if not isinstance(digest, str) or not _HEX64.match(digest):
+            raise f.fail(SELF_HASH, "64 hex digits", digest)
+        if manifest_digest(raw) != digest:
+            raise ValueError(
+                f"trajectory manifest {path!r}: its content does not match field "
+                f"{SELF_HASH}: it was edited or corrupted after it was written"
+            )
     n_train = f.integer(raw["n_train"], "n_train", low=1)
     complete = f.flag(raw["complete"], "complete")
     seed = raw.get("seed")
     if seed is not None:
         f.integer(seed, "seed", low=-(2**63))
-    optimizer = f.obj(raw["optimizer"], "optimizer")
+    optimizer = _optimizer(f, raw["optimizer"])
+    data = _data(f, raw.get("data"), n_train)
     if not isinstance(raw["steps"], list):
         raise f.fail("steps", "a list", raw["steps"])
     if not isinstance(raw["checkpoints"], list):
@@ -165,6 +237,7 @@ def check_manifest(raw: Any, path: str) -> dict[str, Any]:
         "complete": complete,
         "seed": seed,
         "optimizer": optimizer,
+        "data": data,
         "steps": steps,
         "initial": initial,
         "checkpoints": checkpoints,

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from captum_sam.core.files import atomic_write, read_json, remove_stale_temporaries, sha256_file
 from captum_sam.optim import SAM
-from captum_sam.record_schema import FORMAT
+from captum_sam.record_schema import FORMAT, SELF_HASH, manifest_digest
 from captum_sam.trajectory import MANIFEST, VERSION
 
 __all__ = ["IndexedDataset", "TrajectoryRecorder"]
@@ -85,6 +85,11 @@ class TrajectoryRecorder:
             :meth:`save_checkpoint` is called, e.g. at epoch ends).
         seed: Recorded in the manifest for reproducibility.
         overwrite: Allow writing into a directory that already has a manifest.
+        dataset: The training set (without :class:`IndexedDataset`): its fingerprint
+            by content (:func:`~captum_sam.core.store.data_digest`) is recorded, and
+            replays and estimators built on the record refuse other data
+            (:meth:`~captum_sam.trajectory.Trajectory.check_data`). ``None``: only
+            ``n_train`` is checked.
     """
 
     def __init__(
@@ -96,6 +101,7 @@ class TrajectoryRecorder:
         save_every: int | None = None,
         seed: int | None = None,
         overwrite: bool = False,
+        dataset: Any = None,
     ) -> None:
         if not isinstance(optimizer, SAM):
             raise TypeError("`optimizer` must be a captum_sam.SAM optimizer")
@@ -117,6 +123,13 @@ class TrajectoryRecorder:
         self.n_train = n_train
         self.save_every = save_every
         self.seed = seed
+        self.data: dict[str, Any] | None = None
+        if dataset is not None:
+            from captum_sam.core.store import data_digest
+
+            if len(dataset) != n_train:
+                raise ValueError(f"`dataset` has {len(dataset)} examples, `n_train` is {n_train}")
+            self.data = data_digest(dataset)
         self.steps: list[dict[str, Any]] = []
         self.checkpoints: list[dict[str, Any]] = []
         self.initial: dict[str, Any] | None = None
@@ -216,6 +229,9 @@ class TrajectoryRecorder:
             "checkpoints": self.checkpoints,
             "steps": self.steps,
         }
+        if self.data is not None:
+            manifest["data"] = self.data
+        manifest[SELF_HASH] = manifest_digest(manifest)
         atomic_write(
             os.path.join(self.directory, MANIFEST),
             lambda f: f.write(json.dumps(manifest).encode()),

@@ -43,11 +43,7 @@ _SGD_SETTINGS = {"lr", "momentum", "dampening", "weight_decay", "nesterov", "max
 
 def _load(dataset: Dataset, record_dir: str | os.PathLike[str] | Trajectory) -> Trajectory:
     traj = record_dir if isinstance(record_dir, Trajectory) else load_trajectory(record_dir)
-    if len(dataset) != traj.n_train:  # type: ignore[arg-type]
-        raise ValueError(
-            f"`dataset` has {len(dataset)} examples but the trajectory was recorded on "  # type: ignore[arg-type]
-            f"{traj.n_train}"
-        )
+    traj.check_data(dataset, "dataset")
     base_name = traj.optimizer.get("base", "")
     if base_name != "torch.optim.sgd.SGD":
         raise ValueError(f"replay supports SGD base optimizers, the record used {base_name!r}")

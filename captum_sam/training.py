@@ -211,6 +211,7 @@ def train_sam(
             save_every=save_every,
             seed=seed,
             overwrite=overwrite,
+            dataset=dataset,
         )
     generator = torch.Generator().manual_seed(seed)
     epoch_losses: list[float] = []

@@ -80,6 +80,42 @@ class Trajectory:
     complete: bool
     seed: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] | None = None
+    """Fingerprint of the training set (:func:`~captum_sam.core.store.data_digest`),
+    when the recorder was given it (:func:`~captum_sam.train_sam` always gives it)."""
+
+    def check_data(self, dataset: Any, name: str = "train_dataset") -> None:
+        """Refuse ``dataset`` unless it is the recorded training set (when one is recorded).
+
+        Compared by content (:func:`~captum_sam.core.store.data_digest` of the dataset,
+        or of a DataLoader's dataset); only the size can be checked for a record
+        without a fingerprint.
+
+        Raises:
+            ValueError: Naming the manifest, the field and ``name``.
+        """
+        from torch.utils.data import DataLoader
+
+        from captum_sam.core.store import data_digest
+
+        base = dataset.dataset if isinstance(dataset, DataLoader) else dataset
+        path = os.path.join(self.directory, MANIFEST)
+        n = len(base)
+        if n != self.n_train:
+            raise ValueError(
+                f"`{name}` has {n} examples but the run recorded in {path!r} trained on "
+                f"{self.n_train} (field n_train)"
+            )
+        if self.data is None:
+            return
+        digest = data_digest(base)
+        for key in ("type", "sha256"):
+            if digest[key] != self.data[key]:
+                raise ValueError(
+                    f"`{name}` is not the training set of the run recorded in {path!r}: its "
+                    f"content differs from field data.{key} ({digest[key]!r} against "
+                    f"{self.data[key]!r}); pass the same dataset, in the same order"
+                )
 
     @property
     def final(self) -> CheckpointRecord:
@@ -168,9 +204,10 @@ def load_trajectory(
             stacklevel=2,
         )
     if fields["version"] < CURRENT_VERSION and verify:
+        unverified = "its checkpoint files and itself" if fields["version"] < 2 else "itself"
         warnings.warn(
-            f"trajectory manifest {path!r} is version {fields['version']}: its checkpoint "
-            "files carry no SHA-256 and cannot be verified",
+            f"trajectory manifest {path!r} is version {fields['version']}: {unverified} "
+            "carry no SHA-256 and cannot be verified",
             stacklevel=2,
         )
 
@@ -193,6 +230,7 @@ def load_trajectory(
         optimizer=dict(fields["optimizer"]),
         complete=fields["complete"],
         seed=fields["seed"],
+        data=fields["data"],
     )
 
 

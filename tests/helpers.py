@@ -106,3 +106,13 @@ def flat_params(model: nn.Module, names=None) -> torch.Tensor:
     return torch.cat(
         [p.detach().reshape(-1) for n, p in model.named_parameters() if names is None or n in names]
     )
+
+
+def sign_manifest(raw: dict) -> dict:
+    """Recompute a (version 3) trajectory manifest's own SHA-256 after a test edited it."""
+    from captum_sam.record_schema import SELF_HASH, manifest_digest
+
+    version = raw.get("version")
+    if isinstance(version, int) and version >= 3 and SELF_HASH in raw:
+        raw[SELF_HASH] = manifest_digest(raw)
+    return raw

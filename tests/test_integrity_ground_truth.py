@@ -215,6 +215,8 @@ def as_version_1(record):
     path = record / "manifest.json"
     raw = json.loads(path.read_text())
     raw["version"] = 1
+    raw.pop("sha256")  # version 1 hashes neither itself
+    raw.pop("data")  # nor records the data
     for entry in [raw["initial"], *raw["checkpoints"]]:
         entry.pop("sha256")
     path.write_text(json.dumps(raw))

@@ -1,6 +1,7 @@
 """train_sam, replay_trajectory and sam_fixed_point: loss shapes, NaN guards, train/eval flags."""
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -143,8 +144,11 @@ def test_replay_and_fixed_point_refuse_nan(record):
     x = x.clone()
     x[record.steps[2].indices[0]] = float("nan")
     bad = TensorDataset(x, y)
-    with pytest.raises(ValueError, match=r"loss is nan at replay_trajectory step 2 \(epoch 0\)"):
+    with pytest.raises(ValueError, match="not the training set"):  # recorded by content
         replay_trajectory(mlp_model(), bad, ce_loss(), record)
+    unchecked = dataclasses.replace(record, data=None)  # a record without the data's hash
+    with pytest.raises(ValueError, match=r"loss is nan at replay_trajectory step 2 \(epoch 0\)"):
+        replay_trajectory(mlp_model(), bad, ce_loss(), unchecked)
     with pytest.raises(ValueError, match="residual F\\(w\\) is nan at Newton iteration 0"):
         sam_fixed_point(linear_model(), bad, ce_loss(), 0.1, 0.1)
 

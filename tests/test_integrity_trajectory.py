@@ -16,7 +16,7 @@ import torch
 
 from captum_sam import SAMTracInCP, checkpoints_load_func, load_trajectory, train_sam
 from captum_sam.trajectory import MANIFEST
-from tests.helpers import ce_loss, make_data, mlp_model
+from tests.helpers import ce_loss, make_data, mlp_model, sign_manifest
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,8 @@ def record(tmp_path_factory):
         return out, json.load(f)
 
 
-def rewrite(record, tmp_path, edit):
-    """A copy of the record directory whose manifest ``edit(raw)`` changed."""
+def rewrite(record, tmp_path, edit, sign=True):
+    """A copy of the record directory whose manifest ``edit(raw)`` changed (re-signed)."""
     src, raw = record
     dst = tmp_path / "copy"
     dst.mkdir(exist_ok=True)
@@ -38,6 +38,8 @@ def rewrite(record, tmp_path, edit):
                 b.write(a.read())
     raw = json.loads(json.dumps(raw))
     edit(raw)
+    if sign:  # as if the recorder had written it: the schema, not the hash, refuses it
+        sign_manifest(raw)
     with open(dst / MANIFEST, "w") as f:
         json.dump(raw, f)
     return dst
@@ -74,7 +76,61 @@ BAD_FIELDS = [
     (("n_train",), 0, "field n_train"),
     (("complete",), "yes", "field complete"),
     (("steps",), {}, "field steps"),
+    (("optimizer", "hyperparameters", "nesterov"), "false", "hyperparameters.nesterov"),
+    (("optimizer", "hyperparameters", "momentum"), "0.9", "hyperparameters.momentum"),
+    (("optimizer", "hyperparameters", "weight_decay"), float("nan"), "weight_decay"),
+    (("optimizer", "hyperparameters", "foreach"), 1, "hyperparameters.foreach"),
+    (("optimizer", "base"), 3, "optimizer.base"),
+    (("data", "sha256"), "abc", "data.sha256"),
+    (("data", "n"), 21, "data.n"),
 ]
+
+
+def test_every_edit_of_the_manifest_is_refused_unless_re_signed(record, tmp_path):
+    for path, value in [
+        (("steps", 0, "lr"), 0.05),  # a plausible value: only the hash can tell
+        (("seed",), 1),
+        (("optimizer", "hyperparameters", "weight_decay"), 0.5),
+        (("steps", 3, "indices"), [0, 1, 2, 3, 4]),
+    ]:
+        bad = rewrite(record, tmp_path, setter(path, value), sign=False)
+        with pytest.raises(ValueError, match=f"{MANIFEST}.*does not match field sha256"):
+            load_trajectory(bad)
+    for key in ("weight_decay", "nesterov"):  # SGD's settings the replay reads
+        bad = rewrite(record, tmp_path, lambda raw: raw["optimizer"]["hyperparameters"].pop(key))
+        with pytest.raises(ValueError, match=f"optimizer.hyperparameters lacks '{key}'"):
+            load_trajectory(bad)
+
+
+def test_a_version_2_manifest_loads_with_a_warning(record, tmp_path):
+    def as_v2(raw):
+        raw["version"] = 2
+        del raw["sha256"]
+
+    old = rewrite(record, tmp_path, as_v2, sign=False)
+    with pytest.warns(UserWarning, match="version 2: itself carry no SHA-256"):
+        traj = load_trajectory(old)
+    assert len(traj.steps) == len(record[1]["steps"])
+
+
+def test_a_trajectory_is_used_only_with_its_training_set(record):
+    from captum_sam import replay_trajectory
+
+    data = make_data(n=20)  # the recorded set
+    x, y = data.tensors
+    other = torch.utils.data.TensorDataset(x.flip(0), y.flip(0))  # same size, other order
+    traj = load_trajectory(record[0])
+    assert traj.data["n"] == 20 and len(traj.data["sha256"]) == 64
+    with pytest.raises(ValueError, match="`dataset` is not the training set.*data.sha256"):
+        replay_trajectory(mlp_model(), other, ce_loss(), traj)
+    with pytest.raises(ValueError, match="`train_dataset` is not the training set"):
+        SAMTracInCP.from_trajectory(mlp_model(), other, record[0], loss_fn=ce_loss())
+    with pytest.raises(ValueError, match="has 19 examples.*field n_train"):
+        replay_trajectory(
+            mlp_model(), torch.utils.data.TensorDataset(x[:19], y[:19]), ce_loss(), traj
+        )
+    loader = torch.utils.data.DataLoader(data, batch_size=7)  # the same set through a loader
+    SAMTracInCP.from_trajectory(mlp_model(), loader, record[0], loss_fn=ce_loss())
 
 
 @pytest.mark.parametrize("path,value,field", BAD_FIELDS)

@@ -15,7 +15,7 @@ from captum_sam import (
     replay_trajectory,
     train_sam,
 )
-from tests.helpers import assert_unchanged, ce_loss, make_data, mlp_model, snapshot
+from tests.helpers import assert_unchanged, ce_loss, make_data, mlp_model, sign_manifest, snapshot
 
 
 def train(tmp_path, **kw):
@@ -166,7 +166,7 @@ def test_manifest_cannot_name_files_outside_its_directory(tmp_path):
     torch.save({"model_state": {}, "learning_rate": 1.0}, outside)
     for bad in ["../outside.pt", str(outside)]:
         raw["checkpoints"][0]["file"] = bad
-        json.dump(raw, open(manifest, "w"))
+        json.dump(sign_manifest(raw), open(manifest, "w"))
         with pytest.raises(ValueError, match="outside the record directory"):
             load_trajectory(result.record_dir)
 
@@ -179,11 +179,11 @@ def test_missing_files_and_fields_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"checkpoints\[0\]"):
         load_trajectory(result.record_dir)
     del raw["steps"][0]["lr"]
-    json.dump(raw, open(manifest, "w"))
+    json.dump(sign_manifest(raw), open(manifest, "w"))
     with pytest.raises(ValueError, match=r"field steps\[0\] lacks 'lr'"):
         load_trajectory(result.record_dir)
     del raw["steps"]
-    json.dump(raw, open(manifest, "w"))
+    json.dump(sign_manifest(raw), open(manifest, "w"))
     with pytest.raises(ValueError, match="'steps'"):
         load_trajectory(result.record_dir)
     with pytest.raises(FileNotFoundError, match="manifest.json"):

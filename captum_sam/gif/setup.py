@@ -262,11 +262,7 @@ def build_engines(
     form = CheckpointForm(terms, points, vmap, factored, train_loss, test_loss, device)
     traj_form = None
     if trajectory is not None:
-        if n_train != trajectory.n_train:
-            raise ValueError(
-                f"`train_dataset` has {n_train} examples but the trajectory was recorded "
-                f"on {trajectory.n_train}"
-            )
+        trajectory.check_data(train_data)  # its size and, when recorded, its content
         steps = FactoredSteps(factored, est.batch_size or 64)
         traj_form = TrajectoryForm(
             terms, points, vmap, factored, steps, train_loss, test_loss, n_train
