@@ -140,10 +140,12 @@ def caught(monkeypatch):
     """The figures `_plots` saves, by file name; nothing is written."""
     saved: dict[str, Figure] = {}
 
-    def savefig(fig, path, *args, **kwargs):
+    def save(fig, path):
         saved[os.path.basename(os.fspath(path))] = fig
 
-    monkeypatch.setattr(Figure, "savefig", savefig)
+    from captum_sam.evaluation import report
+
+    monkeypatch.setattr(report, "_save", save)
     return saved
 
 
