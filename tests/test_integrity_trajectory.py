@@ -97,7 +97,9 @@ def test_every_edit_of_the_manifest_is_refused_unless_re_signed(record, tmp_path
         with pytest.raises(ValueError, match=f"{MANIFEST}.*does not match field sha256"):
             load_trajectory(bad)
     for key in ("weight_decay", "nesterov"):  # SGD's settings the replay reads
-        bad = rewrite(record, tmp_path, lambda raw: raw["optimizer"]["hyperparameters"].pop(key))
+        bad = rewrite(
+            record, tmp_path, lambda raw, key=key: raw["optimizer"]["hyperparameters"].pop(key)
+        )
         with pytest.raises(ValueError, match=f"optimizer.hyperparameters lacks '{key}'"):
             load_trajectory(bad)
 
