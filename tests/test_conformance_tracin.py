@@ -374,6 +374,10 @@ def test_tracin_validation_errors(settings, tmp_path, cls):
     empty.mkdir()
     with pytest.raises(ValueError, match="Invalid checkpoints provided for TracIn class"):
         cls(*head, s.train, str(empty), loss_fn=good, **nn_kw)
+    for size in (2.5, None, 0):  # Captum asserts an int: both an AssertionError and a ValueError
+        with pytest.raises(AssertionError, match="`batch_size` must be a positive int") as err:
+            cls(*head, s.train, s.ckpt_dir, loss_fn=good, batch_size=size, **nn_kw)
+        assert isinstance(err.value, ValueError)
     if fast:
         with pytest.raises(ValueError, match='Invalid final_fc_layer str: "no_such_layer"'):
             cls(s.model, "no_such_layer", s.train, s.ckpt_dir, loss_fn=good, **nn_kw)

@@ -185,9 +185,6 @@ def build_engines(
     o = options
     if o.perturbation not in allowed:
         raise ValueError(f"`perturbation` must be one of {allowed}, got {o.perturbation!r}")
-    if isinstance(train_dataset, Dataset) and not isinstance(train_dataset, DataLoader):
-        if not isinstance(est.batch_size, int) or isinstance(est.batch_size, bool):
-            raise ValueError("`batch_size` must be an int when `train_dataset` is a Dataset")
     if o.batchnorm == "batch" and trajectory is None:
         raise ValueError(
             "batchnorm='batch' takes each training gradient with the BatchNorm statistics "
