@@ -520,3 +520,15 @@ def test_model_is_unchanged_and_bad_input_is_refused(run, tmp_path):
         )
     with pytest.raises(ValueError, match="indices"):
         make(run).parameter_change([])
+
+
+def test_merged_self_influence_bars_name_the_checkpoint_and_the_pass(run, capsys):
+    est = make(run, rho=0.1)
+    capsys.readouterr()
+    est.self_influence(show_progress=True)
+    err = capsys.readouterr().err
+    count = len(est.checkpoints)
+    for k in range(1, count + 1):
+        for p in (1, 2):
+            text = f"self influence (checkpoint {k} of {count}, pass {p} of 2). Processing batch"
+            assert f"Using SAMTracInCP to compute {text}: 100%" in err

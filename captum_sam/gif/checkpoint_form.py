@@ -244,21 +244,31 @@ class CheckpointForm:
             return None
         total = None
         for k, term in enumerate(terms):
-            label = f" (checkpoint {k + 1} of {len(terms)})" if len(terms) > 1 else ""
-            scores = self._merged_checkpoint([term], train, n_train, show_progress, name + label)
+            where = f"checkpoint {k + 1} of {len(terms)}, " if len(terms) > 1 else ""
+            scores = self._merged_checkpoint([term], train, n_train, show_progress, name, where)
             if scores is None:  # refused on the first batch (the first checkpoint)
                 return None
             total = scores if total is None else total.add_(scores)
         return total
 
     def _merged_checkpoint(
-        self, terms: list[Term], train: Any, n_train: int, show_progress: bool, name: str
+        self,
+        terms: list[Term],
+        train: Any,
+        n_train: int,
+        show_progress: bool,
+        name: str,
+        where: str = "",
     ) -> Tensor | None:
-        """:meth:`merged_self_influence` of one checkpoint's ``terms`` (``None``: refused)."""
+        """:meth:`merged_self_influence` of one checkpoint's ``terms`` (``None``: refused).
+
+        ``where`` (``"checkpoint 2 of 3, "``) goes into the progress bars' text.
+        """
+        start = f"Using {name} to compute self influence ({where}pass"
         batches = progress(
             local_batches(train, self.device),
             show_progress,
-            f"Using {name} to compute self influence. Pass 1 of 2, processing batch",
+            f"{start} 1 of 2). Processing batch",
             total=_length(train),
         )
         first = self._first_pass(terms, train, n_train, batches, self.factored.represent, True)
@@ -268,7 +278,7 @@ class CheckpointForm:
         second = progress(
             stored if keep else _kept_then_recomputed(stored, train, self.device),
             show_progress,
-            f"Using {name} to compute self influence. Processing batch",
+            f"{start} 2 of 2). Processing batch",
         )
         out = []
         for i, b, fs in second:
