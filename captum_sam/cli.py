@@ -273,9 +273,8 @@ removed examples (the ground truth), then print one table and write report.md,
 results.json and four plots into --out.
 
 The default run (logistic regression on the bundled digits, 1000 training examples)
-takes about 9 minutes of CPU time on one core of a 2-core machine (3-4 minutes of wall
-time when the machine is idle); --quick (200 examples, 10 epochs) about 1.5 minutes of
-CPU time. Nothing is downloaded: MNIST or CIFAR-10 are used only from files already on
+takes about 6 minutes of CPU time (3 minutes of wall time on an idle 2-core machine);
+--quick (200 examples, 10 epochs) about 1.3 minutes of CPU time. Nothing is downloaded: MNIST or CIFAR-10 are used only from files already on
 disk (--data-dir)."""
 
 COMPARE_EPILOG = f"""\
