@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import sys
@@ -51,8 +52,12 @@ class OutputLayout:
         patterns: Regular expressions that a whole file name must match.
         subdirs: ``(pattern, layout)`` of the subdirectories the command creates (the
             pattern matches the whole name); one the cleaning leaves empty is removed.
-        manifest_checkpoints: Also the checkpoint files that a trajectory
-            ``manifest.json`` in the directory names.
+        manifest_checkpoints: When the directory holds a trajectory ``manifest.json``
+            (its ``format`` field says so): also that manifest, the checkpoint files it
+            names and the files matching ``record_patterns`` (checkpoints a killed
+            recorder wrote before its manifest named them). A ``manifest.json`` of
+            anything else, and files named like checkpoints next to it, are kept.
+        record_patterns: See ``manifest_checkpoints``.
         reused: Patterns of files the command wrote and reads again (a cache): kept.
     """
 
@@ -60,6 +65,7 @@ class OutputLayout:
     patterns: tuple[str, ...] = ()
     subdirs: tuple[tuple[str, OutputLayout], ...] = ()
     manifest_checkpoints: bool = False
+    record_patterns: tuple[str, ...] = ()
     reused: tuple[str, ...] = ()
 
 
@@ -77,9 +83,9 @@ def train_layout() -> OutputLayout:
     from captum_sam.trajectory import MANIFEST
 
     return OutputLayout(
-        names=frozenset({MANIFEST, "initial.pt"}),
-        patterns=(r"step_\d+\.pt", _TEMPORARY),
+        patterns=(_TEMPORARY,),
         manifest_checkpoints=True,
+        record_patterns=(re.escape(MANIFEST), r"initial\.pt", r"step_\d+\.pt"),
     )
 
 
@@ -104,12 +110,17 @@ def compare_layout() -> OutputLayout:
     )
     return OutputLayout(
         names=frozenset({"report.md", "results.json", "fixed_point.pt", *_PLOTS}),
+        patterns=(_TEMPORARY,),
         subdirs=(("trajectory", train_layout()), ("cache", cache)),
     )
 
 
-def _manifest_checkpoints(directory: str) -> set[str]:
-    """The checkpoint files a trajectory manifest in ``directory`` names (plain ``.pt`` names)."""
+def _manifest_checkpoints(directory: str) -> set[str] | None:
+    """The checkpoint files a trajectory manifest in ``directory`` names (plain ``.pt`` names).
+
+    ``None`` when ``directory`` holds no trajectory manifest (none, unreadable, or a
+    ``manifest.json`` of something else).
+    """
     from captum_sam.record_schema import FORMAT
     from captum_sam.trajectory import MANIFEST
 
@@ -117,9 +128,9 @@ def _manifest_checkpoints(directory: str) -> set[str]:
         with open(os.path.join(directory, MANIFEST), encoding="utf-8") as f:
             manifest = json.load(f)
     except (OSError, ValueError):
-        return set()
+        return None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        return set()
+        return None
     checkpoints = manifest.get("checkpoints")
     entries = [manifest.get("initial"), *(checkpoints if isinstance(checkpoints, list) else [])]
     names = {e.get("file") for e in entries if isinstance(e, dict)}
@@ -135,8 +146,12 @@ def _sort_entries(
     reused: list[str] = []
     kept: list[str] = []
     owned = set(layout.names)
+    patterns = layout.patterns
     if layout.manifest_checkpoints:
-        owned |= _manifest_checkpoints(directory)
+        named = _manifest_checkpoints(directory)
+        if named is not None:  # a record: its manifest, its files, a killed run's files
+            owned |= named
+            patterns = (*patterns, *layout.record_patterns)
     for name in sorted(os.listdir(directory)):
         path, rel = os.path.join(directory, name), prefix + name
         is_dir = os.path.isdir(path) and not os.path.islink(path)  # links are never followed
@@ -148,7 +163,7 @@ def _sort_entries(
                 folders.append(rel)
         elif is_dir:
             kept.append(rel + "/")
-        elif name in owned or any(re.fullmatch(p, name) for p in layout.patterns):
+        elif name in owned or any(re.fullmatch(p, name) for p in patterns):
             remove.append(rel)
         elif any(re.fullmatch(p, name) for p in layout.reused):
             reused.append(rel)
@@ -249,11 +264,11 @@ def check_training_settings(
     for flag, count in (("--epochs", epochs), ("--batch-size", batch_size)):
         if count < 1:
             raise ValueError(f"{flag} must be a positive integer, got {count}")
-    if not lr > 0:
-        raise ValueError(f"--lr must be > 0, got {lr}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {lr}")
     for flag, value in (("--rho", rho), ("--weight-decay", weight_decay)):
-        if not value >= 0:
-            raise ValueError(f"{flag} must be >= 0, got {value}")
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{flag} must be a finite number >= 0, got {value}")
 
 
 @contextlib.contextmanager

@@ -141,6 +141,29 @@ def test_train_overwrite_removes_what_the_manifest_names_and_nothing_outside(tmp
     assert (tmp_path / "outside.pt").read_text() == "mine"
 
 
+def test_train_overwrite_keeps_a_manifest_and_checkpoint_names_that_are_not_a_record(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"project": "not a trajectory"}))
+    for name in ("initial.pt", "step_1.pt", ".tmp-x1.part"):
+        (out / name).write_text("x")
+    cleaned = clean_out_dir(str(out), train_layout())
+    assert cleaned.removed == [".tmp-x1.part"]  # a killed writer's temporary only
+    assert files(out) == {"initial.pt", "manifest.json", "step_1.pt"}
+
+
+def test_compare_overwrite_removes_its_own_killed_temporaries(tmp_path):
+    from captum_sam.outdir import compare_layout
+
+    out = tmp_path / "cmp"
+    out.mkdir()
+    for name in (".tmp-2ljv1jhe.part", "results.json", "notes.txt"):
+        (out / name).write_text("x")
+    cleaned = clean_out_dir(str(out), compare_layout())
+    assert sorted(cleaned.removed) == [".tmp-2ljv1jhe.part", "results.json"]
+    assert cleaned.kept == ["notes.txt"]
+
+
 # --------------------------------------------------------------------------- compare
 
 
@@ -323,7 +346,10 @@ def test_bad_training_settings_stop_before_overwrite_removes_anything(tmp_path, 
     (out / "manifest.json").write_text("{}")
     before = snapshot(out)
     assert main([*TRAIN, "--lr", "0", "--out", str(out), "--overwrite"]) == 2
-    assert "--lr must be > 0, got 0.0" in one_line_error(capsys)
+    assert "--lr must be a finite number > 0, got 0.0" in one_line_error(capsys)
+    for flag in ("--rho", "--weight-decay", "--lr"):  # inf passed `>= 0`
+        assert main([*TRAIN, flag, "inf", "--out", str(out), "--overwrite"]) == 2
+        assert f"{flag} must be a finite number" in one_line_error(capsys)
     assert main([*COMPARE, "--epochs", "0", "--out", str(out), "--overwrite"]) == 2
     assert "`epochs` (--epochs) must be >= 1, got 0" in one_line_error(capsys)
     assert snapshot(out) == before
