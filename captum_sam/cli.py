@@ -274,8 +274,8 @@ results.json and four plots into --out.
 
 The default run (logistic regression on the bundled digits, 1000 training examples)
 takes about 6 minutes of CPU time (3 minutes of wall time on an idle 2-core machine);
---quick (200 examples, 10 epochs) about 1.3 minutes of CPU time. Nothing is downloaded: MNIST or CIFAR-10 are used only from files already on
-disk (--data-dir)."""
+--quick (200 examples, 10 epochs) about 1.3 minutes of CPU time. Nothing is
+downloaded: MNIST or CIFAR-10 are used only from files already on disk (--data-dir)."""
 
 COMPARE_EPILOG = f"""\
 methods (--methods, comma-separated; default: all, fewer on a CNN):
@@ -483,6 +483,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from captum_sam.evaluation import compare
     from captum_sam.evaluation.report import findings, format_table
 
+    if config.data_dir is not None:  # files on disk may be unreadable: before anything is removed
+        from captum_sam.evaluation.setup import load_data
+
+        load_data(config)
     make_out_ready(args.out, compare_layout(), args.overwrite)
     results = compare.run_compare(
         config, args.out, show_progress=not args.no_progress, cache_dir=args.cache_dir

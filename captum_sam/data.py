@@ -268,21 +268,35 @@ def load_torchvision(
         "mnist": os.path.join(root, "MNIST", "raw", "train-images-idx3-ubyte"),
         "cifar10": os.path.join(root, "cifar-10-batches-py", "data_batch_1"),
     }[name]
-    if not os.path.exists(expected) and not os.path.exists(expected + ".gz"):
+    if not os.path.exists(expected):
         raise FileNotFoundError(
             f"{name} files not found under --data-dir {root!r}: expected {expected!r} "
-            "(the layout torchvision writes with download=True; nothing is downloaded "
-            "here)"
+            "(the layout torchvision writes with download=True, files extracted; nothing "
+            "is downloaded here)"
         )
-    sets = [classes[name](root, train=flag, download=False) for flag in (True, False)]
 
     def tensors(ds: object) -> tuple[Tensor, Tensor]:
         data = torch.as_tensor(ds.data)  # type: ignore[attr-defined]
         x = data.to(dtype) / 255.0
         x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
-        return x, torch.as_tensor(ds.targets, dtype=torch.long)  # type: ignore[attr-defined]
+        y = torch.as_tensor(ds.targets, dtype=torch.long)  # type: ignore[attr-defined]
+        if x.dim() != 4 or len(x) != len(y) or len(y) == 0:
+            raise ValueError(f"{len(x)} images of shape {tuple(x.shape[1:])}, {len(y)} labels")
+        if int(y.min()) < 0 or int(y.max()) > 9:
+            raise ValueError(f"labels outside 0-9 (from {int(y.min())} to {int(y.max())})")
+        return x, y
 
-    (x_tr, y_tr), (x_te, y_te) = tensors(sets[0]), tensors(sets[1])
+    try:  # files on disk are untrusted: any failure to read them is the data's
+        sets = [classes[name](root, train=flag, download=False) for flag in (True, False)]
+        (x_tr, y_tr), (x_te, y_te) = tensors(sets[0]), tensors(sets[1])
+    except Exception as err:  # torchvision raises RuntimeError, AssertionError, IndexError...
+        said = (str(err).splitlines() or [""])[0]
+        said = said.replace(" You can use download=True to download it", "")  # not here
+        raise ValueError(
+            f"{name} files under --data-dir {root!r} could not be read (corrupt, truncated "
+            f"or incomplete): {type(err).__name__}: {said} (nothing is downloaded here: put "
+            "torchvision's extracted files there)"
+        ) from err
     _check_sizes({"n_train": n_train, "n_val": n_val}, x_tr.shape[0], name + " train")
     _check_sizes({"n_test": n_test}, x_te.shape[0], name + " test")
     g = torch.Generator().manual_seed(seed)

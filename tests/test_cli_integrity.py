@@ -353,3 +353,27 @@ def test_bad_training_settings_stop_before_overwrite_removes_anything(tmp_path, 
     assert main([*COMPARE, "--epochs", "0", "--out", str(out), "--overwrite"]) == 2
     assert "`epochs` (--epochs) must be >= 1, got 0" in one_line_error(capsys)
     assert snapshot(out) == before
+
+
+def test_a_corrupt_data_dir_is_one_line_exit_2_and_compare_keeps_the_old_run(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    data = tmp_path / "data"
+    (data / "cifar-10-batches-py").mkdir(parents=True)
+    (data / "cifar-10-batches-py" / "data_batch_1").write_bytes(os.urandom(1000))
+    args = ["--data-dir", str(data), "--model", "cnn"]
+    assert main([*TRAIN, *args, "--out", str(tmp_path / "t")]) == 2
+    err = one_line_error(capsys)
+    assert f"cifar10 files under --data-dir {str(data)!r} could not be read" in err
+    assert "download=True" not in err
+    out = tmp_path / "cmp"
+    populate_compare_dir(out)
+    before = snapshot(out)
+    assert main([*COMPARE, *args, "--out", str(out), "--overwrite"]) == 2
+    assert "could not be read" in one_line_error(capsys)
+    assert snapshot(out) == before  # checked before --overwrite removed the earlier run
+    # a compressed-only MNIST download is not read (nothing is extracted or downloaded)
+    raw = tmp_path / "gz" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(b"x")
+    assert main([*TRAIN, "--data-dir", str(tmp_path / "gz"), "--out", str(tmp_path / "g")]) == 2
+    assert "files extracted" in one_line_error(capsys)
