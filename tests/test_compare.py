@@ -92,3 +92,20 @@ def test_compare_refuses_unknown_methods_and_missing_data(tmp_path, capsys):
         assert "train-images-idx3-ubyte" in err
     with pytest.raises(ValueError, match="needs --data-dir"):
         CompareConfig(dataset="cifar10")
+
+
+def test_results_json_is_standard_json_without_nan():
+    import math
+
+    import numpy as np
+    import torch
+
+    from captum_sam.evaluation.compare import _strict_json
+
+    raw = {"auc": float("nan"), "rows": [{"r": np.float64(0.5), "t": torch.tensor(2.0)}],
+           "inf": float("-inf"), "n": 3, "ok": True, "name": "x", "none": None}  # fmt: skip
+    text = json.dumps(_strict_json(raw), allow_nan=False)
+    back = json.loads(text)
+    assert back == {"auc": None, "rows": [{"r": 0.5, "t": 2.0}], "inf": None, "n": 3,
+                    "ok": True, "name": "x", "none": None}  # fmt: skip
+    assert not math.isnan(back["rows"][0]["r"])

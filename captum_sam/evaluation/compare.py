@@ -146,11 +146,23 @@ def run_compare(
     results["seconds_total"] = time.perf_counter() - started
     ok = [r for r in rows if "error" not in r]
     _plots(out, ctx, ok, scores, truth.loo_idx, truth.loo_actual, removal, ctx.base)
-    text = json.dumps(results, indent=2, default=float).encode("utf-8")
+    text = json.dumps(_strict_json(results), indent=2, allow_nan=False).encode("utf-8")
     atomic_write(os.path.join(out, "results.json"), lambda f: f.write(text))
     report = _report(results).encode("utf-8")
     atomic_write(os.path.join(out, "report.md"), lambda f: f.write(report))  # written last
     return results
+
+
+def _strict_json(value: Any) -> Any:
+    """``value`` as standard JSON: NaN and infinities (a metric without data) become null."""
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    number = float(value)  # floats, numpy and one-element torch scalars
+    return number if math.isfinite(number) else None
 
 
 def _train(
