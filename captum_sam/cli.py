@@ -38,7 +38,7 @@ from captum_sam.outdir import (
     compare_layout,
     error_message,
     make_out_ready,
-    refuse_non_empty,
+    out_lock,
     require_writable_dir,
     train_layout,
     usage_errors,
@@ -213,9 +213,12 @@ def _check_train_args(args: argparse.Namespace) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a reference model with SAM and record the trajectory."""
     dataset = _check_train_args(args)
-    with usage_errors():
-        refuse_non_empty(args.out, args.overwrite)
+    with out_lock(args.out, args.overwrite, "train"):  # one command per --out at a time
+        return _run_train(args, dataset)
 
+
+def _run_train(args: argparse.Namespace, dataset: str) -> int:
+    """:func:`cmd_train` once ``--out`` is checked and held."""
     import torch
 
     from captum_sam.data import load_dataset
@@ -476,10 +479,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Run the side-by-side comparison and write the report."""
     config = _compare_config(args)
     with usage_errors():
-        refuse_non_empty(args.out, args.overwrite)
         if args.cache_dir is not None:
             require_writable_dir(args.cache_dir, "--cache-dir")
+    with out_lock(args.out, args.overwrite, "compare"):  # one command per --out at a time
+        return _run_compare(args, config)
 
+
+def _run_compare(args: argparse.Namespace, config: CompareConfig) -> int:
+    """:func:`cmd_compare` once ``--out`` is checked and held."""
     from captum_sam.evaluation import compare
     from captum_sam.evaluation.report import findings, format_table
 

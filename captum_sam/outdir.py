@@ -31,6 +31,8 @@ __all__ = [
     "error_message",
     "require_writable_dir",
     "clean_out_dir",
+    "out_lock",
+    "OUT_LOCK",
 ]
 
 
@@ -39,6 +41,8 @@ class UsageError(Exception):
 
 
 _TEMPORARY = r"\.tmp-.*\.part"  # left behind by a killed core.files.atomic_write
+OUT_LOCK = ".captum-sam.lock"
+"""The lock file a running command holds in its ``--out`` (:func:`out_lock`)."""
 # the plots of evaluation/report.py (_plots writes these names)
 _PLOTS = ("loo_scatter.png", "mislabel_recall.png", "harmful_removal.png", "trace.png")
 
@@ -153,6 +157,8 @@ def _sort_entries(
             owned |= named
             patterns = (*patterns, *layout.record_patterns)
     for name in sorted(os.listdir(directory)):
+        if not prefix and name == OUT_LOCK:  # the running command's own lock
+            continue
         path, rel = os.path.join(directory, name), prefix + name
         is_dir = os.path.isdir(path) and not os.path.islink(path)  # links are never followed
         sub = next((lay for pat, lay in layout.subdirs if re.fullmatch(pat, name)), None)
@@ -214,7 +220,7 @@ def refuse_non_empty(path: str, overwrite: bool, flag: str = "--out") -> None:
         )
     if overwrite or not os.path.isdir(path):
         return
-    entries = sorted(os.listdir(path))
+    entries = sorted(e for e in os.listdir(path) if e != OUT_LOCK)
     if entries:
         raise FileExistsError(
             errno.EEXIST,
@@ -222,6 +228,35 @@ def refuse_non_empty(path: str, overwrite: bool, flag: str = "--out") -> None:
             f"replace an earlier run (files it did not write are kept) or choose another {flag}",
             path,
         )
+
+
+@contextlib.contextmanager
+def out_lock(path: str, overwrite: bool, command: str) -> Iterator[None]:
+    """Hold ``--out`` for one command: a second command on the same directory is refused.
+
+    Checks ``--out`` (:func:`refuse_non_empty`) before taking the lock, so a path that
+    is not a directory is reported as such, and again once the lock is held (the
+    check no other run can race). A killed holder releases the lock with its process.
+
+    Raises:
+        UsageError: Not a directory, not empty without ``overwrite``, or held by another
+            running command (the message names the lock file and its holder).
+    """
+    from captum_sam.core.files import DirectoryLock
+
+    with usage_errors():
+        refuse_non_empty(path, overwrite)
+        require_writable_dir(path, "--out")
+    try:
+        lock = DirectoryLock(path, f"captum-sam {command} --out", OUT_LOCK).__enter__()
+    except (OSError, ValueError) as err:
+        raise UsageError(error_message(err)) from err
+    try:
+        with usage_errors():
+            refuse_non_empty(path, overwrite)
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def require_writable_dir(path: str, flag: str) -> None:

@@ -188,11 +188,15 @@ def test_compare_overwrite_cleans_before_the_run(tmp_path, capsys, monkeypatch):
         seen["files"] = files(Path(out_dir))
         raise RuntimeError("stop here: the comparison itself is tested in test_compare.py")
 
+    from captum_sam.outdir import OUT_LOCK
+
     monkeypatch.setattr(captum_sam.evaluation.compare, "run_compare", fake_run_compare)
     with pytest.raises(RuntimeError, match="stop here"):
         main([*COMPARE, "--out", str(out), "--overwrite"])
     key = f"cache/schedule-{'a' * 24}"
+    assert not (out / OUT_LOCK).exists()  # released when the run failed
     assert seen["files"] == {
+        OUT_LOCK,  # held while the run works
         "notes.txt",
         "my_plot.png",
         "drafts",
@@ -370,10 +374,28 @@ def test_a_corrupt_data_dir_is_one_line_exit_2_and_compare_keeps_the_old_run(tmp
     before = snapshot(out)
     assert main([*COMPARE, *args, "--out", str(out), "--overwrite"]) == 2
     assert "could not be read" in one_line_error(capsys)
-    assert snapshot(out) == before  # checked before --overwrite removed the earlier run
+    after = snapshot(out)
+    del before["."], after["."]  # the lock was taken (and removed) in it
+    assert after == before  # checked before --overwrite removed the earlier run
     # a compressed-only MNIST download is not read (nothing is extracted or downloaded)
     raw = tmp_path / "gz" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     (raw / "train-images-idx3-ubyte.gz").write_bytes(b"x")
     assert main([*TRAIN, "--data-dir", str(tmp_path / "gz"), "--out", str(tmp_path / "g")]) == 2
     assert "files extracted" in one_line_error(capsys)
+
+
+def test_a_second_command_on_the_same_out_is_refused_while_the_first_runs(tmp_path, capsys):
+    from captum_sam.core.files import DirectoryLock
+    from captum_sam.outdir import OUT_LOCK
+
+    out = tmp_path / "run"
+    with DirectoryLock(str(out), "another captum-sam train", OUT_LOCK):  # a running command
+        for command in (TRAIN, COMPARE):
+            assert main([*command, "--out", str(out), "--overwrite"]) == 2
+            err = one_line_error(capsys)
+            assert "being written by another process" in err and OUT_LOCK in err
+        assert os.listdir(out) == [OUT_LOCK]  # nothing was written or removed
+    (out / OUT_LOCK).write_text('{"host": "h", "pid": 1}')  # left by a killed command
+    assert main([*TRAIN, "--out", str(out)]) == 0  # not held: taken, and not "content"
+    assert OUT_LOCK not in os.listdir(out)

@@ -122,15 +122,17 @@ class DirectoryLock:
     Args:
         directory: The directory (created if needed).
         what: What is being written, for messages (e.g. ``"quantity cache"``).
+        name: The lock file's name in ``directory`` (default :data:`LOCK`); distinct
+            names are independent locks.
 
     Raises:
         ValueError: Another live process holds the lock (the message names the lock
             file and the holder).
     """
 
-    def __init__(self, directory: str, what: str) -> None:
+    def __init__(self, directory: str, what: str, name: str = LOCK) -> None:
         self.directory, self.what = directory, what
-        self.path = os.path.join(directory, LOCK)
+        self.path = os.path.join(directory, name)
         self._fd: int | None = None
         self._held = False
 
