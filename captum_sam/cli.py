@@ -94,15 +94,15 @@ MODEL_HELP = (
 DATASET_HELP = (
     "digits: scikit-learn's bundled 8x8 digits; synthetic-cifar: generated 3x32x32 "
     f"images of 10 classes (at most {SYNTHETIC_CIFAR_SIZE} in all, no files needed); mnist "
-    "or cifar10: torchvision's files in --data-dir (detected from --data-dir when this "
-    "is left at digits)"
+    "or cifar10: torchvision's files in --data-dir (default: detected from --data-dir "
+    "when it is given, else digits)"
 )
 
 
 def _add_training_args(p: argparse.ArgumentParser, compare: bool) -> None:
     d = DEFAULTS
     p.add_argument("--model", choices=MODEL_NAMES, default=d["model"], help=MODEL_HELP)
-    p.add_argument("--dataset", choices=DATASETS, default=d["dataset"], help=DATASET_HELP)
+    p.add_argument("--dataset", choices=DATASETS, default=None, help=DATASET_HELP)
     p.add_argument(
         "--data-dir",
         default=None,
@@ -176,8 +176,8 @@ def _dataset(args: argparse.Namespace) -> str:
     A missing torchvision, needed by MNIST and CIFAR-10 alone, is a usage error.
     """
     dataset = args.dataset
-    if args.data_dir is not None and dataset == "digits":
-        dataset = _detect_dataset(args.data_dir)
+    if dataset is None:  # not given: from --data-dir, else the bundled digits
+        dataset = "digits" if args.data_dir is None else _detect_dataset(args.data_dir)
     check_model_data(args.model, dataset, args.data_dir)
     if dataset in ("mnist", "cifar10") and importlib.util.find_spec("torchvision") is None:
         raise UsageError(
@@ -192,6 +192,8 @@ def _check_train_args(args: argparse.Namespace) -> str:
     if args.lr is None:
         args.lr = default_lr(args.model)
     check_training_settings(args.epochs, args.batch_size, args.lr, args.rho, args.weight_decay)
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
     dataset = _dataset(args)
     totals = {"digits": (DIGITS_SIZE, 1), "synthetic-cifar": (SYNTHETIC_CIFAR_SIZE, 200)}
     if dataset in totals:

@@ -399,3 +399,19 @@ def test_a_second_command_on_the_same_out_is_refused_while_the_first_runs(tmp_pa
     (out / OUT_LOCK).write_text('{"host": "h", "pid": 1}')  # left by a killed command
     assert main([*TRAIN, "--out", str(out)]) == 0  # not held: taken, and not "content"
     assert OUT_LOCK not in os.listdir(out)
+
+
+def test_dataset_data_dir_methods_and_seed_are_checked_before_any_work(tmp_path, capsys):
+    out = tmp_path / "o"
+    data = tmp_path / "data"
+    (data / "MNIST" / "raw").mkdir(parents=True)
+    for dataset in ("digits", "synthetic-cifar"):  # given explicitly: no files to read
+        args = ["--dataset", dataset, "--data-dir", str(data), "--out", str(out)]
+        assert main([*TRAIN, *args]) == 2
+        assert "--data-dir is read for mnist and cifar10 only" in one_line_error(capsys)
+    assert main([*COMPARE, "--methods", "sam-gif,if,sam-gif", "--out", str(out)]) == 2
+    assert "lists ['sam-gif'] more than once" in one_line_error(capsys)
+    for command in (TRAIN, COMPARE):
+        assert main([*command, "--seed", str(2**64), "--out", str(out)]) == 2
+        assert "must be in [0, 2**63)" in one_line_error(capsys)
+    assert not out.exists()

@@ -146,6 +146,11 @@ def check_model_data(model: str, dataset: str, data_dir: str | None) -> None:
             f"dataset {dataset!r} needs --data-dir with its files (or use --dataset "
             "synthetic-cifar, generated, no files needed)"
         )
+    if dataset not in ON_DISK and data_dir is not None:
+        raise ValueError(
+            f"--data-dir is read for mnist and cifar10 only; dataset {dataset!r} uses no "
+            "files (leave --dataset out to detect it from --data-dir)"
+        )
     if model == "resnet18" and dataset == "digits":
         raise ValueError(
             "--model resnet18 is made for 32x32 images (11 million parameters) and the "
@@ -238,6 +243,9 @@ class CompareConfig:
             raise ValueError(
                 f"unknown method(s) {unknown}; valid methods are: {', '.join(METHODS)}"
             )
+        twice = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        if twice:
+            raise ValueError(f"{_name('methods')} lists {twice} more than once")
 
     def _check_numbers(self) -> None:
         for field in (
@@ -271,6 +279,10 @@ class CompareConfig:
             raise ValueError(f"{_name('lds_subsets')} must be >= 3 (a rank correlation over them)")
         if not self.gt_seeds or len(set(self.gt_seeds)) != len(self.gt_seeds):
             raise ValueError(f"{_name('gt_seeds')} must be distinct seeds, got {self.gt_seeds}")
+        for field, seeds in (("seed", (self.seed,)), ("gt_seeds", self.gt_seeds)):
+            if any(not 0 <= x < 2**63 for x in seeds):
+                got = getattr(self, field)
+                raise ValueError(f"{_name(field)} must be in [0, 2**63), got {got}")
         if self.n_loo < 3:
             raise ValueError(f"{_name('n_loo')} must be >= 3 (a correlation over them)")
         if any(not 0 <= f < 1 for f in self.removal_fractions):
