@@ -72,11 +72,8 @@ class SAMTracInCPFast(SAMTracInBase):
         vectorize: Captum's switch for ``torch.autograd.functional.jacobian``; the
             gradients here are exact either way, so it changes nothing.
         rho: SAM radius of training (0 gives Captum's ``TracInCPFast``). Default ``None``: the
-            recorded run's when ``checkpoints`` is a record directory (a given value
-            that differs is used, with a warning), else 0.05. The one argument
-            that must match the training; Captum has none.
-        adaptive: ASAM perturbation. Default ``None``: the recorded run's, as for ``rho``, else
-            ``False``.
+            recorded run's or 0.05 (:func:`~captum_sam.trajectory.sam_settings`).
+        adaptive: ASAM. Default ``None``: as for ``rho`` (else ``False``).
         perturbation: ``"dataset"`` or ``"example"`` (see :class:`~captum_sam.SAMTracInCP`).
         perturbation_dataset: Data for the ``"dataset"`` perturbation.
         perturbation_scope: ``"trainable"`` (default, the training's perturbation) or

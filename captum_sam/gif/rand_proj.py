@@ -87,12 +87,9 @@ class SAMTracInCPFastRandProj(SAMTracInCPFast):
         projection_dim: Coordinates per checkpoint at most (Captum's meaning);
             ``None``: no projection.
         seed: Seed of the projection.
-        rho: SAM radius of training (0 gives Captum's ``TracInCPFastRandProj``).
-            Default ``None``: the recorded run's when ``checkpoints`` is a record
-            directory (a given value that differs is used, with a warning), else 0.05.
-            The one argument that must match the training; Captum has none.
-        adaptive: ASAM perturbation. Default ``None``: the recorded run's, as for ``rho``, else
-            ``False``.
+        rho: SAM radius of training (0 gives Captum's ``TracInCPFastRandProj``). Default
+            ``None``: the recorded run's or 0.05 (:func:`~captum_sam.trajectory.sam_settings`).
+        adaptive: ASAM. Default ``None``: as for ``rho`` (else ``False``).
         perturbation: ``"dataset"`` or ``"example"``.
         perturbation_dataset: Data for the ``"dataset"`` perturbation.
         perturbation_scope: ``"trainable"`` or ``"attributed"``.

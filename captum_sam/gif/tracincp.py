@@ -74,11 +74,8 @@ class SAMTracInCP(SAMTracInBase):
             Captum, with ``True`` only parameters of ``nn.Linear`` and ``nn.Conv2d``
             layers are attributed (a warning names any other trainable ones).
         rho: SAM radius of training (0 gives Captum's ``TracInCP``). Default ``None``: the
-            recorded run's when ``checkpoints`` is a record directory (a given value
-            that differs is used, with a warning), else 0.05. The one argument
-            that must match the training; Captum has none.
-        adaptive: ASAM perturbation. Default ``None``: the recorded run's, as for ``rho``, else
-            ``False``.
+            recorded run's or 0.05 (:func:`~captum_sam.trajectory.sam_settings`).
+        adaptive: ASAM. Default ``None``: as for ``rho`` (else ``False``).
         perturbation: ``"dataset"`` (one :math:`\epsilon_c` per checkpoint from the
             mean gradient over ``perturbation_dataset``) or ``"example"`` (each
             example's own gradient, the m = 1 case of m-sharpness).

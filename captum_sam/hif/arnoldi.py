@@ -118,11 +118,8 @@ class SAMArnoldiInfluenceFunction(SAMInfluenceBase):
         projection_on_cpu: Keep the embedding matrix on the CPU.
         show_progress: Progress bars for the iteration.
         rho: SAM radius of training (0 with ``variant="plain"`` is Captum's). Default ``None``: the
-            recorded run's when ``checkpoint`` is a record directory (a given value
-            that differs is used, with a warning), else 0.05. The one argument
-            that must match the training; Captum has none.
-        adaptive: ASAM. Default ``None``: the recorded run's, as for ``rho``, else
-            ``False``.
+            recorded run's or 0.05 (:func:`~captum_sam.trajectory.sam_settings`).
+        adaptive: ASAM. Default ``None``: as for ``rho`` (else ``False``).
         weight_decay: :math:`\lambda`, enters as :math:`n\lambda`.
         damping: :math:`d`, enters as :math:`n d`; ``"auto"`` chooses it from the
             curvature (see :class:`~captum_sam.SAMInfluenceFunction`, ``damping_used``).

@@ -80,11 +80,8 @@ class SAMInfluenceFunction(SAMInfluenceBase):
         projection_on_cpu: Keep the low-rank factors on the CPU (as Captum).
         show_progress: Progress bars while forming :math:`A` or solving.
         rho: SAM radius of training (0 with ``variant="plain"`` is Captum's). Default ``None``: the
-            recorded run's when ``checkpoint`` is a record directory (a given value
-            that differs is used, with a warning), else 0.05. The one argument
-            that must match the training; Captum has none.
-        adaptive: ASAM. Default ``None``: the recorded run's, as for ``rho``, else
-            ``False``.
+            recorded run's or 0.05 (:func:`~captum_sam.trajectory.sam_settings`).
+        adaptive: ASAM. Default ``None``: as for ``rho`` (else ``False``).
         weight_decay: :math:`\lambda` of the training objective (enters as
             :math:`n\lambda`).
         damping: Extra :math:`d`, added as :math:`n d I`. ``None`` (default): 0 for
