@@ -27,6 +27,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from captum_sam.core.errors import user_stacklevel
 from captum_sam.core.files import read_json, sha256_file
 from captum_sam.record_schema import CURRENT_VERSION, check_manifest
 
@@ -272,7 +273,7 @@ def sam_settings(rho: Any, adaptive: Any, checkpoints: Any) -> tuple[Any, Any]:
             warnings.warn(
                 f"`{name}`={given!r} differs from the {values[:5]} recorded in {path!r}: "
                 "the estimator uses the given value",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         out.append(given)
     return out[0], out[1]

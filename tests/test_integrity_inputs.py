@@ -206,8 +206,9 @@ def test_rho_and_adaptive_default_to_the_recorded_runs(run, tmp_path):
     # the record's rho gives the scores of rho=0.1 given explicitly
     given = SAMTracInCP(run["model"], run["train"], str(run["dir"]), rho=0.1, **kw)
     torch.testing.assert_close(made[0].influence(run["test"]), given.influence(run["test"]))
-    with pytest.warns(UserWarning, match=r"`rho`=0.3 differs from the \[0.1\] recorded"):
+    with pytest.warns(UserWarning, match=r"`rho`=0.3 differs from the \[0.1\] recorded") as got:
         est = SAMTracInCP(run["model"], run["train"], str(run["dir"]), rho=0.3, **kw)
+    assert got[0].filename == __file__  # the warning names the caller's line
     assert est.rho == 0.3
     with pytest.warns(UserWarning, match="`adaptive`=True differs"):
         SAMInfluenceFunction(run["model"], run["train"], run["dir"], adaptive=True, **kw)
@@ -246,8 +247,9 @@ def test_a_class_weighted_mean_loss_warns_that_its_weights_cancel(run):
     weighted = torch.nn.CrossEntropyLoss(weight=torch.rand(3, dtype=torch.float64) + 0.5)
     unweighted = torch.nn.CrossEntropyLoss(reduction="mean")
     kw = dict(sample_wise_grads_per_batch=True, batch_size=5, rho=0.0)
-    with pytest.warns(UserWarning, match="class-weighted loss with reduction='mean'"):
+    with pytest.warns(UserWarning, match="class-weighted loss with reduction='mean'") as got:
         est = SAMTracInCP(run["model"], run["train"], str(run["dir"]), loss_fn=weighted, **kw)
+    assert got[0].filename == __file__
     ref = SAMTracInCP(run["model"], run["train"], str(run["dir"]), loss_fn=unweighted, **kw)
     torch.testing.assert_close(est.influence(run["test"]), ref.influence(run["test"]))
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["ArgumentError", "LayerNameError", "RangeArgumentError", "check_k", "require_inputs"]
+__all__ = [
+    "ArgumentError",
+    "LayerNameError",
+    "RangeArgumentError",
+    "check_k",
+    "require_inputs",
+    "user_stacklevel",
+]
 
 
 class ArgumentError(ValueError, AssertionError):
@@ -54,3 +61,18 @@ def require_inputs(inputs: object) -> None:
             "`inputs` argument is required. To compute self influence scores, use the "
             "`self_influence` method instead."
         )
+
+
+def user_stacklevel() -> int:
+    """``stacklevel`` for a ``warnings.warn`` in the calling function that points at user code.
+
+    Counts the frames from that function up to the first one outside ``captum_sam``,
+    so the warning names the user's line however deep inside the library it is raised.
+    """
+    import sys
+
+    frame = sys._getframe(1)  # the function that warns: stacklevel 1
+    level = 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("captum_sam"):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from captum_sam.core.errors import ArgumentError
+from captum_sam.core.errors import ArgumentError, user_stacklevel
 from captum_sam.core.params import Batch, Params
 
 __all__ = [
@@ -104,7 +104,7 @@ def loss_reduction(loss_fn: Any, name: str, sample_wise_grads_per_batch: bool = 
             "weight cancels (the unweighted loss; Captum's result is the same at its default "
             "batch_size=1 and changes with the batch size). For each example's weighted "
             "loss use reduction='sum'",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     return str(reduction)
 
