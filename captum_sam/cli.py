@@ -15,6 +15,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from captum_sam.evaluation.config import (
     CURVATURES,
@@ -33,6 +34,7 @@ from captum_sam.evaluation.config import (
     default_n_test,
 )
 from captum_sam.outdir import (
+    RunFailed,
     UsageError,
     check_training_settings,
     compare_layout,
@@ -42,6 +44,7 @@ from captum_sam.outdir import (
     require_writable_dir,
     train_layout,
     usage_errors,
+    work_started,
 )
 
 __all__ = ["main", "build_parser"]
@@ -221,12 +224,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _run_train(args: argparse.Namespace, dataset: str) -> int:
     """:func:`cmd_train` once ``--out`` is checked and held."""
-    import torch
-
     from captum_sam.data import load_dataset
-    from captum_sam.evaluation.metrics import accuracy
     from captum_sam.models import build_model, training_dtype
-    from captum_sam.training import train_sam
 
     dtype = training_dtype(args.model)
     data = load_dataset(
@@ -234,6 +233,17 @@ def _run_train(args: argparse.Namespace, dataset: str) -> int:
     )
     model = build_model(args.model, data.image_shape, data.num_classes, seed=args.seed, dtype=dtype)
     make_out_ready(args.out, train_layout(), args.overwrite)
+    with work_started():
+        return _train_and_report(args, dataset, data, model)
+
+
+def _train_and_report(args: argparse.Namespace, dataset: str, data: Any, model: Any) -> int:
+    """The work of ``train`` once ``--out`` is ready: train, record, print the summary."""
+    import torch
+
+    from captum_sam.evaluation.metrics import accuracy
+    from captum_sam.training import train_sam
+
     print(
         f"SAM training {args.model} on {dataset}: {len(data.train)} examples "
         f"({int(data.noisy.sum())} noisy labels), {args.epochs} epochs",
@@ -287,7 +297,8 @@ methods (--methods, comma-separated; default: all, fewer on a CNN):
 {chr(10).join(f"  {name:<16}{text}" for name, text in METHODS.items())}
 
 exit status: 0 done; {ESTIMATOR_FAILED} report written but an estimator failed (its row says why);
-2 bad command line (checked before any work); 1 another I/O error.
+2 bad command line (checked before any work); 1 the run failed after it started (an
+I/O error, a file found corrupt).
 
 examples:
   captum-sam compare --quick
@@ -497,9 +508,10 @@ def _run_compare(args: argparse.Namespace, config: CompareConfig) -> int:
 
         load_data(config)
     make_out_ready(args.out, compare_layout(), args.overwrite)
-    results = compare.run_compare(
-        config, args.out, show_progress=not args.no_progress, cache_dir=args.cache_dir
-    )
+    with work_started():
+        results = compare.run_compare(
+            config, args.out, show_progress=not args.no_progress, cache_dir=args.cache_dir
+        )
     gt = results["ground_truth"]
     print()
     print(
@@ -572,14 +584,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         estimator failed (its row and the report say why); 2 when the command line
         cannot be carried out as given (a bad value, a missing path, an ``--out`` that is
         not a directory, not writable, or not empty without ``--overwrite``: all checked
-        before any work); 1 when the run fails with another ``OSError`` (a full disk,
-        say). Errors print one line ``captum-sam: error: <message>`` to stderr, or raise
-        with the traceback when the environment variable ``CAPTUM_SAM_DEBUG`` is set
-        (not ``0``). Any other exception is a bug and propagates with its traceback.
+        before any work); 1 when the run fails after its work started (another
+        ``OSError`` such as a full disk, or a file found corrupt on the way). Errors
+        print one line ``captum-sam: error: <message>`` to stderr, or raise with the
+        traceback when the environment variable ``CAPTUM_SAM_DEBUG`` is set (not
+        ``0``). Any other exception is a bug and propagates with its traceback.
     """
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except RunFailed as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"captum-sam: error: {err}", file=sys.stderr)
+        return 1
     except (UsageError, ValueError, TypeError, OSError) as err:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise

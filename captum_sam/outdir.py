@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "UsageError",
+    "RunFailed",
+    "work_started",
     "OutputLayout",
     "train_layout",
     "compare_layout",
@@ -38,6 +40,24 @@ __all__ = [
 
 class UsageError(Exception):
     """The command line cannot be carried out as given (exit status 2)."""
+
+
+class RunFailed(Exception):
+    """The run failed after its work started (exit status 1); the cause is chained."""
+
+
+@contextlib.contextmanager
+def work_started() -> Iterator[None]:
+    """A ``ValueError``/``TypeError`` from here on is a failed run, not a bad command line.
+
+    (A corrupt cache file found after training, say.) Raises :class:`RunFailed` from it.
+    """
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise RunFailed(str(err)) from err
 
 
 _TEMPORARY = r"\.tmp-.*\.part"  # left behind by a killed core.files.atomic_write

@@ -415,3 +415,19 @@ def test_dataset_data_dir_methods_and_seed_are_checked_before_any_work(tmp_path,
         assert main([*command, "--seed", str(2**64), "--out", str(out)]) == 2
         assert "must be in [0, 2**63)" in one_line_error(capsys)
     assert not out.exists()
+
+
+def test_a_value_error_after_the_work_started_is_a_failed_run_status_1(
+    tmp_path, capsys, monkeypatch
+):
+    def corrupt(*args, **kwargs):
+        raise ValueError("ground-truth row 'row-ab.pt' does not match its SHA-256")
+
+    monkeypatch.setattr(captum_sam.evaluation.compare, "run_compare", corrupt)
+    assert main([*COMPARE, "--out", str(tmp_path / "c")]) == 1
+    assert "does not match its SHA-256" in one_line_error(capsys)
+    monkeypatch.setattr(captum_sam.training, "train_sam", corrupt)
+    assert main([*TRAIN, "--out", str(tmp_path / "t")]) == 1
+    assert "does not match its SHA-256" in one_line_error(capsys)
+    assert main([*TRAIN, "--lr", "-1", "--out", str(tmp_path / "u")]) == 2  # before any work
+    one_line_error(capsys)
