@@ -202,14 +202,14 @@ def load_trajectory(
         warnings.warn(
             f"the trajectory in {directory!r} is incomplete: using its first "
             f"{len(fields['steps'])} recorded steps",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     if fields["version"] < CURRENT_VERSION and verify:
         unverified = "its checkpoint files and itself" if fields["version"] < 2 else "itself"
         warnings.warn(
             f"trajectory manifest {path!r} is version {fields['version']}: {unverified} "
             "carry no SHA-256 and cannot be verified",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
 
     def ckpt(entry: dict[str, Any], what: str) -> CheckpointRecord:

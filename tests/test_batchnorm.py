@@ -375,8 +375,11 @@ def test_the_hessian_family_warns_and_refuses_batch(tmp_path, cls):
     twin = getattr(captum_sam, cls)
     flags, state = _model_state(model)
     kw = dict(loss_fn=ce_loss(), batch_size=8, projection_dim=4)
-    with pytest.warns(UserWarning, match=r"BatchNorm: at checkpoint 'c.pt'.*relative difference"):
+    with pytest.warns(
+        UserWarning, match=r"BatchNorm: at checkpoint 'c.pt'.*relative difference"
+    ) as got:
         twin(model, data, path, **kw)
+    assert {w.filename for w in got} == {__file__}  # the caller's line, not the library's
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         twin(model, data, path, batchnorm_tolerance=None, **kw)

@@ -391,9 +391,10 @@ def test_bad_input_and_convergence_warning(run, tmp_path):
     with pytest.raises(ValueError, match="solver_options"):
         make(run, solver_options={"tolerance": 1})
     est = make(run, variant="full", solver="gmres", solver_options={"max_iter": 2, "tol": 1e-12})
-    with pytest.warns(ConvergenceWarning, match="residual"):
+    with pytest.warns(ConvergenceWarning, match="residual") as got:
         est.influence(run["test"])
     assert est.last_residual.max() > 1e-12
+    assert {w.filename for w in got if w.category is ConvergenceWarning} == {__file__}
 
 
 # --------------------------------------------------------------- factored GGN

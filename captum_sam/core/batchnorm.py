@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from captum_sam.core.errors import user_stacklevel
 from captum_sam.core.losses import FunctionalLoss, batch_size, split_batch
 from captum_sam.core.params import Batch, Params
 
@@ -276,6 +277,6 @@ def warn_on_batchnorm_gap(
             f"difference {gap:.3g} > batchnorm_tolerance={tolerance:g}. The model the "
             f"scores describe is not the one training saw; {side}",
             UserWarning,
-            stacklevel=5,
+            stacklevel=user_stacklevel(),
         )
     return gap

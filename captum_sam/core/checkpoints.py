@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from captum_sam.core.errors import user_stacklevel
 from captum_sam.core.files import atomic_write, torch_load
 from captum_sam.core.params import Params, detached_params
 
@@ -231,7 +232,7 @@ def _warn_on_cast(model: nn.Module, state: dict[str, Tensor], path: str) -> None
             f"checkpoint {path!r} holds {', '.join(a for a, _ in cast)} tensors that are cast "
             f"to the model's {', '.join(b for _, b in cast)} on loading: scores are computed "
             "in the model's precision",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 

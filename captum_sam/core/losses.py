@@ -81,7 +81,7 @@ def loss_reduction(loss_fn: Any, name: str, sample_wise_grads_per_batch: bool = 
                 f"`{name}` has no 'reduction' attribute and sample_wise_grads_per_batch=True: "
                 f"it is taken to return the *sum* of the per-example losses; if it returns "
                 f"their mean, set `{name}.reduction = 'mean'`",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
             return "sum"
         return "none"  # checked on the first batch: it must return one loss per example

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from captum_sam.core.errors import ArgumentError, LayerNameError
+from captum_sam.core.errors import ArgumentError, LayerNameError, user_stacklevel
 
 __all__ = [
     "Params",
@@ -197,7 +197,7 @@ def sample_wise_names(model: nn.Module, names: list[str]) -> list[str]:
             f"sample_wise_grads_per_batch=True attributes only nn.Linear and nn.Conv2d "
             f"parameters (as Captum does): {dropped[:5]}{' ...' if len(dropped) > 5 else ''} "
             "are left out",
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
     if not kept:
         raise ValueError(

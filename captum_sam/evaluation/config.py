@@ -219,8 +219,11 @@ class CompareConfig:
         self._check_numbers()
         self._check_sizes()
         if self.ground_truth.startswith("fixed_point") and self.model != "logreg":
+            from captum_sam.core.errors import user_stacklevel  # (no torch before --help)
+
             warnings.warn(
-                "the fixed-point ground truth assumes a convex model (logreg)", stacklevel=3
+                "the fixed-point ground truth assumes a convex model (logreg)",
+                stacklevel=user_stacklevel(),
             )
 
     def _check_choices(self) -> None:

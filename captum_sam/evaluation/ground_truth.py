@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from captum_sam.core import eval_mode
+from captum_sam.core.errors import user_stacklevel
 from captum_sam.core.files import (
     sha256_file,
 )
@@ -238,7 +239,7 @@ class GroundTruth:
                 f"an older version without a manifest (e.g. {legacy[0]!r}): they are not "
                 "trusted and never served, the rows are recomputed; the old files are left "
                 "in place (delete them to silence this warning)",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         fields = self.cache_fields(test_data)
         key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()

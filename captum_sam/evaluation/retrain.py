@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 
 from captum_sam.core import check_per_example_loss, eval_mode, sam_perturbation
 from captum_sam.core.data import fetch_batch
+from captum_sam.core.errors import user_stacklevel
 from captum_sam.core.losses import checked_losses
 from captum_sam.evaluation.config import PROTOCOLS
 from captum_sam.replay import replay_trajectory, retrain_fresh
@@ -178,7 +179,7 @@ def sam_fixed_point(
         warnings.warn(
             f"SAM fixed point not reached: residual {norm:.3e} > tol {tol:.1e} after {it} "
             "Newton iterations",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     result = copy.deepcopy(model)
     with torch.no_grad():

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from captum_sam.core.errors import user_stacklevel
 from captum_sam.core.files import (
     DirectoryLock,
     atomic_write,
@@ -222,7 +223,7 @@ class CacheDirectory:
             raw = read_json(self.manifest, "ground-truth cache manifest")
         except ValueError as err:
             if warn:
-                warnings.warn(f"{err}: every row of it is recomputed", stacklevel=6)
+                warnings.warn(f"{err}: every row of it is recomputed", stacklevel=user_stacklevel())
             self.unreadable = True
             return {}
 
@@ -266,14 +267,14 @@ class CacheDirectory:
                     f"ground-truth cache file {path!r} is not recorded in the manifest "
                     f"{self.manifest!r} (written by an older version or by an interrupted "
                     "writer): it is not trusted and is recomputed",
-                    stacklevel=3,
+                    stacklevel=user_stacklevel(),
                 )
             return None
         if not os.path.isfile(path):
             warnings.warn(
                 f"ground-truth cache file {path!r} is listed in the manifest but missing: "
                 "it is recomputed",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
             return None
         digest = sha256_file(path)
@@ -281,7 +282,7 @@ class CacheDirectory:
         try:
             row = torch_load(path, "cpu", "ground-truth cache file", 16 * size + (1 << 20))
         except ValueError as err:
-            warnings.warn(f"{err}; it is recomputed", stacklevel=3)
+            warnings.warn(f"{err}; it is recomputed", stacklevel=user_stacklevel())
             return None
         if digest != entry["sha256"]:  # another writer may have replaced row and entry since
             entry = self._read_manifest(warn=False).get(rkey, entry)

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from captum_sam._captum import AnnoyNearestNeighbors, KMostInfluentialResults, NearestNeighbors
 from captum_sam.core.checkpoints import checkpoints_load_func
 from captum_sam.core.data import as_loader, on_device, validate_batch
-from captum_sam.core.errors import require_inputs
+from captum_sam.core.errors import require_inputs, user_stacklevel
 from captum_sam.core.layers import sites
 from captum_sam.gif.fast import SAMTracInCPFast
 from captum_sam.gif.terms import check_finite_terms
@@ -243,7 +243,7 @@ class SAMTracInCPFastRandProj(SAMTracInCPFast):
         warnings.warn(
             "self influence scores gain nothing from the random projection and the index: "
             "use SAMTracInCPFast.self_influence, which is exact",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
         raise NotImplementedError(
             "SAMTracInCPFastRandProj does not compute self influence scores (as Captum's "

@@ -42,6 +42,7 @@ from torch import Tensor
 from captum_sam import core as F
 from captum_sam.core.data import local_batches, progress
 from captum_sam.core.distributed import all_reduce_sum
+from captum_sam.core.errors import user_stacklevel
 from captum_sam.gif.points import WeightPoints
 from captum_sam.gif.terms import Term, check_finite_terms
 from captum_sam.hif.setup import check_number
@@ -220,7 +221,7 @@ class SegmentEdit:
                 f"segment edit: the Lanczos evaluation did not converge in krylov_steps="
                 f"{krylov_steps} (estimated relative error {worst:.2e}); raise `krylov_steps`",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         assert delta is not None
         return delta

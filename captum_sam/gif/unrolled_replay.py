@@ -39,6 +39,7 @@ from torch.func import grad, jvp, vjp, vmap
 from torch.utils.data import Dataset
 
 from captum_sam.core.data import fetch_batch, progress
+from captum_sam.core.errors import user_stacklevel
 from captum_sam.core.losses import FunctionalLoss, to_device
 from captum_sam.core.params import Params
 from captum_sam.gif.unrolled_step import (
@@ -146,7 +147,7 @@ class UnrolledReplay:
                 f"re-running the recorded steps ends {err:.3g} (max abs) away from the recorded "
                 "final checkpoint: the run is not reproduced, the linearised replay is "
                 "taken around the re-run",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
 
     def final(self) -> Params:

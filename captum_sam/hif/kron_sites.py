@@ -37,7 +37,7 @@ from torch.func import grad, vmap
 
 from captum_sam import core as F
 from captum_sam.core.curvature import second_order
-from captum_sam.core.errors import ArgumentError
+from captum_sam.core.errors import ArgumentError, user_stacklevel
 from captum_sam.core.layers.conv2d import CONV2D
 from captum_sam.core.layers.linear import LINEAR
 from captum_sam.core.layers.sites import LayerType
@@ -423,5 +423,5 @@ def warn_if_not_convex(worst: float, loss_fn: Any) -> None:
             f"eigenvalue of {worst:.2e} times the largest): K-FAC uses the positive part of "
             "that Hessian (negative eigenvalues set to zero), so it approximates a "
             "positive semi-definite Gauss-Newton matrix, not curvature='ggn''s",
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )

@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from captum_sam.core.errors import user_stacklevel
+
 Matvec = Callable[[Tensor], Tensor]
 """``X (dim, m) -> A @ X (dim, m)``."""
 
@@ -207,9 +209,7 @@ def _hint(name: str, worst: float = math.nan) -> str:
     return "; raise max_iter or loosen tol"
 
 
-def _check_convergence(
-    name: str, residual: Tensor, tol: float, iterations: int, stacklevel: int = 3
-) -> None:
+def _check_convergence(name: str, residual: Tensor, tol: float, iterations: int) -> None:
     """Warn with :class:`ConvergenceWarning` when a column misses ``tol``."""
     if residual.numel() == 0 or bool((residual <= tol).all()):
         return
@@ -219,7 +219,7 @@ def _check_convergence(
         f"{name} did not converge: worst relative residual {worst:.3e} > "
         f"tol {tol:.1e} after {iterations} iterations{_hint(name, worst)}",
         ConvergenceWarning,
-        stacklevel=stacklevel,
+        stacklevel=user_stacklevel(),
     )
 
 

@@ -223,7 +223,7 @@ def _krylov(
         ra = bb[:, ia] - _apply(matvec, xa)
         r[:, ia] = ra
         residual[ia] = _relative(ra, bnorm[ia])
-    _check_convergence(name, residual, options.tolerance(bb.dtype), iterations, stacklevel=4)
+    _check_convergence(name, residual, options.tolerance(bb.dtype), iterations)
     return SolveResult(_restore(x, vector), residual, iterations)
 
 

@@ -276,7 +276,7 @@ class InverseOperator:
                 ax = _apply(mv, x)
             residual = _relative(ax - work, bnorm)
             if method == "dense":
-                _check_convergence("dense", residual, self.options.tolerance(self.dtype), 0, 4)
+                _check_convergence("dense", residual, self.options.tolerance(self.dtype), 0)
             x = x.to(device=bb.device, dtype=bb.dtype)
             result = SolveResult(x, residual.to(bb.device), 0)
         elif method == "cg":

@@ -13,6 +13,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from captum_sam.core.errors import user_stacklevel
 from captum_sam.solvers._common import (
     ConvergenceWarning,
     Matvec,
@@ -249,6 +250,6 @@ def lissa(
             warnings.warn(
                 "lissa diverged to non-finite values: worst relative residual inf" + _hint("lissa"),
                 ConvergenceWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
     return SolveResult(_restore(x, vector), residual, iterations)
