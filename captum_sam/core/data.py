@@ -26,6 +26,19 @@ def fetch_batch(dataset: Dataset, indices: Sequence[int] | Tensor) -> tuple[Any,
     return tuple(default_collate([dataset[int(i)] for i in idx]))
 
 
+def check_batch_size(batch_size: Any, name: str) -> None:
+    """Refuse a ``batch_size`` that cannot batch the Dataset given as ``name``.
+
+    Raises:
+        ArgumentError: Not a positive int (a ``ValueError`` and, as Captum's own
+            ``assert``, an ``AssertionError``).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ArgumentError(
+            f"since `{name}` is a Dataset, `batch_size` must be a positive int, got {batch_size!r}"
+        )
+
+
 def as_loader(inputs: Any, batch_size: int | None, name: str) -> Iterable[tuple[Any, ...]]:
     """Turn a batch tuple, a Dataset or a DataLoader into an iterable of batches.
 

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
+from captum_sam.core.data import dataset_size
 from captum_sam.core.distributed import gather_ordered, is_distributed, rank_and_world
 from captum_sam.core.files import (
     DirectoryLock,
@@ -61,6 +62,7 @@ __all__ = [
     "data_digest",
     "function_digest",
     "model_digest",
+    "without_addresses",
 ]
 
 FORMAT = "captum_sam.quantities"
@@ -104,8 +106,7 @@ def data_digest(dataset: Dataset | DataLoader, batch_size: int = 256) -> dict[st
     if isinstance(dataset, (list, tuple)):  # batches given in memory
         h = hashlib.sha256()
         _hash_value(h, list(dataset))
-        n = sum(len(b[-1]) for b in dataset)
-        return {"type": "batches", "n": n, "sha256": h.hexdigest()}
+        return {"type": "batches", "n": dataset_size(dataset), "sha256": h.hexdigest()}
     loader = dataset if isinstance(dataset, DataLoader) else None
     base = loader.dataset if loader is not None else dataset
     out: dict[str, Any] = {"type": type(base).__name__, "n": len(base)}  # type: ignore[arg-type]
@@ -129,6 +130,11 @@ def data_digest(dataset: Dataset | DataLoader, batch_size: int = 256) -> dict[st
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
+def without_addresses(text: str) -> str:
+    """``text`` without memory addresses (``" at 0x7f..."``), stable across processes."""
+    return _ADDRESS.sub("", text)
+
+
 def model_digest(model: nn.Module) -> str:
     """Fingerprint of an architecture (not its weights, which the checkpoints carry).
 
@@ -137,7 +143,7 @@ def model_digest(model: nn.Module) -> str:
     ``forward`` of every module class it uses (where Python can find it), so that a
     cache written for another model, or the same layers wired differently, is refused.
     """
-    h = hashlib.sha256(_ADDRESS.sub("", repr(model)).encode())
+    h = hashlib.sha256(without_addresses(repr(model)).encode())
     for name, t in (*model.named_parameters(), *model.named_buffers()):
         h.update(f"|{name} {tuple(t.shape)} {t.dtype} {t.requires_grad}".encode())
     kinds = {f"{k.__module__}.{k.__qualname__}": k for k in map(type, model.modules())}

@@ -61,7 +61,7 @@ from captum_sam.core.files import (
     sha256_file,
     torch_load,
 )
-from captum_sam.core.store import data_digest, function_digest
+from captum_sam.core.store import data_digest, function_digest, without_addresses
 from captum_sam.trajectory import Trajectory
 
 __all__ = [
@@ -85,7 +85,6 @@ LOCK_TIMEOUT = 60.0
 """Seconds a writer waits for another writer of the same cache directory."""
 LEGACY_ROW = re.compile(r"(fixed_point|schedule)-[0-9a-f]{20}-[0-9a-f]{12}-[0-9a-f]{16}\.pt")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def _digest(h: Any, obj: Any) -> None:
@@ -104,7 +103,7 @@ def _digest(h: Any, obj: Any) -> None:
         for item in obj:
             _digest(h, item)
     else:
-        h.update(_ADDRESS.sub("", json.dumps(obj, sort_keys=True, default=repr)).encode())
+        h.update(without_addresses(json.dumps(obj, sort_keys=True, default=repr)).encode())
 
 
 def sha(*objs: Any) -> str:

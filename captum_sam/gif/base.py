@@ -21,6 +21,7 @@ from captum_sam._captum import KMostInfluentialResults, TracInCPBase
 from captum_sam.core.data import (
     as_loader,
     batch_context,
+    check_batch_size,
     check_indices,
     empty_batch,
     empty_result,
@@ -29,7 +30,7 @@ from captum_sam.core.data import (
     stream_topk,
 )
 from captum_sam.core.distributed import gather_ordered, is_distributed
-from captum_sam.core.errors import ArgumentError, require_inputs
+from captum_sam.core.errors import require_inputs
 from captum_sam.core.store import open_quantities
 from captum_sam.gif.segment_edit import SegmentEdit, check_segment_options
 from captum_sam.gif.setup import GIFEngines, resolve_checkpoints
@@ -61,14 +62,8 @@ class SAMTracInBase(TracInCPBase):
         """
         rho, adaptive = sam_settings(rho, adaptive, checkpoints)
         check_rho(rho, adaptive)
-        size = captum["batch_size"]
-        if not isinstance(train_dataset, DataLoader) and (
-            isinstance(size, bool) or not isinstance(size, int) or size < 1
-        ):  # before Captum's bare assert
-            raise ArgumentError(
-                "since the `train_dataset` argument was a `Dataset`, `batch_size` must be a "
-                f"positive int, got {size!r}"
-            )
+        if not isinstance(train_dataset, DataLoader):  # before Captum's bare assert
+            check_batch_size(captum["batch_size"], "train_dataset")
         TracInCPBase.__init__(
             self, model, train_dataset, iter(resolve_checkpoints(checkpoints)),  # kept order
             captum["checkpoints_load_func"], captum["loss_fn"], captum["batch_size"],

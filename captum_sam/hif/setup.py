@@ -25,6 +25,7 @@ from captum_sam.core.batchnorm import (
 )
 from captum_sam.core.checkpoints import CheckpointLoader, model_device
 from captum_sam.core.data import (
+    check_batch_size,
     dataset_size,
     local_batches,
     on_device,
@@ -32,7 +33,6 @@ from captum_sam.core.data import (
     validate_batch,
 )
 from captum_sam.core.distributed import all_reduce_sum, all_reduce_tree
-from captum_sam.core.errors import ArgumentError
 from captum_sam.core.layers import linear
 from captum_sam.core.layers.sites import layer_sites
 from captum_sam.core.params import check_layers, sample_wise_names, scope_names
@@ -82,10 +82,7 @@ def _loader(data: Any, batch_size: Any, name: str) -> Any:
         return data
     if isinstance(data, (tuple, list)) or not isinstance(data, Dataset):
         raise TypeError(f"`{name}` must be a Dataset or a DataLoader, got {type(data).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ArgumentError(
-            f"since `{name}` is a Dataset, `batch_size` must be a positive int, got {batch_size!r}"
-        )
+    check_batch_size(batch_size, name)
     return DataLoader(data, batch_size, shuffle=False)
 
 
