@@ -110,43 +110,35 @@ def test_invalid_arguments():
         sam.first_step()
 
 
-def test_a_failure_at_the_perturbed_weights_takes_no_step():
-    x, y = batches()[0]
+def assert_step_refused_at_w(x, y, rho, error, match, fail_at_call=None):
+    """``SAM.step`` raises ``error`` and leaves every weight at ``w`` (no update)."""
     model = mlp_model()
     w0 = [p.detach().clone() for p in model.parameters()]
-    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=0.1)
     calls = []
 
     def closure():
         calls.append(1)
         opt.zero_grad()
-        if len(calls) == 2:
+        if len(calls) == fail_at_call:
             raise RuntimeError("the data loader failed at w + eps")
         loss = ce_loss()(model(x), y).mean()
         loss.backward()
         return loss
 
-    with pytest.raises(RuntimeError, match="w \\+ eps"):
+    with pytest.raises(error, match=match):
         opt.step(closure)
     for p, q in zip(model.parameters(), w0):
         assert torch.equal(p, q)
+
+
+def test_a_failure_at_the_perturbed_weights_takes_no_step():
+    x, y = batches()[0]
+    assert_step_refused_at_w(x, y, 0.5, RuntimeError, "w \\+ eps", fail_at_call=2)
 
 
 def test_non_finite_gradients_are_refused_before_the_weights_move():
     x, y = batches()[0]
-    model = mlp_model()
-    w0 = [p.detach().clone() for p in model.parameters()]
-    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
     x = x.clone()
     x[0, 0] = float("nan")
-
-    def closure():
-        opt.zero_grad()
-        loss = ce_loss()(model(x), y).mean()
-        loss.backward()
-        return loss
-
-    with pytest.raises(ValueError, match="NaN or inf"):
-        opt.step(closure)
-    for p, q in zip(model.parameters(), w0):
-        assert torch.equal(p, q)
+    assert_step_refused_at_w(x, y, 0.05, ValueError, "NaN or inf")
