@@ -2,7 +2,7 @@
 
 The recorder writes the record-directory format of :mod:`captum_sam.trajectory`:
 checkpoints (each with its SHA-256) and ``manifest.json``, rewritten atomically after
-every step and marked ``complete`` by :meth:`TrajectoryRecorder.finish`. Batch
+every checkpoint and marked ``complete`` by :meth:`TrajectoryRecorder.finish`. Batch
 indices need a dataset that can say which examples are in a batch: :func:`train_sam`
 draws its batches itself from a seeded permutation; in a custom loop wrap the dataset
 in :class:`IndexedDataset`, which prepends each example's index, and pass the indices
@@ -11,16 +11,24 @@ to :meth:`TrajectoryRecorder.record_step`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from captum_sam.core.files import atomic_write, read_json, remove_stale_temporaries, sha256_file
+from captum_sam.core.files import (
+    DirectoryLock,
+    atomic_write,
+    read_json,
+    remove_stale_temporaries,
+    sha256_file,
+)
 from captum_sam.optim import SAM
 from captum_sam.record_schema import FORMAT, SELF_HASH, manifest_digest
 from captum_sam.trajectory import MANIFEST, VERSION
@@ -90,6 +98,13 @@ class TrajectoryRecorder:
             replays and estimators built on the record refuse other data
             (:meth:`~captum_sam.trajectory.Trajectory.check_data`). ``None``: only
             ``n_train`` is checked.
+
+    Every write (removing an earlier record, a checkpoint, the manifest) holds the
+    directory's :class:`~captum_sam.core.files.DirectoryLock`, and the manifest names
+    this recorder's run (field ``"run"``, a random id). A second recorder that takes
+    over the directory (``overwrite=True``) while this one still records makes this
+    one's next write fail with a ``RuntimeError``, instead of two runs mixing their
+    checkpoints in one record.
     """
 
     def __init__(
@@ -110,14 +125,17 @@ class TrajectoryRecorder:
         if not isinstance(n_train, int) or n_train < 1:
             raise ValueError(f"`n_train` must be a positive int, got {n_train}")
         self.directory = os.fspath(record_dir)
+        self.run = uuid.uuid4().hex
+        self._written = False
         os.makedirs(self.directory, exist_ok=True)
-        if os.path.exists(os.path.join(self.directory, MANIFEST)):
-            if not overwrite:
-                raise FileExistsError(
-                    f"`record_dir` {self.directory!r} already holds a trajectory; pass "
-                    "overwrite=True or choose another directory"
-                )
-            _remove_recorded_files(self.directory)
+        with DirectoryLock(self.directory, "a trajectory record"):
+            if os.path.exists(os.path.join(self.directory, MANIFEST)):
+                if not overwrite:
+                    raise FileExistsError(
+                        f"`record_dir` {self.directory!r} already holds a trajectory; pass "
+                        "overwrite=True or choose another directory"
+                    )
+                _remove_recorded_files(self.directory)
         self.model = model
         self.optimizer = optimizer
         self.n_train = n_train
@@ -146,12 +164,35 @@ class TrajectoryRecorder:
                 )
         return float(first["lr"]), float(first["rho"]), bool(first["adaptive"])
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the directory's lock; refuse if another recorder wrote the manifest since."""
+        with DirectoryLock(self.directory, "a trajectory record"):
+            path = os.path.join(self.directory, MANIFEST)
+            try:
+                raw = read_json(path, "trajectory manifest")
+                owner = raw.get("run") if isinstance(raw, dict) else None
+                found = f"run {owner}'s" if isinstance(owner, str) else "another writer's"
+            except FileNotFoundError:
+                owner, found = None, "gone"
+            except ValueError:
+                owner, found = None, "unreadable"
+            if (owner != self.run) if self._written else (found != "gone"):
+                raise RuntimeError(
+                    f"`record_dir` {self.directory!r} was taken over: {MANIFEST} is {found}"
+                    + (f", not this recorder's run {self.run}" if self._written else "")
+                    + ". Another writer uses this directory; this run stops recording "
+                    "(give each run its own directory)"
+                )
+            yield
+
     def start(self) -> None:
         """Save the initial weights :math:`w_0` (and remove a killed run's temporary files)."""
-        remove_stale_temporaries(self.directory)
-        lr, _, _ = self._group_settings()
-        self.initial = self._save("initial.pt", step=0, lr=lr, epoch=None)
-        self._write_manifest(complete=False)
+        with self._writing():
+            remove_stale_temporaries(self.directory)
+            lr, _, _ = self._group_settings()
+            self.initial = self._save("initial.pt", step=0, lr=lr, epoch=None)
+            self._write_manifest(complete=False)
 
     def record_step(self, indices: Sequence[int] | Tensor, epoch: int | None = None) -> None:
         """Record the step just taken on the batch ``indices``.
@@ -177,15 +218,21 @@ class TrajectoryRecorder:
 
     def save_checkpoint(self, epoch: int | None = None) -> None:
         """Save the current weights (after ``len(steps)`` updates)."""
+        if self.initial is None:
+            raise RuntimeError("call TrajectoryRecorder.start() before save_checkpoint()")
         step = len(self.steps)
         if any(c["step"] == step for c in self.checkpoints):
             return
         lr, _, _ = self._group_settings()
-        record = self._save(
-            f"step_{step:08d}.pt", step=step, lr=lr, epoch=self.epoch if epoch is None else epoch
-        )
-        self.checkpoints.append(record)
-        self._write_manifest(complete=False)
+        with self._writing():
+            record = self._save(
+                f"step_{step:08d}.pt",
+                step=step,
+                lr=lr,
+                epoch=self.epoch if epoch is None else epoch,
+            )
+            self.checkpoints.append(record)
+            self._write_manifest(complete=False)
 
     def finish(self) -> str:
         """Save the final weights and mark the manifest complete.
@@ -194,7 +241,8 @@ class TrajectoryRecorder:
             The record directory.
         """
         self.save_checkpoint()
-        self._write_manifest(complete=True)
+        with self._writing():
+            self._write_manifest(complete=True)
         return self.directory
 
     def _save(self, name: str, step: int, lr: float, epoch: int | None) -> dict[str, Any]:
@@ -220,6 +268,7 @@ class TrajectoryRecorder:
             "complete": complete,
             "n_train": self.n_train,
             "seed": self.seed,
+            "run": self.run,
             "optimizer": {
                 "base": type(base).__module__ + "." + type(base).__qualname__,
                 "hyperparameters": hyper,
@@ -236,6 +285,7 @@ class TrajectoryRecorder:
             os.path.join(self.directory, MANIFEST),
             lambda f: f.write(json.dumps(manifest).encode()),
         )
+        self._written = True
 
 
 def _remove_recorded_files(directory: str) -> None:

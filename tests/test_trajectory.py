@@ -134,6 +134,33 @@ def test_recorder_in_custom_loop_with_indexed_dataset(tmp_path):
         rec.record_step([3, 25])
 
 
+def test_second_recorder_taking_over_a_directory_stops_the_first(tmp_path):
+    data = make_data(n=12)
+    model = mlp_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    first = TrajectoryRecorder(tmp_path / "r", model, opt, n_train=len(data))
+    first.start()
+    first.record_step([0, 1, 2])
+    first.save_checkpoint()
+    second = TrajectoryRecorder(tmp_path / "r", model, opt, n_train=len(data), overwrite=True)
+    second.start()
+    second.record_step([3, 4])
+    first.record_step([5, 6])
+    with pytest.raises(RuntimeError, match=f"taken over.*run {second.run}'s.*run {first.run}"):
+        first.save_checkpoint()
+    with pytest.raises(RuntimeError, match="taken over"):
+        first.finish()
+    second.finish()
+    traj = load_trajectory(tmp_path / "r")  # the second run's record, whole and verified
+    assert [list(s.indices) for s in traj.steps] == [[3, 4]]
+    assert not os.path.exists(tmp_path / "r" / ".lock")
+    third = TrajectoryRecorder(tmp_path / "s", model, opt, n_train=len(data))
+    with open(tmp_path / "s" / "manifest.json", "w") as f:
+        f.write("{}")  # someone else's manifest appears before start()
+    with pytest.raises(RuntimeError, match="taken over"):
+        third.start()
+
+
 class Boom:
     """Pickled payload whose unpickling would run code."""
 
