@@ -874,3 +874,46 @@ def test_gif_test_batch_in_pieces_equals_one_piece(tmp_path, monkeypatch, net, p
     top = est.influence((xt, yt), k=3)
     torch.testing.assert_close(top.influence_scores, want_top.influence_scores)
     assert torch.equal(top.indices, want_top.indices)
+
+
+def test_data_parallel_model_gives_the_wrapped_modules_scores(tmp_path):
+    """A Captum user's ``nn.DataParallel`` model: the twins score its ``module`` (the
+    same numbers as the bare model, ``layers`` named as in the wrapper), Captum's
+    TracInCP on the wrapper agrees at ``rho=0``, and the wrapper is left as it was."""
+    from captum.influence import TracInCP
+
+    from captum_sam import SAMInfluenceFunction, SAMTracInCPFast
+
+    x, y = cnn_data(8, 12)
+    xt, yt = cnn_data(3, 13)
+    bare = built(SmallCNN(), x.float())
+    paths, _ = checkpoints(bare, tmp_path)
+    data = TensorDataset(x, y)
+    wrapped = nn.DataParallel(copy.deepcopy(bare))
+    before = snapshot(wrapped)
+    linear = [n for n, m in bare.named_modules() if isinstance(m, nn.Linear)][0]
+    convs = [n for n, m in bare.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+    def scores(model, prefix, rho):
+        tracin = SAMTracInCP(model, data, paths, loss_fn=ce_loss(), batch_size=3, rho=rho)
+        fast = SAMTracInCPFast(model, prefix + linear, data, paths, batch_size=3, rho=rho,
+                               loss_fn=nn.CrossEntropyLoss(reduction="sum"))  # fmt: skip
+        kfac = SAMInfluenceFunction(model, data, paths[-1], loss_fn=ce_loss(), batch_size=3,
+                                    rho=rho, curvature="kfac",
+                                    layers=[prefix + n for n in convs])  # fmt: skip
+        return [tracin.influence((xt, yt)), tracin.self_influence(), fast.influence((xt, yt)),
+                kfac.influence((xt, yt))]  # fmt: skip
+
+    for got, want in zip(scores(wrapped, "module.", 0.1), scores(bare, "", 0.1)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert_unchanged(wrapped, before)
+    plain = []  # Captum's format, saved from the wrapper: "module."-prefixed state dicts
+    for c, path in enumerate(paths):
+        state = torch.load(path)["model_state"]
+        plain.append(str(tmp_path / f"dp{c}.pt"))
+        torch.save({f"module.{k}": v for k, v in state.items()}, plain[-1])
+    captum = TracInCP(copy.deepcopy(wrapped), data, plain, loss_fn=ce_loss(), batch_size=3,
+                      sample_wise_grads_per_batch=False)  # fmt: skip
+    ours = SAMTracInCP(wrapped, data, plain, loss_fn=ce_loss(), batch_size=3, rho=0.0)
+    torch.testing.assert_close(ours.influence((xt, yt)), captum.influence((xt, yt)),
+                               rtol=1e-9, atol=1e-9)  # fmt: skip

@@ -129,6 +129,15 @@ def check_per_example_loss(loss_fn: Callable, name: str = "loss_fn") -> None:
         )
 
 
+WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+"""Wrappers whose ``module`` is evaluated instead (``functional_call`` refuses them)."""
+
+
+def unwrapped(params: Params) -> Params:
+    """``params`` of a :data:`WRAPPERS` model, named as in its ``module``."""
+    return {k.removeprefix("module."): v for k, v in params.items()}
+
+
 @dataclass
 class FunctionalLoss:
     """A model and a loss, as pure functions of a parameter dict.
@@ -160,9 +169,10 @@ class FunctionalLoss:
 
     def outputs(self, params: Params, features: Sequence[Any]) -> Any:
         """Model outputs for a batch of features at ``params``."""
-        return functional_call(
-            self.model, (params, self.frozen), tuple(features), tie_weights=self._tied
-        )
+        model, frozen = self.model, self.frozen
+        if isinstance(model, WRAPPERS):  # the wrapped module, on this process's device
+            model, params, frozen = model.module, unwrapped(params), unwrapped(frozen)
+        return functional_call(model, (params, frozen), tuple(features), tie_weights=self._tied)
 
     def _raw(self, outputs: Any, labels: Any) -> Tensor:
         if self.loss_fn is None:
