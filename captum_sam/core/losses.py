@@ -133,9 +133,15 @@ WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 """Wrappers whose ``module`` is evaluated instead (``functional_call`` refuses them)."""
 
 
-def unwrapped(params: Params) -> Params:
-    """``params`` of a :data:`WRAPPERS` model, named as in its ``module``."""
-    return {k.removeprefix("module."): v for k, v in params.items()}
+def call_model(
+    model: nn.Module, params: Params, frozen: Params, features: Sequence[Any], tied: bool = True
+) -> Any:
+    """``functional_call`` of ``model``; a :data:`WRAPPERS` model's ``module`` is called."""
+    if isinstance(model, WRAPPERS):  # the wrapped module, on this process's device
+        model = model.module
+        params = {k.removeprefix("module."): v for k, v in params.items()}
+        frozen = {k.removeprefix("module."): v for k, v in frozen.items()}
+    return functional_call(model, (params, frozen), tuple(features), tie_weights=tied)
 
 
 @dataclass
@@ -169,10 +175,7 @@ class FunctionalLoss:
 
     def outputs(self, params: Params, features: Sequence[Any]) -> Any:
         """Model outputs for a batch of features at ``params``."""
-        model, frozen = self.model, self.frozen
-        if isinstance(model, WRAPPERS):  # the wrapped module, on this process's device
-            model, params, frozen = model.module, unwrapped(params), unwrapped(frozen)
-        return functional_call(model, (params, frozen), tuple(features), tie_weights=self._tied)
+        return call_model(self.model, params, self.frozen, features, self._tied)
 
     def _raw(self, outputs: Any, labels: Any) -> Tensor:
         if self.loss_fn is None:

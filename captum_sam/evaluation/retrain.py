@@ -30,13 +30,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacfwd
+from torch.func import grad, jacfwd
 from torch.utils.data import Dataset
 
 from captum_sam.core import check_per_example_loss, eval_mode, sam_perturbation
 from captum_sam.core.data import fetch_batch
 from captum_sam.core.errors import user_stacklevel
-from captum_sam.core.losses import checked_losses
+from captum_sam.core.losses import call_model, checked_losses
 from captum_sam.evaluation.config import PROTOCOLS
 from captum_sam.replay import replay_trajectory, retrain_fresh
 from captum_sam.trajectory import Trajectory
@@ -142,7 +142,7 @@ def sam_fixed_point(
         return out
 
     def objective(p: dict[str, Tensor]) -> Tensor:
-        out = functional_call(model, (p, frozen), tuple(batch[:-1]))
+        out = call_model(model, p, frozen, batch[:-1])
         return (weights * checked_losses(loss_fn, out, batch[-1], n)).sum() / scale
 
     def check_finite(norm: float, it: int) -> None:
