@@ -264,6 +264,7 @@ def out_lock(path: str, overwrite: bool, command: str) -> Iterator[None]:
     """
     from captum_sam.core.files import DirectoryLock
 
+    created = not os.path.lexists(path)
     with usage_errors():
         refuse_non_empty(path, overwrite)
         require_writable_dir(path, "--out")
@@ -275,8 +276,13 @@ def out_lock(path: str, overwrite: bool, command: str) -> Iterator[None]:
         with usage_errors():
             refuse_non_empty(path, overwrite)
         yield
-    finally:
+    except BaseException:
         lock.__exit__(None, None, None)
+        if created:  # a command that failed before writing leaves no empty --out behind
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # (only an empty directory is removed)
+        raise
+    lock.__exit__(None, None, None)
 
 
 def require_writable_dir(path: str, flag: str) -> None:

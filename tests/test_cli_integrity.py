@@ -369,6 +369,7 @@ def test_a_corrupt_data_dir_is_one_line_exit_2_and_compare_keeps_the_old_run(tmp
     err = one_line_error(capsys)
     assert f"cifar10 files under --data-dir {str(data)!r} could not be read" in err
     assert "download=True" not in err
+    assert not (tmp_path / "t").exists()  # the --out it created is not left behind, empty
     out = tmp_path / "cmp"
     populate_compare_dir(out)
     before = snapshot(out)
