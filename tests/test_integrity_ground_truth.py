@@ -217,6 +217,7 @@ def as_version_1(record):
     raw["version"] = 1
     raw.pop("sha256")  # version 1 hashes neither itself
     raw.pop("data")  # nor records the data
+    raw.pop("run")  # nor the run that wrote it
     for entry in [raw["initial"], *raw["checkpoints"]]:
         entry.pop("sha256")
     path.write_text(json.dumps(raw))
