@@ -156,6 +156,7 @@ class Dense:
         D = (Jg[A] @ full_w.T / n).T  # d eps_A / d delta_k, one row per example
         self.R = {"fast": G_e, "full": G_e, "exact": G_e + (He @ D.T).T, "plain": G_w}
         self.G_w = G_w
+        self.lam = lam
 
     def full(self, w):
         out, i = dict(self.rest), 0
@@ -195,7 +196,10 @@ class Dense:
         return (self.G_w * torch.linalg.solve(self.A[variant], self.R[variant].T).T).sum(1)
 
     def change(self, variant, idx):
-        return torch.linalg.solve(self.A[variant], self.R[variant][idx].sum(0))
+        """Trained without ``idx``: each removed example's r_k and its share lam w* of the
+        weight decay (MATH.md's R_{-S} divides by the kept examples only)."""
+        rhs = self.R[variant][idx].sum(0) + len(idx) * self.lam * self.w
+        return torch.linalg.solve(self.A[variant], rhs)
 
 
 def rel(a, b):
@@ -502,3 +506,34 @@ def test_layers_keep_the_training_perturbation(run, variant, adaptive):
     ref_sub = Dense(run, rho=0.2, lam=1e-2, adaptive=adaptive, layers=["fc2"], scope="attributed")
     assert rel(sub.influence(run["test"]), ref_sub.scores(variant, xt, yt)) <= 1e-8
     assert rel(sub.influence(run["test"]), got) > 1e-4
+
+
+@pytest.mark.parametrize("variant", ["fast", "exact", "plain"])
+def test_parameter_change_predicts_retraining_without_the_example(tmp_path, variant):
+    """Against real retraining to the fixed point on the kept examples (renormalised,
+    MATH.md's R_{-S}), with weight decay: the removed example's share lam w* of the
+    regulariser is part of the change (without it the edit was off by about 3x)."""
+    from captum_sam.evaluation.retrain import sam_fixed_point
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 4, dtype=DTYPE)
+    y = (x[:, 0] + 0.7 * torch.randn(40, dtype=DTYPE) > 0).long()
+    data, rho, lam = TensorDataset(x, y), (0.0 if variant == "plain" else 0.05), 1e-2
+    start = torch.nn.Linear(4, 2).to(DTYPE)
+    trained = sam_fixed_point(start, data, ce_loss(), rho, lam, max_iter=100).model
+    path = str(tmp_path / "w.pt")
+    torch.save(trained.state_dict(), path)
+    w = torch.cat([p.detach().reshape(-1) for p in trained.parameters()])
+    est = SAMInfluenceFunction(trained, data, path, loss_fn=ce_loss(), rho=rho, variant=variant,
+                               weight_decay=lam, solver="dense")  # fmt: skip
+    decay = torch.linalg.solve(est.matrix(), lam * w)  # the weight-decay share's change
+    errors, without_decay = [], []
+    for k in range(0, 40, 3):
+        without = sam_fixed_point(trained, data, ce_loss(), rho, lam, remove=[k], max_iter=100)
+        actual = torch.cat([p.detach().reshape(-1) for p in without.model.parameters()]) - w
+        predicted = est.parameter_change([k], flat=True)
+        errors.append(rel(predicted, actual))
+        without_decay.append(rel(predicted - decay, actual))
+    errors = torch.tensor(errors)  # first order: larger for the few influential examples
+    assert errors.median() < 0.1 and errors.max() < 0.5, errors
+    assert torch.tensor(without_decay).median() > 3 * errors.median(), without_decay

@@ -405,7 +405,12 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
     def parameter_change(
         self, indices: Sequence[int] | Tensor, flat: bool = False
     ) -> F.Params | Tensor:
-        r""":math:`w_{-S} - w^* \approx A^{-1} \sum_{k \in S} r_k` (one solve).
+        r""":math:`w_{-S} - w^* \approx A^{-1} \sum_{k \in S} (r_k + \lambda w^*)` (one solve).
+
+        The prediction of training on the kept examples only (:doc:`/math`, "Model
+        editing"): besides each removed example's right-hand side :math:`r_k`, its
+        share :math:`\lambda w^*` of the weight decay, which the kept examples' mean no
+        longer balances (zero when ``weight_decay=0``).
 
         Args:
             indices: Training indices of the removed set :math:`S`.
@@ -421,6 +426,8 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
             batch = F.to_device(fetch_batch(self.train_data, chunk), self.device)
             rhs += sides.right_hand_sides(self, batch).sum(dim=0)
         all_reduce_sum(rhs)
+        if self.weight_decay:  # the weight decay the removed examples' gradients balanced
+            rhs[: op.dim] += len(idx) * self.weight_decay * F.flatten(op.params, self.names)
         if self.variant == "exact":  # b + H_e (sum of d eps / d delta_k)
             b, d = rhs[: op.dim], rhs[op.dim :]
             rhs = b + op.he_product(d.unsqueeze(1)).squeeze(1)
@@ -432,7 +439,7 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
         return delta if flat else F.unflatten(delta, {n: op.params[n] for n in self.names})
 
     def edited_model(self, indices: Sequence[int] | Tensor) -> nn.Module:
-        r"""A new model at :math:`w^* + A^{-1}\sum_{k\in S} r_k`; the user's model is untouched."""
+        r"""A new model at :math:`w^*` plus :meth:`parameter_change` (the user's model untouched)."""
         delta = self.parameter_change(indices)
         return edited_copy(self.model, self.checkpoints_load_func, self.checkpoint, delta)  # type: ignore[arg-type]
 

@@ -19,8 +19,9 @@ plain      :math:`H_0 + r I`                   :math:`\nabla l_k(w^*)` (Koh & Li
 
 The influence of :math:`z_k` on a test example :math:`z` is
 :math:`\nabla l(z; w^*)^\top A^{-1} r_k`, the first-order increase of :math:`z`'s loss
-when :math:`z_k` is removed (positive = helpful). With ``rho=0`` and
-``variant="plain"`` this is Captum's ``NaiveInfluenceFunction``.
+when :math:`z_k` is removed (positive = helpful), up to the weight decay's share
+(one constant per test example, :doc:`/math`); ``parameter_change`` includes it.
+With ``rho=0`` and ``variant="plain"`` this is Captum's ``NaiveInfluenceFunction``.
 """
 
 from __future__ import annotations
