@@ -439,7 +439,7 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
         return delta if flat else F.unflatten(delta, {n: op.params[n] for n in self.names})
 
     def edited_model(self, indices: Sequence[int] | Tensor) -> nn.Module:
-        r"""A new model at :math:`w^*` plus :meth:`parameter_change` (the user's model untouched)."""
+        r"""A new model at :math:`w^*` plus :meth:`parameter_change`; the user's is untouched."""
         delta = self.parameter_change(indices)
         return edited_copy(self.model, self.checkpoints_load_func, self.checkpoint, delta)  # type: ignore[arg-type]
 
