@@ -144,15 +144,15 @@ fig.suptitle(
 fig.tight_layout()
 
 # %%
-# The direction is right, the size is not: the edit moves the weights about half
-# as far as retraining does. Thirty wrong labels are 10% of the data, and removing
+# The direction is right, the size is not: the edit moves the weights less than
+# half as far as retraining does (0.42 of the distance, Pearson 0.92 over weights). Thirty wrong labels are 10% of the data, and removing
 # them is not a small perturbation, so a first-order estimate falls short.
 # :func:`~captum_sam.evaluation.metrics.editing_metrics` measures this as the
 # relative distance :math:`\lVert w_{edit} - w_{retrain}\rVert / \lVert w_{retrain}
 # - w^*\rVert` (0 is a perfect edit, 1 no better than not editing). Forgetting a
-# single ordinary example is edited almost exactly; a wrong label moves the model
-# far and non-linearly even on its own, and the error grows with the size of the
-# removed set:
+# single ordinary example is edited almost exactly (0.05); a wrong label moves the
+# model far and non-linearly even on its own (0.44), and the error grows with the
+# size of the removed set (to 0.55-0.63 at 30 examples):
 
 clean_indices = torch.nonzero(~data.noisy).flatten()
 order = torch.randperm(len(clean_indices), generator=torch.Generator().manual_seed(0))
