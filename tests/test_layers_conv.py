@@ -781,11 +781,15 @@ def test_hif_kronecker_influence_in_layer_groups_equals_all_at_once(
     torch.testing.assert_close(top.influence_scores, want_top.influence_scores, rtol=1e-10,
                                atol=1e-12)  # fmt: skip
     assert torch.equal(top.indices, want_top.indices)
-    # rows that may come in another order each pass: groups of rows instead
-    shuffled = DataLoader(TensorDataset(xt, yt), batch_size=4, shuffle=True)
-    assert site_groups.plan(est, shuffled, sides.TEST_BUDGET_BYTES) is None
-    own_order = DataLoader(TensorDataset(xt, yt), batch_sampler=[[9, 0, 1], list(range(2, 9))])
-    assert site_groups.plan(est, own_order, sides.TEST_BUDGET_BYTES) is None
+    # rows that come in another order each pass are refused; rows of unknown number
+    # (drop_last) are scored by groups of rows instead
+    test_set = TensorDataset(xt, yt)
+    for reordered in (DataLoader(test_set, batch_size=4, shuffle=True),
+                      DataLoader(test_set, batch_sampler=[[9, 0, 1], [2, 3]])):  # fmt: skip
+        with pytest.raises(ValueError, match="`inputs_dataset` .* in order"):
+            est.influence(reordered)
+    dropped = DataLoader(TensorDataset(xt, yt), batch_size=4, drop_last=True)
+    assert site_groups.plan(est, dropped, sides.TEST_BUDGET_BYTES) is None
     passes.clear()
     agg = est.influence((xt, yt), aggregate=True)  # one summed row: one pass, every layer
     torch.testing.assert_close(agg, want.sum(0, keepdim=True), rtol=1e-10, atol=1e-12)

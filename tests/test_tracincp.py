@@ -522,6 +522,33 @@ def test_model_is_unchanged_and_bad_input_is_refused(run, tmp_path):
         make(run).parameter_change([])
 
 
+def test_loaders_that_reorder_or_drop_examples_are_refused(run):
+    """A training loader must read every example in order; a test loader in order:
+    a shuffling test loader gave rows that mixed examples with several checkpoints."""
+    from captum_sam import SAMInfluenceFunction
+
+    model, train = run["model"], run["train"]
+    xt, yt = run["test"]
+    reversed_batches = [list(range(i, min(i + 4, len(train))))[::-1]
+                        for i in range(0, len(train), 4)][::-1]  # fmt: skip
+    for loader, match in [
+        (DataLoader(train, batch_size=4, drop_last=True), "drop_last=True"),
+        (DataLoader(train, batch_sampler=reversed_batches), "in order"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            SAMTracInCP(model, loader, run["ckpts"], loss_fn=ce_loss())
+        with pytest.raises(ValueError, match=match):
+            SAMInfluenceFunction(model, loader, run["ckpts"][-1], loss_fn=ce_loss())
+    shuffled = DataLoader(TensorDataset(xt, yt), batch_size=2, shuffle=True)
+    hif = SAMInfluenceFunction(model, train, run["ckpts"][-1], loss_fn=ce_loss(), batch_size=4)
+    for call in (make(run).influence, make(run).self_influence, hif.influence,
+                 hif.self_influence):  # fmt: skip
+        with pytest.raises(ValueError, match="`inputs.*in order"):
+            call(shuffled)
+    in_order = DataLoader(TensorDataset(xt, yt), batch_size=2)
+    torch.testing.assert_close(make(run).influence(in_order), make(run).influence((xt, yt)))
+
+
 def test_merged_self_influence_bars_name_the_checkpoint_and_the_pass(run, capsys):
     est = make(run, rho=0.1)
     capsys.readouterr()

@@ -9,7 +9,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, SequentialSampler, TensorDataset, default_collate
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    SequentialSampler,
+    TensorDataset,
+    default_collate,
+)
 
 from captum_sam.core.errors import ArgumentError, check_k
 from captum_sam.core.losses import FunctionalLoss, to_device
@@ -39,13 +46,55 @@ def check_batch_size(batch_size: Any, name: str) -> None:
         )
 
 
-def as_loader(inputs: Any, batch_size: int | None, name: str) -> Iterable[tuple[Any, ...]]:
+def check_in_order(loader: DataLoader, name: str, whole: bool = False) -> None:
+    """Refuse a DataLoader that does not read its dataset in order (or, if ``whole``, fully).
+
+    Rows or columns of a result follow the loader's order, and an estimator reads a
+    loader more than once: a shuffling loader (``shuffle=True``, another sampler or a
+    custom ``batch_sampler``) gives a new order on every pass, and rows would mix
+    examples. ``whole``: a training set, whose length ``n`` must be what is read, so
+    ``drop_last=True`` is refused too.
+
+    Raises:
+        ValueError: Naming ``name`` and the reason.
+    """
+    from torch.utils.data import IterableDataset
+
+    if isinstance(loader.dataset, IterableDataset):
+        return  # read in the stream's own order (a training set refuses streams itself)
+    batches = loader.batch_sampler
+    in_order = isinstance(loader.sampler, SequentialSampler) and (
+        batches is None or (type(batches) is BatchSampler and batches.sampler is loader.sampler)
+    )
+    if not in_order:
+        raise ValueError(
+            f"`{name}` is a DataLoader that does not iterate in order (shuffle=True, a "
+            "custom sampler or batch_sampler): the estimators read it more than once and "
+            "its rows must match dataset indices; pass shuffle=False"
+        )
+    if whole and loader.drop_last:
+        raise ValueError(
+            f"`{name}` is a DataLoader with drop_last=True: the examples of its last "
+            "incomplete batch would be left out of the curvature and the mean gradient "
+            "while their indices stay valid; pass drop_last=False"
+        )
+
+
+def as_loader(
+    inputs: Any, batch_size: int | None, name: str, ordered: bool = True
+) -> Iterable[tuple[Any, ...]]:
     """Turn a batch tuple, a Dataset or a DataLoader into an iterable of batches.
+
+    ``ordered``: a DataLoader must read its dataset in order (:func:`check_in_order`);
+    ``False`` for data only summed over, e.g. a perturbation set.
 
     Raises:
         TypeError: ``inputs`` is none of these.
+        ValueError: ``ordered`` and a DataLoader that shuffles.
     """
     if isinstance(inputs, DataLoader):
+        if ordered:
+            check_in_order(inputs, name)
         return inputs
     if isinstance(inputs, (tuple, list)):
         if len(inputs) < 2:
@@ -68,7 +117,7 @@ def ordered_dataset(train: Dataset | DataLoader, name: str = "train_dataset") ->
     """The map-style dataset behind ``train``, which must be iterated in order.
 
     Raises:
-        ValueError: A DataLoader that shuffles (its columns would not match indices).
+        ValueError: A DataLoader that shuffles or drops its last batch (:func:`check_in_order`).
     """
     from torch.utils.data import IterableDataset
 
@@ -80,11 +129,7 @@ def ordered_dataset(train: Dataset | DataLoader, name: str = "train_dataset") ->
             "materialise the stream, e.g. TensorDataset(*tensors)"
         )
     if isinstance(train, DataLoader):
-        if not isinstance(train.sampler, SequentialSampler):
-            raise ValueError(
-                f"`{name}` is a DataLoader that does not iterate in order (shuffle=True or "
-                "a custom sampler): influence columns must match dataset indices"
-            )
+        check_in_order(train, name, whole=True)
         return train.dataset
     return train
 

@@ -224,7 +224,9 @@ def build_engines(
     pdata = (
         est.train_dataloader
         if o.perturbation_dataset is None
-        else as_loader(o.perturbation_dataset, est.batch_size, "perturbation_dataset")
+        else as_loader(
+            o.perturbation_dataset, est.batch_size, "perturbation_dataset", ordered=False
+        )
     )
     terms = make_terms(loader)
     points = WeightPoints(
