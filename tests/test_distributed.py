@@ -121,6 +121,12 @@ def compute(run_dir):
         )  # fmt: skip
         out[f"{curvature}_{variant}"] = kfac.influence(test)
         out[f"{curvature}_{variant}_damping"] = torch.tensor(list(kfac.damping_used.values()))
+        sampled = SAMInfluenceFunction(
+            model, train, run_dir, loss_fn=ce_loss(), batch_size=4, rho=0.1, damping=None,
+            variant=variant, curvature=curvature, projection_dim=None, hessian_reg=0.0,
+            hessian_inverse_tol=None, solver_options={"tol": 1e-11}, kfac_samples=1, seed=3,
+        )  # fmt: skip
+        out[f"{curvature}_{variant}_sampled"] = sampled.influence(test)  # the same signs
     # fewer curvature rows (5, sharded 4 + 1 or 4 + 1 + 0) than fc1's inputs (6): a thin
     # input basis from the rows of every rank equals eigendecomposing the summed A
     few = TensorDataset(*(t[:5] for t in train.tensors))
@@ -201,6 +207,8 @@ def test_sharded_results_equal_single_process(tmp_path, world):
     assert single["centred_hif_factored"] == 0
     assert single["kfac_full_groups"] == 0 and single["ekfac_fast_groups"] >= 2
     torch.testing.assert_close(single["ekfac_fast_by_layers"], single["ekfac_fast"])
+    for key in ("ekfac_fast", "kfac_full"):  # sampled pseudo-gradients: other scores
+        assert not torch.allclose(single[f"{key}_sampled"], single[key], rtol=1e-3)
     assert single["ekfac_few_True_k"].tolist() == [5, 5]
     assert single["ekfac_few_False_k"].tolist() == [6, 5]
     torch.testing.assert_close(single["ekfac_few_True"], single["ekfac_few_False"])
@@ -214,8 +222,11 @@ def test_sharded_results_equal_single_process(tmp_path, world):
             if value.dtype == torch.long:
                 assert torch.equal(got[key], value), (rank, key)
             else:
+                # sampled factors are near-degenerate: their eigenvectors feel the ranks'
+                # summation order at 1e-9 (other signs would differ by about 25%)
+                tol = 1e-7 if key.endswith("_sampled") else 1e-9
                 torch.testing.assert_close(
-                    got[key], value, rtol=1e-9, atol=1e-11, msg=f"rank {rank}: {key}"
+                    got[key], value, rtol=tol, atol=tol / 100, msg=f"rank {rank}: {key}"
                 )
 
 

@@ -41,6 +41,7 @@ there), so products ignore it and inverses scale it by :math:`1 / r_l`.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -502,6 +503,14 @@ def _accumulate_diagonal(
         total += g.square().sum((0, 1))
 
 
+def _signs(samples: int | None, seed: int, pass_: int, index: int) -> torch.Generator | None:
+    """The sign generator of curvature batch ``index`` in pass ``pass_`` (``None``: exact)."""
+    if samples is None:
+        return None
+    digest = hashlib.sha256(f"kfac signs {seed} {pass_} {index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 def fit_kronecker(
     floss: F.FunctionalLoss,
     params: F.Params,
@@ -524,7 +533,8 @@ def fit_kronecker(
     Args:
         floss: Model and loss, bound to the non-attributed parameters at this point.
         params: Attributed parameters (the point).
-        batches: ``() -> iterable`` of this process's curvature batches (called per pass).
+        batches: ``() -> iterable`` of this process's curvature batches, each with its
+            index in the whole curvature set (called per pass).
         sites: From :func:`~captum_sam.hif.kron_sites.kronecker_sites`, covering every
             attributed parameter.
         kind: ``"kfac"`` or ``"ekfac"``.
@@ -533,7 +543,9 @@ def fit_kronecker(
         progress: ``(iterable, description) -> iterable`` (a progress bar), or ``None``.
         samples: Pseudo-gradients per example: ``None`` the exact ``C``, else this many
             random-sign combinations (see :func:`~captum_sam.hif.kron_sites.site_factors`).
-        seed: Seeds the signs (pass 1 with ``seed``, pass 2 with ``seed + 1``).
+        seed: Seeds the signs: batch ``i`` of pass ``p`` draws from a generator seeded
+            with ``(seed, p, i)`` (:func:`_signs`), so any split over ranks draws the
+            signs of one process.
 
     Returns:
         The curvature and the most negative relative eigenvalue of the loss Hessians
@@ -549,8 +561,8 @@ def fit_kronecker(
     factors = [empty_factors(s, ref, kept is None) for s, kept in zip(sites, rows)]
     worst, first = 0.0, True
     passes = 2 if kind == "ekfac" else 1
-    gen = torch.Generator().manual_seed(seed)
-    for batch in wrap(batches(), f"{kind.upper()} factors (pass 1 of {passes})"):
+    for i, batch in wrap(batches(), f"{kind.upper()} factors (pass 1 of {passes})"):
+        gen = _signs(samples, seed, 1, i)
         found, low = site_factors(floss, params, batch, sites, first, samples, gen)
         first, worst = False, min(worst, low)
         _accumulate_covariances(factors, found, sites, rows)
@@ -566,8 +578,8 @@ def fit_kronecker(
         values.append(scale * sigma.clamp_min(0).unsqueeze(1) * alpha.clamp_min(0) / count)
     if kind == "ekfac":
         values = [torch.zeros_like(v) for v in values]
-        gen = torch.Generator().manual_seed(seed + 1)
-        for batch in wrap(batches(), "EKFAC eigenvalue correction (pass 2 of 2)"):
+        for i, batch in wrap(batches(), "EKFAC eigenvalue correction (pass 2 of 2)"):
+            gen = _signs(samples, seed, 2, i)
             found, _ = site_factors(floss, params, batch, sites, False, samples, gen)
             for i, (site, (a, d)) in enumerate(zip(sites, found)):
                 _accumulate_diagonal(values[i], qs[i], qa[i], site, a, d)

@@ -82,7 +82,7 @@ def attach(est: Any, damping: float | None, factors_dir: Any = None) -> None:
                 name = est.get_name()
                 bar = lambda it, desc: progress(it, True, f"Using {name} to fit {desc} at {where}")  # noqa: E731
             curvature, worst = fit_kronecker(
-                op.loss_at(point), point, op.hessian_batches, sites, est.curvature,
+                op.loss_at(point), point, op.indexed_hessian_batches, sites, est.curvature,
                 op.hessian_scale, op.reduce(), bar, est.kfac_samples, est.seed,
             )  # fmt: skip
             warn_if_not_convex(worst, est.loss_fn)

@@ -82,7 +82,7 @@ def fingerprint(est: Any, key: str, sites: Sequence[KroneckerSite]) -> dict[str,
         "dtype": str(op.mean_grad[op.names[0]].dtype),
     }
     if est.kfac_samples is not None:  # random pseudo-gradients: their number and seed
-        out.update(samples=int(est.kfac_samples), seed=int(est.seed))
+        out.update(samples=int(est.kfac_samples), seed=int(est.seed), signs="per batch")
     if key == "perturbed":  # w* + eps*: eps* from the training data's gradient
         out.update(
             rho=float(op.rho), adaptive=bool(op.adaptive), scope=est.perturbation_scope,

@@ -189,6 +189,12 @@ class SAMOperator:
             return (b for _, b in local_batches(self.hessian_data, self.device))
         return on_device(self.hessian_data, self.device)
 
+    def indexed_hessian_batches(self) -> Iterable[tuple[int, tuple[Any, ...]]]:
+        """:meth:`hessian_batches` with each batch's index in the whole curvature set."""
+        if self.reduce():
+            return local_batches(self.hessian_data, self.device)
+        return enumerate(on_device(self.hessian_data, self.device))
+
     @contextlib.contextmanager
     def local_mode(self) -> Iterator[None]:
         """Solve on this rank alone (ranks solving different right-hand sides)."""
