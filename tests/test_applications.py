@@ -1,6 +1,7 @@
 import copy
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,6 +166,10 @@ def test_trace_and_plot(digits, tmp_path):
     full = est.influence(batch)
     assert torch.equal(result.helpful, full.argsort(dim=1, descending=True)[:, :4])
     assert torch.equal(result.harmful, full.argsort(dim=1)[:, :4])
+    for k in (np.int64(4), torch.tensor(4)):  # integers `influence` takes
+        assert torch.equal(trace(est, batch, k=k).helpful, result.helpful)
+    with pytest.raises(ValueError, match="positive"):
+        trace(est, batch, k=0)
     path = plot_trace(result, batch, data.train, tmp_path / "trace.png", noisy=data.noisy)
     assert os.path.getsize(path) > 10_000
     with open(path, "rb") as f:

@@ -437,6 +437,10 @@ def test_layer_k_and_checkpoint_errors_have_captums_types(settings, tmp_path):
         ours.influence(s.test, k=-1)
     with pytest.raises(RuntimeError):
         theirs.influence(s.test, k=-1)
+    for k in (2.0, "2"):  # not an integer: torch.topk's TypeError in Captum
+        for who in (ours, theirs):
+            with pytest.raises(TypeError):
+                who.influence(s.test, k=k)
     for k in (0, np.int64(3), torch.tensor(3)):
         a, b = ours.influence(s.test, k=k), theirs.influence(s.test, k=k)
         assert a.indices.shape == b.indices.shape == (len(s.test[-1]), int(k))

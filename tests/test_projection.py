@@ -55,6 +55,27 @@ def project_blocks(q, proj, width):
     return torch.cat([proj(b) for b in q.split(width, dim=1)], dim=1)
 
 
+def test_sketch_arguments_are_named_and_dense_is_refused_before_forming_a(run, monkeypatch):
+    from captum_sam.hif import influence as hif_influence
+
+    def hif(**kw):
+        return SAMInfluenceFunction(run["model"], run["train"], run["dir"], loss_fn=ce_loss(),
+                                    rho=0.1, **kw)  # fmt: skip
+
+    with pytest.raises(ValueError, match="`sketch_dim` must be a positive int, got 0"):
+        hif(sketch_dim=0, projection_dim=None)
+    with pytest.raises(ValueError, match="`sketch` must be one of"):
+        hif(sketch_dim=4, sketch="sparse", projection_dim=None)
+    formed = []
+    monkeypatch.setattr(hif_influence.SAMInfluenceFunction, "_form",
+                        lambda *a, **k: formed.append(1))  # fmt: skip
+    with pytest.raises(ValueError, match="chosen by solver='auto'.*solver='cg'"):
+        hif(sketch_dim=4)  # Captum's default projection_dim=50: 'auto' picks 'dense'
+    with pytest.raises(ValueError, match="not solver='dense': pass solver='gmres'"):
+        hif(sketch_dim=4, solver="dense", variant="full", projection_dim=None)
+    assert formed == []  # refused before A was formed
+
+
 @pytest.mark.parametrize("form", ["checkpoint", "trajectory", "hif-exact"])
 def test_projected_scores_equal_projected_quantities(run, form):
     P = sum(p.numel() for p in run["model"].parameters())

@@ -518,8 +518,9 @@ def test_model_is_unchanged_and_bad_input_is_refused(run, tmp_path):
             run["ckpts"],
             loss_fn=ce_loss(),
         )
-    with pytest.raises(ValueError, match="indices"):
-        make(run).parameter_change([])
+    for empty in ([], (), range(0)):
+        with pytest.raises(ValueError, match="`indices` is empty"):
+            make(run).parameter_change(empty)
 
 
 def test_loaders_that_reorder_or_drop_examples_are_refused(run):

@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from captum_sam.core.data import fetch_batch
+from captum_sam.core.errors import check_k
 from captum_sam.core.files import atomic_write
 
 __all__ = ["TraceResult", "trace", "trace_figure", "plot_trace"]
@@ -42,7 +43,8 @@ def trace(
         k: Examples per side.
         show_progress: Progress bars.
     """
-    if not isinstance(k, int) or k < 1:
+    k = check_k(k)  # numpy and tensor integers too, as `influence` takes them
+    if k < 1:
         raise ValueError(f"`k` must be a positive int, got {k!r}")
     pro = estimator.influence(test_batch, k=k, proponents=True, show_progress=show_progress)
     con = estimator.influence(test_batch, k=k, proponents=False, show_progress=show_progress)

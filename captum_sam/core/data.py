@@ -288,6 +288,8 @@ def check_indices(indices: Any, n: int) -> list[int]:
     Raises:
         ValueError: Not a non-empty 1-D integer sequence within ``[0, n)``.
     """
+    if isinstance(indices, (list, tuple, range)) and len(indices) == 0:
+        raise ValueError("`indices` is empty: name at least one training example to remove")
     idx = torch.as_tensor(indices)
     if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
         raise ValueError("`indices` must be a 1-D sequence of integer training indices")

@@ -6,6 +6,7 @@ __all__ = [
     "ArgumentError",
     "LayerNameError",
     "RangeArgumentError",
+    "TypeArgumentError",
     "check_k",
     "require_inputs",
     "user_stacklevel",
@@ -36,6 +37,14 @@ class RangeArgumentError(ValueError, RuntimeError):
     """
 
 
+class TypeArgumentError(ArgumentError, TypeError):
+    """An argument of the wrong type where Captum's own call fails with a ``TypeError``.
+
+    An :class:`ArgumentError` naming it; also a ``TypeError``, what Captum raises (for
+    example ``torch.topk`` with ``k=2.0``).
+    """
+
+
 def check_k(k: object) -> int:
     """``k`` of ``influence(..., k=k)`` as an int: any integer type, 0 allowed (as in Captum).
 
@@ -44,11 +53,11 @@ def check_k(k: object) -> int:
     import operator
 
     if isinstance(k, bool):
-        raise ArgumentError(f"`k` must be an int, got {k!r}")
+        raise TypeArgumentError(f"`k` must be an int, got {k!r}")
     try:
         k = operator.index(k)  # type: ignore[arg-type]
     except TypeError:
-        raise ArgumentError(f"`k` must be an int, got {k!r}") from None
+        raise TypeArgumentError(f"`k` must be an int, got {k!r}") from None
     if k < 0:
         raise RangeArgumentError(f"`k` must be >= 0, got {k}")
     return k

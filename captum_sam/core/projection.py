@@ -47,6 +47,7 @@ class RandomProjection:
         kind: ``"gaussian"`` or ``"rademacher"``.
         seed: Seed of :math:`R`.
         block: Parameter coordinates per generated block.
+        names: The caller's names of ``dim`` and ``kind``, for messages.
     """
 
     def __init__(
@@ -56,8 +57,9 @@ class RandomProjection:
         kind: str = "gaussian",
         seed: int = 0,
         block: int = 4096,
+        names: tuple[str, str] = ("projection_dim", "projection"),
     ) -> None:
-        _check(dim, kind)
+        _check(dim, kind, names)
         if block < 1:
             raise ValueError("`block` must be positive")
         self.sizes = dict(sizes)
@@ -117,11 +119,12 @@ class RandomProjection:
         return self._matrix(0, self.total, dtype, torch.device("cpu"))
 
 
-def _check(dim: object, kind: object) -> None:
+def _check(dim: object, kind: object, names: tuple[str, str]) -> None:
+    """Refuse a bad width or kind, naming the caller's arguments ``names``."""
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"`projection_dim` must be a positive int, got {dim!r}")
+        raise ValueError(f"`{names[0]}` must be a positive int, got {dim!r}")
     if kind not in PROJECTIONS:
-        raise ValueError(f"`projection` must be one of {PROJECTIONS}, got {kind!r}")
+        raise ValueError(f"`{names[1]}` must be one of {PROJECTIONS}, got {kind!r}")
 
 
 def _draw(rows: int, cols: int, kind: str, seed: int) -> Tensor:
@@ -191,7 +194,7 @@ class LayerProjection:
         kind: str = "gaussian",
         seed: int = 0,
     ) -> None:
-        _check(dim, kind)
+        _check(dim, kind, ("projection_dim", "projection"))
         self.sizes = dict(sizes)
         self.total = sum(self.sizes.values())
         self.kind, self.seed, self.requested = kind, int(seed), dim

@@ -235,12 +235,20 @@ class SAMInfluenceFunction(SAMInfluenceBase):
             self.method, self._dense = "kronecker", None
             return self._kronecker_inverse()
         decompose = self.projection_dim is not None or self.hessian_inverse_tol is not None
+        chosen = ""
         if solver == "auto":
             small = op.dim <= self.solver_options.dense_max_dim and not kronecker
             solver = (
                 "dense"
                 if self.projection_dim is not None or small
                 else ("cg" if op.symmetric else "gmres")
+            )
+            chosen = " (chosen by solver='auto': projection_dim is set or P is small)"
+        if solver == "dense" and self.sketch is not None:  # before A is formed
+            iterative = "cg" if op.symmetric else "gmres"
+            raise ArgumentError(
+                f"`sketch_dim` projects the P-wide quantities of the iterative solvers, not "
+                f"solver='dense'{chosen}: pass solver={iterative!r} and projection_dim=None"
             )
         if solver != "dense" and self.projection_dim is not None:
             raise ArgumentError(

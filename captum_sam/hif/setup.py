@@ -197,7 +197,11 @@ def prepare(
     mean_grad = {n: mean_full[n] for n in names}
     dim, kind, seed = sketch
     sizes = {n: state.params[n].numel() for n in names}
-    est.sketch = None if dim is None else RandomProjection(sizes, dim, kind, seed)
+    est.sketch = (
+        None
+        if dim is None
+        else RandomProjection(sizes, dim, kind, seed, names=("sketch_dim", "sketch"))
+    )
     est.hessian_scale = est.n_train / n_hessian if rescale_hessian else 1.0
     sites = linear.linear_sites(scratch, names) if factorize and curvature == "ggn" else None
     return SAMOperator(
