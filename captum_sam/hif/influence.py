@@ -243,12 +243,14 @@ class SAMInfluenceFunction(SAMInfluenceBase):
                 if self.projection_dim is not None or small
                 else ("cg" if op.symmetric else "gmres")
             )
-            chosen = " (chosen by solver='auto': projection_dim is set or P is small)"
-        if solver == "dense" and self.sketch is not None:  # before A is formed
+            chosen = " (chosen by solver='auto')"
+        if solver == "dense" and decompose and self.sketch is not None:  # before A is formed
             iterative = "cg" if op.symmetric else "gmres"
             raise ArgumentError(
-                f"`sketch_dim` projects the P-wide quantities of the iterative solvers, not "
-                f"solver='dense'{chosen}: pass solver={iterative!r} and projection_dim=None"
+                f"`sketch_dim` projects P-wide quantities, but solver='dense'{chosen} with "
+                "projection_dim or hessian_inverse_tol set keeps a low-rank inverse whose "
+                f"quantities are already small: pass solver={iterative!r} and "
+                "projection_dim=None"
             )
         if solver != "dense" and self.projection_dim is not None:
             raise ArgumentError(
