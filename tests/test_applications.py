@@ -191,3 +191,26 @@ def test_harmful_removal_curve_removes_the_top_ranked_first():
     assert curve.noisy_found == pytest.approx([0.0, 2 / 3, 2 / 3])
     assert curve.accuracy_top == pytest.approx([1.0, 1.18, 1.16])
     assert len(curve.accuracy_random) == 3
+
+
+def test_harmful_removal_curve_checks_its_arguments_before_retraining():
+    calls = []
+
+    def retrain_accuracy(removed):
+        calls.append(removed)
+        return 1.0
+
+    good = torch.tensor([0.3, 0.1, 0.2, 0.4])
+    for kwargs, error, match in [
+        (dict(random_repeats=0), ValueError, "random_repeats"),
+        (dict(random_repeats=1.5), TypeError, "random_repeats"),
+        (dict(noisy=torch.zeros(3, dtype=torch.bool)), ValueError, "`noisy` has shape"),
+        (dict(noisy=torch.zeros(4)), TypeError, "boolean"),
+        (dict(suspicion=good.reshape(2, 2)), ValueError, "1-D"),
+        (dict(suspicion=torch.tensor([0.3, float("nan"), 0.2, 0.4])), ValueError, "NaN"),
+        (dict(fractions=(0.0, 1.0)), ValueError, "fractions"),
+    ]:
+        args = {"suspicion": good, "retrain_accuracy": retrain_accuracy, **kwargs}
+        with pytest.raises(error, match=match):
+            harmful_removal_curve(**args)
+    assert calls == []  # nothing retrained for a call that could not finish

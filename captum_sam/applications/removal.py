@@ -55,7 +55,11 @@ def harmful_removal_curve(
 
     Returns:
         A :class:`RemovalCurve`.
+
+    Raises:
+        ValueError / TypeError: A bad argument, before the first (slow) retraining.
     """
+    _check_arguments(suspicion, fractions, noisy, random_repeats)
     n = suspicion.shape[0]
     order = torch.argsort(suspicion, descending=True, stable=True)
     g = torch.Generator().manual_seed(seed)
@@ -70,9 +74,6 @@ def harmful_removal_curve(
 
     from tqdm.auto import tqdm
 
-    for f in fractions:  # checked before the first (slow) retraining
-        if not 0 <= f < 1:
-            raise ValueError(f"fractions must be in [0, 1), got {f}")
     bar = tqdm(list(fractions), desc="harmful-data removal (retraining)", disable=not show_progress)
     for f in bar:
         m = int(round(f * n))
@@ -84,3 +85,32 @@ def harmful_removal_curve(
         if noisy is not None and int(noisy.sum()) > 0:
             curve.noisy_found.append(float(noisy[order[:m]].sum()) / float(noisy.sum()))
     return curve
+
+
+def _check_arguments(
+    suspicion: object, fractions: Sequence[float], noisy: object, random_repeats: object
+) -> None:
+    """Refuse what would fail (or mislead) only after retraining started."""
+    if not isinstance(suspicion, Tensor) or suspicion.dim() != 1 or suspicion.numel() == 0:
+        raise ValueError(
+            "`suspicion` must be a non-empty 1-D tensor (one score per training example), "
+            f"got {getattr(suspicion, 'shape', type(suspicion).__name__)}"
+        )
+    if not torch.isfinite(suspicion).all():
+        bad = torch.nonzero(~torch.isfinite(suspicion)).flatten()[:5].tolist()
+        raise ValueError(f"`suspicion` has NaN or infinite scores (examples {bad}...)")
+    for f in fractions:
+        if not 0 <= f < 1:
+            raise ValueError(f"`fractions` must be in [0, 1), got {f}")
+    if isinstance(random_repeats, bool) or not isinstance(random_repeats, int):
+        raise TypeError(f"`random_repeats` must be an int >= 1, got {random_repeats!r}")
+    if random_repeats < 1:
+        raise ValueError(f"`random_repeats` must be an int >= 1, got {random_repeats}")
+    if noisy is not None:
+        if not isinstance(noisy, Tensor) or noisy.dtype != torch.bool:
+            raise TypeError("`noisy` must be a boolean tensor mask of the training set")
+        if tuple(noisy.shape) != tuple(suspicion.shape):
+            raise ValueError(
+                f"`noisy` has shape {tuple(noisy.shape)}, `suspicion` {tuple(suspicion.shape)}: "
+                "both hold one entry per training example"
+            )
