@@ -253,3 +253,46 @@ def test_nccl_reduces_cpu_tensors_through_the_cuda_device(monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
     out = distributed.all_reduce_sum(cpu)
     assert out is cpu and float(cpu[0]) == 6.0 and seen[0] is not cpu
+
+
+def disagreeing_worker(rank, world, store, run_dir):
+    """Rank 1 is given other data: every rank must refuse, none may hang or mix."""
+    import datetime
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    x, y = torch.load(os.path.join(run_dir, "data.pt"))["train"]
+    errors = {}
+    short = TensorDataset(x[: 22 - rank], y[: 22 - rank])  # another size on rank 1
+    try:
+        SAMTracInCP(mlp_model(), short, [os.path.join(run_dir, "c.pt")], loss_fn=ce_loss())
+    except ValueError as err:
+        errors["size"] = str(err)
+    other = TensorDataset(x, (y + rank) % 3)  # other labels on rank 1
+    est = SAMInfluenceFunction(mlp_model(), other, os.path.join(run_dir, "c.pt"),
+                               loss_fn=ce_loss(), batch_size=4, rho=0.1, projection_dim=None,
+                               hessian_reg=0.0, hessian_inverse_tol=None)  # fmt: skip
+    try:
+        est.save_intermediate_quantities(os.path.join(run_dir, "cache"))
+    except ValueError as err:
+        errors["cache"] = str(err)
+    torch.save(errors, os.path.join(run_dir, f"errors{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.slow
+def test_ranks_given_different_data_all_refuse(tmp_path):
+    data = make_data(n=22, seed=9)
+    torch.save({"train": data.tensors}, tmp_path / "data.pt")
+    save_checkpoint(mlp_model(), tmp_path / "c.pt")
+    mp.spawn(disagreeing_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2,
+             join=True)  # fmt: skip
+    for rank in range(2):
+        errors = torch.load(tmp_path / f"errors{rank}.pt")
+        assert "disagree on the size of `train_dataset`" in errors["size"]
+        assert "rank 0: 22, rank 1: 21" in errors["size"]
+        assert "fingerprints differ" in errors["cache"] and "data" in errors["cache"]
+    assert not os.path.exists(tmp_path / "cache" / "manifest.json")  # nothing to reuse later

@@ -123,6 +123,29 @@ def all_reduce_tree(tree: dict[str, Tensor]) -> dict[str, Tensor]:
     return tree
 
 
+def require_same(value: Any, what: str) -> None:
+    """Refuse, on every rank alike, a ``value`` that differs between ranks.
+
+    Every rank must build the same estimator on the same data (the batches are
+    dealt out by index); a rank given other data would have its results mixed in
+    silently. Each rank sees every rank's value, so all raise together (no rank is
+    left waiting in a later collective).
+
+    Raises:
+        ValueError: Naming ``what`` and each rank's value.
+    """
+    if not is_distributed():
+        return
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, value)
+    if any(v != every[0] for v in every[1:]):
+        shown = ", ".join(f"rank {r}: {str(v)[:80]}" for r, v in enumerate(every))
+        raise ValueError(
+            f"the ranks disagree on {what} ({shown}): every rank must build the same "
+            "estimator on the same data"
+        )
+
+
 def gather_ordered(items: list[tuple[int, Any]]) -> list[Any]:
     """Gather ``(index, value)`` pairs from every rank; values sorted by index.
 

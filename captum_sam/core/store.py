@@ -243,8 +243,14 @@ def save_quantities(
             )  # fmt: skip
         if is_distributed():
             every: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(every, written)
-            written = [p for part in every for p in part]
+            dist.all_gather_object(every, (fingerprint, written))
+            if any(f != every[0][0] for f, _ in every[1:]):
+                differ = sorted(k for f, _ in every for k in f if f.get(k) != fingerprint.get(k))
+                raise ValueError(
+                    f"quantity cache {directory!r}: the ranks' fingerprints differ (fields "
+                    f"{differ}): every rank must build the same estimator on the same data"
+                )
+            written = [p for _, part in every for p in part]
         written.sort(key=lambda p: p["index"])
         if not written:
             raise ValueError("no quantities to cache: the training set is empty")

@@ -30,6 +30,7 @@ from captum_sam.core.batchnorm import (
 )
 from captum_sam.core.checkpoints import CheckpointLoader, edited_copy, model_device
 from captum_sam.core.data import as_loader, on_device, ordered_dataset, validate_batch
+from captum_sam.core.distributed import require_same
 from captum_sam.core.layers import sites as layer_sites
 from captum_sam.core.params import check_layers, sample_wise_names, scope_names
 from captum_sam.core.projection import LayerProjection, RandomProjection
@@ -218,6 +219,7 @@ def build_engines(
     test_loss = F.FunctionalLoss(scratch, est.test_loss_fn, {}, est.test_reduction_type)
     train_data = ordered_dataset(train_dataset)
     n_train = len(train_data)  # type: ignore[arg-type]
+    require_same(n_train, "the size of `train_dataset`")
     if n_train == 0:
         raise ValueError("`train_dataset` is empty")
     device = model_device(model)

@@ -32,7 +32,7 @@ from captum_sam.core.data import (
     ordered_dataset,
     validate_batch,
 )
-from captum_sam.core.distributed import all_reduce_sum, all_reduce_tree
+from captum_sam.core.distributed import all_reduce_sum, all_reduce_tree, require_same
 from captum_sam.core.layers import linear
 from captum_sam.core.layers.sites import layer_sites
 from captum_sam.core.params import check_layers, sample_wise_names, scope_names
@@ -147,6 +147,7 @@ def prepare(
     )
     est.train_data = ordered_dataset(train_dataset)
     est.n_train = len(est.train_data)
+    require_same(est.n_train, "the size of `train_dataset`")
     if est.n_train == 0:
         raise ValueError("`train_dataset` is empty")
     n_hessian = dataset_size(est.hessian_dataloader)
