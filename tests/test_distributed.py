@@ -277,6 +277,12 @@ def disagreeing_worker(rank, world, store, run_dir):
         est.save_intermediate_quantities(os.path.join(run_dir, "cache"))
     except ValueError as err:
         errors["cache"] = str(err)
+    try:
+        SAMInfluenceFunction(mlp_model(), other, os.path.join(run_dir, "c.pt"),
+                             loss_fn=ce_loss(), batch_size=4, rho=0.1, curvature="kfac",
+                             factors_dir=os.path.join(run_dir, "factors"))  # fmt: skip
+    except ValueError as err:
+        errors["factors"] = str(err)
     torch.save(errors, os.path.join(run_dir, f"errors{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -295,4 +301,5 @@ def test_ranks_given_different_data_all_refuse(tmp_path):
         assert "disagree on the size of `train_dataset`" in errors["size"]
         assert "rank 0: 22, rank 1: 21" in errors["size"]
         assert "fingerprints differ" in errors["cache"] and "data" in errors["cache"]
+        assert "disagree on the fingerprint of the K-FAC factors" in errors["factors"]
     assert not os.path.exists(tmp_path / "cache" / "manifest.json")  # nothing to reuse later

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from captum_sam.core.distributed import is_distributed, rank_and_world
+from captum_sam.core.distributed import is_distributed, rank_and_world, require_same
 from captum_sam.core.files import (
     DirectoryLock,
     atomic_write,
@@ -248,6 +248,7 @@ def cached_fit(
     prefix = f"{est.curvature}-{key}"
     path = os.path.join(directory, f"{prefix}.json")
     fp = fingerprint(est, key, sites)
+    require_same(fp, f"the fingerprint of the K-FAC factors {path!r}")  # (one data set)
     exists = [os.path.isfile(path)]
     if is_distributed():  # every rank takes rank 0's view of the directory
         dist.broadcast_object_list(exists, src=0)
