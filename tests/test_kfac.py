@@ -19,7 +19,15 @@ from torch.utils.data import TensorDataset
 
 from captum_sam.hif.arnoldi import SAMArnoldiInfluenceFunction
 from captum_sam.hif.influence import SAMInfluenceFunction
-from tests.helpers import DTYPE, assert_unchanged, ce_loss, make_data, save_checkpoint, snapshot
+from tests.helpers import (
+    DTYPE,
+    assert_unchanged,
+    ce_loss,
+    make_data,
+    mlp_model,
+    save_checkpoint,
+    snapshot,
+)
 
 RHO, DAMPING = 0.5, 0.01
 
@@ -651,3 +659,15 @@ def test_fit_hands_its_freed_memory_back_once_per_point(setup, monkeypatch):
     assert len(calls) == 1
     make(setup, curvature="kfac", variant="full")
     assert len(calls) == 3
+
+
+def test_factors_dir_and_seed_are_checked(tmp_path):
+    """Arguments that would be ignored silently are refused, naming themselves."""
+    data = make_data(n=12)
+    model = mlp_model()
+    path = save_checkpoint(model, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="`factors_dir` caches K-FAC factors"):
+        SAMInfluenceFunction(model, data, path, loss_fn=ce_loss(), curvature="ggn",
+                             factors_dir=str(tmp_path / "f"))  # fmt: skip
+    with pytest.raises(TypeError, match="`seed` must be an int"):
+        SAMInfluenceFunction(model, data, path, loss_fn=ce_loss(), seed="a")

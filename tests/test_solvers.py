@@ -583,3 +583,13 @@ def test_dense_builder_replaces_the_matvec_columns():
     )
     with pytest.raises(ValueError, match="dense_builder returned shape"):
         op.solve(b)
+
+
+def test_an_overflowed_residual_is_an_error_not_a_zero_solution():
+    """float32 right-hand sides whose norm overflows: the Krylov solvers stopped at 0
+    iterations and returned x = 0 with a warning; now a ValueError says why."""
+    spd = _spd(DIM, 1.0, 4.0, seed=3).float()
+    b = torch.full((DIM, 1), 1e20, dtype=torch.float32)  # finite, its squared norm is not
+    for solver in (cg, gmres, bicgstab):
+        with pytest.raises(ValueError, match="residual is NaN.*overflowed"):
+            solver(lambda x: spd @ x, b, SolverOptions())

@@ -98,7 +98,7 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
         test_loss_fn = captum["test_loss_fn"]
         self.test_loss_fn = self.loss_fn if test_loss_fn is None else test_loss_fn
         self.batch_size = captum["batch_size"]
-        self.projection_dim, self.seed = _rank(captum["projection_dim"]), captum["seed"]
+        self.projection_dim, self.seed = _rank(captum["projection_dim"]), _seed(captum["seed"])
         self.hessian_reg = check_number("hessian_reg", captum["hessian_reg"])
         tol = captum["hessian_inverse_tol"]
         self.hessian_inverse_tol = None if tol is None else check_number("hessian_inverse_tol", tol)
@@ -106,6 +106,11 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
         self.show_progress = captum["show_progress"]
         self.variant, self.curvature = sam["variant"], sam["curvature"]
         self.kfac_samples = check_kfac_samples(sam.get("kfac_samples"), sam["curvature"])
+        if sam.get("factors_dir") is not None and sam["curvature"] not in KRONECKER:
+            raise ValueError(
+                "`factors_dir` caches K-FAC factors: it applies to curvature 'kfac' or "
+                f"'ekfac', got curvature={sam['curvature']!r}"
+            )
         self.adaptive = sam["adaptive"]
         self.solver_options = make_solver_options(sam.get("solver_options"))
         # None: 0 for hessian/ggn, the per-layer heuristic for K-FAC; "auto": the rule of
@@ -465,6 +470,18 @@ def _length(data: Any) -> int | None:
         return len(data)
     except TypeError:
         return None
+
+
+def _seed(seed: Any) -> int:
+    """``seed`` as an int (a ``TypeError`` otherwise, as torch's ``manual_seed`` in Captum)."""
+    import operator
+
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        return operator.index(seed)
+    except TypeError:
+        raise TypeError(f"`seed` must be an int, got {seed!r}") from None
 
 
 def check_kfac_samples(samples: Any, curvature: Any) -> int | None:

@@ -139,12 +139,14 @@ class SolvedInverse:
 
     def solve(self, rhs: Tensor) -> Tensor:
         """:math:`A^{-1}` times ``(P, m)`` columns."""
-        out = self.inverse.solve(rhs)
+        self.check(rhs, "right-hand sides of the inverse-HVP solve")  # (a solver may
+        out = self.inverse.solve(rhs)  # return 0 after 0 steps for an overflowed norm)
         self.check(out, "inverse-HVP solutions")
         return out
 
     def solve_transpose(self, rhs: Tensor) -> Tensor:
         r""":math:`A^{-\top}` times ``(P, m)`` columns."""
+        self.check(rhs, "right-hand sides of the inverse-HVP solve")
         out = self.inverse.solve_transpose(rhs)
         self.check(out, "inverse-HVP solutions")
         return out

@@ -210,11 +210,22 @@ def _hint(name: str, worst: float = math.nan) -> str:
 
 
 def _check_convergence(name: str, residual: Tensor, tol: float, iterations: int) -> None:
-    """Warn with :class:`ConvergenceWarning` when a column misses ``tol``."""
+    """Warn with :class:`ConvergenceWarning` when a column misses ``tol``.
+
+    Raises:
+        ValueError: A residual is NaN: a norm overflowed (the right-hand side or the
+            iterates), so the returned solution means nothing.
+    """
     if residual.numel() == 0 or bool((residual <= tol).all()):
         return
     bad = residual[~(residual <= tol)]
-    worst = math.nan if bool(bad.isnan().any()) else float(bad.max())
+    if bool(bad.isnan().any()):
+        raise ValueError(
+            f"{name}: the relative residual is NaN after {iterations} iterations: a norm "
+            "of the right-hand side or of the iterates overflowed (check the scale of "
+            "the inputs, or use float64), so no solution is returned"
+        )
+    worst = float(bad.max())
     warnings.warn(
         f"{name} did not converge: worst relative residual {worst:.3e} > "
         f"tol {tol:.1e} after {iterations} iterations{_hint(name, worst)}",
