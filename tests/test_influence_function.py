@@ -537,3 +537,12 @@ def test_parameter_change_predicts_retraining_without_the_example(tmp_path, vari
     errors = torch.tensor(errors)  # first order: larger for the few influential examples
     assert errors.median() < 0.1 and errors.max() < 0.5, errors
     assert torch.tensor(without_decay).median() > 3 * errors.median(), without_decay
+
+
+def test_parameter_change_shows_its_solve_with_show_progress(run, capsys):
+    quiet, shown = make(run, solver="cg"), make(run, solver="cg", show_progress=True)
+    capsys.readouterr()
+    want = quiet.parameter_change([0, 2], flat=True)
+    assert capsys.readouterr().err == ""
+    torch.testing.assert_close(shown.parameter_change([0, 2], flat=True), want)
+    assert "to solve for the parameter change" in capsys.readouterr().err

@@ -439,7 +439,8 @@ class SAMInfluenceBase(IntermediateQuantitiesInfluenceFunction):
         if isinstance(self.inverse, LowRankInverse):
             delta = self.inverse.solve(rhs.unsqueeze(1).to(self.inverse.left)).to(rhs)
         else:
-            delta = self.inverse.solve(rhs.unsqueeze(1))
+            with sides.solve_bar(self, "the parameter change"):
+                delta = self.inverse.solve(rhs.unsqueeze(1))
         delta = delta.squeeze(1)
         return delta if flat else F.unflatten(delta, {n: op.params[n] for n in self.names})
 

@@ -9,6 +9,7 @@ turned into embeddings by the estimator's inverse. Test side: gradients at
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -181,12 +182,9 @@ def train_rows(est: Any, batch: tuple[Any, ...]) -> Tensor:
     return _sketch(est, rhs)
 
 
-def _transform(est: Any, grads: Tensor, what: str) -> Tensor:
-    """Test-side rows of gradient rows ``(m, P)``."""
-    F.check_finite(grads, "gradients of the examples at the checkpoint")
-    inverse = est.inverse
-    if isinstance(inverse, LowRankInverse):
-        return inverse.test_rows(grads.to(inverse.left))
+@contextlib.contextmanager
+def solve_bar(est: Any, what: str) -> Iterator[None]:
+    """With the estimator's ``show_progress``, a bar counting the solve's matvec columns."""
     bar = None
     if est.show_progress:
         from tqdm.auto import tqdm
@@ -194,11 +192,21 @@ def _transform(est: Any, grads: Tensor, what: str) -> Tensor:
         bar = tqdm(desc=f"Using {est.get_name()} to solve for {what} (matvec columns)")
     est.operator.columns_bar = bar
     try:
-        v = inverse.test_rows(grads)
+        yield
     finally:
         est.operator.columns_bar = None
         if bar is not None:
             bar.close()
+
+
+def _transform(est: Any, grads: Tensor, what: str) -> Tensor:
+    """Test-side rows of gradient rows ``(m, P)``."""
+    F.check_finite(grads, "gradients of the examples at the checkpoint")
+    inverse = est.inverse
+    if isinstance(inverse, LowRankInverse):
+        return inverse.test_rows(grads.to(inverse.left))
+    with solve_bar(est, what):
+        v = inverse.test_rows(grads)
     if est.variant == "exact":
         v = torch.cat([v, est.operator.he_product(v.T).T], dim=1)
     return _sketch(est, v)
