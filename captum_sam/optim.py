@@ -73,12 +73,18 @@ class SAM(torch.optim.Optimizer):
         if not isinstance(adaptive, bool):
             raise TypeError(f"`adaptive` must be a bool, got {adaptive!r}")
         defaults = dict(rho=float(rho), adaptive=adaptive, **base_kwargs)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            _check_rho(group["rho"])
+        super().__init__(params, defaults)  # (each group checked by add_param_group)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (as ``torch.optim.Optimizer``), refusing a bad ``rho``/``adaptive``."""
+        _check_rho(param_group.get("rho", self.defaults["rho"]))
+        adaptive = param_group.get("adaptive", self.defaults["adaptive"])
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"`adaptive` must be a bool, got {adaptive!r}")
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -134,36 +140,51 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-        """Take one full SAM step.
+        """Take one full SAM step, as the well-known wrapper's ``step(closure)``.
+
+        Like that wrapper, it takes the gradients at ``w`` that are already there
+        (``loss.backward(); optimizer.step(closure)``) and calls ``closure`` once, at
+        ``w + eps``. When there are none (every gradient ``None`` or zero), it first
+        calls ``closure`` at ``w`` to compute them, so a closure that zeroes the
+        gradients, computes the loss and calls ``backward`` also works alone. The
+        gradients are cleared afterwards, so the next step never reuses them.
 
         Args:
-            closure: Clears the gradients, runs forward and backward, returns the
-                loss. It is called twice: at ``w`` and at ``w + eps``.
+            closure: Computes the loss and calls ``backward`` (zeroing the gradients
+                first or not: at ``w + eps`` they were cleared), returns the loss.
 
         Returns:
-            The loss at ``w`` (the first closure call).
+            The closure's loss at ``w`` when it was called there, else at ``w + eps``.
 
         Raises:
             ValueError: The gradients at ``w`` are not finite (the weights are not
-                moved). If the second closure call raises, the weights are put back
+                moved). If the closure raises at ``w + eps``, the weights are put back
                 at ``w`` and no update is taken.
         """
         if closure is None:
             raise ValueError(
-                "SAM.step needs a `closure` that zeroes the gradients, computes the "
-                "loss, calls backward and returns the loss; or call first_step() and "
-                "second_step() yourself"
+                "SAM.step needs a `closure` that computes the loss, calls backward and "
+                "returns the loss; or call first_step() and second_step() yourself"
             )
         closure = torch.enable_grad()(closure)
-        loss = closure()
+        loss = None if self._has_gradients() else closure()
         self.first_step(zero_grad=True)
         try:
-            closure()
+            perturbed = closure()
         except BaseException:
             self.restore()  # a failure at w + eps: back to w, no update
             raise
-        self.second_step()
-        return loss
+        self.second_step(zero_grad=True)
+        return perturbed if loss is None else loss
+
+    @torch.no_grad()
+    def _has_gradients(self) -> bool:
+        """Whether some parameter has a non-zero gradient (given by the caller at ``w``)."""
+        return any(
+            p.grad is not None and bool(p.grad.any())
+            for group in self.param_groups
+            for p in group["params"]
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Return the base optimizer's state (momentum buffers, groups with rho)."""

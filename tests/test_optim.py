@@ -103,7 +103,15 @@ def test_invalid_arguments():
         SAM(params(), torch.optim.SGD(params(), lr=0.1), lr=0.1)
     with pytest.raises(TypeError, match="base_optimizer"):
         SAM(params(), "sgd", lr=0.1)
+    with pytest.raises(TypeError, match="adaptive"):
+        SAM([{"params": list(params()), "adaptive": "yes"}], torch.optim.SGD, lr=0.1)
     sam = SAM(params(), torch.optim.SGD, lr=0.1)
+    extra = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="rho"):
+        sam.add_param_group({"params": [extra], "rho": -5})
+    assert len(sam.param_groups) == 1  # refused before it was added
+    sam.add_param_group({"params": [extra], "rho": 0.2})
+    assert sam.base_optimizer.param_groups[-1]["rho"] == 0.2
     with pytest.raises(ValueError, match="closure"):
         sam.step()
     with pytest.raises(RuntimeError, match="backward"):
@@ -142,3 +150,45 @@ def test_non_finite_gradients_are_refused_before_the_weights_move():
     x = x.clone()
     x[0, 0] = float("nan")
     assert_step_refused_at_w(x, y, 0.05, ValueError, "NaN or inf")
+
+
+def test_step_closure_follows_the_well_known_wrapper():
+    """``loss.backward(); opt.step(closure)`` (the wrapper's README, a closure without
+    zero_grad): the gradient at w is the caller's, the closure runs once (at w + eps),
+    BatchNorm counts two forward passes per step, and the weights equal first_step /
+    second_step by hand. A closure that zeroes and backprops also works alone."""
+    from tests.helpers import bn_model
+
+    x, y = batches()[0]
+    model, ref = bn_model(), bn_model()
+    model.train(), ref.train()
+    sam = SAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9)
+    by_hand = SAM(ref.parameters(), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = ce_loss()(model(x), y).mean()
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        ce_loss()(model(x), y).mean().backward()
+        sam.step(closure)
+        ce_loss()(ref(x), y).mean().backward()
+        by_hand.first_step(zero_grad=True)
+        ce_loss()(ref(x), y).mean().backward()
+        by_hand.second_step(zero_grad=True)
+    assert len(calls) == 2  # once per step
+    assert int(model.bn.num_batches_tracked) == int(ref.bn.num_batches_tracked) == 4 + 1
+    for p, q in zip(model.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(p, q)
+    assert all(p.grad is None for p in model.parameters())  # nothing left for the next step
+
+    def zeroing_closure():
+        sam.zero_grad()
+        return closure()
+
+    before = len(calls)
+    sam.step(zeroing_closure)  # no gradient given: the closure computes the one at w
+    assert len(calls) == before + 2
