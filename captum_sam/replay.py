@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from captum_sam.core import check_per_example_loss, to_device
 from captum_sam.core.checkpoints import checkpoints_load_func, model_device
-from captum_sam.core.data import fetch_batch
+from captum_sam.core.data import check_indices, fetch_batch
 from captum_sam.core.params import training_mode
 from captum_sam.optim import SAM
 from captum_sam.training import sam_step
@@ -53,10 +53,7 @@ def _load(dataset: Dataset, record_dir: str | os.PathLike[str] | Trajectory) -> 
 def _removed_mask(traj: Trajectory, remove: Sequence[int] | Tensor | None) -> Tensor:
     removed = torch.zeros(traj.n_train, dtype=torch.bool)
     if remove is not None:
-        idx = torch.as_tensor(remove, dtype=torch.long).reshape(-1)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= traj.n_train):
-            raise ValueError(f"`remove` indices must lie in [0, {traj.n_train})")
-        removed[idx] = True
+        removed[check_indices(remove, traj.n_train, "remove", allow_empty=True)] = True
     return removed
 
 

@@ -340,3 +340,27 @@ def test_report_and_cli_name_the_protocol():
         assert parsed.ground_truth == mode
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compare", "--gt-seeds", "1,1", "--out", "x"])
+
+
+def test_removed_sets_must_be_indices(tmp_path):
+    """A boolean mask or float indices were read as indices 0/1 (the wrong examples
+    removed, silently); negative indices removed the last example in sam_fixed_point."""
+    from captum_sam import replay_trajectory, train_sam
+    from captum_sam.evaluation.retrain import sam_fixed_point
+
+    data = make_data(n=10)
+    model = linear_model()
+    train_sam(model, data, ce_loss(), epochs=1, lr=0.1, rho=0.05, batch_size=5,
+              record_dir=tmp_path / "r", seed=0)  # fmt: skip
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[5] = True
+    bad = [(mask, "boolean mask"), ([1.7], "integer"), ([-1], r"\[0, 10\)"),
+           ([10], r"\[0, 10\)"), ([[1, 2]], "1-D")]  # fmt: skip
+    for remove, match in bad:
+        with pytest.raises(ValueError, match=match):
+            replay_trajectory(linear_model(), data, ce_loss(), tmp_path / "r", remove=remove)
+        with pytest.raises(ValueError, match=match):
+            sam_fixed_point(model, data, ce_loss(), 0.05, 1e-3, remove=remove)
+    a = replay_trajectory(linear_model(), data, ce_loss(), tmp_path / "r", remove=torch.tensor([5]))
+    b = replay_trajectory(linear_model(), data, ce_loss(), tmp_path / "r", remove=[5, 5])
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))

@@ -282,21 +282,40 @@ def stream_topk(blocks: Iterable[Tensor], k: int, proponents: bool = True) -> tu
     return best_i, sign * best_v
 
 
-def check_indices(indices: Any, n: int) -> list[int]:
+def check_indices(
+    indices: Any, n: int, name: str = "indices", allow_empty: bool = False
+) -> list[int]:
     """Validate training indices of a removed set; return them sorted and unique.
 
+    Args:
+        indices: A sequence, array or tensor of integer indices.
+        n: The training set's size.
+        name: The argument's name, for messages.
+        allow_empty: Accept an empty set (nothing removed).
+
     Raises:
-        ValueError: Not a non-empty 1-D integer sequence within ``[0, n)``.
+        ValueError: Not a 1-D integer sequence within ``[0, n)`` (a boolean mask or
+            floats included: they are not indices), or empty unless ``allow_empty``.
     """
     if isinstance(indices, (list, tuple, range)) and len(indices) == 0:
-        raise ValueError("`indices` is empty: name at least one training example to remove")
-    idx = torch.as_tensor(indices)
-    if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
-        raise ValueError("`indices` must be a 1-D sequence of integer training indices")
+        idx = torch.zeros(0, dtype=torch.long)
+    else:
+        idx = torch.as_tensor(indices)
+    if idx.dtype == torch.bool:
+        raise ValueError(
+            f"`{name}` is a boolean mask, not indices: pass torch.nonzero(mask).flatten()"
+        )
+    if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype.is_complex:
+        raise ValueError(
+            f"`{name}` must be a 1-D sequence of integer training indices, got "
+            f"{idx.dtype} {tuple(idx.shape)}"
+        )
     if idx.numel() == 0:
-        raise ValueError("`indices` is empty: name at least one training example to remove")
+        if allow_empty:
+            return []
+        raise ValueError(f"`{name}` is empty: name at least one training example to remove")
     if int(idx.min()) < 0 or int(idx.max()) >= n:
-        raise ValueError(f"`indices` must lie in [0, {n})")
+        raise ValueError(f"`{name}` must lie in [0, {n}), got {int(idx.min())}..{int(idx.max())}")
     return sorted({int(i) for i in idx})
 
 

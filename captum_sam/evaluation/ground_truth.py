@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from captum_sam.core import eval_mode
+from captum_sam.core.data import check_indices
 from captum_sam.core.errors import user_stacklevel
 from captum_sam.core.files import (
     sha256_file,
@@ -199,8 +200,9 @@ class GroundTruth:
         test_data = tuple(test_data)
         cache = self._open_cache(test_data) if self.cache_dir is not None else None
         rows = []
-        for removed in tqdm(list(removals), desc=desc, disable=not show_progress):
-            removed = sorted(int(i) for i in removed)
+        n = len(self.dataset)  # type: ignore[arg-type]
+        sets = [check_indices(r, n, "removals", allow_empty=True) for r in removals]  # (first)
+        for removed in tqdm(sets, desc=desc, disable=not show_progress):
             row = cache.read(removed) if cache is not None else None
             if row is None:
                 row = self._retrain_row(removed, test_data)

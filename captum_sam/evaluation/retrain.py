@@ -34,7 +34,7 @@ from torch.func import grad, jacfwd
 from torch.utils.data import Dataset
 
 from captum_sam.core import check_per_example_loss, eval_mode, sam_perturbation
-from captum_sam.core.data import fetch_batch
+from captum_sam.core.data import check_indices, fetch_batch
 from captum_sam.core.errors import user_stacklevel
 from captum_sam.core.losses import call_model, checked_losses
 from captum_sam.evaluation.config import PROTOCOLS
@@ -128,7 +128,7 @@ def sam_fixed_point(
     batch = tuple(x.to(device) if isinstance(x, Tensor) else x for x in batch)
     weights = torch.ones(n, dtype=w0.dtype, device=device)
     if remove is not None:
-        weights[torch.as_tensor(remove, dtype=torch.long, device=device)] = 0.0
+        weights[check_indices(remove, n, "remove", allow_empty=True)] = 0.0
     kept = int(weights.sum())
     if kept == 0:
         raise ValueError("`remove` leaves no training example")
@@ -223,7 +223,7 @@ def retrain_once(
         A new model.
     """
     check_mode(mode, rho, weight_decay, trajectory)
-    removed = [int(i) for i in removed]
+    removed = check_indices(removed, len(dataset), "removed", allow_empty=True)  # type: ignore[arg-type]
     if mode in SCHEDULE_MODES:
         if mode == "fresh":
             return retrain_fresh(model, dataset, loss_fn, trajectory, removed, seed=seed)  # type: ignore[arg-type]
