@@ -156,3 +156,8 @@ def test_loo_and_lds_scores_against_retraining(tmp_path, monkeypatch):
     assert value > 0.5
     monkeypatch.setattr(GroundTruth, "retrain", lambda self, removed: pytest.fail("retrained"))
     assert lds_scores(scores, gt, (xt, yt), fraction=0.5, count=6, seed=3) == value
+    for wrong in (scores[:, :-2], torch.cat([scores, scores]), scores[0]):  # never broadcast
+        with pytest.raises(ValueError, match="expected \\(n_test, n_train\\)"):
+            lds_scores(wrong, gt, (xt, yt), fraction=0.5, count=6, seed=3)
+        with pytest.raises(ValueError, match="expected \\(n_test, n_train\\)"):
+            loo_scores(wrong, gt, (xt, yt), [0, 4])

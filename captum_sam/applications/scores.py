@@ -65,10 +65,12 @@ class Ranking:
     by: str
 
     def top(self, fraction: float) -> Tensor:
-        """The most suspicious ``fraction`` of the training set."""
+        """The most suspicious ``fraction`` of the training set (the first ceil(f n))."""
         if not 0 <= fraction <= 1:
             raise ValueError(f"`fraction` must be in [0, 1], got {fraction}")
-        return self.indices[: int(round(fraction * len(self.indices)))]
+        from captum_sam.evaluation.metrics import top_count
+
+        return self.indices[: top_count(fraction, len(self.indices))]
 
 
 def detect_mislabeled(

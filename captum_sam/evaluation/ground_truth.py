@@ -293,12 +293,24 @@ def loo_scores(
     """
     from captum_sam.evaluation.metrics import loo_correlation
 
+    _check_scores(scores, ground_truth, test_data)
     base = ground_truth.evaluate([[]], test_data, False).losses[0].sum()
     res = ground_truth.evaluate(
         [[int(k)] for k in removed], test_data, show_progress, "LOO retraining"
     )
     predicted = scores.sum(dim=0)[list(removed)].detach().cpu()
     return loo_correlation(predicted, res.losses.sum(dim=1) - base)
+
+
+def _check_scores(scores: Any, ground_truth: GroundTruth, test_data: tuple[Any, ...]) -> None:
+    """Refuse ``scores`` that are not ``(n_test, n_train)`` for this test set and truth."""
+    want = (len(test_data[-1]), len(ground_truth.dataset))  # type: ignore[arg-type]
+    got = tuple(getattr(scores, "shape", ()))
+    if got != want:
+        raise ValueError(
+            f"`scores` has shape {got}; expected (n_test, n_train) = {want} for this "
+            "`test_data` and the ground truth's training set"
+        )
 
 
 def lds_scores(
@@ -347,6 +359,7 @@ def lds_scores(
     """
     from captum_sam.evaluation.metrics import lds
 
+    _check_scores(scores, ground_truth, test_data)
     n = scores.shape[1]
     if masks is None:
         masks = random_subsets(n, count, sampler=sampler, fraction=fraction, seed=seed)

@@ -1,12 +1,16 @@
-"""Metrics of attribution quality, in plain numpy (no scipy needed at run time).
+r"""Metrics of attribution quality, in plain numpy (no scipy needed at run time).
 
 Conventions: a *score* array holds one number per training example; higher means
 "more suspicious" for detection metrics. Correlations return ``nan`` when an input
-is constant.
+is constant or holds a NaN (as scipy's); detection metrics and LDS refuse NaN or
+infinite scores and losses with a ``ValueError`` (a failed estimator or retraining
+must not be ranked). "The top fraction f" of ``n`` examples is the first
+:math:`\lceil f n \rceil`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,16 +27,40 @@ __all__ = [
     "recall_at",
     "recall_curve",
     "lds",
+    "top_count",
     "EditingMetrics",
     "editing_metrics",
 ]
 
 
-def _array(x: Any, name: str) -> np.ndarray:
+def _array(x: Any, name: str, finite: bool = False) -> np.ndarray:
     a = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float64)
     if a.ndim != 1:
         raise ValueError(f"`{name}` must be 1-D, got shape {a.shape}")
+    if finite:
+        _require_finite(a, name)
     return a
+
+
+def _require_finite(a: np.ndarray, name: str) -> None:
+    if not np.isfinite(a).all():
+        bad = np.argwhere(~np.isfinite(a))[:3].tolist()
+        raise ValueError(f"`{name}` holds NaN or infinite values (at {bad}...)")
+
+
+def _mask(positives: Any, like: np.ndarray) -> np.ndarray:
+    """``positives`` as a boolean mask of ``like``'s shape (``ValueError`` otherwise)."""
+    raw = np.asarray(positives.cpu() if hasattr(positives, "cpu") else positives)
+    if raw.shape != like.shape:
+        raise ValueError(f"`positives` shape {raw.shape} differs from `scores` {like.shape}")
+    if raw.dtype != bool and not np.isin(raw, (0, 1)).all():
+        raise ValueError("`positives` must be a boolean mask (or 0/1), not indices")
+    return raw.astype(bool)
+
+
+def top_count(fraction: float, n: int) -> int:
+    r"""How many of ``n`` examples "the top ``fraction``" is: :math:`\lceil f n \rceil`."""
+    return min(n, math.ceil(fraction * n - 1e-9))
 
 
 def accuracy(model: Any, batch: Sequence[Any]) -> float:
@@ -46,7 +74,13 @@ def accuracy(model: Any, batch: Sequence[Any]) -> float:
 
     with eval_mode(model), torch.no_grad():
         out = model(*batch[:-1])
-    return float((out.argmax(dim=1) == batch[-1]).double().mean())
+    predicted, labels = out.argmax(dim=1), batch[-1]
+    if tuple(labels.shape) != tuple(predicted.shape):
+        raise ValueError(
+            f"labels have shape {tuple(labels.shape)}, the predictions {tuple(predicted.shape)}: "
+            "pass one class index per example"
+        )
+    return float((predicted == labels).double().mean())
 
 
 def rankdata(values: Any) -> np.ndarray:
@@ -70,14 +104,19 @@ def pearson(x: Any, y: Any) -> float:
     a, b = _array(x, "x"), _array(y, "y")
     if a.shape != b.shape or len(a) < 2:
         raise ValueError(f"need two arrays of equal length >= 2, got {a.shape} and {b.shape}")
+    if np.isnan(a).any() or np.isnan(b).any() or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")  # (a constant's centred values are rounding residues)
     a, b = a - a.mean(), b - b.mean()
     denom = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / denom) if denom > 0 else float("nan")
 
 
 def spearman(x: Any, y: Any) -> float:
-    """Spearman rank correlation (Pearson of average ranks)."""
-    return pearson(rankdata(x), rankdata(y))
+    """Spearman rank correlation (Pearson of average ranks); ``nan`` if a value is NaN."""
+    a, b = _array(x, "x"), _array(y, "y")
+    if np.isnan(a).any() or np.isnan(b).any():
+        return float("nan")
+    return pearson(rankdata(a), rankdata(b))
 
 
 def loo_correlation(predicted: Any, actual: Any) -> tuple[float, float]:
@@ -96,10 +135,8 @@ def detection_auc(scores: Any, positives: Any) -> float:
     Returns:
         The Mann-Whitney estimate with average ranks for ties; 0.5 is random.
     """
-    s = _array(scores, "scores")
-    pos = np.asarray(positives.cpu() if hasattr(positives, "cpu") else positives, dtype=bool)
-    if pos.shape != s.shape:
-        raise ValueError(f"`positives` shape {pos.shape} differs from `scores` {s.shape}")
+    s = _array(scores, "scores", finite=True)
+    pos = _mask(positives, s)
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     if n_pos == 0 or n_neg == 0:
         raise ValueError("`positives` must contain both positive and negative examples")
@@ -115,8 +152,8 @@ def recall_curve(scores: Any, positives: Any) -> tuple[np.ndarray, np.ndarray]:
     Returns:
         ``(fraction_examined, fraction_found)``, each ``(n + 1,)`` starting at 0.
     """
-    s = _array(scores, "scores")
-    pos = np.asarray(positives.cpu() if hasattr(positives, "cpu") else positives, dtype=bool)
+    s = _array(scores, "scores", finite=True)
+    pos = _mask(positives, s)
     if pos.sum() == 0:
         raise ValueError("`positives` has no positive example")
     order = np.argsort(-s, kind="mergesort")
@@ -126,12 +163,11 @@ def recall_curve(scores: Any, positives: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def recall_at(scores: Any, positives: Any, fraction: float) -> float:
-    """Fraction of positives among the top ``fraction`` of examples by score."""
+    """Fraction of positives among the top ``fraction`` (:func:`top_count`) by score."""
     if not 0 < fraction <= 1:
         raise ValueError(f"`fraction` must be in (0, 1], got {fraction}")
     examined, found = recall_curve(scores, positives)
-    k = int(round(fraction * (len(examined) - 1)))
-    return float(found[k])
+    return float(found[top_count(fraction, len(examined) - 1)])
 
 
 def lds(
@@ -159,12 +195,17 @@ def lds(
         losses do not vary are skipped (``nan``).
     """
     s = np.asarray(scores.detach().cpu() if hasattr(scores, "detach") else scores, dtype=np.float64)
-    keep = np.asarray(subsets.cpu() if hasattr(subsets, "cpu") else subsets, dtype=bool)
+    raw = np.asarray(subsets.cpu() if hasattr(subsets, "cpu") else subsets)
+    if raw.dtype != bool and not np.isin(raw, (0, 1)).all():
+        raise ValueError("`subsets` must be boolean masks (or 0/1) of the kept examples")
+    keep = raw.astype(bool)
     loss = np.asarray(
         losses.detach().cpu() if hasattr(losses, "detach") else losses, dtype=np.float64
     )
     if s.ndim != 2 or keep.ndim != 2 or loss.ndim != 2:
         raise ValueError("`scores`, `subsets` and `losses` must be 2-D")
+    _require_finite(s, "scores")
+    _require_finite(loss, "losses")
     if keep.shape[1] != s.shape[1] or loss.shape != (keep.shape[0], s.shape[0]):
         raise ValueError(
             f"shapes disagree: scores {s.shape}, subsets {keep.shape}, losses {loss.shape}"
@@ -221,6 +262,11 @@ def editing_metrics(
         )
 
     e, r, o = flat(edited_params), flat(retrained_params), flat(original_params)
+    if not e.shape == r.shape == o.shape:
+        raise ValueError(
+            f"the parameter lists hold {e.size}, {r.size} and {o.size} numbers: pass the "
+            "same model's parameters three times (edited, retrained, original)"
+        )
     moved = np.linalg.norm(r - o)
     distance = float(np.linalg.norm(e - r) / moved) if moved > 0 else float("nan")
     return EditingMetrics(
