@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from captum_sam.core import check_per_example_loss, to_device
 from captum_sam.core.checkpoints import model_device
 from captum_sam.core.data import fetch_batch
+from captum_sam.core.errors import check_number
 from captum_sam.core.losses import checked_losses
 from captum_sam.core.params import training_mode
 from captum_sam.optim import SAM
@@ -192,10 +193,9 @@ def train_sam(
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-    if not lr > 0:
-        raise ValueError(f"`lr` must be > 0, got {lr}")
-    if weight_decay < 0:
-        raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay}")
+    check_number("lr", lr, positive=True)
+    check_number("weight_decay", weight_decay)
+    check_number("momentum", momentum)
     device = model_device(model)
     n = len(dataset)
     optimizer = SAM(

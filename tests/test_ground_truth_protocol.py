@@ -364,3 +364,26 @@ def test_removed_sets_must_be_indices(tmp_path):
     a = replay_trajectory(linear_model(), data, ce_loss(), tmp_path / "r", remove=torch.tensor([5]))
     b = replay_trajectory(linear_model(), data, ce_loss(), tmp_path / "r", remove=[5, 5])
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_radius_decay_and_rate_must_be_finite_and_non_negative():
+    """A negative rho or weight decay, a NaN momentum or an infinite learning rate
+    were accepted (training then turned the weights into NaN in place)."""
+    from captum_sam import train_sam
+    from captum_sam.evaluation.retrain import sam_fixed_point
+
+    data, model = make_data(n=8), linear_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    for kw, name in [(dict(rho=-0.1), "rho"), (dict(weight_decay=-1.0), "weight_decay")]:
+        args = {"rho": 0.05, "weight_decay": 1e-3, **kw}
+        with pytest.raises(ValueError, match=f"`{name}` must be a finite number"):
+            sam_fixed_point(model, data, ce_loss(), args["rho"], args["weight_decay"])
+        with pytest.raises(ValueError, match=f"`{name}` must be a finite number"):
+            GroundTruth(model, data, ce_loss(), "fixed_point", **args)
+    nan, inf = float("nan"), float("inf")
+    for kw, name in [(dict(weight_decay=nan), "weight_decay"), (dict(momentum=nan), "momentum"),
+                     (dict(lr=inf), "lr")]:  # fmt: skip
+        args = {"epochs": 1, "lr": 0.1, "rho": 0.05, "batch_size": 4, **kw}
+        with pytest.raises(ValueError, match=f"`{name}` must be a finite number"):
+            train_sam(model, data, ce_loss(), **args)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -7,6 +7,7 @@ __all__ = [
     "LayerNameError",
     "RangeArgumentError",
     "TypeArgumentError",
+    "check_number",
     "check_k",
     "require_inputs",
     "user_stacklevel",
@@ -61,6 +62,16 @@ def check_k(k: object) -> int:
     if k < 0:
         raise RangeArgumentError(f"`k` must be >= 0, got {k}")
     return k
+
+
+def check_number(name: str, value: object, positive: bool = False) -> float:
+    """A finite number ``>= 0`` (``> 0`` if ``positive``), or ``ValueError`` naming it."""
+    bad = isinstance(value, bool) or not isinstance(value, (int, float))
+    if bad or not value >= 0 or value == float("inf") or (positive and value == 0):  # type: ignore[operator]
+        raise ValueError(
+            f"`{name}` must be a finite number {'>' if positive else '>='} 0, got {value!r}"
+        )
+    return float(value)  # type: ignore[arg-type]
 
 
 def require_inputs(inputs: object) -> None:

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from captum_sam.core import check_per_example_loss, eval_mode, sam_perturbation
 from captum_sam.core.data import check_indices, fetch_batch
-from captum_sam.core.errors import user_stacklevel
+from captum_sam.core.errors import check_number, user_stacklevel
 from captum_sam.core.losses import call_model, checked_losses
 from captum_sam.evaluation.config import PROTOCOLS
 from captum_sam.replay import replay_trajectory, retrain_fresh
@@ -121,6 +121,7 @@ def sam_fixed_point(
             message names the Newton iteration).
     """
     check_per_example_loss(loss_fn)
+    rho, weight_decay = check_number("rho", rho), check_number("weight_decay", weight_decay)
     n = len(dataset)  # type: ignore[arg-type]
     batch = fetch_batch(dataset, list(range(n)))
     names, shapes, frozen, w0 = _flat_setup(model)
@@ -255,6 +256,9 @@ def check_mode(mode: str, rho: float | None, weight_decay: float | None, traject
         raise ValueError(f"`mode` must be one of {RETRAIN_MODES}, got {mode!r}")
     if mode not in SCHEDULE_MODES and (rho is None or weight_decay is None):
         raise ValueError(f"mode {mode!r} needs `rho` and `weight_decay`")
+    for name, value in (("rho", rho), ("weight_decay", weight_decay)):
+        if value is not None:
+            check_number(name, value)
     if mode in SCHEDULE_MODES and trajectory is None:
         raise ValueError(f"mode {mode!r} needs the `trajectory` (record directory) to replay")
 

@@ -42,10 +42,9 @@ from torch import Tensor
 from captum_sam import core as F
 from captum_sam.core.data import local_batches, progress
 from captum_sam.core.distributed import all_reduce_sum
-from captum_sam.core.errors import user_stacklevel
+from captum_sam.core.errors import check_number, user_stacklevel
 from captum_sam.gif.points import WeightPoints
 from captum_sam.gif.terms import Term, check_finite_terms
-from captum_sam.hif.setup import check_number
 
 __all__ = ["SegmentEdit", "SEGMENT_CURVATURES", "segment_functions", "krylov_functions"]
 

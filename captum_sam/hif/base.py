@@ -31,7 +31,7 @@ from captum_sam.core.data import (
     stream_topk,
 )
 from captum_sam.core.distributed import all_reduce_sum, contiguous, gather_ordered
-from captum_sam.core.errors import require_inputs
+from captum_sam.core.errors import check_number, require_inputs
 from captum_sam.core.store import (
     data_digest,
     file_digest,
@@ -51,7 +51,7 @@ from captum_sam.hif.damping import (
 )
 from captum_sam.hif.inverse import LowRankInverse, SolvedInverse
 from captum_sam.hif.operator import KRONECKER
-from captum_sam.hif.setup import check_number, prepare, resolve_checkpoint
+from captum_sam.hif.setup import prepare, resolve_checkpoint
 from captum_sam.hif.setup import solver_options as make_solver_options
 from captum_sam.trajectory import sam_settings
 

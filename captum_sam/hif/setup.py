@@ -33,6 +33,7 @@ from captum_sam.core.data import (
     validate_batch,
 )
 from captum_sam.core.distributed import all_reduce_sum, all_reduce_tree, require_same
+from captum_sam.core.errors import check_number
 from captum_sam.core.layers import linear
 from captum_sam.core.layers.sites import layer_sites
 from captum_sam.core.params import check_layers, sample_wise_names, scope_names
@@ -41,17 +42,7 @@ from captum_sam.hif.operator import CURVATURES, VARIANTS, SAMOperator
 from captum_sam.solvers import METHODS, SolverOptions
 from captum_sam.trajectory import MANIFEST, load_trajectory
 
-__all__ = ["prepare", "resolve_checkpoint", "solver_options", "check_number"]
-
-
-def check_number(name: str, value: Any, positive: bool = False) -> float:
-    """A finite number ``>= 0`` (``> 0`` if ``positive``), or ``ValueError`` naming it."""
-    bad = isinstance(value, bool) or not isinstance(value, (int, float))
-    if bad or not value >= 0 or value == float("inf") or (positive and value == 0):
-        raise ValueError(
-            f"`{name}` must be a finite number {'>' if positive else '>='} 0, got {value!r}"
-        )
-    return float(value)
+__all__ = ["prepare", "resolve_checkpoint", "solver_options"]
 
 
 def solver_options(options: SolverOptions | dict[str, Any] | None) -> SolverOptions:
