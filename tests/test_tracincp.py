@@ -560,3 +560,27 @@ def test_merged_self_influence_bars_name_the_checkpoint_and_the_pass(run, capsys
         for p in (1, 2):
             text = f"self influence (checkpoint {k} of {count}, pass {p} of 2). Processing batch"
             assert f"Using SAMTracInCP to compute {text}: 100%" in err
+
+
+def test_a_frozen_parameter_in_layers_is_refused_with_rho(run):
+    """Captum attributes a frozen parameter of a named module; at rho > 0 the
+    perturbation would move it (training's never did): refused, not a wrong number."""
+    from captum_sam import SAMInfluenceFunction
+
+    model = copy.deepcopy(run["model"])
+    first = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    bias = dict(model.named_parameters())[f"{first}.bias"]
+    bias.requires_grad_(False)
+    xt, yt = run["test"]
+    with pytest.raises(ValueError, match=f"frozen parameters \\['{first}.bias'\\]"):
+        SAMTracInCP(model, run["train"], run["ckpts"], loss_fn=ce_loss(), rho=0.1,
+                    layers=[first])  # fmt: skip
+    with pytest.raises(ValueError, match="frozen parameters"):
+        SAMInfluenceFunction(model, run["train"], run["ckpts"][-1], loss_fn=ce_loss(),
+                             rho=0.1, layers=[first])  # fmt: skip
+    at_zero = SAMTracInCP(model, run["train"], run["ckpts"], loss_fn=ce_loss(), rho=0.0,
+                          layers=[first])  # fmt: skip
+    captum = TracInCP(copy.deepcopy(model), run["train"], run["ckpts"], loss_fn=ce_loss(),
+                      layers=[first], checkpoints_load_func=checkpoints_load_func)  # fmt: skip
+    torch.testing.assert_close(at_zero.influence((xt, yt)), captum.influence((xt, yt)))
+    assert not bias.requires_grad

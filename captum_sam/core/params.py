@@ -172,13 +172,29 @@ def check_finite(tree: Params | Tensor, what: str) -> None:
             )
 
 
-def scope_names(model: nn.Module, names: list[str], scope: str) -> list[str]:
-    """The perturbation's parameters: every trainable one (and the attributed), or these."""
+def scope_names(model: nn.Module, names: list[str], scope: str, rho: float = 0.0) -> list[str]:
+    """The perturbation's parameters: every trainable one (and the attributed), or these.
+
+    Raises:
+        ValueError: With ``rho > 0`` and scope ``"trainable"``, an attributed parameter
+            that is frozen (``requires_grad=False``, attributed because ``layers``
+            names its module, as Captum does): training's perturbation never moved
+            it, and this one would (its gradient would enter the norm).
+    """
     if scope not in SCOPES:
         raise ValueError(f"`perturbation_scope` must be one of {SCOPES}, got {scope!r}")
     if scope == "attributed":
         return list(names)
     chosen = set(names)
+    frozen = [n for n, p in model.named_parameters() if n in chosen and not p.requires_grad]
+    if frozen and rho > 0:
+        raise ValueError(
+            f"`layers` attributes the frozen parameters {frozen} (requires_grad=False): "
+            "SAM's perturbation in training never moved them, and with rho > 0 it would "
+            "move them here (their gradient in its norm), which is not supported yet. "
+            "Name modules without frozen parameters in `layers`, or pass rho=0 "
+            "(Captum's numbers)"
+        )
     return [n for n, p in model.named_parameters() if p.requires_grad or n in chosen]
 
 

@@ -234,7 +234,7 @@ def build_engines(
     points = WeightPoints(
         loader,
         names,
-        scope_names(model, names, o.perturbation_scope),
+        scope_names(model, names, o.perturbation_scope, est.rho),
         train_loss if stats is None else stats.train_loss(train_loss),  # eps as trained
         o.perturbation,
         pdata,

@@ -177,7 +177,7 @@ def prepare(
         )  # fmt: skip
     # the perturbation's gradient runs over its whole scope (the training's)
     est.perturbation_scope = perturbation_scope
-    extra_names = [n for n in scope_names(model, names, perturbation_scope) if n not in names]
+    extra_names = [n for n in scope_names(model, names, perturbation_scope, rho) if n not in names]
     extra = {n: state.frozen[n] for n in extra_names}
     scope_loss = loss.bind({n: v for n, v in state.frozen.items() if n not in extra})
     local = (b for _, b in local_batches(est.train_dataloader, est.device))
