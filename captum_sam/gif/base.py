@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from captum_sam._captum import KMostInfluentialResults, TracInCPBase
+from captum_sam.core.checkpoints import checkpoints_load_func
 from captum_sam.core.data import (
     as_loader,
     batch_context,
@@ -36,7 +37,7 @@ from captum_sam.gif.segment_edit import SegmentEdit, check_segment_options
 from captum_sam.gif.setup import GIFEngines, resolve_checkpoints
 from captum_sam.gif.terms import Term, checkpoint_terms
 from captum_sam.gif.unrolled_replay import UnrolledReplay, check_removal
-from captum_sam.trajectory import sam_settings
+from captum_sam.trajectory import MANIFEST, sam_settings
 
 __all__ = ["EDIT_METHODS", "SAMTracInBase", "check_rho"]
 
@@ -71,6 +72,13 @@ class SAMTracInBase(TracInCPBase):
         )  # fmt: skip
         self.rho, self.adaptive = float(rho), adaptive
         self.trajectory = None
+        # a record directory's checkpoints with the default loader weigh by eta, while
+        # a checkpoint-form edit needs eta/|B| per checkpoint (see parameter_change)
+        self._record_rates = (
+            isinstance(checkpoints, (str, os.PathLike))
+            and os.path.isfile(os.path.join(os.fspath(checkpoints), MANIFEST))
+            and captum["checkpoints_load_func"] is checkpoints_load_func
+        )
 
     def _captum_init_on(
         self, traj: Any, model: nn.Module, train_dataset: Any, captum: dict[str, Any]
@@ -374,6 +382,14 @@ class SAMTracInBase(TracInCPBase):
             )
             return torch.cat([change[n].flatten() for n in replay.names]) if flat else change
         e = self._engines
+        if self.trajectory is None and getattr(self, "_record_rates", False):
+            raise ValueError(
+                "the checkpoints are a record directory, whose loader returns each "
+                "checkpoint's learning rate eta, but a checkpoint-form edit weighs a "
+                "checkpoint by eta/|B| (one pass over the data per interval; docs/math.rst): "
+                "the edit would be |B| times too large. Use SAMTracInCP.from_trajectory "
+                "(the recorded batches, exact) or a checkpoints_load_func returning eta/|B|"
+            )
         if method == "segment":
             check_removal(removal)
             check_segment_options(curvature, steps_per_checkpoint, weight_decay, krylov_steps)
