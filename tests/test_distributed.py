@@ -303,3 +303,44 @@ def test_ranks_given_different_data_all_refuse(tmp_path):
         assert "fingerprints differ" in errors["cache"] and "data" in errors["cache"]
         assert "disagree on the fingerprint of the K-FAC factors" in errors["factors"]
     assert not os.path.exists(tmp_path / "cache" / "manifest.json")  # nothing to reuse later
+
+
+def locked_cache_worker(rank, world, store, run_dir):
+    """Rank 0 finds the cache directory locked: every rank must raise, none may wait."""
+    import datetime
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    x, y = torch.load(os.path.join(run_dir, "data.pt"))["train"]
+    est = SAMInfluenceFunction(mlp_model(), TensorDataset(x, y), os.path.join(run_dir, "c.pt"),
+                               loss_fn=ce_loss(), batch_size=4, rho=0.1, projection_dim=None,
+                               hessian_reg=0.0, hessian_inverse_tol=None)  # fmt: skip
+    errors = {}
+    try:
+        est.save_intermediate_quantities(os.path.join(run_dir, "cache"))
+    except ValueError as err:
+        errors["cache"] = str(err)
+    torch.save(errors, os.path.join(run_dir, f"locked{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.slow
+def test_a_failure_on_rank_zero_fails_every_rank(tmp_path):
+    import time
+
+    from captum_sam.core.files import DirectoryLock
+
+    data = make_data(n=12, seed=9)
+    torch.save({"train": data.tensors}, tmp_path / "data.pt")
+    save_checkpoint(mlp_model(), tmp_path / "c.pt")
+    start = time.monotonic()
+    with DirectoryLock(str(tmp_path / "cache"), "another writer"):  # held by this process
+        mp.spawn(locked_cache_worker, args=(2, str(tmp_path / "store"), str(tmp_path)),
+                 nprocs=2, join=True)  # fmt: skip
+    assert time.monotonic() - start < 50  # not the 60 s collective timeout
+    for rank in range(2):
+        err = torch.load(tmp_path / f"locked{rank}.pt")["cache"]
+        assert "being written by another process" in err

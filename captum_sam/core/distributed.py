@@ -19,7 +19,7 @@ nothing here communicates and a single process does all the work.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -121,6 +121,37 @@ def all_reduce_tree(tree: dict[str, Tensor]) -> dict[str, Tensor]:
     for value in tree.values():
         all_reduce_sum(value)
     return tree
+
+
+def on_rank_zero(work: Callable[[], Any]) -> None:
+    """Run ``work`` on rank 0 alone; if it raises, every rank raises (none waits).
+
+    Without a process group this is ``work()``. Rank 0 re-raises its own exception;
+    the others raise the same type with rank 0's message when it can be built from a
+    message, else a ``RuntimeError`` naming it. The outcome is broadcast, so this is
+    also the point where the ranks meet (a barrier).
+    """
+    if not is_distributed():
+        work()
+        return
+    outcome: list[Any] = [None]
+    failure: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            work()
+        except Exception as err:  # shared below, then re-raised on this rank
+            failure = err
+            outcome[0] = (type(err), str(err))
+    dist.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
+    if outcome[0] is not None:
+        kind, message = outcome[0]
+        try:
+            error = kind(f"on rank 0: {message}")
+        except Exception:
+            error = RuntimeError(f"rank 0 failed with {kind.__name__}: {message}")
+        raise error
 
 
 def require_same(value: Any, what: str) -> None:

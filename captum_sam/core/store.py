@@ -43,7 +43,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from captum_sam.core.data import dataset_size
-from captum_sam.core.distributed import gather_ordered, is_distributed, rank_and_world
+from captum_sam.core.distributed import (
+    gather_ordered,
+    is_distributed,
+    on_rank_zero,
+    rank_and_world,
+)
 from captum_sam.core.files import (
     DirectoryLock,
     atomic_write,
@@ -226,8 +231,7 @@ def save_quantities(
     rank, _ = rank_and_world()
     os.makedirs(directory, exist_ok=True)
     lock = DirectoryLock(directory, "a quantity cache")
-    if rank == 0:
-        lock.__enter__()
+    on_rank_zero(lock.__enter__)  # held by another process: every rank refuses
     try:
         save = _save_id()
         written = []
@@ -265,7 +269,8 @@ def save_quantities(
             "dtype": written[0]["dtype"],
             "parts": [{k: p[k] for k in ("file", "rows", "sha256")} for p in written],
         }
-        if rank == 0:
+
+        def publish() -> None:
             atomic_write(
                 os.path.join(directory, MANIFEST),
                 lambda f: f.write(json.dumps(manifest, indent=1).encode()),
@@ -275,8 +280,8 @@ def save_quantities(
                 if _PART.match(name) and name not in keep:
                     os.remove(os.path.join(directory, name))
             remove_stale_temporaries(directory)
-        if is_distributed():
-            dist.barrier()
+
+        on_rank_zero(publish)  # a failure on rank 0 fails every rank
     finally:
         if rank == 0:
             lock.__exit__(None, None, None)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from captum_sam.core.distributed import is_distributed, rank_and_world, require_same
+from captum_sam.core.distributed import is_distributed, on_rank_zero, require_same
 from captum_sam.core.files import (
     DirectoryLock,
     atomic_write,
@@ -254,11 +254,12 @@ def cached_fit(
         dist.broadcast_object_list(exists, src=0)
     if not exists[0]:
         curvature = fit()
-        if rank_and_world()[0] == 0:
+
+        def save() -> None:
             os.makedirs(directory, exist_ok=True)
             _save(directory, prefix, path, fp, curvature)
-        if is_distributed():
-            dist.barrier()
+
+        on_rank_zero(save)  # a failed save fails every rank (none waits at a barrier)
         return curvature
     manifest = read_json(path, "K-FAC factors manifest")
     _check_manifest(manifest, path, prefix)
