@@ -40,6 +40,10 @@ def test_an_empty_test_batch_gives_an_empty_result(run):
         assert est.influence(empty).shape == (0, 20)
         top = est.influence(empty, k=3)
         assert top.indices.shape == (0, 3) and top.influence_scores.shape == (0, 3)
+        wide = est.influence(empty, k=50)  # as wide as any batch's: min(k, n_train)
+        assert (
+            wide.indices.shape == (0, 20) == est.influence((x[:1], y[:1]), k=50).indices[:0].shape
+        )
     gif = estimators(run)[0]
     assert gif.self_influence(empty).shape == (0,)
     assert torch.equal(gif.influence(empty, aggregate=True), torch.zeros(1, 20, dtype=x.dtype))

@@ -348,16 +348,16 @@ def empty_result(n_train: int, k: int | None, aggregate: bool, dtype: torch.dtyp
     """What ``influence`` returns for a batch of no test example.
 
     ``(0, n_train)`` scores (one zero row with ``aggregate``: the sum over no example),
-    or ``KMostInfluentialResults`` of ``(0, k)`` tensors.
+    or ``KMostInfluentialResults`` of ``(0, min(k, n_train))`` tensors, the width of
+    any other batch's.
     """
     from captum_sam._captum import KMostInfluentialResults
 
     if k is None:
         return torch.zeros(1 if aggregate else 0, n_train, dtype=dtype)
-    rows = 1 if aggregate else 0
+    k = min(k, n_train)
     if aggregate:  # the sum over no example is zero for every training example
-        k = min(k, n_train)
         return KMostInfluentialResults(torch.arange(k).unsqueeze(0), torch.zeros(1, k, dtype=dtype))
     return KMostInfluentialResults(
-        torch.zeros(rows, k, dtype=torch.long), torch.zeros(rows, k, dtype=dtype)
+        torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k, dtype=dtype)
     )
