@@ -205,7 +205,7 @@ def test_harmful_removal_curve_checks_its_arguments_before_retraining():
         (dict(random_repeats=0), ValueError, "random_repeats"),
         (dict(random_repeats=1.5), TypeError, "random_repeats"),
         (dict(noisy=torch.zeros(3, dtype=torch.bool)), ValueError, "`noisy` has shape"),
-        (dict(noisy=torch.zeros(4)), TypeError, "boolean"),
+        (dict(noisy=torch.full((4,), 0.5)), TypeError, "boolean"),
         (dict(suspicion=good.reshape(2, 2)), ValueError, "1-D"),
         (dict(suspicion=torch.tensor([0.3, float("nan"), 0.2, 0.4])), ValueError, "NaN"),
         (dict(fractions=(0.0, 1.0)), ValueError, "fractions"),
@@ -214,3 +214,9 @@ def test_harmful_removal_curve_checks_its_arguments_before_retraining():
         with pytest.raises(error, match=match):
             harmful_removal_curve(**args)
     assert calls == []  # nothing retrained for a call that could not finish
+    # accepted: a 0/1 or numpy mask, a numpy int; the top fraction f is ceil(f n) examples
+    for noisy in (torch.tensor([0, 0, 0, 1]), np.array([False, False, False, True])):
+        curve = harmful_removal_curve(good, retrain_accuracy, (0.0, 0.05, 0.5), noisy=noisy,
+                                      random_repeats=np.int64(1))  # fmt: skip
+        assert curve.noisy_found == [0.0, 1.0, 1.0]  # 0.05 of 4: the top 1 (index 3)
+    assert [3] in calls

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
-from captum_sam import load_trajectory, train_sam
+from captum_sam import checkpoints_load_func, load_trajectory, train_sam
 from captum_sam.applications import influence_scores
 from captum_sam.gif import checkpoint_form
 from captum_sam.gif.tracincp import SAMTracInCP
@@ -16,6 +16,11 @@ from captum_sam.hif import kfac as kfac_module
 from captum_sam.hif import sides, site_groups
 from captum_sam.hif.influence import SAMInfluenceFunction
 from tests.helpers import DTYPE, BatchCentred, ce_loss, make_data, mlp_model, save_checkpoint
+
+
+def per_batch_rate(model, path):
+    """The recorded run's checkpoint weight for a checkpoint-form edit: eta/|B| (|B| = 5)."""
+    return checkpoints_load_func(model, path) / 5
 
 
 def compute(run_dir):
@@ -63,7 +68,9 @@ def compute(run_dir):
     out["gif_self"] = gif.self_influence()
     out["gif_scores"] = influence_scores(gif, test)
     out["gif_train_q"] = gif.compute_intermediate_quantities()
-    out["gif_change"] = gif.parameter_change([1, 5, 9, 13, 17], flat=True)
+    out["gif_change"] = SAMTracInCP(model, train, ckpts, loss_fn=ce_loss(), batch_size=4,
+                                    rho=0.1, checkpoints_load_func=per_batch_rate,  # eta/|B|
+                                    ).parameter_change([1, 5, 9, 13, 17], flat=True)  # fmt: skip
     traj = SAMTracInCP.from_trajectory(
         model, train, run_dir, loss_fn=ce_loss(), perturbation="dataset"
     )

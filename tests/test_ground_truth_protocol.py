@@ -6,9 +6,11 @@ momentum update), the zero-weight replay (``1/|B_t|`` kept, every step taken), f
 retraining (a seeded permutation of the kept examples) and the two fixed points.
 """
 
+import copy
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch.func import functional_call, grad
@@ -362,8 +364,14 @@ def test_removed_sets_must_be_indices(tmp_path):
         with pytest.raises(ValueError, match=match):
             sam_fixed_point(model, data, ce_loss(), 0.05, 1e-3, remove=remove)
     a = replay_trajectory(linear_model(), data, ce_loss(), tmp_path / "r", remove=torch.tensor([5]))
-    b = replay_trajectory(linear_model(), data, ce_loss(), tmp_path / "r", remove=[5, 5])
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    for same in ([5, 5], {5}, 5, torch.tensor(5), np.array([5], dtype=np.uint16),
+                 (i for i in [5])):  # fmt: skip
+        b = replay_trajectory(linear_model(), data, ce_loss(), tmp_path / "r", remove=same)
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    full = replay_trajectory(linear_model(), data, ce_loss(), tmp_path / "r")
+    for nothing in ([], np.array([]), torch.tensor([])):  # empty arrays read as float
+        b = replay_trajectory(linear_model(), data, ce_loss(), tmp_path / "r", remove=nothing)
+        assert all(torch.equal(p, q) for p, q in zip(full.parameters(), b.parameters()))
 
 
 def test_radius_decay_and_rate_must_be_finite_and_non_negative():
@@ -374,6 +382,9 @@ def test_radius_decay_and_rate_must_be_finite_and_non_negative():
 
     data, model = make_data(n=8), linear_model()
     before = [p.detach().clone() for p in model.parameters()]
+    train_sam(copy.deepcopy(model), data, ce_loss(), epochs=1, lr=np.float32(0.1),
+              rho=0.05, batch_size=4, weight_decay=torch.tensor(1e-3),
+              momentum=np.float64(0.5))  # numpy and 0-d tensor numbers, as before  # fmt: skip
     for kw, name in [(dict(rho=-0.1), "rho"), (dict(weight_decay=-1.0), "weight_decay")]:
         args = {"rho": 0.05, "weight_decay": 1e-3, **kw}
         with pytest.raises(ValueError, match=f"`{name}` must be a finite number"):

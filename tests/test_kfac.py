@@ -671,3 +671,5 @@ def test_factors_dir_and_seed_are_checked(tmp_path):
                              factors_dir=str(tmp_path / "f"))  # fmt: skip
     with pytest.raises(TypeError, match="`seed` must be an int"):
         SAMInfluenceFunction(model, data, path, loss_fn=ce_loss(), seed="a")
+    for seed in (3.0, torch.tensor(3)):  # what int() takes, as Captum's manual_seed
+        assert SAMInfluenceFunction(model, data, path, loss_fn=ce_loss(), seed=seed).seed == 3

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from captum_sam import load_trajectory, train_sam
+from captum_sam import checkpoints_load_func, load_trajectory, train_sam
 from captum_sam.core.layers.sites import layer_sites
 from captum_sam.core.projection import LayerProjection, RandomProjection
 from captum_sam.gif.tracincp import SAMTracInCP
@@ -86,10 +86,11 @@ def test_projected_scores_equal_projected_quantities(run, form):
     ckpts = [c.path for c in load_trajectory(run["dir"]).checkpoints]
 
     def make(**k):
-        if form == "checkpoint":
+        if form == "checkpoint":  # weights eta/|B| (batches of 5), as edits need
             return SAMTracInCP(
-                run["model"], run["train"], ckpts, loss_fn=ce_loss(), batch_size=4, rho=0.1, **k
-            )
+                run["model"], run["train"], ckpts, loss_fn=ce_loss(), batch_size=4, rho=0.1,
+                checkpoints_load_func=lambda m, path: checkpoints_load_func(m, path) / 5, **k,
+            )  # fmt: skip
         if form == "trajectory":
             return SAMTracInCP.from_trajectory(
                 run["model"], run["train"], run["dir"], loss_fn=ce_loss(), **k

@@ -248,11 +248,18 @@ def test_segment_beats_first_order_against_a_replay(tmp_path):
     assert 0.5 < float(seg.norm() / true.norm()) < 1.5 < float(first.norm() / true.norm())
     # the record directory itself: its loader gives eta, the edit needs eta/|B| (refused,
     # it was 8 times too large); the scores keep Captum's eta
-    whole = SAMTracInCP(model, data, str(tmp_path), loss_fn=ce_loss(), rho=RHO)
-    for method in ("first_order", "segment"):
-        with pytest.raises(ValueError, match="record directory.*eta/\\|B\\|"):
-            whole.parameter_change(removed, method=method)
-    assert whole.self_influence().shape == (48,)
+    paths = [c.path for c in traj.checkpoints]
+
+    def wrapped(m, path):  # the default loader behind another function
+        return checkpoints_load_func(m, path)
+
+    for whole in (SAMTracInCP(model, data, str(tmp_path), loss_fn=ce_loss(), rho=RHO),
+                  SAMTracInCP(model, data, paths, loss_fn=ce_loss(), rho=RHO,
+                              checkpoints_load_func=wrapped)):  # fmt: skip
+        for method in ("first_order", "segment"):
+            with pytest.raises(ValueError, match="recorded run.*eta/\\|B\\|.*about 8 times"):
+                whole.parameter_change(removed, method=method)
+        assert whole.self_influence().shape == (48,)
 
 
 def test_bad_options(ckpt_run, tmp_path):

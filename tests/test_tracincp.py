@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 from captum.influence import TracInCP
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 
 from captum_sam import checkpoints_load_func, load_trajectory, replay_trajectory, train_sam
 from captum_sam.gif.tracincp import SAMTracInCP
@@ -511,7 +511,7 @@ def test_model_is_unchanged_and_bad_input_is_refused(run, tmp_path):
     nan_x[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         make(run).influence((nan_x, yt))
-    with pytest.raises(ValueError, match="in order"):
+    with pytest.raises(ValueError, match="order changes between passes"):
         SAMTracInCP(
             model,
             DataLoader(run["train"], batch_size=4, shuffle=True),
@@ -534,7 +534,7 @@ def test_loaders_that_reorder_or_drop_examples_are_refused(run):
                         for i in range(0, len(train), 4)][::-1]  # fmt: skip
     for loader, match in [
         (DataLoader(train, batch_size=4, drop_last=True), "drop_last=True"),
-        (DataLoader(train, batch_sampler=reversed_batches), "in order"),
+        (DataLoader(train, batch_sampler=reversed_batches), "in index order"),
     ]:
         with pytest.raises(ValueError, match=match):
             SAMTracInCP(model, loader, run["ckpts"], loss_fn=ce_loss())
@@ -544,10 +544,24 @@ def test_loaders_that_reorder_or_drop_examples_are_refused(run):
     hif = SAMInfluenceFunction(model, train, run["ckpts"][-1], loss_fn=ce_loss(), batch_size=4)
     for call in (make(run).influence, make(run).self_influence, hif.influence,
                  hif.self_influence):  # fmt: skip
-        with pytest.raises(ValueError, match="`inputs.*in order"):
+        with pytest.raises(ValueError, match="`inputs.*order changes between passes"):
             call(shuffled)
     in_order = DataLoader(TensorDataset(xt, yt), batch_size=2)
     torch.testing.assert_close(make(run).influence(in_order), make(run).influence((xt, yt)))
+    # accepted as in Captum: a fixed custom order (rows follow it), any order when the
+    # rows are summed, an explicit BatchSampler over a SequentialSampler for training
+    order = list(range(len(yt)))[::-1]
+    fixed = DataLoader(TensorDataset(xt, yt), batch_size=2, sampler=order)
+    torch.testing.assert_close(make(run).influence(fixed), make(run).influence((xt, yt))[order])
+    torch.testing.assert_close(make(run).influence(shuffled, aggregate=True),
+                               make(run).influence((xt, yt), aggregate=True))  # fmt: skip
+    explicit = DataLoader(train, batch_sampler=BatchSampler(SequentialSampler(train), 4, False))
+    torch.testing.assert_close(
+        SAMTracInCP(model, explicit, run["ckpts"], loss_fn=ce_loss(), rho=0.1).influence((xt, yt)),
+        SAMTracInCP(model, train, run["ckpts"], loss_fn=ce_loss(), rho=0.1, batch_size=4).influence(
+            (xt, yt)
+        ),
+    )
 
 
 def test_merged_self_influence_bars_name_the_checkpoint_and_the_pass(run, capsys):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from captum_sam.evaluation.metrics import top_count
 
 __all__ = ["RemovalCurve", "harmful_removal_curve"]
 
@@ -59,7 +62,7 @@ def harmful_removal_curve(
     Raises:
         ValueError / TypeError: A bad argument, before the first (slow) retraining.
     """
-    _check_arguments(suspicion, fractions, noisy, random_repeats)
+    noisy, random_repeats = _check_arguments(suspicion, fractions, noisy, random_repeats)
     n = suspicion.shape[0]
     order = torch.argsort(suspicion, descending=True, stable=True)
     g = torch.Generator().manual_seed(seed)
@@ -76,7 +79,7 @@ def harmful_removal_curve(
 
     bar = tqdm(list(fractions), desc="harmful-data removal (retraining)", disable=not show_progress)
     for f in bar:
-        m = int(round(f * n))
+        m = top_count(f, n) if f > 0 else 0  # the top fraction f: ceil(f n), as recall_at
         top = order[:m].tolist()
         curve.fractions.append(float(f))
         curve.accuracy_top.append(acc(top))
@@ -89,8 +92,12 @@ def harmful_removal_curve(
 
 def _check_arguments(
     suspicion: object, fractions: Sequence[float], noisy: object, random_repeats: object
-) -> None:
-    """Refuse what would fail (or mislead) only after retraining started."""
+) -> tuple[Tensor | None, int]:
+    """Refuse what would fail (or mislead) only after retraining started.
+
+    Returns:
+        ``noisy`` as a boolean tensor (or ``None``) and ``random_repeats`` as an int.
+    """
     if not isinstance(suspicion, Tensor) or suspicion.dim() != 1 or suspicion.numel() == 0:
         raise ValueError(
             "`suspicion` must be a non-empty 1-D tensor (one score per training example), "
@@ -102,15 +109,22 @@ def _check_arguments(
     for f in fractions:
         if not 0 <= f < 1:
             raise ValueError(f"`fractions` must be in [0, 1), got {f}")
-    if isinstance(random_repeats, bool) or not isinstance(random_repeats, int):
+    try:
+        repeats = operator.index(random_repeats)  # type: ignore[arg-type]
+    except TypeError:
+        repeats = None
+    if isinstance(random_repeats, bool) or repeats is None:
         raise TypeError(f"`random_repeats` must be an int >= 1, got {random_repeats!r}")
-    if random_repeats < 1:
+    if repeats < 1:
         raise ValueError(f"`random_repeats` must be an int >= 1, got {random_repeats}")
     if noisy is not None:
-        if not isinstance(noisy, Tensor) or noisy.dtype != torch.bool:
-            raise TypeError("`noisy` must be a boolean tensor mask of the training set")
-        if tuple(noisy.shape) != tuple(suspicion.shape):
+        mask = torch.as_tensor(noisy)
+        if tuple(mask.shape) != tuple(suspicion.shape):
             raise ValueError(
-                f"`noisy` has shape {tuple(noisy.shape)}, `suspicion` {tuple(suspicion.shape)}: "
+                f"`noisy` has shape {tuple(mask.shape)}, `suspicion` {tuple(suspicion.shape)}: "
                 "both hold one entry per training example"
             )
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise TypeError("`noisy` must be a boolean (or 0/1) mask of the training set")
+        return mask.to(torch.bool), repeats
+    return None, repeats

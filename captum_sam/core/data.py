@@ -47,37 +47,60 @@ def check_batch_size(batch_size: Any, name: str) -> None:
 
 
 def check_in_order(loader: DataLoader, name: str, whole: bool = False) -> None:
-    """Refuse a DataLoader that does not read its dataset in order (or, if ``whole``, fully).
+    """Refuse a DataLoader whose order changes between passes (or not all read, if ``whole``).
 
     Rows or columns of a result follow the loader's order, and an estimator reads a
-    loader more than once: a shuffling loader (``shuffle=True``, another sampler or a
-    custom ``batch_sampler``) gives a new order on every pass, and rows would mix
-    examples. ``whole``: a training set, whose length ``n`` must be what is read, so
-    ``drop_last=True`` is refused too.
+    loader more than once: a shuffling loader (``shuffle=True``, a ``RandomSampler``,
+    any sampler whose order differs between two passes) would mix examples. ``whole``:
+    a training set, whose columns are dataset indices, so its batches must list
+    ``0..n-1`` in order (``drop_last=True`` or a sampler that skips or repeats
+    examples is refused too). A custom sampler's indices are read (twice) to check.
 
     Raises:
         ValueError: Naming ``name`` and the reason.
     """
-    from torch.utils.data import IterableDataset
+    from torch.utils.data import IterableDataset, RandomSampler
 
     if isinstance(loader.dataset, IterableDataset):
         return  # read in the stream's own order (a training set refuses streams itself)
     batches = loader.batch_sampler
-    in_order = isinstance(loader.sampler, SequentialSampler) and (
-        batches is None or (type(batches) is BatchSampler and batches.sampler is loader.sampler)
+    samplers = [loader.sampler, getattr(batches, "sampler", None)]
+    default = (
+        type(batches) is BatchSampler
+        and isinstance(batches.sampler, SequentialSampler)
+        and isinstance(loader.sampler, SequentialSampler)
     )
-    if not in_order:
+    if default and not (whole and batches.drop_last):
+        return
+    if default or any(isinstance(x, RandomSampler) for x in samplers):
+        order: list[int] | None = None  # (a RandomSampler is not drawn: the global RNG)
+    else:
+        order = _index_order(loader)
+        if order != _index_order(loader):
+            order = None
+    if order is None and not default:
         raise ValueError(
-            f"`{name}` is a DataLoader that does not iterate in order (shuffle=True, a "
-            "custom sampler or batch_sampler): the estimators read it more than once and "
-            "its rows must match dataset indices; pass shuffle=False"
+            f"`{name}` is a DataLoader whose order changes between passes (shuffle=True "
+            "or a random sampler): the estimators read it more than once and its rows "
+            "must keep their examples; pass shuffle=False"
         )
-    if whole and loader.drop_last:
+    if whole and order != list(range(len(loader.dataset))):  # type: ignore[arg-type]
         raise ValueError(
-            f"`{name}` is a DataLoader with drop_last=True: the examples of its last "
-            "incomplete batch would be left out of the curvature and the mean gradient "
-            "while their indices stay valid; pass drop_last=False"
+            f"`{name}` is a DataLoader that does not read every example once, in index "
+            "order (drop_last=True, or a sampler that skips, repeats or reorders "
+            "examples): the curvature and the mean gradient would miss examples whose "
+            "indices stay valid, or columns would belong to other examples"
         )
+
+
+def _index_order(loader: DataLoader) -> list[int] | None:
+    """The dataset indices one pass of ``loader`` reads, in order (``None``: unknown)."""
+    try:
+        if loader.batch_sampler is not None:
+            return [int(i) for batch in loader.batch_sampler for i in batch]
+        return [int(i) for i in loader.sampler]
+    except (TypeError, ValueError):
+        return None
 
 
 def as_loader(
@@ -297,10 +320,18 @@ def check_indices(
         ValueError: Not a 1-D integer sequence within ``[0, n)`` (a boolean mask or
             floats included: they are not indices), or empty unless ``allow_empty``.
     """
-    if isinstance(indices, (list, tuple, range)) and len(indices) == 0:
-        idx = torch.zeros(0, dtype=torch.long)
-    else:
+    if isinstance(indices, (set, frozenset)):
+        indices = sorted(indices)
+    elif not hasattr(indices, "__len__") and hasattr(indices, "__iter__"):  # a generator
+        indices = list(indices)
+    try:
         idx = torch.as_tensor(indices)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"`{name}` must be integer training indices: {err}") from None
+    if idx.dim() == 0:
+        idx = idx.reshape(1)  # one index
+    if idx.numel() == 0:  # (an empty list or array reads as float)
+        idx = idx.reshape(0).to(torch.long)
     if idx.dtype == torch.bool:
         raise ValueError(
             f"`{name}` is a boolean mask, not indices: pass torch.nonzero(mask).flatten()"
@@ -310,6 +341,7 @@ def check_indices(
             f"`{name}` must be a 1-D sequence of integer training indices, got "
             f"{idx.dtype} {tuple(idx.shape)}"
         )
+    idx = idx.to(torch.long)
     if idx.numel() == 0:
         if allow_empty:
             return []

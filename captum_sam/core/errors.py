@@ -65,7 +65,12 @@ def check_k(k: object) -> int:
 
 
 def check_number(name: str, value: object, positive: bool = False) -> float:
-    """A finite number ``>= 0`` (``> 0`` if ``positive``), or ``ValueError`` naming it."""
+    """A finite number ``>= 0`` (``> 0`` if ``positive``), or ``ValueError`` naming it.
+
+    Python, numpy and one-element tensor numbers are accepted (``.item()``).
+    """
+    if not isinstance(value, bool) and getattr(value, "ndim", None) == 0:
+        value = value.item()  # type: ignore[attr-defined]  # numpy scalar, 0-d tensor
     bad = isinstance(value, bool) or not isinstance(value, (int, float))
     if bad or not value >= 0 or value == float("inf") or (positive and value == 0):  # type: ignore[operator]
         raise ValueError(

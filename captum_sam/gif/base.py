@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from captum_sam._captum import KMostInfluentialResults, TracInCPBase
-from captum_sam.core.checkpoints import checkpoints_load_func
 from captum_sam.core.data import (
     as_loader,
     batch_context,
@@ -37,7 +36,7 @@ from captum_sam.gif.segment_edit import SegmentEdit, check_segment_options
 from captum_sam.gif.setup import GIFEngines, resolve_checkpoints
 from captum_sam.gif.terms import Term, checkpoint_terms
 from captum_sam.gif.unrolled_replay import UnrolledReplay, check_removal
-from captum_sam.trajectory import MANIFEST, sam_settings
+from captum_sam.trajectory import MANIFEST, load_trajectory, sam_settings
 
 __all__ = ["EDIT_METHODS", "SAMTracInBase", "check_rho"]
 
@@ -72,13 +71,6 @@ class SAMTracInBase(TracInCPBase):
         )  # fmt: skip
         self.rho, self.adaptive = float(rho), adaptive
         self.trajectory = None
-        # a record directory's checkpoints with the default loader weigh by eta, while
-        # a checkpoint-form edit needs eta/|B| per checkpoint (see parameter_change)
-        self._record_rates = (
-            isinstance(checkpoints, (str, os.PathLike))
-            and os.path.isfile(os.path.join(os.fspath(checkpoints), MANIFEST))
-            and captum["checkpoints_load_func"] is checkpoints_load_func
-        )
 
     def _captum_init_on(
         self, traj: Any, model: nn.Module, train_dataset: Any, captum: dict[str, Any]
@@ -136,7 +128,7 @@ class SAMTracInBase(TracInCPBase):
     ) -> Iterable[Tensor]:
         """Score blocks ``(n_test, batch)`` in training order (streamed if ``stream``)."""
         e = self._engines
-        test = as_loader(inputs, self.batch_size, "inputs")
+        test = as_loader(inputs, self.batch_size, "inputs", ordered=not aggregate)
         e.prepare(self.train_dataloader if e.cache is None else None)
         if e.cache is not None:
             q = self.compute_intermediate_quantities(inputs, aggregate=aggregate, side="test")
@@ -382,14 +374,10 @@ class SAMTracInBase(TracInCPBase):
             )
             return torch.cat([change[n].flatten() for n in replay.names]) if flat else change
         e = self._engines
-        if self.trajectory is None and getattr(self, "_record_rates", False):
-            raise ValueError(
-                "the checkpoints are a record directory, whose loader returns each "
-                "checkpoint's learning rate eta, but a checkpoint-form edit weighs a "
-                "checkpoint by eta/|B| (one pass over the data per interval; docs/math.rst): "
-                "the edit would be |B| times too large. Use SAMTracInCP.from_trajectory "
-                "(the recorded batches, exact) or a checkpoints_load_func returning eta/|B|"
-            )
+        check_indices(indices, e.n_train)  # (before any work)
+        if self.trajectory is None:
+            e.prepare()
+            _refuse_recorded_rates(e.terms)
         if method == "segment":
             check_removal(removal)
             check_segment_options(curvature, steps_per_checkpoint, weight_decay, krylov_steps)
@@ -463,3 +451,40 @@ def _length(data: Any) -> int | None:
         return len(data)
     except TypeError:
         return None
+
+
+def _refuse_recorded_rates(terms: Sequence[Term]) -> None:
+    r"""Refuse checkpoint-form edit weights that are a recorded run's learning rates.
+
+    A checkpoint-form edit weighs checkpoint ``l`` by :math:`c_l = \eta_l/|B|` (one
+    pass over the data per interval, :doc:`/math`); a recorder's checkpoint stores
+    :math:`\eta_l`, which the default loader returns, so the edit would come out
+    :math:`|B|` times too large. Checkpoints that sit in a record directory are
+    compared with its manifest, whatever loader or list of paths brought them.
+
+    Raises:
+        ValueError: A coefficient equals the recorded learning rate with batches of
+            more than one example.
+    """
+    for term in terms:
+        directory = os.path.dirname(os.path.abspath(term.checkpoint))
+        if not os.path.isfile(os.path.join(directory, MANIFEST)):
+            continue
+        try:
+            traj = load_trajectory(directory, allow_incomplete=True, verify=False)
+        except (ValueError, OSError):
+            continue  # not a readable trajectory: nothing to compare with
+        name = os.path.basename(term.checkpoint)
+        record = next((c for c in traj.checkpoints if os.path.basename(c.path) == name), None)
+        sizes = [len(s.indices) for s in traj.steps]
+        if record is None or not sizes or sum(sizes) <= len(sizes):
+            continue
+        if abs(term.coefficient - record.learning_rate) <= 1e-12 * abs(record.learning_rate):
+            raise ValueError(
+                f"checkpoint {term.checkpoint!r} of a recorded run is weighted by its "
+                f"learning rate {record.learning_rate:g}, but a checkpoint-form edit "
+                "weighs a checkpoint by eta/|B| (one pass over the data per interval; "
+                f"docs/math.rst): the edit would be about {sum(sizes) / len(sizes):.3g} "
+                "times too large. Use SAMTracInCP.from_trajectory (the recorded batches, "
+                "exact) or a checkpoints_load_func returning eta/|B|"
+            )

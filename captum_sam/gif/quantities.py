@@ -97,7 +97,10 @@ class GIFQuantities:
                     "side changes at every step: it has no fixed intermediate quantity"
                 )
             data = as_loader(
-                self.train_dataloader if inputs is None else inputs, self.batch_size, "inputs"
+                self.train_dataloader if inputs is None else inputs,
+                self.batch_size,
+                "inputs",
+                ordered=not aggregate,
             )
             t = self.vmap.test_matrix([first[c] for c in ckpts], data, self.test_loss, aggregate)
             return torch.cat(list(t.values()), dim=2).transpose(0, 1).flatten(1)

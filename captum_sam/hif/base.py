@@ -474,15 +474,17 @@ def _length(data: Any) -> int | None:
 
 
 def _seed(seed: Any) -> int:
-    """``seed`` as an int (a ``TypeError`` otherwise, as torch's ``manual_seed`` in Captum)."""
-    import operator
+    """``seed`` as ``int()`` makes it of a number (as Captum's ``torch.manual_seed``).
 
-    try:
-        if isinstance(seed, bool):
-            raise TypeError
-        return operator.index(seed)
-    except TypeError:
-        raise TypeError(f"`seed` must be an int, got {seed!r}") from None
+    Anything else is a ``TypeError``.
+    """
+    import numbers
+
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Real):
+        if getattr(seed, "ndim", None) == 0:
+            return _seed(seed.item())  # a 0-d tensor
+        raise TypeError(f"`seed` must be an int, got {seed!r}")
+    return int(seed)
 
 
 def check_kfac_samples(samples: Any, curvature: Any) -> int | None:

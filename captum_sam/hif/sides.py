@@ -392,7 +392,7 @@ def _solve_factored(est: Any, index: list[int], factors: list[tuple[Tensor, Tens
 
 def quantities(est: Any, inputs: Any, aggregate: bool, show_progress: bool, test: bool) -> Tensor:
     """``compute_intermediate_quantities`` of an estimator (see there)."""
-    data = as_loader(inputs, est.batch_size, "inputs_dataset")
+    data = as_loader(inputs, est.batch_size, "inputs_dataset", ordered=not aggregate)
     loss = est._test_loss if test else est._loss
     params = est.operator.params
     desc = f"Using {est.get_name()} to compute intermediate quantities. Processing batch"
@@ -441,7 +441,7 @@ def test_row_groups(est: Any, inputs: Any, aggregate: bool, budget: int) -> Iter
     if aggregate:
         yield quantities(est, inputs, True, False, True)
         return
-    data = as_loader(inputs, est.batch_size, "inputs_dataset")
+    data = as_loader(inputs, est.batch_size, "inputs")
     loss, params = est._test_loss, est.operator.params
     like = est.operator.mean_grad[est.names[0]]
     row_bytes = est.operator.dim * (2 if est.variant == "exact" else 1) * like.element_size()

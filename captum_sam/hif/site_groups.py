@@ -71,7 +71,7 @@ class SiteGroup:
 
 def _rows(inputs: Any, est: Any) -> int | None:
     """Number of test rows when ``inputs`` gives the same rows in the same order each time."""
-    data = as_loader(inputs, est.batch_size, "inputs_dataset")
+    data = as_loader(inputs, est.batch_size, "inputs")
     if not isinstance(data, DataLoader):
         return sum(batch_size(b) for b in data)
     batches = data.batch_sampler
@@ -104,7 +104,7 @@ def plan(est: Any, inputs: Any, budget: int) -> list[SiteGroup] | None:
         return None  # one group of rows: one pass
     op = est.operator
     first_train = next(iter(on_device(est.train_dataloader, est.device)), None)
-    data = as_loader(inputs, est.batch_size, "inputs_dataset")
+    data = as_loader(inputs, est.batch_size, "inputs")
     first_test = next(iter(on_device(data, est.device)))
     if first_train is None:
         return None
@@ -158,7 +158,7 @@ def scores(
 
     ``train_batches()``: the (local, numbered) training batches of one pass.
     """
-    data = as_loader(inputs, est.batch_size, "inputs_dataset")
+    data = as_loader(inputs, est.batch_size, "inputs")
     n_test = max(group.rows[1] for group in groups)
     total: Tensor | None = None
     for g, group in enumerate(groups):
