@@ -262,14 +262,35 @@ def test_nccl_reduces_cpu_tensors_through_the_cuda_device(monkeypatch):
     assert out is cpu and float(cpu[0]) == 6.0 and seen[0] is not cpu
 
 
-def disagreeing_worker(rank, world, store, run_dir):
-    """Rank 1 is given other data: every rank must refuse, none may hang or mix."""
+def join_group(rank, world, store):
+    """One process of a 2-rank gloo group that fails within 60 s instead of hanging."""
     import datetime
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))  # fmt: skip
-    x, y = torch.load(os.path.join(run_dir, "data.pt"))["train"]
+    return torch.load(os.path.join(os.path.dirname(store), "data.pt"))["train"]
+
+
+def leave_group(run_dir, name, rank, errors):
+    """Save this rank's caught errors, meet the others and exit (see ``worker``)."""
+    torch.save(errors, os.path.join(run_dir, f"{name}{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def spawn_two(tmp_path, worker, name):
+    """Run ``worker`` on 2 ranks over a 22-example set; each rank's caught errors."""
+    torch.save({"train": make_data(n=22, seed=9).tensors}, tmp_path / "data.pt")
+    save_checkpoint(mlp_model(), tmp_path / "c.pt")
+    mp.spawn(worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"{name}{rank}.pt") for rank in range(2)]
+
+
+def disagreeing_worker(rank, world, store, run_dir):
+    """Rank 1 is given other data: every rank must refuse, none may hang or mix."""
+    x, y = join_group(rank, world, store)
     errors = {}
     short = TensorDataset(x[: 22 - rank], y[: 22 - rank])  # another size on rank 1
     try:
@@ -290,21 +311,12 @@ def disagreeing_worker(rank, world, store, run_dir):
                              factors_dir=os.path.join(run_dir, "factors"))  # fmt: skip
     except ValueError as err:
         errors["factors"] = str(err)
-    torch.save(errors, os.path.join(run_dir, f"errors{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
+    leave_group(run_dir, "errors", rank, errors)
 
 
 @pytest.mark.slow
 def test_ranks_given_different_data_all_refuse(tmp_path):
-    data = make_data(n=22, seed=9)
-    torch.save({"train": data.tensors}, tmp_path / "data.pt")
-    save_checkpoint(mlp_model(), tmp_path / "c.pt")
-    mp.spawn(disagreeing_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2,
-             join=True)  # fmt: skip
-    for rank in range(2):
-        errors = torch.load(tmp_path / f"errors{rank}.pt")
+    for errors in spawn_two(tmp_path, disagreeing_worker, "errors"):
         assert "disagree on the size of `train_dataset`" in errors["size"]
         assert "rank 0: 22, rank 1: 21" in errors["size"]
         assert "fingerprints differ" in errors["cache"] and "data" in errors["cache"]
@@ -314,12 +326,7 @@ def test_ranks_given_different_data_all_refuse(tmp_path):
 
 def locked_cache_worker(rank, world, store, run_dir):
     """Rank 0 finds the cache directory locked: every rank must raise, none may wait."""
-    import datetime
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
-    x, y = torch.load(os.path.join(run_dir, "data.pt"))["train"]
+    x, y = join_group(rank, world, store)
     est = SAMInfluenceFunction(mlp_model(), TensorDataset(x, y), os.path.join(run_dir, "c.pt"),
                                loss_fn=ce_loss(), batch_size=4, rho=0.1, projection_dim=None,
                                hessian_reg=0.0, hessian_inverse_tol=None)  # fmt: skip
@@ -328,10 +335,7 @@ def locked_cache_worker(rank, world, store, run_dir):
         est.save_intermediate_quantities(os.path.join(run_dir, "cache"))
     except ValueError as err:
         errors["cache"] = str(err)
-    torch.save(errors, os.path.join(run_dir, f"locked{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
+    leave_group(run_dir, "locked", rank, errors)
 
 
 @pytest.mark.slow
@@ -340,14 +344,9 @@ def test_a_failure_on_rank_zero_fails_every_rank(tmp_path):
 
     from captum_sam.core.files import DirectoryLock
 
-    data = make_data(n=12, seed=9)
-    torch.save({"train": data.tensors}, tmp_path / "data.pt")
-    save_checkpoint(mlp_model(), tmp_path / "c.pt")
     start = time.monotonic()
     with DirectoryLock(str(tmp_path / "cache"), "another writer"):  # held by this process
-        mp.spawn(locked_cache_worker, args=(2, str(tmp_path / "store"), str(tmp_path)),
-                 nprocs=2, join=True)  # fmt: skip
+        found = spawn_two(tmp_path, locked_cache_worker, "locked")
     assert time.monotonic() - start < 50  # not the 60 s collective timeout
-    for rank in range(2):
-        err = torch.load(tmp_path / f"locked{rank}.pt")["cache"]
-        assert "being written by another process" in err
+    for errors in found:
+        assert "being written by another process" in errors["cache"]
