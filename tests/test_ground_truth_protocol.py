@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from torch.func import functional_call, grad
+from torch.utils.data import TensorDataset
 
 from captum_sam import (
     checkpoints_load_func,
@@ -398,3 +399,17 @@ def test_radius_decay_and_rate_must_be_finite_and_non_negative():
         with pytest.raises(ValueError, match=f"`{name}` must be a finite number"):
             train_sam(model, data, ce_loss(), **args)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_a_degenerate_sam_fixed_point_is_flagged():
+    """Newton from a fresh start can land where the loss gradient vanishes (2e-12): the
+    perturbation's direction is then set by the 1e-12 of its denominator, and SAM-HIF's
+    full variant (d eps/dw ~ 1/||g||) gave a zero parameter change there."""
+    from captum_sam.evaluation.retrain import sam_fixed_point
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 3, dtype=torch.float64)
+    data = TensorDataset(x, torch.randint(0, 2, (40,)))
+    start = torch.nn.Linear(3, 2).to(torch.float64)
+    with pytest.warns(UserWarning, match="vanishing loss gradient"):
+        sam_fixed_point(start, data, ce_loss(), 0.05, 0.05, max_iter=100)

@@ -75,6 +75,10 @@ def _flat_setup(model: nn.Module) -> tuple[list[str], list[torch.Size], dict[str
     return names, shapes, frozen, w
 
 
+DEGENERATE_GRADIENT = 1e-9
+"""Below this loss-gradient norm a SAM fixed point is flagged as degenerate."""
+
+
 def sam_fixed_point(
     model: nn.Module,
     dataset: Dataset,
@@ -180,6 +184,18 @@ def sam_fixed_point(
         warnings.warn(
             f"SAM fixed point not reached: residual {norm:.3e} > tol {tol:.1e} after {it} "
             "Newton iterations",
+            stacklevel=user_stacklevel(),
+        )
+    with eval_mode(model):
+        gnorm = float(torch.linalg.vector_norm(torch.cat([
+            g.reshape(-1) for g in grad(objective)(unflat(w)).values()
+        ])))  # fmt: skip
+    if rho > 0 and gnorm < DEGENERATE_GRADIENT:
+        warnings.warn(
+            f"the SAM fixed point found has a vanishing loss gradient ({gnorm:.1e}): the "
+            "perturbation's direction g/(||g|| + 1e-12) is undefined there, so this point "
+            "is an artifact of the 1e-12 (and SAM-HIF's d eps/dw, which scales with "
+            "1/||g||, is meaningless at it). Start Newton from trained weights instead",
             stacklevel=user_stacklevel(),
         )
     result = copy.deepcopy(model)
