@@ -374,10 +374,7 @@ class SAMTracInBase(TracInCPBase):
             )
             return torch.cat([change[n].flatten() for n in replay.names]) if flat else change
         e = self._engines
-        check_indices(indices, e.n_train)  # (before any work)
-        if self.trajectory is None:
-            e.prepare()
-            _refuse_recorded_rates(e.terms)
+        idx = check_indices(indices, e.n_train)  # every argument before any work
         if method == "segment":
             check_removal(removal)
             check_segment_options(curvature, steps_per_checkpoint, weight_decay, krylov_steps)
@@ -386,16 +383,18 @@ class SAMTracInBase(TracInCPBase):
                     "method='segment' is for the checkpoint form; a recorded trajectory "
                     "has method='linearised'"
                 )
-            e.prepare()
+        e.prepare()
+        if self.trajectory is None:
+            _refuse_recorded_rates(e.terms)
+        if method == "segment":
             total = SegmentEdit(
                 e.points, e.terms, e.quantities.train_dataloader, e.n_train, e.device
             ).change(
-                check_indices(indices, e.n_train), removal, curvature,
-                steps_per_checkpoint, float(weight_decay), krylov_steps, show_progress,
+                idx, removal, curvature, steps_per_checkpoint, float(weight_decay),
+                krylov_steps, show_progress,
             )  # fmt: skip
-            return total if flat else e.unflatten(total)
-        e.prepare()
-        total = e.quantities.parameter_change(indices, show_progress)
+        else:
+            total = e.quantities.parameter_change(idx, show_progress)
         return total if flat else e.unflatten(total)
 
     def edited_model(
@@ -466,14 +465,14 @@ def _refuse_recorded_rates(terms: Sequence[Term]) -> None:
         ValueError: A coefficient equals the recorded learning rate with batches of
             more than one example.
     """
+    records: dict[str, Any] = {}  # directory -> its trajectory (None: none readable)
     for term in terms:
         directory = os.path.dirname(os.path.abspath(term.checkpoint))
-        if not os.path.isfile(os.path.join(directory, MANIFEST)):
-            continue
-        try:
-            traj = load_trajectory(directory, allow_incomplete=True, verify=False)
-        except (ValueError, OSError):
-            continue  # not a readable trajectory: nothing to compare with
+        if directory not in records:
+            records[directory] = _readable_trajectory(directory)
+        traj = records[directory]
+        if traj is None:
+            continue  # no trajectory to compare with
         name = os.path.basename(term.checkpoint)
         record = next((c for c in traj.checkpoints if os.path.basename(c.path) == name), None)
         sizes = [len(s.indices) for s in traj.steps]
@@ -488,3 +487,13 @@ def _refuse_recorded_rates(terms: Sequence[Term]) -> None:
                 "times too large. Use SAMTracInCP.from_trajectory (the recorded batches, "
                 "exact) or a checkpoints_load_func returning eta/|B|"
             )
+
+
+def _readable_trajectory(directory: str) -> Any:
+    """The trajectory recorded in ``directory`` (unverified), or ``None``."""
+    if not os.path.isfile(os.path.join(directory, MANIFEST)):
+        return None
+    try:
+        return load_trajectory(directory, allow_incomplete=True, verify=False)
+    except (ValueError, OSError):
+        return None
