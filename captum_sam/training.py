@@ -109,14 +109,8 @@ def sam_step(
             raise ValueError(f"the gradients contain NaN or inf at {where} ({point}): {hint}")
         return loss
 
-    loss = closure()  # at w (the gradients are this batch's alone: the closure zeroes them)
-    optimizer.first_step(zero_grad=True)
-    try:
-        closure()
-    except BaseException:
-        optimizer.restore()  # a failure at w + eps puts the weights back at w
-        raise
-    optimizer.second_step(zero_grad=True)
+    optimizer.zero_grad()  # no gradient given: step() calls the closure at w, then w + eps
+    loss = optimizer.step(closure)  # a failure at w + eps puts the weights back at w
     if not _all_finite([p.detach() for p in params]):
         raise ValueError(
             f"the update of {where} made the weights NaN or inf: the learning rate is "
