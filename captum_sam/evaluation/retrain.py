@@ -186,10 +186,10 @@ def sam_fixed_point(
             "Newton iterations",
             stacklevel=user_stacklevel(),
         )
-    with eval_mode(model):
-        gnorm = float(torch.linalg.vector_norm(torch.cat([
-            g.reshape(-1) for g in grad(objective)(unflat(w)).values()
-        ])))  # fmt: skip
+    if rho > 0:
+        with eval_mode(model):
+            g = grad(objective)(unflat(w))
+        gnorm = float(torch.linalg.vector_norm(torch.cat([v.reshape(-1) for v in g.values()])))
     if rho > 0 and gnorm < DEGENERATE_GRADIENT:
         warnings.warn(
             f"the SAM fixed point found has a vanishing loss gradient ({gnorm:.1e}): the "
