@@ -319,7 +319,8 @@ def test_ranks_given_different_data_all_refuse(tmp_path):
     for errors in spawn_two(tmp_path, disagreeing_worker, "errors"):
         assert "disagree on the size of `train_dataset`" in errors["size"]
         assert "rank 0: 22, rank 1: 21" in errors["size"]
-        assert "fingerprints differ" in errors["cache"] and "data" in errors["cache"]
+        assert "disagree on the fingerprint of quantity cache" in errors["cache"]
+        assert "data" in errors["cache"]  # the field that differs
         assert "disagree on the fingerprint of the K-FAC factors" in errors["factors"]
     assert not os.path.exists(tmp_path / "cache" / "manifest.json")  # nothing to reuse later
 

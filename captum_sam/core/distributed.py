@@ -170,7 +170,11 @@ def require_same(value: Any, what: str) -> None:
     every: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(every, value)
     if any(v != every[0] for v in every[1:]):
-        shown = ", ".join(f"rank {r}: {str(v)[:80]}" for r, v in enumerate(every))
+        if all(isinstance(v, dict) for v in every):  # a fingerprint: the fields that differ
+            keys = sorted({k for v in every for k in v}, key=str)
+            shown = f"fields {[k for k in keys if any(v.get(k) != every[0].get(k) for v in every)]}"
+        else:
+            shown = ", ".join(f"rank {r}: {str(v)[:80]}" for r, v in enumerate(every))
         raise ValueError(
             f"the ranks disagree on {what} ({shown}): every rank must build the same "
             "estimator on the same data"

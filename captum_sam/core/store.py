@@ -48,6 +48,7 @@ from captum_sam.core.distributed import (
     is_distributed,
     on_rank_zero,
     rank_and_world,
+    require_same,
 )
 from captum_sam.core.files import (
     DirectoryLock,
@@ -228,6 +229,7 @@ def save_quantities(
             to save.
     """
     directory = os.fspath(directory)
+    require_same(fingerprint, f"the fingerprint of quantity cache {directory!r}")  # (first)
     rank, _ = rank_and_world()
     os.makedirs(directory, exist_ok=True)
     lock = DirectoryLock(directory, "a quantity cache")
@@ -247,14 +249,8 @@ def save_quantities(
             )  # fmt: skip
         if is_distributed():
             every: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(every, (fingerprint, written))
-            if any(f != every[0][0] for f, _ in every[1:]):
-                differ = sorted(k for f, _ in every for k in f if f.get(k) != fingerprint.get(k))
-                raise ValueError(
-                    f"quantity cache {directory!r}: the ranks' fingerprints differ (fields "
-                    f"{differ}): every rank must build the same estimator on the same data"
-                )
-            written = [p for _, part in every for p in part]
+            dist.all_gather_object(every, written)
+            written = [p for part in every for p in part]
         written.sort(key=lambda p: p["index"])
         if not written:
             raise ValueError("no quantities to cache: the training set is empty")
