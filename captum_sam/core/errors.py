@@ -69,10 +69,11 @@ def check_number(name: str, value: object, positive: bool = False) -> float:
 
     Python, numpy and one-element tensor numbers are accepted (``.item()``).
     """
+    from captum_sam.core.files import finite_number
+
     if not isinstance(value, bool) and getattr(value, "ndim", None) == 0:
         value = value.item()  # type: ignore[attr-defined]  # numpy scalar, 0-d tensor
-    bad = isinstance(value, bool) or not isinstance(value, (int, float))
-    if bad or not value >= 0 or value == float("inf") or (positive and value == 0):  # type: ignore[operator]
+    if not finite_number(value, 0.0, allow_equal=not positive):
         raise ValueError(
             f"`{name}` must be a finite number {'>' if positive else '>='} 0, got {value!r}"
         )
