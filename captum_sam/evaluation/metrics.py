@@ -48,14 +48,20 @@ def _require_finite(a: np.ndarray, name: str) -> None:
         raise ValueError(f"`{name}` holds NaN or infinite values (at {bad}...)")
 
 
+def _boolean(values: Any, message: str) -> np.ndarray:
+    """``values`` (booleans or 0/1, array or tensor) as a boolean array; else ``message``."""
+    raw = np.asarray(values.cpu() if hasattr(values, "cpu") else values)
+    if raw.dtype != bool and not np.isin(raw, (0, 1)).all():
+        raise ValueError(message)
+    return raw.astype(bool)
+
+
 def _mask(positives: Any, like: np.ndarray) -> np.ndarray:
     """``positives`` as a boolean mask of ``like``'s shape (``ValueError`` otherwise)."""
     raw = np.asarray(positives.cpu() if hasattr(positives, "cpu") else positives)
     if raw.shape != like.shape:
         raise ValueError(f"`positives` shape {raw.shape} differs from `scores` {like.shape}")
-    if raw.dtype != bool and not np.isin(raw, (0, 1)).all():
-        raise ValueError("`positives` must be a boolean mask (or 0/1), not indices")
-    return raw.astype(bool)
+    return _boolean(raw, "`positives` must be a boolean mask (or 0/1), not indices")
 
 
 def top_count(fraction: float, n: int) -> int:
@@ -195,10 +201,7 @@ def lds(
         losses do not vary are skipped (``nan``).
     """
     s = np.asarray(scores.detach().cpu() if hasattr(scores, "detach") else scores, dtype=np.float64)
-    raw = np.asarray(subsets.cpu() if hasattr(subsets, "cpu") else subsets)
-    if raw.dtype != bool and not np.isin(raw, (0, 1)).all():
-        raise ValueError("`subsets` must be boolean masks (or 0/1) of the kept examples")
-    keep = raw.astype(bool)
+    keep = _boolean(subsets, "`subsets` must be boolean masks (or 0/1) of the kept examples")
     loss = np.asarray(
         losses.detach().cpu() if hasattr(losses, "detach") else losses, dtype=np.float64
     )
